@@ -1,0 +1,34 @@
+# Quick start: `make demo` (install + run the pipeline on synthetic Seestar frames)
+#              `make test` (install + run the test suite)
+# Everything installs into a repo-local virtual environment, .venv/.
+
+PYTHON ?= python3
+VENV   ?= .venv
+PY     := $(VENV)/bin/python
+DEMO   ?= demo
+
+.PHONY: demo test bench clean
+
+$(VENV)/bin/python:
+	$(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install --quiet --upgrade pip
+
+# One stamp per set of extras; reinstalled when pyproject.toml changes.
+$(VENV)/.installed-%: pyproject.toml | $(VENV)/bin/python
+	$(PY) -m pip install --quiet -e ".$(if $(filter core,$*),,[$*])"
+	touch $@
+
+$(DEMO)/data/frames: | $(VENV)/.installed-core
+	$(PY) -m zemosaic_synth $(DEMO)/data --size full --panels 2x2 --frames-per-panel 6 --seed 1
+
+demo: $(VENV)/.installed-core $(DEMO)/data/frames
+	$(PY) -m zemosaic_worker examples/demo_config.json
+
+test: $(VENV)/.installed-test,gpu
+	QT_QPA_PLATFORM=offscreen $(PY) -m pytest -q
+
+bench: $(VENV)/.installed-test
+	$(PY) benchmarks/bench_pipeline.py
+
+clean:
+	rm -rf $(DEMO) .pytest_cache

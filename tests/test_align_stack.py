@@ -1,0 +1,244 @@
+"""Stacking kernels: NaN footprints, rejection against slow references, CPU/GPU-path parity."""
+
+import re
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+import zemosaic_align_stack as stk
+import zemosaic_align_stack_gpu as stk_gpu
+
+ROOT = Path(__file__).resolve().parents[1]
+ALGORITHMS = ["winsorized_sigma_clip", "kappa_sigma", "none"]
+
+
+def _random_stack(rng, n=9, h=24, w=20, c=3, nan_borders=True, outliers=True):
+    stack = rng.normal(100.0, 5.0, (n, h, w, c)).astype(np.float32)
+    if nan_borders:
+        for i in range(n):
+            cut = int(rng.integers(0, w // 3))
+            stack[i, :, :cut] = np.nan if i % 2 else stack[i, :, :cut]
+            stack[i, :, w - cut:] = np.nan if i % 3 == 0 else stack[i, :, w - cut:]
+        stack[:, 0, 0] = np.nan  # one pixel without any sample
+        stack[:-1, 1, 0] = np.nan  # one pixel with a single sample
+    if outliers:
+        idx = rng.integers(0, n * h * w, 40)
+        stack.reshape(n, h * w, c)[idx // (h * w), idx % (h * w)] += 500.0
+    return stack
+
+
+def _slow_winsorized(stack, weights, kl, kh, limits, combine):
+    """Per-pixel reference with plain loops (the specification, written out)."""
+    n, h, w, c = stack.shape
+    out = np.full((h, w, c), np.nan)
+    var = stk._gaussian_winsor_variance(limits)
+    for y in range(h):
+        for x in range(w):
+            for ch in range(c):
+                v = stack[:, y, x, ch].astype(np.float64)
+                wt = weights[:, ch] if weights is not None else np.ones(n)
+                ok = np.isfinite(v)
+                v, wt = v[ok], wt[ok]
+                if v.size == 0:
+                    continue
+                for _ in range(5):  # rounds on the survivors, as the pipeline does
+                    if v.size < 3:
+                        break
+                    lo, hi = np.quantile(v, [limits[0], 1 - limits[1]])
+                    centre = np.median(v)
+                    sigma = np.std(np.clip(v, lo, hi)) / np.sqrt(var)
+                    keep = (v >= centre - kl * sigma) & (v <= centre + kh * sigma)
+                    if keep.all():
+                        break
+                    v, wt = v[keep], wt[keep]
+                out[y, x, ch] = np.median(v) if combine == "median" else np.sum(v * wt) / np.sum(wt)
+    return out
+
+
+def test_seed_nan_borders_three_frames():
+    """The founding test: NaN left/right borders never colour the tile or dilute the centre."""
+    h, w = 20, 30
+    base = np.array([100.0, 80.0, 60.0], np.float32)
+    frames = []
+    for i, scale in enumerate([1.0, 1.1, 0.9]):
+        f = np.broadcast_to(base * scale, (h, w, 3)).copy()
+        f[:, : 3 + 2 * i] = np.nan
+        f[:, w - 3 - 2 * i:] = np.nan
+        frames.append(f)
+    img, cov = stk.stack_winsorized_sigma_clip(frames)
+    centre = img[:, 8:22]
+    assert np.all(np.isfinite(centre))
+    assert np.allclose(centre, base * 1.0, rtol=1e-5)  # mean of 1.0, 1.1, 0.9
+    assert np.all(np.isnan(img[:, :3])) and np.all(np.isnan(img[:, -3:]))
+    assert np.all(cov[:, 8:22] == 3) and np.all(cov[:, :3] == 0)
+    # Partially covered columns keep the colour of the frames that cover them: no pink edge.
+    partial = img[:, 3:7]
+    ratios = partial / partial[..., 1:2]
+    assert np.allclose(ratios, base / base[1], rtol=1e-5)
+
+
+@pytest.mark.parametrize("combine", ["mean", "median"])
+def test_winsorized_matches_slow_reference(rng, combine):
+    stack = _random_stack(rng)
+    weights = rng.uniform(0.3, 1.0, (stack.shape[0], 3))
+    params = stk.StackParams("winsorized_sigma_clip", 2.5, 3.0, (0.1, 0.05), combine)
+    img, _ = stk.stack_in_chunks(stack, None, None, weights if combine == "mean" else None, params,
+                                 rows_per_chunk=7)
+    ref = _slow_winsorized(stack, weights if combine == "mean" else None, 2.5, 3.0, (0.1, 0.05), combine)
+    assert np.array_equal(np.isnan(img), np.isnan(ref))
+    ok = np.isfinite(ref)
+    assert np.max(np.abs(img[ok] - ref[ok]) / np.abs(ref[ok])) < 1e-5
+
+
+def test_sorted_quantile_matches_nanquantile(rng):
+    stack = _random_stack(rng, n=11)
+    srt, n_valid = stk._sort_and_count(stack, np)
+    for q in (0.0, 0.05, 0.5, 0.9, 1.0):
+        got = stk.sorted_quantile(srt, n_valid, q, np)
+        with np.errstate(all="ignore"), pytest.warns(RuntimeWarning):
+            ref = np.nanquantile(stack, q, axis=0)
+        assert np.allclose(got, ref, rtol=1e-5, equal_nan=True)
+
+
+@pytest.mark.parametrize("algorithm", ALGORITHMS)
+@pytest.mark.parametrize("combine", ["mean", "median"])
+def test_gpu_code_path_with_numpy_matches_cpu(rng, algorithm, combine):
+    stack = _random_stack(rng, n=12, h=40, w=33)
+    gains = rng.uniform(0.9, 1.1, (12, 3))
+    offsets = rng.normal(0, 3, (12, 3))
+    weights = rng.uniform(0.2, 1.0, (12, 3))
+    params = stk.StackParams(algorithm, 2.0, 2.5, (0.05, 0.1), combine)
+    cpu = stk.stack_in_chunks(stack, gains, offsets, weights, params)
+    gpu = stk_gpu.stack_in_chunks_gpu(stack, gains, offsets, weights, params, xp=np, budget_bytes=200_000)
+    for a, b in zip(cpu, gpu):
+        assert np.array_equal(np.isnan(a), np.isnan(b))
+        ok = np.isfinite(a)
+        assert np.max(np.abs(a[ok] - b[ok]) / np.maximum(np.abs(a[ok]), 1e-6)) < 1e-5
+
+
+def test_winsorize_chunk_plain_and_nan_paths_agree(rng):
+    block = rng.normal(0, 1, (15, 10, 10, 1)).astype(np.float32)
+    plain = stk_gpu._winsorize_chunk(block, (0.1, 0.1), xp=np)
+    assert np.allclose(plain, stk._winsorize_block_numpy(block, (0.1, 0.1)))
+    holed = block.copy()
+    holed[0, 0, 0, 0] = np.nan
+    out = stk_gpu._winsorize_chunk(holed, (0.1, 0.1), xp=np)
+    assert np.isnan(out[0, 0, 0, 0])
+    assert np.allclose(out[:, 1:], plain[:, 1:])
+
+
+def test_kappa_sigma_rejects_outlier_and_keeps_nan_pixel():
+    stack = np.full((10, 2, 2, 1), 50.0, np.float32) + np.arange(10, dtype=np.float32)[:, None, None, None] * 0.1
+    stack[3, 0, 0, 0] = 5000.0
+    stack[:, 1, 1, 0] = np.nan
+    img, cov = stk.stack_in_chunks(stack, None, None, None, stk.StackParams("kappa_sigma", 3, 3))
+    clean = np.delete(stack[:, 0, 0, 0], 3).mean()
+    assert img[0, 0, 0] == pytest.approx(clean, rel=1e-6)
+    assert np.isnan(img[1, 1, 0]) and cov[1, 1] == 0
+
+
+def test_trail_and_hot_pixels_rejected(rng):
+    n, h, w = 15, 40, 40
+    sigma = 4.0
+    truth = 300.0
+    stack = rng.normal(truth, sigma, (n, h, w, 3)).astype(np.float32)
+    stack[4, 18:21, :, :] += 3000.0  # satellite trail in one frame
+    hot = rng.integers(0, h * w, 30)
+    stack[rng.integers(0, n, 30), hot // w, hot % w, :] = 60000.0
+    img, _ = stk.stack_winsorized_sigma_clip(stack)
+    residual = img - truth
+    noise_of_mean = sigma / np.sqrt(n)
+    affected = np.zeros((h, w), bool)
+    affected[18:21] = True
+    affected[hot // w, hot % w] = True
+    # An outlier that survived would leave >= 3000/15 = 200 ADU; the noise of the mean is ~1 ADU.
+    assert np.abs(residual[affected]).max() < 5 * noise_of_mean
+    assert abs(residual[affected].mean()) < 3 * noise_of_mean / np.sqrt(affected.sum() * 3)
+    assert residual[affected].std() < 1.3 * residual[~affected].std()
+
+
+def test_linear_fit_recovers_transparency(rng):
+    h, w = 200, 200
+    yy, xx = np.mgrid[:h, :w]
+    signal = 400 * np.exp(-((yy - 100) ** 2 + (xx - 90) ** 2) / (2 * 30.0**2))
+    stars = np.zeros((h, w))
+    stars[rng.integers(0, h, 80), rng.integers(0, w, 80)] = rng.uniform(500, 5000, 80)
+    sky_ref, sky_frame = np.array([900, 1000, 800.0]), np.array([950, 1080, 830.0])
+    colour = np.array([1.0, 0.8, 0.6])
+    truth = (signal + stars)[..., None] * colour
+    ref = (truth + sky_ref + rng.normal(0, 3, (h, w, 3))).astype(np.float32)
+    frame = (0.8 * truth + sky_frame + rng.normal(0, 3, (h, w, 3))).astype(np.float32)
+    frame[:, :20] = np.nan  # outside the footprint
+    gains, offsets = stk.linear_fit_coefficients(frame, ref)
+    assert np.allclose(gains, 1 / 0.8, rtol=0.02)
+    normalised = frame * gains + offsets
+    assert np.allclose(np.nanmedian(normalised - ref, axis=(0, 1)), 0, atol=1.0)
+
+
+def test_linear_fit_degenerate_falls_back_to_identity(caplog):
+    flat = np.full((50, 50, 3), 7.0, np.float32)
+    with caplog.at_level("DEBUG", logger="zemosaic_align_stack"):
+        gains, offsets = stk.linear_fit_coefficients(flat, flat * 2)
+    assert np.all(gains == 1) and np.all(offsets == 0)
+    assert "degenerate" in caplog.text
+
+
+def test_noise_weights_best_frame_is_one(rng):
+    stack = np.stack([rng.normal(0, s, (60, 60, 3)) for s in (1.0, 2.0, 4.0)]).astype(np.float32)
+    stack[1, :, :10] = np.nan
+    weights = stk.noise_variance_weights(stack)
+    assert weights.shape == (3, 3)
+    assert np.allclose(weights[0], 1.0)
+    assert np.allclose(weights[1], 0.25, rtol=0.15) and np.allclose(weights[2], 1 / 16, rtol=0.15)
+
+
+def test_pink_band_regression(rng):
+    """RGB frames with NaN footprints and different per-channel skies: edges keep the interior colour."""
+    h, w, n = 80, 120, 8
+    sky = np.array([900.0, 1000.0, 800.0])
+    frames = []
+    for i in range(n):
+        pedestal = sky * (1 + 0.05 * i) + np.array([30.0, -20.0, 10.0]) * i
+        f = (pedestal + rng.normal(0, 2.0, (h, w, 3))).astype(np.float32)
+        f[:, : 5 + 4 * i] = np.nan
+        f[:, w - 3 * i - 1:] = np.nan
+        frames.append(f)
+    stack = np.stack(frames)
+    gains, offsets = stk.normalization_coefficients(stack, 0, "linear_fit")
+    img, _ = stk.stack_in_chunks(stack, gains, offsets, None, stk.StackParams())
+    interior = np.nanmedian(img[:, 50:70], axis=(0, 1))
+    edges = np.concatenate([img[:, :40], img[:, -40:]], axis=1)
+    edge_colour = np.nanmedian(edges, axis=(0, 1))
+    assert np.all(np.isfinite(edge_colour))
+    assert np.allclose(edge_colour, interior, atol=1.0)  # noise of a median of many pixels << 1
+
+
+def test_xp_names_exist_in_cupy():
+    cupy = pytest.importorskip("cupy")
+    names = set()
+    for module in ("zemosaic_align_stack.py", "zemosaic_align_stack_gpu.py", "zemosaic_utils.py"):
+        names |= set(re.findall(r"\bxp\.([A-Za-z_][A-Za-z0-9_]*)", (ROOT / module).read_text()))
+    missing = sorted(n for n in names if not hasattr(cupy, n))
+    assert not missing, f"names used through xp but absent from CuPy: {missing}"
+    import cupyx.scipy.ndimage
+
+    assert hasattr(cupyx.scipy.ndimage, "map_coordinates")
+
+
+@pytest.mark.gpu
+def test_real_cupy_parity(rng):
+    import zemosaic_utils as zu
+
+    if not zu.gpu_available():
+        pytest.skip(f"no usable GPU: {zu.gpu_unavailable_reason()}")
+    import cupy
+
+    stack = _random_stack(rng, n=12, h=64, w=48)
+    for algorithm in ALGORITHMS:
+        params = stk.StackParams(algorithm)
+        cpu = stk.stack_in_chunks(stack, None, None, None, params)
+        gpu = stk_gpu.stack_in_chunks_gpu(stack, None, None, None, params, xp=cupy)
+        ok = np.isfinite(cpu[0])
+        assert np.array_equal(ok, np.isfinite(gpu[0]))
+        assert np.max(np.abs(cpu[0][ok] - gpu[0][ok]) / np.abs(cpu[0][ok])) < 1e-5

@@ -1,0 +1,104 @@
+"""Pixel mapping and the reproject-and-coadd engines against astropy reproject."""
+
+import numpy as np
+import pytest
+from scipy.ndimage import binary_erosion
+
+import zemosaic_utils as zu
+from conftest import make_tan_wcs
+
+
+def _sky(shape, phase=0.0):
+    yy, xx = np.mgrid[: shape[0], : shape[1]]
+    return (200 + 0.1 * xx + 0.05 * yy + 20 * np.sin(xx / 17.0 + phase) * np.cos(yy / 23.0)).astype(np.float32)
+
+
+def _two_tiles(sip=None):
+    shape = (300, 220)
+    wcs_list = [make_tan_wcs(10.0, 20.0, shape, 0.0, sip=sip), make_tan_wcs(10.04, 20.05, shape, 7.0, sip=sip)]
+    data = [_sky(shape), _sky(shape, 1.0)]
+    weights = [np.full(shape, 3.0, np.float32), np.full(shape, 2.0, np.float32)]
+    out_shape = (420, 330)
+    wcs_out = make_tan_wcs(10.02, 20.025, out_shape, 3.0)
+    return data, wcs_list, weights, wcs_out, out_shape
+
+
+def test_pixel_mapping_matches_exact_transform_with_sip():
+    shape = (300, 220)
+    w_in = make_tan_wcs(10.0, 20.0, shape, 4.0, sip=2e-5)
+    w_out = make_tan_wcs(10.01, 20.01, (400, 300), -3.0)
+    m = zu.compute_pixel_mapping(w_in, shape, w_out, (400, 300))
+    assert m is not None and m.max_error_px <= zu.MAPPING_TOLERANCE_PX
+    y, x = zu.mapping_coordinates(m, 0, m.shape[0])
+    rows = np.arange(m.y0, m.y1, 7)
+    cols = np.arange(m.x0, m.x1, 5)
+    gy, gx = np.meshgrid(rows, cols, indexing="ij")
+    world = w_out.pixel_to_world_values(gx, gy)
+    ex_x, ex_y = w_in.world_to_pixel_values(*world)
+    got_y = y[(rows - m.y0)][:, (cols - m.x0)]
+    got_x = x[(rows - m.y0)][:, (cols - m.x0)]
+    assert np.max(np.hypot(got_y - ex_y, got_x - ex_x)) < 0.01
+
+
+def test_pixel_mapping_none_when_disjoint():
+    w_in = make_tan_wcs(10.0, 20.0, (100, 100))
+    w_out = make_tan_wcs(50.0, -20.0, (100, 100))
+    assert zu.compute_pixel_mapping(w_in, (100, 100), w_out, (100, 100)) is None
+
+
+@pytest.mark.parametrize("sip", [None, 1e-5])
+def test_fast_engine_matches_reproject(sip):
+    data, wcs_list, weights, wcs_out, out_shape = _two_tiles(sip)
+    m_fast, c_fast = zu.reproject_and_coadd(data, wcs_list, wcs_out, out_shape, weights, engine="fast")
+    m_ref, c_ref = zu.reproject_and_coadd(data, wcs_list, wcs_out, out_shape, weights, engine="reproject")
+    assert m_fast.dtype == np.float32 and c_fast.dtype == np.float32
+    # Interior of each coverage level (tile edges differ by construction: reproject trims a pixel).
+    for level in (2.0, 3.0, 5.0):
+        inner = binary_erosion(np.isclose(c_ref, level), iterations=3)
+        assert inner.sum() > 1000
+        rel = np.abs(m_fast[inner] - m_ref[inner]) / np.abs(m_ref[inner])
+        assert rel.max() < 1e-3
+        assert np.allclose(c_fast[inner], level, atol=1e-4)
+    assert c_fast.max() == pytest.approx(5.0, abs=1e-4)  # sum of weights, > 1 in the overlap
+    outside = binary_erosion(c_ref == 0, iterations=3)
+    assert np.all(c_fast[outside] == 0) and np.all(np.isnan(m_fast[outside]))
+
+
+def test_gpu_engine_with_numpy_matches_cpu():
+    data, wcs_list, weights, wcs_out, out_shape = _two_tiles()
+    data[0][50:80, 40:90] = np.nan  # NaN holes carry no weight on either path
+    m_cpu, c_cpu = zu.reproject_and_coadd(data, wcs_list, wcs_out, out_shape, weights)
+    m_gpu, c_gpu = zu.gpu_reproject_and_coadd_impl(data, wcs_list, out_shape, wcs_out=wcs_out,
+                                                   weights_list=weights, xp=np)
+    both = np.isfinite(m_cpu)
+    assert np.array_equal(both, np.isfinite(m_gpu))
+    assert np.max(np.abs(m_gpu[both] - m_cpu[both]) / np.abs(m_cpu[both])) < 1e-5
+    assert np.allclose(c_gpu, c_cpu, rtol=1e-5, atol=1e-6)
+    assert c_gpu.max() > 1.0  # coverage is not divided by the number of inputs
+
+
+def test_gpu_fault_injection_raises_backend_error(monkeypatch):
+    data, wcs_list, weights, wcs_out, out_shape = _two_tiles()
+    monkeypatch.setenv(zu.GPU_FAIL_CHANNELS_ENV, "1")
+    zu.gpu_reproject_and_coadd_impl(data, wcs_list, out_shape, wcs_out=wcs_out, xp=np, channel=0)
+    with pytest.raises(zu.GpuBackendError):
+        zu.gpu_reproject_and_coadd_impl(data, wcs_list, out_shape, wcs_out=wcs_out, xp=np, channel=1)
+
+
+def test_percentiles_gpu_nan_safe():
+    a = np.arange(100, dtype=np.float32).reshape(10, 10)
+    assert zu._percentiles_gpu(a, 10, 90, xp=np) == pytest.approx(tuple(np.percentile(a, [10, 90])))
+    b = a.copy()
+    b[:, :5] = np.nan
+    b[0, 9] = np.inf
+    lo, hi = zu._percentiles_gpu(b, 10, 90, xp=np)
+    ref = np.nanpercentile(np.where(np.isfinite(b), b, np.nan), [10, 90])
+    assert (lo, hi) == pytest.approx(tuple(ref))
+    assert all(np.isnan(zu._percentiles_gpu(np.full((3, 3), np.nan), 5, 95, xp=np)))
+
+
+def test_get_xp_without_gpu_is_numpy():
+    if zu.gpu_available():
+        pytest.skip("a GPU is present")
+    assert zu.get_xp(True) is np
+    assert isinstance(zu.gpu_unavailable_reason(), str)

@@ -1,0 +1,430 @@
+"""Validated run configuration for ZeMosaic.
+
+A run is described by one immutable :class:`MosaicConfig`.  It can be built
+directly (``MosaicConfig(stacking_kappa_low=2.5)``), from a JSON-like dict
+(:func:`config_from_dict`) or from a JSON file (:func:`load_config`).  Every
+route goes through the same validation, so a ``MosaicConfig`` that exists is
+always valid.  Changed copies are made with :meth:`MosaicConfig.replace`,
+which validates too.
+
+Each field carries its plain-words description, its allowed values and the
+text of its rule in the dataclass field metadata; :data:`FIELD_HELP`,
+:data:`CHOICES` and :data:`FIELD_EXPECTED` expose that single table so a GUI
+can build tooltips and drop-downs without duplicating it.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import logging
+import math
+import numbers
+import os
+import uuid
+from dataclasses import dataclass, field
+from typing import Any, Callable, Mapping
+
+logger = logging.getLogger(__name__)
+
+__all__ = [
+    "ALIASES",
+    "CHOICES",
+    "FIELD_EXPECTED",
+    "FIELD_HELP",
+    "ConfigError",
+    "MosaicConfig",
+    "config_from_dict",
+    "config_to_dict",
+    "load_config",
+    "save_config",
+]
+
+
+class ConfigError(ValueError):
+    """A configuration value, key or file that cannot be used.
+
+    ``key`` and ``value`` are set when the error concerns one field, so a GUI
+    can highlight it; the message always names them in plain words.
+    """
+
+    def __init__(self, message: str, key: str | None = None, value: Any = None):
+        super().__init__(message)
+        self.key = key
+        self.value = value
+
+
+class _Reject(Exception):
+    """Internal: a checker refuses a value (the field's rule text is reported)."""
+
+
+# --------------------------------------------------------------------------
+# Value checkers: each returns the normalised value or raises _Reject.
+# --------------------------------------------------------------------------
+
+
+def _is_bool(value: Any) -> bool:
+    # NumPy booleans (np.True_) are not Python bools but mean the same thing.
+    kind = type(value)
+    numpy_bool = kind.__module__ == "numpy" and kind.__name__ in ("bool", "bool_")
+    return isinstance(value, bool) or numpy_bool
+
+
+def _is_number(value: Any) -> bool:
+    # bool is a subclass of int, but True as a kappa is always a mistake.
+    return isinstance(value, numbers.Real) and not _is_bool(value)
+
+
+def _as_float(value: Any) -> float:
+    if _is_bool(value):
+        raise _Reject("true/false is not a number")
+    if isinstance(value, str):
+        raise _Reject("got text; write the number without quotes")
+    if not _is_number(value):
+        raise _Reject(f"got {type(value).__name__}")
+    result = float(value)
+    if not math.isfinite(result):
+        raise _Reject()
+    return result
+
+
+def _check_path(value: Any) -> str:
+    if isinstance(value, os.PathLike):
+        value = os.fspath(value)
+    if not isinstance(value, str):
+        raise _Reject()
+    return value
+
+
+def _check_choice(choices: tuple[str, ...], upper: bool = False) -> Callable[[Any], str]:
+    def check(value: Any) -> str:
+        if not isinstance(value, str):
+            raise _Reject()
+        candidate = value.strip().upper() if upper else value
+        if candidate not in choices:
+            raise _Reject()
+        return candidate
+
+    return check
+
+
+def _check_float(minimum: float, inclusive: bool) -> Callable[[Any], float]:
+    def check(value: Any) -> float:
+        result = _as_float(value)
+        if result < minimum or (not inclusive and result == minimum):
+            raise _Reject()
+        return result
+
+    return check
+
+
+def _as_int(value: Any) -> int:
+    # An integral float (2.0) is accepted because JSON writers sometimes emit it.
+    result = _as_float(value)
+    if result != int(result):
+        raise _Reject()
+    return int(result)
+
+
+def _check_int_min(minimum: int) -> Callable[[Any], int]:
+    def check(value: Any) -> int:
+        result = _as_int(value)
+        if result < minimum:
+            raise _Reject()
+        return result
+
+    return check
+
+
+def _check_raw_cap(value: Any) -> int:
+    # A cap of 1 would make every master tile a single frame: nothing to stack.
+    result = _as_int(value)
+    if result != 0 and result < 2:
+        raise _Reject()
+    return result
+
+
+def _check_bool(value: Any) -> bool:
+    # 0/1 or "true" are refused: a typo in a JSON file should not flip a switch.
+    if _is_bool(value):
+        return bool(value)
+    raise _Reject()
+
+
+def _as_pair(value: Any) -> tuple[float, float]:
+    # Upstream ZeMosaic stores pairs as the string "0.05,0.05".
+    if isinstance(value, str):
+        parts = [p.strip() for p in value.split(",")]
+        try:
+            items: list[Any] = [float(p) for p in parts]
+        except ValueError:
+            raise _Reject() from None
+    elif isinstance(value, (list, tuple)):
+        items = list(value)
+    else:
+        raise _Reject()
+    if len(items) != 2:
+        raise _Reject()
+    return _as_float(items[0]), _as_float(items[1])
+
+
+def _check_winsor(value: Any) -> tuple[float, float]:
+    low, high = _as_pair(value)
+    if not (0.0 <= low < 0.5 and 0.0 <= high < 0.5):
+        raise _Reject()
+    return low, high
+
+
+def _check_gain_clip(value: Any) -> tuple[float, float]:
+    low, high = _as_pair(value)
+    if not (0.0 < low <= 1.0 <= high):
+        raise _Reject()
+    return low, high
+
+
+# --------------------------------------------------------------------------
+# The field table.
+# --------------------------------------------------------------------------
+
+_NORMALIZE = ("linear_fit", "sky_mean", "none")
+_WEIGHTING = ("noise_variance", "none")
+_REJECTION = ("winsorized_sigma_clip", "kappa_sigma", "none")
+_COMBINE = ("mean", "median")
+_ALIGN = ("astroalign", "wcs")
+_ENGINE = ("fast", "reproject")
+_LOG_LEVELS = ("ERROR", "WARNING", "INFO", "DEBUG")
+
+
+def _one_of(choices: tuple[str, ...]) -> str:
+    return "one of " + ", ".join(repr(c) for c in choices)
+
+
+def _spec(default: Any, help_text: str, expected: str,
+          check: Callable[[Any], Any], choices: tuple[str, ...] | None = None) -> Any:
+    """A dataclass field whose metadata holds its help, rule and checker."""
+    meta = {"help": help_text, "expected": expected, "check": check, "choices": choices}
+    return field(default=default, metadata=meta)
+
+
+def _choice_spec(default: str, help_text: str, choices: tuple[str, ...],
+                 upper: bool = False) -> Any:
+    expected = _one_of(choices) + (" (case-insensitive)" if upper else "")
+    return _spec(default, help_text, expected, _check_choice(choices, upper), choices)
+
+
+@dataclass(frozen=True)
+class MosaicConfig:
+    """All settings of one mosaic run (immutable, always valid).
+
+    Construction validates and normalises every field (lists become tuples,
+    ``"0.05,0.05"`` becomes ``(0.05, 0.05)``, log levels are upper-cased) and
+    raises :class:`ConfigError` on the first bad value.
+    """
+
+    input_folder: str = _spec(
+        "", "Folder holding the plate-solved input frames.", "a folder path (text)",
+        _check_path)
+    output_folder: str = _spec(
+        "", "Folder where the mosaic and its preview are written.",
+        "a folder path (text)", _check_path)
+    stacking_normalize_method: str = _choice_spec(
+        "linear_fit", "How frames are brought to a common brightness before stacking.",
+        _NORMALIZE)
+    stacking_weighting_method: str = _choice_spec(
+        "noise_variance", "How much each frame counts in the stack (less noise, more weight).",
+        _WEIGHTING)
+    stacking_rejection_algorithm: str = _choice_spec(
+        "winsorized_sigma_clip", "How outlier pixels (satellites, hot pixels) are rejected.",
+        _REJECTION)
+    stacking_kappa_low: float = _spec(
+        3.0, "Reject pixels darker than this many standard deviations below the stack.",
+        "a number > 0", _check_float(0.0, inclusive=False))
+    stacking_kappa_high: float = _spec(
+        3.0, "Reject pixels brighter than this many standard deviations above the stack.",
+        "a number > 0", _check_float(0.0, inclusive=False))
+    stacking_winsor_limits: tuple[float, float] = _spec(
+        (0.05, 0.05), "Fractions of lowest and highest values clamped before measuring spread.",
+        "two numbers, each >= 0 and < 0.5 (a list or the text 'low,high')", _check_winsor)
+    stacking_final_combine_method: str = _choice_spec(
+        "mean", "How the kept pixel values of a stack are combined.", _COMBINE)
+    stacking_kappa_max_iterations: int = _spec(
+        5, "Maximum rounds of outlier rejection.", "an integer >= 1", _check_int_min(1))
+    align_method: str = _choice_spec(
+        "astroalign", "How frames are aligned: star matching or the plate solution only.",
+        _ALIGN)
+    cluster_panel_threshold: float = _spec(
+        0.0, "Distance in degrees that separates mosaic panels (0 = automatic).",
+        "a number >= 0", _check_float(0.0, inclusive=True))
+    max_raw_per_master_tile: int = _spec(
+        0, "Largest number of frames stacked into one master tile (0 = no cap).",
+        "0 (no cap) or an integer >= 2", _check_raw_cap)
+    assembly_engine: str = _choice_spec(
+        "fast", "How master tiles are reprojected onto the mosaic grid.", _ENGINE)
+    match_background: bool = _spec(
+        True, "Even out sky brightness between overlapping tiles.", "true or false",
+        _check_bool)
+    use_gpu_phase5: bool = _spec(
+        False, "Use the graphics card (CUDA) for the final assembly when available.",
+        "true or false", _check_bool)
+    two_pass_coverage_renorm: bool = _spec(
+        False, "Run a second pass that evens out brightness where coverage changes.",
+        "true or false", _check_bool)
+    two_pass_cov_sigma_px: float = _spec(
+        50.0, "Smoothing radius in pixels of the second-pass brightness correction.",
+        "a number >= 0", _check_float(0.0, inclusive=True))
+    two_pass_cov_gain_clip: tuple[float, float] = _spec(
+        (0.85, 1.18), "Lowest and highest brightness gain the second pass may apply.",
+        "two numbers low, high with 0 < low <= 1 <= high", _check_gain_clip)
+    logging_level: str = _choice_spec(
+        "INFO", "How much detail the log shows.", _LOG_LEVELS, upper=True)
+
+    def __post_init__(self) -> None:
+        for f in dataclasses.fields(self):
+            value = getattr(self, f.name)
+            # Frozen dataclass: object.__setattr__ is the sanctioned way to normalise.
+            object.__setattr__(self, f.name, _validate_field(f, value))
+
+    def replace(self, **changes: Any) -> "MosaicConfig":
+        """Return a validated copy with ``changes`` applied (canonical keys only).
+
+        Raises :class:`ConfigError` for an unknown key or an invalid value.
+        """
+        unknown = sorted(set(changes) - set(_FIELD_NAMES))
+        if unknown:
+            raise ConfigError(
+                f"unknown configuration key(s): {', '.join(unknown)}; "
+                f"allowed keys are the MosaicConfig field names")
+        return dataclasses.replace(self, **changes)
+
+
+def _validate_field(f: dataclasses.Field, value: Any) -> Any:
+    try:
+        return f.metadata["check"](value)
+    except _Reject as exc:
+        detail = f" ({exc})" if str(exc) else ""
+        raise ConfigError(
+            f"{f.name} = {value!r} is not allowed: expected {f.metadata['expected']}{detail}",
+            key=f.name, value=value) from None
+
+
+_FIELDS = dataclasses.fields(MosaicConfig)
+_FIELD_NAMES = tuple(f.name for f in _FIELDS)
+
+#: One-line plain-words description of every field (for tooltips).
+FIELD_HELP: dict[str, str] = {f.name: f.metadata["help"] for f in _FIELDS}
+#: Allowed values of the fields that take a fixed set of words (for drop-downs).
+CHOICES: dict[str, tuple[str, ...]] = {
+    f.name: f.metadata["choices"] for f in _FIELDS if f.metadata["choices"]}
+#: The rule each field's value must follow, in words (used in error messages).
+FIELD_EXPECTED: dict[str, str] = {f.name: f.metadata["expected"] for f in _FIELDS}
+#: Alternative JSON key -> canonical field name.
+ALIASES: dict[str, str] = {
+    "input_dir": "input_folder",
+    "output_dir": "output_folder",
+    "use_gpu": "use_gpu_phase5",
+}
+
+
+# --------------------------------------------------------------------------
+# dict / JSON conversion
+# --------------------------------------------------------------------------
+
+
+def _apply_aliases(d: Mapping[str, Any]) -> dict[str, Any]:
+    result = dict(d)
+    for alias, canonical in ALIASES.items():
+        if alias not in result:
+            continue
+        value = result.pop(alias)
+        if canonical in result and result[canonical] != value:
+            raise ConfigError(
+                f"{alias} = {value!r} conflicts with {canonical} = {result[canonical]!r}: "
+                f"{alias} is another name for {canonical}; give only one of them",
+                key=canonical, value=value)
+        result.setdefault(canonical, value)
+    return result
+
+
+def config_from_dict(d: Mapping[str, Any]) -> MosaicConfig:
+    """Build a validated :class:`MosaicConfig` from a JSON-like mapping.
+
+    Aliases (:data:`ALIASES`) are mapped to canonical keys; an alias and its
+    canonical key with different values raise :class:`ConfigError`.  Missing
+    keys take their defaults.  Unknown keys are ignored with a single WARNING
+    that lists them all (sorted).
+    """
+    if not isinstance(d, Mapping):
+        raise ConfigError(
+            f"configuration must be a JSON object (key: value pairs), got {type(d).__name__}")
+    bad_keys = [k for k in d if not isinstance(k, str)]
+    if bad_keys:
+        raise ConfigError(f"configuration keys must be text, got {bad_keys!r}")
+    values = _apply_aliases(d)
+    unknown = sorted(k for k in values if k not in _FIELD_NAMES)
+    if unknown:
+        logger.warning("Ignoring unknown configuration keys: %s", ", ".join(unknown))
+    return MosaicConfig(**{k: v for k, v in values.items() if k in _FIELD_NAMES})
+
+
+def config_to_dict(config: MosaicConfig) -> dict[str, Any]:
+    """Return the configuration as a JSON-able dict with canonical keys (tuples as lists)."""
+    result: dict[str, Any] = {}
+    for name in _FIELD_NAMES:
+        value = getattr(config, name)
+        result[name] = list(value) if isinstance(value, tuple) else value
+    return result
+
+
+def load_config(path: str | os.PathLike) -> MosaicConfig:
+    """Read and validate a JSON configuration file.
+
+    Raises :class:`ConfigError` naming the file when it cannot be read, is not
+    valid JSON (with line and column), is not a JSON object or holds a bad value.
+    """
+    path = os.fspath(path)
+    try:
+        with open(path, encoding="utf-8") as fh:
+            text = fh.read()
+    except (OSError, UnicodeDecodeError) as exc:
+        reason = exc.strerror if isinstance(exc, OSError) and exc.strerror else str(exc)
+        raise ConfigError(f"cannot read configuration file {path}: {reason}") from exc
+    try:
+        data = json.loads(text)
+    except json.JSONDecodeError as exc:
+        raise ConfigError(
+            f"configuration file {path} is not valid JSON: {exc.msg} "
+            f"at line {exc.lineno}, column {exc.colno}") from exc
+    try:
+        return config_from_dict(data)
+    except ConfigError as exc:
+        raise ConfigError(f"{path}: {exc}", key=exc.key, value=exc.value) from exc
+
+
+def save_config(config: MosaicConfig, path: str | os.PathLike) -> None:
+    """Write ``config`` as indented JSON with canonical keys, atomically.
+
+    The text goes to a hidden temporary file in the destination folder which
+    then replaces ``path`` in one step, so a crash never leaves a half-written
+    configuration behind.
+    """
+    if not isinstance(config, MosaicConfig):
+        raise TypeError(f"expected a MosaicConfig, got {type(config).__name__}")
+    path = os.fspath(path)
+    text = json.dumps(config_to_dict(config), indent=2) + "\n"
+    folder, name = os.path.split(os.path.abspath(path))
+    tmp = os.path.join(folder, f".{name}.{uuid.uuid4().hex}.tmp")
+    # Mode "x": never clobber anything; a name clash raises before we own a file.
+    fh = open(tmp, "x", encoding="utf-8")
+    try:
+        with fh:
+            fh.write(text)
+            fh.flush()
+            os.fsync(fh.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        # Leave no stray temp file; the previous configuration stays untouched.
+        try:
+            os.remove(tmp)
+        except FileNotFoundError:
+            pass
+        raise

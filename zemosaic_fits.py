@@ -1,0 +1,767 @@
+"""FITS input/output for ZeMosaic: frames in, mosaic and preview out.
+
+Conventions shared with the rest of the project:
+
+* in memory an image is ``float32`` shaped ``(H, W, C)`` (C = 3 for RGB,
+  1 for mono); on disk FITS stores ``(C, H, W)``;
+* NaN means "no data";
+* a WCS is a 2-D celestial :class:`astropy.wcs.WCS`, written with a CD matrix.
+
+Input frames are only ever opened read-only (``memmap=False``) and every
+problem with one is reported as :class:`FrameError`, whose text is a short
+reason a scan report can show next to the file name.  Outputs are written
+atomically (hidden temporary file in the same folder, then ``os.replace``).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import math
+import os
+import re
+import struct
+import uuid
+import warnings
+import zlib
+from dataclasses import dataclass
+from typing import Any, BinaryIO, Callable, Iterator, Mapping, Sequence
+
+import numpy as np
+from astropy.io import fits
+from astropy.utils.exceptions import AstropyWarning
+from astropy.wcs import WCS, SingularMatrixError
+from scipy import ndimage
+
+logger = logging.getLogger(__name__)
+
+__all__ = [
+    "BAYER_PATTERNS",
+    "Frame",
+    "FrameError",
+    "FrameInfo",
+    "debayer_bilinear",
+    "load_frame",
+    "read_frame_info",
+    "read_image_fits",
+    "read_png_size",
+    "stretch_for_display",
+    "validate_wcs",
+    "wcs_to_cd_header",
+    "write_fits_atomic",
+    "write_image_fits",
+    "write_preview_png",
+]
+
+#: Bayer patterns understood by :func:`debayer_bilinear` (top-left 2x2, row by row).
+BAYER_PATTERNS = ("RGGB", "BGGR", "GRBG", "GBRG")
+#: Pattern of the Seestar S50 sensor as read by astropy (row 0 first).
+SEESTAR_BAYER_PATTERN = "GRBG"
+#: Plausible pixel scale range in degrees per pixel (0.01 arcsec .. 1 degree).
+MIN_PIXEL_SCALE_DEG = 0.01 / 3600.0
+MAX_PIXEL_SCALE_DEG = 1.0
+
+_FITS_SIGNATURE = b"SIMPLE  ="
+_PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
+# Cards that describe the celestial WCS (and SIP distortion) in a header.
+_WCS_KEY_RE = re.compile(
+    r"^(WCSAXES|WCSNAME|CRPIX\d|CRVAL\d|CTYPE\d|CUNIT\d|CD\d_\d|PC\d_\d|CDELT\d|CROTA\d"
+    r"|PV\d_\d+|PS\d_\d+|LONPOLE|LATPOLE|RADESYS|EQUINOX|EPOCH"
+    r"|A_ORDER|B_ORDER|AP_ORDER|BP_ORDER|A_DMAX|B_DMAX|(A|B|AP|BP)_\d+_\d+)$")
+# Cards a caller may not override: they define the data layout.
+_STRUCTURAL_KEY_RE = re.compile(
+    r"^(SIMPLE|XTENSION|BITPIX|NAXIS\d*|EXTEND|BZERO|BSCALE|BLANK|PCOUNT|GCOUNT|END|EXTNAME)$")
+
+
+class FrameError(Exception):
+    """A frame that must be skipped; ``str(e)`` is a short human reason."""
+
+
+@dataclass
+class Frame:
+    """A loaded frame: ``data`` is float32 ``(H, W, C)``, ``wcs`` 2-D celestial."""
+
+    path: str
+    data: np.ndarray
+    header: fits.Header
+    wcs: WCS
+
+
+@dataclass
+class FrameInfo:
+    """What the header of a frame says, read without touching the pixels.
+
+    ``n_channels`` is the channel count :func:`load_frame` will return with
+    ``debayer=True`` (3 for a Bayer frame); ``bayer_pattern`` is the
+    effective pattern (XBAYROFF/YBAYROFF applied) or None.
+    """
+
+    path: str
+    header: fits.Header
+    wcs: WCS
+    shape_hw: tuple[int, int]
+    n_channels: int
+    bayer_pattern: str | None
+    date_obs: str | None
+    exptime: float | None
+
+
+# --------------------------------------------------------------------------
+# Opening and inspecting files
+# --------------------------------------------------------------------------
+
+
+@contextlib.contextmanager
+def _quiet_astropy() -> Iterator[None]:
+    # Truncation and header fix-ups are detected and reported by this module as
+    # FrameError; astropy's own warnings would only repeat them once per file.
+    # (catch_warnings is process-global; losing a warning in a thread is harmless.)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", AstropyWarning)
+        yield
+
+
+def _file_size_after_signature_check(path: str) -> int:
+    try:
+        size = os.path.getsize(path)
+        with open(path, "rb") as fh:
+            head = fh.read(len(_FITS_SIGNATURE))
+    except OSError as exc:
+        raise FrameError(f"cannot read file: {exc.strerror or exc}") from exc
+    if size == 0:
+        raise FrameError("empty file")
+    if head != _FITS_SIGNATURE:
+        raise FrameError("not a FITS file")
+    return size
+
+
+@contextlib.contextmanager
+def _open_fits(path: str) -> Iterator[tuple[fits.HDUList, int]]:
+    """Open ``path`` read-only without memory mapping; yield (hdul, file size)."""
+    size = _file_size_after_signature_check(path)
+    try:
+        # Read-only mode and no memmap: inputs are never modified or kept open.
+        hdul = fits.open(path, mode="readonly", memmap=False, lazy_load_hdus=True)
+    except Exception as exc:
+        raise FrameError(f"truncated or corrupt FITS: {exc}") from exc
+    try:
+        yield hdul, size
+    finally:
+        hdul.close()
+
+
+def _find_image_hdu(hdul: fits.HDUList) -> tuple[int, Any]:
+    """Index and HDU of the first HDU holding an image (primary or extension)."""
+    index = 0
+    while True:
+        try:
+            hdu = hdul[index]
+        except IndexError:
+            break
+        except Exception as exc:
+            raise FrameError(f"truncated or corrupt FITS: {exc}") from exc
+        image_kinds = (fits.PrimaryHDU, fits.ImageHDU, fits.CompImageHDU)
+        if isinstance(hdu, image_kinds) and int(hdu.header.get("NAXIS", 0) or 0) > 0:
+            return index, hdu
+        index += 1
+    raise FrameError("no image data")
+
+
+def _axis_lengths(header: fits.Header) -> list[int]:
+    naxis = header.get("NAXIS", 0)
+    lengths = [header.get(f"NAXIS{i}") for i in range(1, int(naxis) + 1)]
+    if not all(isinstance(n, int) and not isinstance(n, bool) and n > 0 for n in lengths):
+        raise FrameError(f"invalid image dimensions {lengths}")
+    return lengths
+
+
+def _layout(header: fits.Header) -> tuple[tuple[int, int], str, int]:
+    """Return ((H, W), layout, planes); layout is '2d', 'chw' or 'hwc'."""
+    lengths = _axis_lengths(header)
+    numpy_shape = tuple(reversed(lengths))
+    if len(lengths) == 2:
+        return (lengths[1], lengths[0]), "2d", 1
+    if len(lengths) == 3:
+        n1, n2, n3 = lengths
+        if n3 in (1, 3):
+            return (n2, n1), "chw", n3
+        if n1 == 3:  # numpy (H, W, 3): unusual for FITS, but some tools write it
+            return (n3, n2), "hwc", 3
+    raise FrameError(f"unsupported image dimensions {numpy_shape}")
+
+
+def _check_data_present(hdul: fits.HDUList, index: int, hdu: Any,
+                        header: fits.Header, file_size: int) -> None:
+    # astropy only warns about (or fails late on) short data; compare sizes here
+    # so the header-only scan already rejects truncated files.
+    if isinstance(hdu, fits.CompImageHDU):
+        return
+    bitpix = header.get("BITPIX")
+    if bitpix not in (8, 16, 32, 64, -32, -64):
+        raise FrameError(f"unsupported BITPIX {bitpix!r}")
+    needed = abs(bitpix) // 8 * math.prod(_axis_lengths(header))
+    start = hdul.fileinfo(index)["datLoc"]
+    if start + needed > file_size:
+        present = max(file_size - start, 0)
+        raise FrameError(
+            f"truncated or corrupt FITS: {present} of {needed} data bytes present")
+
+
+def _wcs_from_header(header: fits.Header) -> WCS:
+    """Celestial 2-D WCS of ``header`` (not validated)."""
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", AstropyWarning)
+            full = WCS(header)
+    except SingularMatrixError as exc:
+        raise FrameError("singular CD matrix") from exc
+    except Exception as exc:
+        raise FrameError(f"invalid WCS: {exc}") from exc
+    if not full.has_celestial:
+        raise FrameError("no celestial WCS")
+    _reject_zeroed_cd(header, full)
+    return full.celestial
+
+
+def _reject_zeroed_cd(header: fits.Header, full: WCS) -> None:
+    # wcslib's 'cdfix' (needed for CD headers on 3-D cubes) turns an all-zero
+    # CD row/column into unity, which would hide a failed plate solution: check
+    # the celestial CD block exactly as written in the header.
+    axes = (full.wcs.lng + 1, full.wcs.lat + 1)
+    keys = [[f"CD{i}_{j}" for j in axes] for i in axes]
+    if not any(key in header for row in keys for key in row):
+        return
+    try:
+        matrix = np.array([[float(header.get(key, 0.0)) for key in row] for row in keys])
+    except (TypeError, ValueError) as exc:
+        raise FrameError(f"invalid WCS: non-numeric CD card ({exc})") from exc
+    if np.all(np.isfinite(matrix)) and abs(np.linalg.det(matrix)) == 0.0:
+        raise FrameError("singular CD matrix")
+
+
+def _bayer_pattern(header: fits.Header, layout: str) -> str | None:
+    """Effective Bayer pattern of a 2-D frame, or None for mono/colour data."""
+    if layout != "2d":
+        return None
+    value = header.get("BAYERPAT")
+    text = str(value).strip().upper() if value is not None else ""
+    if text in ("", "NONE", "MONO"):
+        if "SEESTAR" not in str(header.get("INSTRUME", "")).upper():
+            return None
+        text = SEESTAR_BAYER_PATTERN
+    if text not in BAYER_PATTERNS:
+        raise FrameError(f"unsupported Bayer pattern {value!r}")
+    return _shift_pattern(text, header.get("XBAYROFF", 0), header.get("YBAYROFF", 0))
+
+
+def _shift_pattern(pattern: str, x_offset: Any, y_offset: Any) -> str:
+    # Image pixel (0, 0) sits on sensor pixel (XBAYROFF, YBAYROFF): odd offsets
+    # move the 2x2 pattern by one column / row.
+    try:
+        dx, dy = int(x_offset) % 2, int(y_offset) % 2
+    except (TypeError, ValueError):
+        logger.debug("Ignoring non-integer Bayer offsets %r, %r", x_offset, y_offset)
+        return pattern
+    return "".join(pattern[2 * ((r + dy) % 2) + (c + dx) % 2] for r in (0, 1) for c in (0, 1))
+
+
+def _optional_float(header: fits.Header, *keys: str) -> float | None:
+    for key in keys:
+        value = header.get(key)
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            return float(value)
+    return None
+
+
+def _inspect(path: str, hdul: fits.HDUList, size: int) -> tuple[FrameInfo, int, str]:
+    """Build the FrameInfo of an open file; also return HDU index and layout."""
+    index, hdu = _find_image_hdu(hdul)
+    header = hdu.header.copy()
+    shape_hw, layout, planes = _layout(header)
+    _check_data_present(hdul, index, hdu, header, size)
+    wcs = _wcs_from_header(header)
+    validate_wcs(wcs, shape_hw)
+    pattern = _bayer_pattern(header, layout)
+    n_channels = 3 if pattern else planes
+    date_obs = header.get("DATE-OBS")
+    info = FrameInfo(
+        path=path, header=header, wcs=wcs, shape_hw=shape_hw, n_channels=n_channels,
+        bayer_pattern=pattern, date_obs=str(date_obs) if date_obs is not None else None,
+        exptime=_optional_float(header, "EXPTIME", "EXPOSURE"))
+    return info, index, layout
+
+
+def read_frame_info(path: str | os.PathLike) -> FrameInfo:
+    """Read and check a frame's header only (fast enough to scan hundreds of files).
+
+    Checks that the file is a complete FITS image with 2-D or 3-D data of a
+    supported layout and a valid celestial WCS.  Raises :class:`FrameError`
+    with a short reason otherwise.
+    """
+    path = os.fspath(path)
+    with _quiet_astropy(), _open_fits(path) as (hdul, size):
+        info, _, _ = _inspect(path, hdul, size)
+    return info
+
+
+# --------------------------------------------------------------------------
+# Pixel data
+# --------------------------------------------------------------------------
+
+
+def _read_pixels(hdul: fits.HDUList, index: int, header: fits.Header) -> np.ndarray:
+    """Physical pixel values (BSCALE/BZERO applied) as a float32 copy; blanks -> NaN."""
+    try:
+        raw = hdul[index].data
+    except Exception as exc:
+        raise FrameError(f"truncated or corrupt FITS: {exc}") from exc
+    expected = tuple(reversed(_axis_lengths(header)))
+    if raw is None or raw.shape != expected:
+        got = None if raw is None else raw.shape
+        raise FrameError(f"truncated or corrupt FITS: data shape {got}, header says {expected}")
+    data = raw.astype(np.float32, copy=True)
+    if np.issubdtype(raw.dtype, np.integer) and isinstance(header.get("BLANK"), int):
+        # astropy already maps BLANK to NaN for scaled data; unscaled and
+        # unsigned-via-BZERO integers still carry the physical blank value.
+        blank = header["BLANK"] * header.get("BSCALE", 1) + header.get("BZERO", 0)
+        data[raw == blank] = np.nan
+    data[~np.isfinite(data)] = np.nan  # +-inf is as useless as NaN: "no data"
+    return data
+
+
+def _check_has_signal(data: np.ndarray) -> None:
+    finite = np.isfinite(data)
+    if not finite.any():
+        raise FrameError("no finite pixels")
+    if not np.any(data[finite] != 0):
+        raise FrameError("all pixels are zero")
+
+
+def _to_hwc(data: np.ndarray, layout: str, pattern: str | None, debayer: bool) -> np.ndarray:
+    if layout == "2d":
+        if pattern and debayer:
+            return debayer_bilinear(data, pattern)
+        return data[:, :, np.newaxis]
+    if layout == "chw":
+        return np.ascontiguousarray(np.moveaxis(data, 0, -1))
+    return data  # already (H, W, 3)
+
+
+def load_frame(path: str | os.PathLike, debayer: bool = True) -> Frame:
+    """Load a frame as float32 ``(H, W, C)`` with its header and celestial WCS.
+
+    2-D Bayer data (BAYERPAT card, or a Seestar INSTRUME defaulting to GRBG)
+    is demosaiced to RGB when ``debayer`` is true, otherwise returned as the
+    raw mosaic ``(H, W, 1)``.  2-D data without Bayer information is mono,
+    ``(3, H, W)`` cubes become ``(H, W, 3)``.  Non-finite pixels become NaN.
+    The file is opened read-only and closed before returning.  Raises
+    :class:`FrameError` for anything that makes the frame unusable.
+    """
+    path = os.fspath(path)
+    with _quiet_astropy(), _open_fits(path) as (hdul, size):
+        info, index, layout = _inspect(path, hdul, size)
+        data = _read_pixels(hdul, index, info.header)
+    _check_has_signal(data)
+    image = _to_hwc(data, layout, info.bayer_pattern, debayer)
+    logger.debug("Loaded %s: %s, Bayer %s", path, image.shape, info.bayer_pattern)
+    return Frame(path=path, data=image, header=info.header, wcs=info.wcs)
+
+
+# Normalised convolution weights: only the ratio of weights matters, and
+# small integers keep the float64 sums exact.
+_KERNEL_RB = np.array([[1, 2, 1], [2, 4, 2], [1, 2, 1]], dtype=np.float64)
+_KERNEL_G = np.array([[0, 1, 0], [1, 4, 1], [0, 1, 0]], dtype=np.float64)
+
+
+def _colour_mask(shape: tuple[int, int], pattern: str, colour: str) -> np.ndarray:
+    mask = np.zeros(shape, dtype=bool)
+    for position, letter in enumerate(pattern):
+        if letter == colour:
+            mask[position // 2::2, position % 2::2] = True
+    return mask
+
+
+def debayer_bilinear(raw: np.ndarray, pattern: str = "GRBG") -> np.ndarray:
+    """Bilinear demosaic of a 2-D Bayer mosaic into float32 ``(H, W, 3)`` RGB.
+
+    Each colour is the weighted mean of the samples of that colour in the 3x3
+    neighbourhood (normalised convolution), so a constant-colour field comes
+    out exactly constant on every channel, edges included, and NaN samples
+    are simply left out (a pixel with no valid neighbour becomes NaN).
+    ``pattern`` gives the top-left 2x2 cell row by row: RGGB, BGGR, GRBG, GBRG.
+    """
+    key = pattern.strip().upper() if isinstance(pattern, str) else pattern
+    if key not in BAYER_PATTERNS:
+        raise ValueError(
+            f"unsupported Bayer pattern {pattern!r}: expected one of {', '.join(BAYER_PATTERNS)}")
+    raw = np.asarray(raw)
+    if raw.ndim != 2:
+        raise ValueError(f"a Bayer mosaic must be 2-D, got shape {raw.shape}")
+    # float64 keeps sum(w * v) / sum(w) bit-exact for float32 / 16-bit input.
+    values = raw.astype(np.float64)
+    finite = np.isfinite(values)
+    values[~finite] = 0.0
+    rgb = np.empty(raw.shape + (3,), dtype=np.float32)
+    for channel, colour in enumerate("RGB"):
+        mask = _colour_mask(raw.shape, key, colour) & finite
+        kernel = _KERNEL_G if colour == "G" else _KERNEL_RB
+        total = ndimage.correlate(values * mask, kernel, mode="constant", cval=0.0)
+        weight = ndimage.correlate(mask.astype(np.float64), kernel, mode="constant", cval=0.0)
+        rgb[..., channel] = np.divide(total, weight, out=np.full_like(total, np.nan),
+                                      where=weight > 0)
+    return rgb
+
+
+# --------------------------------------------------------------------------
+# WCS
+# --------------------------------------------------------------------------
+
+
+def _raw_wcs_numbers(wcs: WCS) -> np.ndarray:
+    """CRVAL, CRPIX and the linear-part numbers exactly as stored (for finiteness)."""
+    prm = wcs.wcs
+    parts = [np.ravel(prm.crval), np.ravel(prm.crpix)]
+    if prm.has_cd():
+        parts.append(np.ravel(prm.cd))
+    else:
+        parts.append(np.ravel(prm.cdelt))
+        if prm.has_pc():
+            parts.append(np.ravel(prm.pc))
+    return np.concatenate([np.asarray(p, dtype=np.float64) for p in parts])
+
+
+def _linear_matrix(wcs: WCS) -> np.ndarray:
+    """Pixel -> intermediate world matrix in degrees per pixel (CD, or CDELT*PC)."""
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", AstropyWarning)
+            return np.asarray(wcs.pixel_scale_matrix, dtype=np.float64)
+    except SingularMatrixError as exc:
+        raise FrameError("singular CD matrix") from exc
+    except Exception as exc:
+        raise FrameError(f"invalid WCS: {exc}") from exc
+
+
+def validate_wcs(wcs: WCS, shape_hw: tuple[int, int]) -> None:
+    """Raise :class:`FrameError` unless ``wcs`` is a usable celestial 2-D WCS.
+
+    Checks: 2-D celestial axes; finite CRVAL, CRPIX and CD (or PC*CDELT);
+    non-singular linear part; pixel scale between 0.01 arcsec/px and
+    1 deg/px; the centre of an image of ``shape_hw`` maps to finite sky
+    coordinates.
+    """
+    if not isinstance(wcs, WCS) or not wcs.has_celestial:
+        raise FrameError("no celestial WCS")
+    if wcs.naxis != 2 or not wcs.is_celestial:
+        raise FrameError(f"WCS is not 2-D celestial ({wcs.naxis} axes)")
+    if not np.all(np.isfinite(_raw_wcs_numbers(wcs))):
+        raise FrameError("non-finite WCS values (CRVAL, CRPIX or CD)")
+    matrix = _linear_matrix(wcs)
+    singular = np.linalg.svd(matrix, compute_uv=False)
+    if not np.all(np.isfinite(singular)) or singular[-1] <= 1e-10 * singular[0]:
+        raise FrameError("singular CD matrix")
+    if singular[-1] < MIN_PIXEL_SCALE_DEG or singular[0] > MAX_PIXEL_SCALE_DEG:
+        scale = math.sqrt(abs(np.linalg.det(matrix))) * 3600.0
+        raise FrameError(
+            f"implausible pixel scale {scale:.4g} arcsec/px "
+            "(expected 0.01 arcsec/px to 1 deg/px)")
+    height, width = shape_hw
+    try:
+        world = wcs.pixel_to_world_values((width - 1) / 2.0, (height - 1) / 2.0)
+    except Exception as exc:
+        raise FrameError(f"WCS cannot place the image centre on the sky: {exc}") from exc
+    if not np.all(np.isfinite(world)):
+        raise FrameError("WCS maps the image centre to no sky position")
+
+
+def wcs_to_cd_header(wcs: WCS) -> fits.Header:
+    """The celestial WCS as header cards with a CD matrix (no PC/CDELT).
+
+    Keeps SIP distortion ('-SIP' CTYPEs and A_/B_/AP_/BP_ coefficients),
+    RADESYS and EQUINOX; time cards (DATE-OBS, MJDREF...) are left out since
+    they do not describe the pixel-to-sky mapping.
+    """
+    celestial = wcs if wcs.is_celestial else wcs.celestial
+    if celestial.naxis != 2:
+        raise ValueError("wcs has no 2-D celestial part")
+    matrix = _linear_matrix(celestial)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", AstropyWarning)
+        source = celestial.to_header(relax=True)
+    cd_cards = [fits.Card(f"CD{i + 1}_{j + 1}", float(matrix[i, j]),
+                          "Linear transformation matrix element (deg/px)")
+                for i in range(2) for j in range(2)]
+    header = fits.Header()
+    for card in source.cards:
+        key = card.keyword
+        if re.match(r"^(PC\d_\d|CDELT\d|CROTA\d)$", key):
+            continue
+        if _WCS_KEY_RE.match(key):
+            header.append(card)
+        if key == "CRPIX2":
+            header.extend(cd_cards)
+    if "CD1_1" not in header:
+        header.extend(cd_cards)
+    return header
+
+
+# --------------------------------------------------------------------------
+# Writing
+# --------------------------------------------------------------------------
+
+
+def _atomic_write(path: str | os.PathLike, write: Callable[[BinaryIO], None]) -> None:
+    """Run ``write(fileobj)`` into a hidden temp file next to ``path``, then replace."""
+    path = os.fspath(path)
+    folder, name = os.path.split(os.path.abspath(path))
+    # Leading '.' and '.tmp' suffix: a folder scan for *.fit* never picks it up.
+    tmp = os.path.join(folder, f".{name}.{uuid.uuid4().hex}.tmp")
+    # O_EXCL: never clobber anything; mode "wb" (not "xb") because astropy only
+    # accepts the usual mode strings on a file object.
+    fh = open(tmp, "wb", opener=lambda name, flags: os.open(name, flags | os.O_EXCL, 0o666))
+    try:
+        with fh:
+            write(fh)
+            fh.flush()
+            os.fsync(fh.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        with contextlib.suppress(FileNotFoundError):
+            os.remove(tmp)
+        raise
+
+
+def write_fits_atomic(path: str | os.PathLike, hdul: fits.HDUList) -> None:
+    """Write ``hdul`` to ``path`` atomically; the destination is never half-written.
+
+    On any exception the temporary file is removed, the previous content of
+    ``path`` (if any) is left untouched and the exception is re-raised.
+    """
+    _atomic_write(path, hdul.writeto)
+
+
+def _as_hwc_float32(image: np.ndarray) -> np.ndarray:
+    array = np.asarray(image, dtype=np.float32)
+    if array.ndim == 2:
+        array = array[:, :, np.newaxis]
+    if array.ndim != 3 or array.shape[2] not in (1, 3):
+        raise ValueError(f"expected an (H, W, C) image with C = 1 or 3, got shape {array.shape}")
+    return array
+
+
+def _card_entries(cards: Mapping[str, Any] | Sequence[Sequence[Any]]) -> list[tuple]:
+    if isinstance(cards, Mapping):
+        entries = []
+        for key, value in cards.items():
+            if isinstance(value, tuple) and len(value) == 2:
+                entries.append((key, value[0], value[1]))
+            else:
+                entries.append((key, value, None))
+        return entries
+    return [(c[0], c[1], c[2] if len(c) > 2 else None) for c in cards]
+
+
+def _add_provenance(header: fits.Header, cards: Any) -> None:
+    """Add caller cards: dict {key: value | (value, comment)} or [(key, value[, comment])]."""
+    for key, value, comment in _card_entries(cards):
+        upper = str(key).upper()
+        if _STRUCTURAL_KEY_RE.match(upper) or _WCS_KEY_RE.match(upper):
+            raise ValueError(f"header card {key!r} is reserved (data layout or WCS)")
+        if upper in ("HISTORY", "COMMENT"):
+            header.append(fits.Card(upper, value))
+        else:
+            header[key] = (value, comment)
+
+
+def write_image_fits(path: str | os.PathLike, image_hwc: np.ndarray, wcs: WCS,
+                     coverage: np.ndarray | None = None,
+                     header_cards: Mapping[str, Any] | Sequence[Sequence[Any]] | None = None,
+                     ) -> None:
+    """Write an image as float32 ``(C, H, W)`` FITS with a CD-matrix WCS, atomically.
+
+    ``header_cards`` (dict ``{key: value | (value, comment)}`` or a list of
+    ``(key, value[, comment])``) adds provenance cards; layout and WCS keys are
+    refused.  ``coverage`` (H, W) goes to a float32 'COVERAGE' extension with
+    the same WCS.
+    """
+    image = _as_hwc_float32(image_hwc)
+    wcs_header = wcs_to_cd_header(wcs)
+    primary = fits.PrimaryHDU(np.ascontiguousarray(np.moveaxis(image, -1, 0)))
+    primary.header.extend(wcs_header)
+    if header_cards:
+        _add_provenance(primary.header, header_cards)
+    hdus = [primary]
+    if coverage is not None:
+        cov = np.asarray(coverage, dtype=np.float32)
+        if cov.shape != image.shape[:2]:
+            raise ValueError(f"coverage shape {cov.shape} does not match image {image.shape[:2]}")
+        extension = fits.ImageHDU(np.ascontiguousarray(cov), name="COVERAGE")
+        extension.header.extend(wcs_header)
+        hdus.append(extension)
+    write_fits_atomic(path, fits.HDUList(hdus))
+
+
+def read_image_fits(path: str | os.PathLike
+                    ) -> tuple[np.ndarray, WCS, np.ndarray | None, fits.Header]:
+    """Read a file written by :func:`write_image_fits`.
+
+    Returns (image float32 (H, W, C), celestial WCS, coverage (H, W) float32
+    or None, primary header).  Raises :class:`FrameError` on unreadable files.
+    """
+    path = os.fspath(path)
+    with _quiet_astropy(), _open_fits(path) as (hdul, size):
+        header = hdul[0].header.copy()
+        shape_hw, layout, _ = _layout(header)
+        _check_data_present(hdul, 0, hdul[0], header, size)
+        data = _read_pixels(hdul, 0, header)
+        try:
+            cov_hdu = hdul["COVERAGE"]
+        except KeyError:
+            cov_hdu = None
+        coverage = None if cov_hdu is None else cov_hdu.data.astype(np.float32, copy=True)
+    wcs = _wcs_from_header(header)
+    validate_wcs(wcs, shape_hw)
+    return _to_hwc(data, layout, None, False), wcs, coverage, header
+
+
+# --------------------------------------------------------------------------
+# Previews
+# --------------------------------------------------------------------------
+
+
+def _asinh_softness(background: float, target: float = 0.25) -> float:
+    """Asinh strength that lifts the normalised ``background`` level to ``target``."""
+    if background <= 0.0:
+        return 100.0
+    if background >= target:
+        return 1e-3  # already bright: stay (almost) linear
+
+    def lifted(beta: float) -> float:
+        return math.asinh(beta * background) / math.asinh(beta)
+
+    low, high = math.log(1e-3), math.log(1e7)
+    for _ in range(60):  # bisection in log space; lifted() grows with beta
+        middle = 0.5 * (low + high)
+        low, high = (middle, high) if lifted(math.exp(middle)) < target else (low, middle)
+    return math.exp(0.5 * (low + high))
+
+
+def _sample(values: np.ndarray, limit: int = 1_000_000) -> np.ndarray:
+    # Percentiles of a regular subsample are plenty for a display stretch.
+    step = max(1, values.size // limit)
+    return values[::step]
+
+
+def _display_levels(luminance: np.ndarray) -> tuple[float, float, float] | None:
+    """(black, white, background) of the finite luminance values, or None if none."""
+    samples = _sample(luminance[np.isfinite(luminance)]).astype(np.float64)
+    if samples.size == 0:
+        return None
+    background = float(np.median(samples))
+    sigma = 1.4826 * float(np.median(np.abs(samples - background)))
+    # Black just under the sky so noise stays visible instead of clipping half of it.
+    black = max(float(samples.min()), background - 2.8 * sigma)
+    white = float(np.percentile(samples, 99.8))
+    if white <= black:
+        white = max(float(samples.max()), black + 1e-6)
+    if white <= black:  # float rounding on huge values
+        white = black + 1.0
+    return black, white, background
+
+
+def stretch_for_display(image_hwc: np.ndarray) -> np.ndarray:
+    """Auto-stretch an image to uint8 ``(H, W, 3)`` for previews.
+
+    Black point just below the sky background (median - 2.8 sigma, robust),
+    white point at the 99.8th percentile, both measured on the luminance of
+    finite pixels; then one asinh curve applied to the luminance and the same
+    gain to every channel, so colours keep their ratios.  NaN -> black; mono
+    is replicated to RGB.
+    """
+    image = _as_hwc_float32(image_hwc)
+    height, width, channels = image.shape
+    output = np.zeros((height, width, 3), dtype=np.uint8)
+    levels = _display_levels(image.mean(axis=2))
+    if levels is None:
+        return output
+    black, white, background = levels
+    scaled = np.clip((image - black) / (white - black), 0.0, None)
+    level = scaled.mean(axis=2)
+    beta = _asinh_softness((background - black) / (white - black))
+    with np.errstate(invalid="ignore", divide="ignore"):
+        gain = np.where(level > 0, np.arcsinh(beta * level) / (math.asinh(beta) * level), 0.0)
+        stretched = scaled * gain[:, :, np.newaxis]
+        # A channel above 1 would clip and shift the hue: scale the pixel down instead.
+        peak = stretched.max(axis=2, keepdims=True)
+        stretched = np.where(peak > 1.0, stretched / peak, stretched)
+    stretched = np.nan_to_num(stretched, nan=0.0, posinf=0.0, neginf=0.0)
+    if channels == 1:
+        stretched = np.repeat(stretched, 3, axis=2)
+    output[:] = np.clip(np.rint(stretched * 255.0), 0, 255).astype(np.uint8)
+    return output
+
+
+def _block_mean(image: np.ndarray, factor: int, band_rows: int = 256) -> np.ndarray:
+    """NaN-aware ``factor`` x ``factor`` block average (edges padded with no data)."""
+    height, width, channels = image.shape
+    out_h, out_w = -(-height // factor), -(-width // factor)
+    result = np.empty((out_h, out_w, channels), dtype=np.float32)
+    # Bands of output rows bound the temporary memory on very large mosaics.
+    for top in range(0, out_h, band_rows):
+        rows = min(band_rows, out_h - top)
+        block = np.full((rows * factor, out_w * factor, channels), np.nan, dtype=np.float32)
+        source = image[top * factor:(top + rows) * factor]
+        block[:source.shape[0], :width] = source
+        block = block.reshape(rows, factor, out_w, factor, channels)
+        valid = np.isfinite(block)
+        total = np.where(valid, block, 0.0).sum(axis=(1, 3), dtype=np.float64)
+        count = valid.sum(axis=(1, 3))
+        result[top:top + rows] = np.divide(total, count, out=np.full(total.shape, np.nan),
+                                           where=count > 0)
+    return result
+
+
+def _png_chunk(tag: bytes, payload: bytes) -> bytes:
+    crc = zlib.crc32(tag + payload) & 0xFFFFFFFF
+    return struct.pack(">I", len(payload)) + tag + payload + struct.pack(">I", crc)
+
+
+def _encode_png(rgb: np.ndarray) -> bytes:
+    """8-bit RGB PNG bytes; every row uses the 'Up' filter (type 2) for compression."""
+    height, width, _ = rgb.shape
+    rows = rgb.reshape(height, width * 3)
+    filtered = np.empty((height, width * 3 + 1), dtype=np.uint8)
+    filtered[:, 0] = 2
+    filtered[0, 1:] = rows[0]
+    filtered[1:, 1:] = rows[1:] - rows[:-1]  # uint8 arithmetic wraps modulo 256 as PNG wants
+    header = struct.pack(">IIBBBBB", width, height, 8, 2, 0, 0, 0)
+    return (_PNG_SIGNATURE + _png_chunk(b"IHDR", header)
+            + _png_chunk(b"IDAT", zlib.compress(filtered.tobytes(), 6))
+            + _png_chunk(b"IEND", b""))
+
+
+def write_preview_png(path: str | os.PathLike, image_hwc: np.ndarray,
+                      max_size: int = 2048) -> None:
+    """Write a stretched RGB PNG preview whose longer side is at most ``max_size``.
+
+    The image is block-averaged (NaN-aware) by the smallest integer factor that
+    fits, stretched with :func:`stretch_for_display` and written atomically.
+    """
+    if int(max_size) < 1:
+        raise ValueError(f"max_size must be >= 1, got {max_size}")
+    image = _as_hwc_float32(image_hwc)
+    factor = -(-max(image.shape[:2]) // int(max_size))
+    if factor > 1:
+        image = _block_mean(image, factor)
+    png = _encode_png(stretch_for_display(image))
+    _atomic_write(path, lambda fh: fh.write(png))
+
+
+def read_png_size(path: str | os.PathLike) -> tuple[int, int]:
+    """Return (width, height) from a PNG file's IHDR chunk; ValueError if not a PNG."""
+    with open(path, "rb") as fh:
+        head = fh.read(24)
+    if len(head) < 24 or head[:8] != _PNG_SIGNATURE or head[12:16] != b"IHDR":
+        raise ValueError(f"{os.fspath(path)} is not a PNG file")
+    width, height = struct.unpack(">II", head[16:24])
+    return width, height

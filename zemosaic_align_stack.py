@@ -131,20 +131,69 @@ def warp_image(image, y_src, x_src, propagate_mask: bool = True, xp=np, ndimage=
     return out
 
 
+@dataclass(frozen=True)
+class Canvas:
+    """Output grid of an alignment: the reference grid grown to hold every frame of a group.
+
+    Reference pixel ``(y, x)`` is canvas pixel ``(y + offset[0], x + offset[1])``; ``wcs`` is the
+    reference WCS shifted accordingly (None when the reference has no WCS).
+    """
+
+    shape: tuple[int, int]
+    offset: tuple[int, int] = (0, 0)
+    wcs: object = None
+
+
+def group_canvas(wcs_reference, shape_reference, frames, margin: int = 2) -> Canvas:
+    """Return the :class:`Canvas` that holds every frame ``(wcs, (h, w))`` of a group.
+
+    Dithers and field rotation move frames off the reference; a canvas of the reference's size
+    would throw their overhanging parts away.
+    """
+    h, w = shape_reference
+    y0, y1, x0, x1 = 0.0, h - 1.0, 0.0, w - 1.0
+    for wcs, (fh, fw) in frames:
+        world = wcs.pixel_to_world_values(np.array([0, fw - 1, 0, fw - 1]), np.array([0, 0, fh - 1, fh - 1]))
+        xs, ys = wcs_reference.world_to_pixel_values(*world)
+        if np.all(np.isfinite(xs)) and np.all(np.isfinite(ys)):
+            y0, y1 = min(y0, ys.min()), max(y1, ys.max())
+            x0, x1 = min(x0, xs.min()), max(x1, xs.max())
+    oy, ox = int(np.ceil(-y0)) + margin if y0 < 0 else 0, int(np.ceil(-x0)) + margin if x0 < 0 else 0
+    shape = (int(np.ceil(y1)) + oy + 1 + (margin if y1 > h - 1 else 0),
+             int(np.ceil(x1)) + ox + 1 + (margin if x1 > w - 1 else 0))
+    canvas_wcs = wcs_reference.deepcopy()
+    canvas_wcs.wcs.crpix = [wcs_reference.wcs.crpix[0] + ox, wcs_reference.wcs.crpix[1] + oy]
+    canvas_wcs.wcs.set()
+    return Canvas(shape, (oy, ox), canvas_wcs)
+
+
+def place_reference(reference, canvas: Canvas):
+    """Return the reference frame on its canvas (an exact copy, NaN around it)."""
+    if canvas.shape == reference.shape[:2]:
+        return np.asarray(reference, dtype=np.float32)
+    out = np.full(canvas.shape + reference.shape[2:], np.nan, np.float32)
+    oy, ox = canvas.offset
+    out[oy:oy + reference.shape[0], ox:ox + reference.shape[1]] = reference
+    return out
+
+
 def align_frame(image, reference, method="astroalign", wcs=None, wcs_reference=None,
-                propagate_mask=True):
+                propagate_mask=True, canvas: Canvas | None = None):
     """Return one ``(H, W, C)`` frame resampled onto the reference grid, NaN outside its footprint.
 
     ``method="astroalign"`` matches stars and falls back to the WCS when matching fails and both
-    WCSs are given; ``method="wcs"`` uses the WCSs only. Raises :class:`AlignmentError`.
+    WCSs are given; ``method="wcs"`` uses the WCSs only. ``canvas`` (default: the reference grid)
+    is the output grid. Raises :class:`AlignmentError`.
     """
     if method not in ALIGN_METHODS:
         raise ValueError(f"method = {method!r} is not allowed: expected one of {ALIGN_METHODS}")
-    have_wcs = wcs is not None and wcs_reference is not None
+    canvas = canvas or Canvas(reference.shape[:2], (0, 0), wcs_reference)
+    have_wcs = wcs is not None and canvas.wcs is not None
     if method == "astroalign":
         try:
             matrix = find_star_transform(luminance(image), luminance(reference))
-            y_src, x_src = affine_source_coords(matrix, reference.shape[:2])
+            shift = np.array([[1.0, 0.0, -canvas.offset[1]], [0.0, 1.0, -canvas.offset[0]], [0, 0, 1]])
+            y_src, x_src = affine_source_coords(matrix @ shift, canvas.shape)
             return warp_image(image, y_src, x_src, propagate_mask)
         except AlignmentError as exc:
             if not have_wcs:
@@ -152,7 +201,7 @@ def align_frame(image, reference, method="astroalign", wcs=None, wcs_reference=N
             logger.debug("%s; falling back to WCS reprojection", exc)
     if not have_wcs:
         raise AlignmentError("WCS alignment needs the WCS of the frame and of the reference")
-    y_src, x_src = wcs_source_coords(wcs, image.shape[:2], wcs_reference, reference.shape[:2])
+    y_src, x_src = wcs_source_coords(wcs, image.shape[:2], canvas.wcs, canvas.shape)
     return warp_image(image, y_src, x_src, propagate_mask)
 
 

@@ -252,6 +252,9 @@ class MosaicConfig:
     align_method: str = _choice_spec(
         "astroalign", "How frames are aligned: star matching or the plate solution only.",
         _ALIGN)
+    correct_hot_pixels: bool = _spec(
+        True, "Replace isolated hot pixels in raw colour frames before debayering.",
+        "true or false", _check_bool)
     cluster_panel_threshold: float = _spec(
         0.0, "Distance in degrees that separates mosaic panels (0 = automatic).",
         "a number >= 0", _check_float(0.0, inclusive=True))

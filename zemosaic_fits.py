@@ -337,9 +337,51 @@ def _check_has_signal(data: np.ndarray) -> None:
         raise FrameError("all pixels are zero")
 
 
-def _to_hwc(data: np.ndarray, layout: str, pattern: str | None, debayer: bool) -> np.ndarray:
+def _shifted(padded: np.ndarray, pad: int, dy: int, dx: int, shape: tuple[int, int]) -> np.ndarray:
+    return padded[pad + dy:pad + dy + shape[0], pad + dx:pad + dx + shape[1]]
+
+
+def correct_hot_pixels(raw: np.ndarray, kappa: float = 8.0, neighbour_fraction: float = 0.2):
+    """Return ``(cleaned Bayer mosaic, number of pixels replaced)``.
+
+    A raw pixel is hot when it stands more than ``kappa`` noise sigmas above the median of its
+    eight same-colour neighbours (two pixels away) while its four direct neighbours (other colours)
+    are not raised with it: a star's light spreads over the direct neighbours (more than half of
+    its peak for a 2.7 px FWHM), a hot pixel's does not. Hot pixels get the same-colour median.
+    Done on the raw mosaic because bilinear debayering would spread each one into a coloured
+    3x3 blotch that stack rejection can no longer recognise.
+    """
+    data = np.asarray(raw, dtype=np.float32)
+    shape = data.shape
+    if min(shape) < 6:
+        return data, 0
+    padded = np.pad(data, 2, mode="reflect")  # reflect keeps the Bayer parity at distance 2
+    ring = [_shifted(padded, 2, dy, dx, shape) for dy in (-2, 0, 2) for dx in (-2, 0, 2)
+            if (dy, dx) != (0, 0)]
+    med = np.median(np.stack(ring), axis=0)
+    excess = data - med
+    sample = excess[::3, ::3]
+    sample = sample[np.isfinite(sample)]
+    if sample.size == 0:
+        return data, 0
+    sigma = 1.4826 * float(np.median(np.abs(sample - np.median(sample))))
+    if sigma <= 0:
+        return data, 0
+    padded_excess = np.pad(excess, 1, mode="reflect")
+    direct = sum(_shifted(padded_excess, 1, dy, dx, shape) for dy, dx in ((-1, 0), (1, 0), (0, -1), (0, 1))) / 4.0
+    with np.errstate(invalid="ignore"):
+        hot = (excess > kappa * sigma) & (direct < neighbour_fraction * excess)
+    n_hot = int(hot.sum())
+    return np.where(hot, med, data).astype(np.float32), n_hot
+
+
+def _to_hwc(data: np.ndarray, layout: str, pattern: str | None, debayer: bool,
+            hot_pixels: bool = True) -> np.ndarray:
     if layout == "2d":
         if pattern and debayer:
+            if hot_pixels:
+                data, n_hot = correct_hot_pixels(data)
+                logger.debug("Hot pixel correction: %d pixel(s) replaced", n_hot)
             return debayer_bilinear(data, pattern)
         return data[:, :, np.newaxis]
     if layout == "chw":
@@ -347,13 +389,14 @@ def _to_hwc(data: np.ndarray, layout: str, pattern: str | None, debayer: bool) -
     return data  # already (H, W, 3)
 
 
-def load_frame(path: str | os.PathLike, debayer: bool = True) -> Frame:
+def load_frame(path: str | os.PathLike, debayer: bool = True, hot_pixels: bool = True) -> Frame:
     """Load a frame as float32 ``(H, W, C)`` with its header and celestial WCS.
 
     2-D Bayer data (BAYERPAT card, or a Seestar INSTRUME defaulting to GRBG)
     is demosaiced to RGB when ``debayer`` is true, otherwise returned as the
     raw mosaic ``(H, W, 1)``.  2-D data without Bayer information is mono,
     ``(3, H, W)`` cubes become ``(H, W, 3)``.  Non-finite pixels become NaN.
+    With ``hot_pixels`` a Bayer mosaic gets :func:`correct_hot_pixels` before debayering.
     The file is opened read-only and closed before returning.  Raises
     :class:`FrameError` for anything that makes the frame unusable.
     """
@@ -362,7 +405,7 @@ def load_frame(path: str | os.PathLike, debayer: bool = True) -> Frame:
         info, index, layout = _inspect(path, hdul, size)
         data = _read_pixels(hdul, index, info.header)
     _check_has_signal(data)
-    image = _to_hwc(data, layout, info.bayer_pattern, debayer)
+    image = _to_hwc(data, layout, info.bayer_pattern, debayer, hot_pixels)
     logger.debug("Loaded %s: %s, Bayer %s", path, image.shape, info.bayer_pattern)
     return Frame(path=path, data=image, header=info.header, wcs=info.wcs)
 
@@ -672,7 +715,8 @@ def _display_levels(luminance: np.ndarray) -> tuple[float, float, float] | None:
 def stretch_for_display(image_hwc: np.ndarray) -> np.ndarray:
     """Auto-stretch an image to uint8 ``(H, W, 3)`` for previews.
 
-    Black point just below the sky background (median - 2.8 sigma, robust),
+    The sky is first made grey (a per-channel offset). Black point just below the
+    sky background (median - 2.8 sigma, robust),
     white point at the 99.8th percentile, both measured on the luminance of
     finite pixels; then one asinh curve applied to the luminance and the same
     gain to every channel, so colours keep their ratios.  NaN -> black; mono
@@ -681,6 +725,14 @@ def stretch_for_display(image_hwc: np.ndarray) -> np.ndarray:
     image = _as_hwc_float32(image_hwc)
     height, width, channels = image.shape
     output = np.zeros((height, width, 3), dtype=np.uint8)
+    if channels > 1 and np.isfinite(image).any():
+        # Display only: shift each channel so the sky is grey. A one-shot-colour camera's raw
+        # balance (green-heavy for a Seestar) would otherwise tint the whole preview.
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", RuntimeWarning)
+            sky = np.nanmedian(image[::4, ::4].reshape(-1, channels), axis=0)
+        if np.all(np.isfinite(sky)):
+            image = image - (sky - sky.mean()).astype(np.float32)
     levels = _display_levels(image.mean(axis=2))
     if levels is None:
         return output

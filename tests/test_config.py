@@ -38,6 +38,7 @@ EXPECTED_DEFAULTS = {
     "stacking_final_combine_method": "mean",
     "stacking_kappa_max_iterations": 5,
     "align_method": "astroalign",
+    "correct_hot_pixels": True,
     "cluster_panel_threshold": 0.0,
     "max_raw_per_master_tile": 0,
     "assembly_engine": "fast",

@@ -245,7 +245,7 @@ def align_images_in_group(images, reference_index, wcs_list=None, method="astroa
 # --------------------------------------------------------------------------------------------------
 
 
-def _subsample(array, n_max: int = 400_000):
+def _subsample(array, n_max: int = 120_000):
     """Return a strided view holding at most about ``n_max`` pixels of an ``(H, W, ...)`` array."""
     stride = max(1, int(math.sqrt(array.shape[0] * array.shape[1] / n_max)))
     return array[::stride, ::stride]
@@ -440,8 +440,10 @@ def _winsorize_block_numpy(block, winsor_limits):
     return winsorize_block(block, winsor_limits, np)[0]
 
 
-def _nan_mean_std(block, xp):
+def _nan_mean_std(block, xp, has_nonfinite=True):
     """Return the per-pixel mean and (population) standard deviation of the valid samples."""
+    if not has_nonfinite:
+        return xp.mean(block, axis=0), xp.std(block, axis=0)
     valid = xp.isfinite(block)
     n = xp.sum(valid, axis=0)
     n_safe = xp.maximum(n, 1)
@@ -464,46 +466,55 @@ def _combine(block, keep, weights, combine, xp):
     return xp.where(wsum > 0, num / xp.where(wsum > 0, wsum, 1), xp.nan)
 
 
-def _winsorized_keep(block, params, xp, has_nonfinite):
-    """Return the mask of samples kept by winsorized sigma clipping.
+def _winsorized_round(values, keep, params, xp, masked):
+    """One round of winsorized sigma clipping; returns the new keep mask.
 
-    Each round winsorizes the kept samples at their quantiles, takes the median as centre and the
-    winsorized standard deviation (made unbiased for Gaussian noise) as sigma, and rejects samples
-    outside ``[centre - kappa_low * sigma, centre + kappa_high * sigma]``. Rounds repeat on the
-    survivors (up to ``max_iterations``) because two outliers in one pixel (a trail crossing a hot
-    pixel) inflate the first round's sigma enough to hide the smaller one.
+    The kept samples are winsorized at their quantiles; the centre is their median and sigma their
+    winsorized standard deviation, made unbiased for Gaussian noise. ``masked`` says whether
+    ``values`` must first be masked with ``keep`` (False only on a first round, where ``keep`` is
+    just "finite" and an all-finite block can take the plain quantile path).
+    """
+    current = xp.where(keep, values, xp.nan) if masked else values
+    has_nonfinite = masked or not bool(xp.all(keep))
+    wins, sorted_block, n_valid = winsorize_block(current, params.winsor_limits, xp, has_nonfinite)
+    centre = sorted_quantile(sorted_block, n_valid, 0.5, xp)
+    _, std = _nan_mean_std(wins, xp, has_nonfinite)
+    sigma = std / math.sqrt(_gaussian_winsor_variance(params.winsor_limits))
+    return keep & (values >= (centre - params.kappa_low * sigma)[None]) \
+        & (values <= (centre + params.kappa_high * sigma)[None])
+
+
+def _kappa_sigma_round(values, keep, params, xp, masked=True):
+    """One round of kappa-sigma clipping around the median of the kept samples."""
+    current = xp.where(keep, values, xp.nan)
+    srt = xp.sort(current, axis=0)
+    centre = sorted_quantile(srt, xp.sum(keep, axis=0), 0.5, xp)
+    _, sigma = _nan_mean_std(current, xp)
+    return keep & (values >= (centre - params.kappa_low * sigma)[None]) \
+        & (values <= (centre + params.kappa_high * sigma)[None])
+
+
+def _iterative_keep(block, params, xp, one_round):
+    """Return the keep mask after rounds of ``one_round`` until no pixel changes (or the cap).
+
+    Repeating the clip on the survivors matters: two outliers in one pixel (a trail crossing a hot
+    pixel) inflate the first round's sigma enough to hide the smaller one. Only pixels whose mask
+    changed in the previous round are recomputed — the others would give the same answer — so
+    later rounds cost a tiny fraction of the first.
     """
     keep = xp.isfinite(block)
-    current = block
-    correction = 1.0 / math.sqrt(_gaussian_winsor_variance(params.winsor_limits))
-    for _ in range(params.max_iterations):
-        wins, sorted_block, n_valid = winsorize_block(current, params.winsor_limits, xp, has_nonfinite)
-        centre = sorted_quantile(sorted_block, n_valid, 0.5, xp)
-        _, std = _nan_mean_std(wins, xp)
-        sigma = std * correction
-        new_keep = keep & (block >= (centre - params.kappa_low * sigma)[None]) \
-            & (block <= (centre + params.kappa_high * sigma)[None])
-        if bool(xp.all(new_keep == keep)):
+    new_keep = one_round(block, keep, params, xp, masked=False)
+    active = xp.nonzero(xp.any(new_keep != keep, axis=0))
+    keep = new_keep
+    for _ in range(params.max_iterations - 1):
+        if active[0].size == 0:
             break
-        keep = new_keep
-        current = xp.where(keep, block, xp.nan)
-        has_nonfinite = True
-    return keep
-
-
-def _kappa_sigma_keep(block, params, xp):
-    """Return the mask of samples kept by iterative kappa-sigma clipping around the median."""
-    keep = xp.isfinite(block)
-    for _ in range(params.max_iterations):
-        masked = xp.where(keep, block, xp.nan)
-        srt = xp.sort(masked, axis=0)
-        centre = sorted_quantile(srt, xp.sum(keep, axis=0), 0.5, xp)
-        _, sigma = _nan_mean_std(masked, xp)
-        new_keep = keep & (block >= (centre - params.kappa_low * sigma)[None]) \
-            & (block <= (centre + params.kappa_high * sigma)[None])
-        if bool(xp.all(new_keep == keep)):
-            break
-        keep = new_keep
+        index = (slice(None),) + active
+        old = keep[index]
+        new = one_round(block[index], old, params, xp, masked=True)
+        keep[index] = new
+        changed = xp.any(new != old, axis=0)
+        active = tuple(a[changed] for a in active)
     return keep
 
 
@@ -518,11 +529,10 @@ def stack_block(block, weights, params: StackParams, xp=np):
     w = xp.ones((n, 1, 1, block.shape[-1]), block.dtype) if weights is None else \
         xp.asarray(weights, dtype=block.dtype).reshape(n, 1, 1, -1)
     valid = xp.isfinite(block)
-    has_nonfinite = not bool(xp.all(valid))
     if params.rejection == "winsorized_sigma_clip":
-        keep = _winsorized_keep(block, params, xp, has_nonfinite)
+        keep = _iterative_keep(block, params, xp, _winsorized_round)
     elif params.rejection == "kappa_sigma":
-        keep = _kappa_sigma_keep(block, params, xp)
+        keep = _iterative_keep(block, params, xp, _kappa_sigma_round)
     else:
         keep = valid
     n_valid = xp.sum(valid, axis=0)

@@ -547,3 +547,39 @@ def test_stretch_is_linked_and_handles_nan():
     red = out[6, 6].astype(int)
     assert red[0] > red[1] > red[2]  # colour order kept by the linked stretch
     assert np.all(zf.stretch_for_display(np.full((4, 4, 3), np.nan)) == 0)
+
+
+def test_correct_hot_pixels_fixes_hot_pixels_not_stars():
+    from zemosaic_fits import correct_hot_pixels
+
+    rng = np.random.default_rng(5)
+    h, w = 200, 160
+    yy, xx = np.mgrid[:h, :w]
+    colour_of = np.zeros((h, w), int)  # GRBG: 0=R, 1=G, 2=B
+    colour_of[0::2, 0::2] = 1
+    colour_of[0::2, 1::2] = 0
+    colour_of[1::2, 0::2] = 2
+    colour_of[1::2, 1::2] = 1
+    raw = 1000.0 + rng.normal(0, 10, (h, w))
+    stars = []
+    for _ in range(40):
+        y, x = rng.uniform(5, h - 5), rng.uniform(5, w - 5)
+        rgb = np.array([1.0, rng.uniform(0.5, 1.0), rng.uniform(0.3, 1.2)])
+        peak = rng.uniform(300, 20000)
+        psf = peak * np.exp(-((yy - y) ** 2 + (xx - x) ** 2) / (2 * (2.7 / 2.355) ** 2))
+        raw += psf * rgb[colour_of]
+        stars.append((int(round(y)), int(round(x))))
+    hot = set()
+    while len(hot) < 25:
+        y, x = int(rng.integers(0, h)), int(rng.integers(0, w))
+        if min(abs(y - sy) + abs(x - sx) for sy, sx in stars) > 8:
+            hot.add((y, x))
+    truth = raw.copy()
+    for y, x in hot:
+        raw[y, x] += rng.uniform(500, 30000)
+    cleaned, n = correct_hot_pixels(raw.astype(np.float32))
+    assert n == len(hot)
+    changed = set(zip(*np.nonzero(cleaned != raw.astype(np.float32))))
+    assert changed == hot
+    for y, x in hot:  # replaced by the same-colour neighbourhood, close to the true value
+        assert abs(cleaned[y, x] - truth[y, x]) < 60

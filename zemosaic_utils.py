@@ -389,7 +389,7 @@ def _is_out_of_memory(exc: Exception) -> bool:
 
 
 def reproject_and_coadd(data_list, wcs_list, wcs_out, shape_out, weights_list=None, engine="fast",
-                        use_gpu=False, mappings=None, channel=None):
+                        use_gpu=False, mappings=None, channel=None, gpu_xp=None):
     """Co-add 2-D images onto an output grid with a weighted mean; returns ``(mosaic, coverage)``.
 
     Parameters
@@ -403,6 +403,7 @@ def reproject_and_coadd(data_list, wcs_list, wcs_out, shape_out, weights_list=No
     use_gpu : run the ``fast`` engine on CuPy; raises :class:`GpuBackendError` when that fails
     mappings : precomputed :class:`PixelMapping` per image (saves recomputing them per channel)
     channel : channel index, for logs and fault injection
+    gpu_xp : array module replacing CuPy on the GPU path (NumPy in tests without a GPU)
 
     Returns
     -------
@@ -421,7 +422,7 @@ def reproject_and_coadd(data_list, wcs_list, wcs_out, shape_out, weights_list=No
     if use_gpu:
         return gpu_reproject_and_coadd_impl(data_list, wcs_list, shape_out, wcs_out=wcs_out,
                                             weights_list=weights_list, mappings=mappings,
-                                            channel=channel)
+                                            channel=channel, xp=gpu_xp)
     rows = _rows_per_chunk(shape_out[1], 256 * 2**20)
     mosaic, coverage = _coadd_fast(data_list, weights_list, mappings, shape_out, np,
                                    scipy.ndimage, rows)

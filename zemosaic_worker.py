@@ -451,34 +451,127 @@ def downsampled_wcs(wcs, factor: int):
     return small
 
 
-def _overlap_offsets(low_res, low_w):
-    """Return pairwise ``(i, j, d_ij[C], n_ij)``: median of tile i minus tile j where both are solid."""
+@dataclass
+class LowResTiles:
+    """Every tile resampled alone onto a coarse copy of the output grid (for photometric matching)."""
+
+    images: list  # (h, w, C) float32 per tile, NaN outside
+    weights: list  # (h, w) float32 per tile
+    factor: int
+
+
+def low_res_tiles(tiles: list[MasterTile], wcs_out, shape_out, max_side: int = 800) -> LowResTiles:
+    """Return the tiles on a grid sampled every ``factor`` output pixels (long side <= ``max_side``).
+
+    Matching statistics need overlaps, not resolution: the coarse grid makes them cheap.
+    """
+    factor = max(1, int(np.ceil(max(shape_out) / max_side)))
+    small_wcs = downsampled_wcs(wcs_out, factor)
+    small_shape = (int(np.ceil(shape_out[0] / factor)), int(np.ceil(shape_out[1] / factor)))
+    images, weights = [], []
+    for t in tiles:
+        mapping = compute_pixel_mapping(t.wcs, t.image.shape[:2], small_wcs, small_shape)
+        chans = [reproject_and_coadd([t.image[..., c]], [t.wcs], small_wcs, small_shape,
+                                     [t.coverage], mappings=[mapping])
+                 for c in range(t.image.shape[2])]
+        images.append(np.stack([m for m, _ in chans], axis=-1))
+        weights.append(chans[0][1])
+    return LowResTiles(images, weights, factor)
+
+
+def _overlap_pixels(low: LowResTiles, i: int, j: int):
+    """Return the mask of coarse pixels where tiles i and j both have solid (>= half-max) weight."""
+    wi, wj = low.weights[i], low.weights[j]
+    both = (wi > 0.5 * wi.max()) & (wj > 0.5 * wj.max())
+    return both & np.all(np.isfinite(low.images[i]) & np.isfinite(low.images[j]), axis=-1)
+
+
+def _pair_offsets(low: LowResTiles, gains, offsets=None):
+    """Return pairwise ``(i, j, d_ij[C], n_ij)``: median of tile i minus tile j in their overlap."""
     pairs = []
-    for i in range(len(low_res)):
-        for j in range(i + 1, len(low_res)):
-            both = (low_w[i] > 0.5 * low_w[i].max()) & (low_w[j] > 0.5 * low_w[j].max())
-            both &= np.all(np.isfinite(low_res[i]) & np.isfinite(low_res[j]), axis=-1)
-            n = int(both.sum())
-            if n >= 20:
-                pairs.append((i, j, np.median(low_res[i][both] - low_res[j][both], axis=0), n))
+    n = len(low.images)
+    for i in range(n):
+        for j in range(i + 1, n):
+            both = _overlap_pixels(low, i, j)
+            count = int(both.sum())
+            if count >= 20:
+                diff = low.images[i][both] * gains[i] - low.images[j][both] * gains[j]
+                pairs.append((i, j, np.median(diff, axis=0), count))
     return pairs
 
 
-def _solve_offsets(n_tiles, pairs, n_ch, anchor):
-    """Return ``(n_tiles, C)`` offsets with ``o_i - o_j ~ d_ij`` (weighted least squares, o_anchor = 0).
+def _smooth_nan(image2d, sigma):
+    """Gaussian smoothing that ignores NaN (normalised convolution); NaN stays NaN."""
+    from scipy.ndimage import gaussian_filter
 
-    Tiles not connected to the anchor through overlaps keep offset 0. Two Huber re-weighting
-    rounds damp an overlap whose median was pulled by a bad region.
+    if sigma <= 0:
+        return image2d
+    valid = np.isfinite(image2d)
+    num = gaussian_filter(np.where(valid, image2d, 0.0), sigma)
+    den = gaussian_filter(valid.astype(np.float64), sigma)
+    with np.errstate(invalid="ignore", divide="ignore"):
+        return np.where(valid & (den > 0.05), num / den, np.nan)
+
+
+def _pair_slope(x, y, n_bins: int = 24):
+    """Return the slope of ``y ~ s * x + c`` through bin medians, or None when x has no range.
+
+    Binning on x (quantile bins) and fitting the bin medians ignores stars and outliers and keeps
+    the noise in x from flattening the slope; a pair whose overlap is flat sky carries no gain
+    information and gives None.
     """
-    offsets = np.zeros((n_tiles, n_ch))
+    order = np.argsort(x)
+    bins = np.array_split(order, n_bins)
+    bx = np.array([np.median(x[b]) for b in bins if b.size])
+    by = np.array([np.median(y[b]) for b in bins if b.size])
+    noise = 1.4826 * np.median(np.abs(np.diff(x[order]))) / np.sqrt(2) + 1e-12
+    if bx.size < 4 or (bx[-2] - bx[1]) < 20 * noise / np.sqrt(max(1, x.size // n_bins)):
+        return None
+    slope, _c = np.polyfit(bx, by, 1)
+    return float(slope) if np.isfinite(slope) and slope > 0 else None
+
+
+def _pair_gains(low: LowResTiles, sigma_px: float):
+    """Return pairwise ``(i, j, log(s_ij), n_ij)`` with ``tile_i ~ s_ij * tile_j`` in the overlap.
+
+    Compared on the luminance smoothed by ``sigma_px`` (output pixels), which removes the noise
+    and the small PSF differences between tiles and keeps the nebulosity that carries the gain.
+    """
+    sigma = sigma_px / low.factor
+    lum = [np.mean(img, axis=-1) for img in low.images]
+    pairs = []
+    n = len(lum)
+    for i in range(n):
+        for j in range(i + 1, n):
+            both = _overlap_pixels(low, i, j)
+            if int(both.sum()) < 50:
+                continue
+            # Smooth both tiles over the same support (their overlap only): a tile smoothed over
+            # its own footprint would average towards its own interior and bias the comparison.
+            li = _smooth_nan(np.where(both, lum[i], np.nan), sigma)
+            lj = _smooth_nan(np.where(both, lum[j], np.nan), sigma)
+            ok = both & np.isfinite(li) & np.isfinite(lj)
+            slope = _pair_slope(lj[ok], li[ok]) if ok.sum() >= 50 else None
+            if slope is not None:
+                pairs.append((i, j, np.array([np.log(slope)]), int(ok.sum())))
+    return pairs
+
+
+def _solve_pairwise(n_tiles, pairs, n_values, anchor):
+    """Return ``(n_tiles, n_values)`` x with ``x_i - x_j ~ d_ij`` (weighted least squares, x_anchor = 0).
+
+    Tiles not connected to the anchor through overlaps keep 0. Two Huber re-weighting rounds damp
+    an overlap whose statistic was pulled by a bad region.
+    """
+    solution = np.zeros((n_tiles, n_values))
     if not pairs:
-        return offsets
+        return solution
     a = np.zeros((len(pairs) + 1, n_tiles))
     for k, (i, j, _d, _n) in enumerate(pairs):
         a[k, i], a[k, j] = 1.0, -1.0
     a[-1, anchor] = 1.0
     base_w = np.array([np.sqrt(n) for *_x, n in pairs] + [1e3])
-    for c in range(n_ch):
+    for c in range(n_values):
         b = np.array([d[c] for _i, _j, d, _n in pairs] + [0.0])
         w = base_w.copy()
         for _ in range(3):
@@ -487,53 +580,49 @@ def _solve_offsets(n_tiles, pairs, n_ch, anchor):
             scale = 1.4826 * np.median(resid) + 1e-12
             huber = np.minimum(1.0, 2.0 * scale / np.maximum(resid, 1e-12))
             w = np.concatenate([base_w[:-1] * huber, base_w[-1:]])
-        offsets[:, c] = sol
-    return offsets
+        solution[:, c] = sol
+    return solution
 
 
-def background_offsets(tiles: list[MasterTile], wcs_out, shape_out) -> np.ndarray:
-    """Return per-tile, per-channel additive offsets that match tile backgrounds in the overlaps.
-
-    Solved once on the host on a low-resolution copy of the output grid (medians of overlaps,
-    robust least squares anchored on the best-connected tile), so every backend applies exactly
-    the same correction.
-    """
-    n_ch = tiles[0].image.shape[2]
-    if len(tiles) < 2:
-        return np.zeros((len(tiles), n_ch))
-    factor = max(1, int(np.ceil(max(shape_out) / 800)))
-    small_wcs = downsampled_wcs(wcs_out, factor)
-    small_shape = (int(np.ceil(shape_out[0] / factor)), int(np.ceil(shape_out[1] / factor)))
-    low_res, low_w = [], []
-    for t in tiles:
-        mapping = compute_pixel_mapping(t.wcs, t.image.shape[:2], small_wcs, small_shape)
-        chans = [reproject_and_coadd([t.image[..., c]], [t.wcs], small_wcs, small_shape,
-                                     [t.coverage], mappings=[mapping]) for c in range(n_ch)]
-        low_res.append(np.stack([m for m, _ in chans], axis=-1))
-        low_w.append(chans[0][1])
-    pairs = _overlap_offsets(low_res, low_w)
-    links = np.zeros(len(tiles))
+def _best_connected(n_tiles, pairs) -> int:
+    """Return the tile with the largest total overlap (the anchor of the solutions)."""
+    links = np.zeros(n_tiles)
     for i, j, _d, n in pairs:
         links[i] += n
         links[j] += n
-    offsets = _solve_offsets(len(tiles), pairs, n_ch, int(np.argmax(links)))
+    return int(np.argmax(links))
+
+
+def background_offsets(low: LowResTiles, gains=None) -> np.ndarray:
+    """Return per-tile, per-channel offsets to subtract so tile skies agree in the overlaps.
+
+    Solved once on the host from the coarse tiles (medians of overlaps, robust least squares
+    anchored on the best-connected tile), so every backend applies exactly the same correction.
+    ``gains`` (per tile) are applied to the tiles before comparing them.
+    """
+    n = len(low.images)
+    n_ch = low.images[0].shape[-1]
+    gains = np.ones(n) if gains is None else np.asarray(gains)
+    pairs = _pair_offsets(low, gains)
+    offsets = _solve_pairwise(n, pairs, n_ch, _best_connected(n, pairs))
     logger.debug("Background offsets per tile: %s", np.round(offsets, 2).tolist())
     return offsets
 
 
 def coadd_channels(channel_data, wcs_list, wcs_out, shape_out, weights, mappings, engine,
-                   use_gpu, label="Assembly"):
+                   use_gpu, label="Assembly", gpu_xp=None):
     """Co-add every channel with one backend for all; returns ``(mosaic (H,W,C), coverage (H,W,C), gpu_all)``.
 
     ``channel_data[c]`` is the list of 2-D tile images of channel ``c``. With the GPU asked for,
     all channels run on the GPU one after the other; if any of them fails, one WARNING and all
     channels are re-run on the CPU, so a result never mixes backends across channels.
+    ``gpu_xp`` replaces CuPy (tests pass NumPy to run the GPU code path without a GPU).
     """
     def run_all(gpu):
         out = []
         for c, data in enumerate(channel_data):
             mosaic, cov = reproject_and_coadd(data, wcs_list, wcs_out, shape_out, weights, engine,
-                                              gpu, mappings, channel=c)
+                                              gpu, mappings, channel=c, gpu_xp=gpu_xp)
             logger.debug("%s channel %d gpu=%s cov_stats(min,max)=(%.3g,%.3g)", label, c, gpu,
                          float(cov.min()), float(cov.max()))
             out.append((mosaic, cov))
@@ -554,30 +643,94 @@ def coadd_channels(channel_data, wcs_list, wcs_out, shape_out, weights, mappings
     return mosaic, coverage, gpu_all
 
 
-def assemble_mosaic(tiles, wcs_out, shape_out, config, report, ctx):
-    """Phase 5: background matching, then the co-add of every channel; returns ``(mosaic, coverage)``."""
+@dataclass
+class AssemblyInputs:
+    """What both assembly passes share: tiles, output grid, pixel mappings and backend choice."""
+
+    tiles: list
+    wcs_out: object
+    shape_out: tuple
+    mappings: list
+    engine: str
+    use_gpu: bool
+    gpu_xp: object = None
+
+    def coadd(self, gains, offsets, label):
+        """Co-add ``gain * tile - offset`` for every channel; returns ``(mosaic, coverage (H,W,C), gpu_all)``."""
+        n_ch = self.tiles[0].image.shape[2]
+        channel_data = [[t.image[..., c] * np.float32(gains[k]) - np.float32(offsets[k, c])
+                         for k, t in enumerate(self.tiles)] for c in range(n_ch)]
+        return coadd_channels(channel_data, [t.wcs for t in self.tiles], self.wcs_out,
+                              self.shape_out, [t.coverage for t in self.tiles], self.mappings,
+                              self.engine, self.use_gpu, label, self.gpu_xp)
+
+
+def tile_gains(low: LowResTiles, offsets, sigma_px: float, gain_clip) -> np.ndarray:
+    """Return one gain per tile, the same for every channel, that evens out tile brightness.
+
+    Each overlap gives the brightness ratio of its two tiles (smoothed luminance, offsets
+    applied); the log-ratios are solved jointly — comparing each tile with the pass-1 mosaic of
+    its neighbours one tile at a time would overshoot, as both sides of a seam move. The gains are
+    divided by their median (most tiles are right, so the flux scale stays) and clipped to
+    ``gain_clip``. One gain for R, G and B: a per-channel gain is how colour casts are born.
+    """
+    shifted = LowResTiles([img - off.astype(np.float32) for img, off in zip(low.images, offsets)],
+                          low.weights, low.factor)
+    n = len(low.images)
+    pairs = _pair_gains(shifted, sigma_px)
+    log_g = -_solve_pairwise(n, pairs, 1, _best_connected(n, pairs))[:, 0]
+    log_g -= np.median(log_g)
+    return np.clip(np.exp(log_g), gain_clip[0], gain_clip[1])
+
+
+def run_second_pass_coverage_renorm(inputs: AssemblyInputs, low: LowResTiles, offsets, config):
+    """Two-Pass: gains per tile from the pass-1 tiles, new offsets, then a second co-add.
+
+    Returns ``(mosaic (H,W,C), coverage (H,W), gains, gpu_all)``. Backends never mix across
+    channels (see :func:`coadd_channels`); one summary line names the backend used.
+    """
+    gains = tile_gains(low, offsets, config.two_pass_cov_sigma_px, config.two_pass_cov_gain_clip)
+    logger.info("[TwoPass] tile gains: %s", ", ".join(f"{g:.4f}" for g in gains))
+    offsets2 = background_offsets(low, gains) if config.match_background else offsets * gains[:, None]
+    mosaic, coverage, gpu_all = inputs.coadd(gains, offsets2, "[TwoPass]")
+    logger.info("[TwoPass] Two-pass reprojection backend: gpu_all=%s", gpu_all)
+    return mosaic, np.min(coverage, axis=-1), gains, gpu_all
+
+
+def assemble_mosaic(tiles, wcs_out, shape_out, config, report, ctx, gpu_xp=None):
+    """Phase 5: background matching, the co-add of every channel, optionally Two-Pass.
+
+    Returns ``(mosaic (H, W, C), coverage (H, W))``.
+    """
     n_ch = tiles[0].image.shape[2]
-    offsets = background_offsets(tiles, wcs_out, shape_out) if config.match_background \
-        else np.zeros((len(tiles), n_ch))
+    n = len(tiles)
+    need_low = config.match_background or config.two_pass_coverage_renorm
+    low = low_res_tiles(tiles, wcs_out, shape_out) if need_low and n > 1 else None
+    offsets = background_offsets(low) if (config.match_background and low is not None) \
+        else np.zeros((n, n_ch))
     ctx.check_cancel()
     mappings = []
     for k, t in enumerate(tiles):
         mappings.append(compute_pixel_mapping(t.wcs, t.image.shape[:2], wcs_out, shape_out)
                         if config.assembly_engine == "fast" else None)
-        ctx.report("assembly", k + 1, len(tiles) + n_ch, "pixel mapping")
-    channel_data = [[t.image[..., c] - np.float32(offsets[k, c]) for k, t in enumerate(tiles)]
-                    for c in range(n_ch)]
+        ctx.report("assembly", k + 1, n + 2, "pixel mapping")
     use_gpu = config.use_gpu_phase5
-    if use_gpu and not gpu_available():
+    if use_gpu and gpu_xp is None and not gpu_available():
         logger.warning("GPU asked for assembly but not usable (%s); using CPU", gpu_unavailable_reason())
         use_gpu = False
-    mosaic, coverage, gpu_all = coadd_channels(channel_data, [t.wcs for t in tiles], wcs_out,
-                                               shape_out, [t.coverage for t in tiles], mappings,
-                                               config.assembly_engine, use_gpu)
-    ctx.report("assembly", len(tiles) + n_ch, len(tiles) + n_ch, "co-add done")
+    inputs = AssemblyInputs(tiles, wcs_out, shape_out, mappings, config.assembly_engine, use_gpu, gpu_xp)
+    mosaic, coverage, gpu_all = inputs.coadd(np.ones(n), offsets, "Assembly")
+    coverage = np.min(coverage, axis=-1)  # channels share tile weights: their coverages agree
+    ctx.report("assembly", n + 1, n + 2, "pass 1 done")
     report.backends["assembly"] = "gpu" if gpu_all else "cpu"
-    # Channels share tile weights, so their coverages agree; keep the all-channel minimum.
-    return mosaic, np.min(coverage, axis=-1)
+    if config.two_pass_coverage_renorm and low is not None:
+        ctx.check_cancel()
+        mosaic, coverage, gains, gpu_all = run_second_pass_coverage_renorm(inputs, low, offsets, config)
+        report.backends["two_pass"] = "gpu" if gpu_all else "cpu"
+        for entry, gain in zip(report.tiles, gains):
+            entry["two_pass_gain"] = round(float(gain), 5)
+    ctx.report("assembly", n + 2, n + 2, "co-add done")
+    return mosaic, coverage
 
 
 # --------------------------------------------------------------------------------------------------

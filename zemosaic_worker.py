@@ -41,8 +41,19 @@ CACHE_DIR = ".zemosaic_cache"
 
 PHASES = ("scan", "group", "master_tiles", "grid", "assembly", "write")
 
-# Aligned stacks larger than this go to a disk-backed cache instead of RAM.
-_STACK_RAM_BUDGET = 3 * 2**30
+def _stack_ram_budget() -> int:
+    """Return the bytes an aligned stack may take in RAM: 40 % of the memory available now.
+
+    Larger stacks go to a disk-backed cache in the output folder; 4 GB when /proc is unreadable.
+    """
+    try:
+        with open("/proc/meminfo") as fh:
+            for line in fh:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024 * 2 // 5
+    except OSError:
+        pass
+    return 4 * 2**30
 
 
 class PipelineError(Exception):
@@ -264,7 +275,7 @@ def _reference_index(records: list[FrameRecord]) -> int:
 def _allocate_stack(shape, cache_dir: str):
     """Return a float32 array of ``shape``: in RAM, or disk-backed when it is too large."""
     nbytes = int(np.prod(shape)) * 4
-    if nbytes <= _STACK_RAM_BUDGET:
+    if nbytes <= _stack_ram_budget():
         return np.empty(shape, np.float32)
     os.makedirs(cache_dir, exist_ok=True)
     handle = tempfile.NamedTemporaryFile(dir=cache_dir, prefix=".stack_", suffix=".tmp", delete=False)

@@ -122,7 +122,9 @@ def test_worker_logs_mt_coverage_and_falls_back_to_cpu(tmp_path, caplog, monkeyp
     warnings = [r for r in caplog.records if r.levelno == logging.WARNING]
     assert len(warnings) == 1 and "stacking this tile on CPU" in warnings[0].getMessage()
     assert tile.backend == "cpu" and tile.coverage.max() == 3
-    assert np.isfinite(tile.image).mean() > 0.9
+    h, w = tile.image.shape[:2]
+    assert np.isfinite(tile.image[h // 4:3 * h // 4, w // 4:3 * w // 4]).all()
+    assert np.isfinite(tile.image).mean() > 270 * 480 / (h * w) - 0.02  # the canvas holds every frame
 
 
 def test_disk_backed_stack_gives_the_same_tile(tmp_path, monkeypatch):

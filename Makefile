@@ -24,7 +24,7 @@ $(DEMO)/data/frames: | $(VENV)/.installed-core
 demo: $(VENV)/.installed-core $(DEMO)/data/frames
 	$(PY) -m zemosaic_worker examples/demo_config.json
 
-test: $(VENV)/.installed-test,gpu
+test: $(VENV)/.installed-gui,test,gpu
 	QT_QPA_PLATFORM=offscreen $(PY) -m pytest -q
 
 bench: $(VENV)/.installed-test

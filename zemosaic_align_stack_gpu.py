@@ -12,7 +12,7 @@ import logging
 
 import numpy as np
 
-from zemosaic_align_stack import StackParams, stack_in_chunks, winsorize_block
+from zemosaic_align_stack import StackParams, rows_for_budget, stack_in_chunks, winsorize_block
 from zemosaic_utils import GpuBackendError, free_gpu_memory_bytes, gpu_available, gpu_unavailable_reason
 
 logger = logging.getLogger(__name__)
@@ -54,8 +54,6 @@ def stack_in_chunks_gpu(stack, gains, offsets, weights, params: StackParams, xp=
         budget_bytes = 512 * 2**20 if on_numpy else int(free_gpu_memory_bytes() * _VRAM_FRACTION)
     to_device = (lambda a: a) if on_numpy else xp.asarray
     to_host = (lambda a: a) if on_numpy else (lambda a: a.get())
-    from zemosaic_align_stack import rows_for_budget
-
     n, _h, w, c = stack.shape
     rows = rows_for_budget(n, w, c, budget_bytes)
     while True:

@@ -1,0 +1,322 @@
+"""The PySide6 window: log filtering, whole runs, cancel, folder validation, settings, cleanup."""
+
+import os
+
+os.environ.setdefault("QT_QPA_PLATFORM", "offscreen")
+
+import gc  # noqa: E402
+import logging  # noqa: E402
+
+import pytest  # noqa: E402
+
+pytest.importorskip("PySide6")
+pytest.importorskip("pytestqt")
+
+from PySide6.QtCore import QEvent  # noqa: E402
+from PySide6.QtWidgets import QApplication  # noqa: E402
+
+import zemosaic_gui  # noqa: E402
+import zemosaic_synth  # noqa: E402
+from zemosaic_config import MosaicConfig  # noqa: E402
+from zemosaic_worker import MOSAIC_NAME  # noqa: E402
+
+RUN_TIMEOUT_MS = 60_000
+
+
+@pytest.fixture(autouse=True)
+def config_home(tmp_path, monkeypatch):
+    """Keep the remembered configuration away from the real home folder."""
+    folder = tmp_path / "config_home"
+    monkeypatch.setenv(zemosaic_gui.CONFIG_DIR_ENV, str(folder))
+    return folder
+
+
+@pytest.fixture(autouse=True)
+def destroy_closed_windows_in_gui_thread(qapp):
+    """Delete the windows pytest-qt closed (deleteLater) and collect their wrappers now.
+
+    Left to Python's cyclic garbage collector, a dropped window could be destroyed on the next
+    test's worker thread, and Qt widgets may only be destroyed in the GUI thread.
+    """
+    yield
+    QApplication.sendPostedEvents(None, QEvent.Type.DeferredDelete)
+    gc.collect()
+
+
+@pytest.fixture
+def window(qtbot):
+    """A shown window whose error boxes are recorded instead of blocking."""
+    win = zemosaic_gui.MainWindow(MosaicConfig())
+    errors = win.errors = []  # the recorder must not refer to the window (no reference cycle)
+    win._show_error = lambda title, text: errors.append((title, text))
+    qtbot.addWidget(win)
+    win.show()
+    return win
+
+
+@pytest.fixture(scope="module")
+def tiny_frames(tmp_path_factory):
+    """1 x 2 panels x 3 small frames: the whole pipeline runs in a few seconds."""
+    info = zemosaic_synth.generate_dataset(tmp_path_factory.mktemp("tiny"), panels=(1, 2),
+                                           frames_per_panel=3, size="small")
+    return info["frames_dir"]
+
+
+@pytest.fixture(scope="module")
+def medium_frames(tmp_path_factory):
+    """2 x 2 panels x 4 small frames: a run lasts long enough to be cancelled mid-way."""
+    info = zemosaic_synth.generate_dataset(tmp_path_factory.mktemp("medium"), panels=(2, 2),
+                                           frames_per_panel=4, size="small")
+    return info["frames_dir"]
+
+
+def _log_lines(win):
+    return win.log_view.toPlainText().splitlines()
+
+
+def _emit_three(marker):
+    log = logging.getLogger("zemosaic_worker")
+    log.debug("debug %s", marker)
+    log.info("info %s", marker)
+    log.error("error %s", marker)
+
+
+def test_log_level_dropdown_filters_panel(window):
+    window.log_level_combo.setCurrentText("ERROR")
+    assert logging.getLogger("zemosaic_worker").level == logging.ERROR
+    assert window.log_handler.level == logging.ERROR
+    _emit_three("A")
+    text = window.log_view.toPlainText()
+    assert "error A" in text
+    assert "info A" not in text and "debug A" not in text
+
+    window.clear_log_button.click()
+    assert window.log_view.toPlainText() == ""
+
+    window.log_level_combo.setCurrentText("DEBUG")
+    assert logging.getLogger("zemosaic_worker").level == logging.DEBUG
+    assert logging.getLogger("zemosaic_align_stack").level == logging.DEBUG
+    _emit_three("B")
+    lines = _log_lines(window)
+    assert [any(f"{kind} B" in line for line in lines) for kind in ("debug", "info", "error")] \
+        == [True, True, True]
+
+    window.log_level_combo.setCurrentText("INFO")
+    _emit_three("C")
+    text = window.log_view.toPlainText()
+    assert "info C" in text and "error C" in text and "debug C" not in text
+
+
+def test_initial_log_level_comes_from_config(qtbot):
+    win = zemosaic_gui.MainWindow(MosaicConfig(logging_level="WARNING"))
+    qtbot.addWidget(win)
+    assert win.log_level_combo.currentText() == "WARNING"
+    assert logging.getLogger("zemosaic_worker").level == logging.WARNING
+
+
+def test_invalid_input_folder_disables_start(window, tmp_path):
+    window.output_edit.setText(str(tmp_path / "out"))
+    window.input_edit.setText(str(tmp_path))
+    assert window.start_button.isEnabled()
+    assert window.input_message.text() == ""
+
+    window.input_edit.setText(str(tmp_path / "does_not_exist"))
+    assert not window.start_button.isEnabled()
+    assert "not found" in window.input_message.text()
+
+    window.input_edit.setText("")
+    assert not window.start_button.isEnabled()
+    assert window.input_message.text()
+
+    window.input_edit.setText(str(tmp_path))
+    window.output_edit.setText(str(tmp_path / "no_parent" / "out"))
+    assert not window.start_button.isEnabled()
+    assert "Parent folder not found" in window.output_message.text()
+
+
+def test_invalid_option_names_the_key_next_to_start(window, tmp_path):
+    window.input_edit.setText(str(tmp_path))
+    window.output_edit.setText(str(tmp_path / "out"))
+    window.option_widgets[("max_raw_per_master_tile", None)].setValue(1)
+    assert not window.start_button.isEnabled()
+    assert "max_raw_per_master_tile" in window.start_message.text()
+    window.option_widgets[("max_raw_per_master_tile", None)].setValue(2)
+    assert window.start_button.isEnabled()
+    assert window.start_message.text() == ""
+
+
+def test_whole_run_shows_preview_and_summary(window, qtbot, tiny_frames, tmp_path):
+    out = tmp_path / "out"
+    window.input_edit.setText(tiny_frames)
+    window.output_edit.setText(str(out))
+    window.start_button.click()
+    assert not window.start_button.isEnabled() and window.cancel_button.isEnabled()
+    qtbot.waitUntil(lambda: not window.running, timeout=RUN_TIMEOUT_MS)
+    assert window.errors == []
+    assert window.status_label.text().startswith("Done")
+    assert not window.preview_label.pixmap().isNull()
+    assert "6 frames used" in window.summary_label.text()
+    assert str(out / MOSAIC_NAME) in window.output_path_label.text()
+    assert window.open_folder_button.isEnabled()
+    assert window.start_button.isEnabled() and not window.cancel_button.isEnabled()
+    assert "Scan: 6 usable frame(s)" in window.log_view.toPlainText()
+    # The configuration of a started run is remembered.
+    assert os.path.exists(zemosaic_gui.last_config_path())
+
+
+def test_cancel_leaves_no_mosaic_and_window_ready(window, qtbot, medium_frames, tmp_path):
+    out = tmp_path / "out"
+    window.input_edit.setText(medium_frames)
+    window.output_edit.setText(str(out))
+    window.start_button.click()
+    qtbot.waitUntil(lambda: window.progress_bar.value() > 0 or not window.running,
+                    timeout=RUN_TIMEOUT_MS)
+    assert window.running, "the run ended before it could be cancelled"
+    window.cancel_button.click()
+    qtbot.waitUntil(lambda: not window.running, timeout=RUN_TIMEOUT_MS)
+    assert window.status_label.text() == "Cancelled"
+    assert window.errors == []
+    assert not (out / MOSAIC_NAME).exists()
+    assert window.start_button.isEnabled()
+    assert not window.cancel_button.isEnabled()
+
+
+def test_failure_shows_readable_message(window, qtbot, tmp_path):
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    window.input_edit.setText(str(empty))
+    window.output_edit.setText(str(tmp_path / "out"))
+    window.start_button.click()
+    qtbot.waitUntil(lambda: not window.running, timeout=RUN_TIMEOUT_MS)
+    assert len(window.errors) == 1
+    title, text = window.errors[0]
+    assert "no usable frame" in text and "Traceback" not in text
+    assert window.status_label.text() == "Failed"
+    assert "no usable frame" in window.log_view.toPlainText()
+
+
+def test_closing_during_a_run_stops_it_cleanly(qtbot, medium_frames, tmp_path):
+    win = zemosaic_gui.MainWindow(MosaicConfig(input_folder=medium_frames,
+                                               output_folder=str(tmp_path / "out")))
+    qtbot.addWidget(win)
+    handler = win.log_handler
+    win.start_run()
+    qtbot.waitUntil(lambda: win.progress_bar.value() > 0, timeout=RUN_TIMEOUT_MS)
+    win.close()  # cancels and waits for the worker thread
+    assert win._thread is None or win._thread.isFinished()
+    assert handler not in logging.getLogger().handlers
+    assert not (tmp_path / "out" / MOSAIC_NAME).exists()
+
+
+def test_unexpected_error_shows_type_and_message(window, qtbot, tmp_path, monkeypatch):
+    def boom(config, progress=None, cancel=None):
+        raise RuntimeError("disk on fire")
+
+    monkeypatch.setattr(zemosaic_gui.zemosaic_worker, "run_mosaic", boom)
+    window.input_edit.setText(str(tmp_path))
+    window.output_edit.setText(str(tmp_path / "out"))
+    window.start_button.click()
+    qtbot.waitUntil(lambda: not window.running, timeout=RUN_TIMEOUT_MS)
+    assert window.errors == [("Unexpected error", "RuntimeError: disk on fire")]
+    assert "RuntimeError: disk on fire" in window.log_view.toPlainText()
+    assert window.start_button.isEnabled()
+
+
+def _change_several_widgets(win, tmp_path):
+    win.input_edit.setText(str(tmp_path))
+    win.output_edit.setText(str(tmp_path / "out"))
+    widgets = win.option_widgets
+    widgets[("stacking_rejection_algorithm", None)].setCurrentText("kappa_sigma")
+    widgets[("stacking_final_combine_method", None)].setCurrentText("median")
+    widgets[("stacking_kappa_low", None)].setValue(2.5)
+    widgets[("stacking_winsor_limits", 1)].setValue(0.1)
+    widgets[("max_raw_per_master_tile", None)].setValue(12)
+    widgets[("correct_hot_pixels", None)].setChecked(False)
+    widgets[("two_pass_coverage_renorm", None)].setChecked(True)
+    widgets[("two_pass_cov_gain_clip", 0)].setValue(0.9)
+    widgets[("assembly_engine", None)].setCurrentText("reproject")
+    win.log_level_combo.setCurrentText("DEBUG")
+
+
+def test_settings_survive_save_and_load(window, tmp_path):
+    _change_several_widgets(window, tmp_path)
+    wanted = window.config_from_widgets()
+    assert wanted != MosaicConfig(input_folder=str(tmp_path), output_folder=str(tmp_path / "out"))
+    path = tmp_path / "settings.json"
+    assert window.save_config_to(str(path))
+    window.apply_config(MosaicConfig())
+    assert window.config_from_widgets() == MosaicConfig()
+    assert window.load_config_from(str(path))
+    assert window.config_from_widgets() == wanted
+    assert wanted.stacking_winsor_limits == (0.05, 0.1)
+    assert wanted.two_pass_cov_gain_clip == (0.9, 1.18)
+
+
+def test_bad_settings_file_names_the_key(window, tmp_path):
+    path = tmp_path / "bad.json"
+    path.write_text('{"stacking_kappa_low": -1}', encoding="utf-8")
+    assert not window.load_config_from(str(path))
+    (title, text), = window.errors
+    assert "stacking_kappa_low" in text
+    assert window.config_from_widgets() == MosaicConfig()
+
+
+def test_last_config_restored_in_new_window(qtbot, tmp_path, config_home):
+    first = zemosaic_gui.MainWindow(MosaicConfig())
+    qtbot.addWidget(first)
+    _change_several_widgets(first, tmp_path)
+    wanted = first.config_from_widgets()
+    first.close()
+    assert (config_home / zemosaic_gui.LAST_CONFIG_NAME).exists()
+    second = zemosaic_gui.MainWindow()
+    qtbot.addWidget(second)
+    assert second.config_from_widgets() == wanted
+
+
+def test_handler_removed_when_window_closes(qtbot):
+    before = logging.getLogger("zemosaic_worker").level
+    win = zemosaic_gui.MainWindow(MosaicConfig(logging_level="DEBUG"))
+    qtbot.addWidget(win)
+    handler = win.log_handler
+    assert handler in logging.getLogger().handlers
+    assert sum(isinstance(h, zemosaic_gui.QtLogHandler) for h in logging.getLogger().handlers) == 1
+    win.close()
+    assert handler not in logging.getLogger().handlers
+    assert logging.getLogger("zemosaic_worker").level == before
+
+
+def test_gpu_switch_explains_why_when_unavailable(window):
+    box = window.option_widgets[("use_gpu_phase5", None)]
+    reason = zemosaic_gui.gpu_unavailable_reason()
+    assert box.isEnabled() == (reason is None)
+    if reason is not None:
+        assert reason in box.toolTip()
+
+
+def test_tooltips_and_choices_come_from_config_tables(window):
+    from zemosaic_config import CHOICES, FIELD_HELP
+
+    for spec in zemosaic_gui.OPTION_SPECS:
+        widget = window.option_widgets[spec.key]
+        assert widget.toolTip().startswith(FIELD_HELP[spec.field])
+        if spec.field in CHOICES:
+            assert [widget.itemText(i) for i in range(widget.count())] == list(CHOICES[spec.field])
+
+
+def test_module_imports_without_display():
+    import subprocess
+    import sys
+
+    env = {**os.environ, "QT_QPA_PLATFORM": ""}
+    env.pop("DISPLAY", None)
+    env.pop("WAYLAND_DISPLAY", None)
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    code = "import zemosaic_gui, PySide6.QtWidgets as w; assert w.QApplication.instance() is None"
+    subprocess.run([sys.executable, "-c", code], cwd=root, env=env, check=True, timeout=60)
+
+
+def test_eta_helpers():
+    assert zemosaic_gui.estimate_eta(10.0, 1, 3) == pytest.approx(20.0)
+    assert zemosaic_gui.estimate_eta(10.0, 0, 3) is None
+    assert zemosaic_gui.format_eta(None) == ""
+    assert zemosaic_gui.format_eta(65) == "ETA 1 min 05 s"

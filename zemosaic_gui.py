@@ -1,0 +1,831 @@
+"""PySide6 window for ZeMosaic: folders, options, log panel, progress, cancel and preview.
+
+Started with ``python -m zemosaic_gui [CONFIG.json]`` or the ``zemosaic`` command. The window
+only collects a :class:`~zemosaic_config.MosaicConfig` and hands it to
+:func:`zemosaic_worker.run_mosaic` on a worker thread; it holds no pipeline logic.
+
+Threading: the run happens in a :class:`QThread`. The pipeline's progress callback and every log
+record emitted on the worker thread reach the widgets through Qt signals, which Qt queues to the
+GUI thread, so no widget is ever touched from the worker. Cancel sets the ``threading.Event`` the
+worker checks between frames and tiles.
+
+Logging: one :class:`QtLogHandler` on the root logger (the common ancestor of the pipeline
+loggers) forwards formatted records to the log panel; the level drop-down sets the level of the
+pipeline loggers and of that handler. The handler is removed and the logger levels restored when
+the window closes.
+
+The module imports without a display; only :func:`main` creates the ``QApplication``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import logging
+import os
+import sys
+import threading
+import time
+from dataclasses import dataclass
+
+try:
+    from PySide6.QtCore import QObject, QStandardPaths, Qt, QThread, QUrl, Signal
+    from PySide6.QtGui import QDesktopServices, QPixmap
+    from PySide6.QtWidgets import (QApplication, QCheckBox, QComboBox, QDoubleSpinBox,
+                                   QFileDialog, QFormLayout, QGridLayout, QGroupBox, QHBoxLayout,
+                                   QLabel, QLineEdit, QMainWindow, QMessageBox, QPlainTextEdit,
+                                   QProgressBar, QPushButton, QSizePolicy, QSpinBox, QSplitter,
+                                   QVBoxLayout, QWidget)
+except ImportError as exc:  # the GUI is an optional extra
+    raise ImportError("the ZeMosaic window needs PySide6: pip install 'zemosaic[gui]'") from exc
+
+import zemosaic_worker
+from zemosaic_config import (CHOICES, FIELD_HELP, ConfigError, MosaicConfig, load_config,
+                             save_config)
+from zemosaic_utils import gpu_unavailable_reason
+
+logger = logging.getLogger(__name__)
+
+#: Loggers whose level the log drop-down controls (the pipeline modules and this window).
+PIPELINE_LOGGERS = ("zemosaic_worker", "zemosaic_align_stack", "zemosaic_align_stack_gpu",
+                    "zemosaic_utils", "zemosaic_fits", "zemosaic_config", __name__)
+LOG_LEVELS = CHOICES["logging_level"]
+LOG_FORMAT = "%(asctime)s %(levelname)-7s %(name)s: %(message)s"
+CONFIG_DIR_ENV = "ZEMOSAIC_CONFIG_DIR"
+LAST_CONFIG_NAME = "last_config.json"
+_ERROR_STYLE = "color: #c62828;"
+_DEFAULT_FIELDS = {f.name: f.default for f in dataclasses.fields(MosaicConfig)}
+
+
+# --------------------------------------------------------------------------------------------------
+# Option table: which widget edits which configuration field
+# --------------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class OptionSpec:
+    """One option widget: the config field it edits (or one half of a ``(low, high)`` pair).
+
+    The widget kind follows the field: a drop-down for fields in :data:`CHOICES`, a check box for
+    true/false fields, a spin box for numbers (``minimum``..``maximum``; ``special`` is the text
+    shown at the minimum, e.g. "automatic" for 0). The tooltip is the field's :data:`FIELD_HELP`.
+    """
+
+    group: str
+    field: str
+    label: str
+    part: int | None = None
+    minimum: float = 0.0
+    maximum: float = 100.0
+    step: float = 1.0
+    decimals: int = 2
+    special: str = ""
+
+    @property
+    def key(self) -> tuple[str, int | None]:
+        """Identifies the widget: the field name and the pair index (None for a whole field)."""
+        return self.field, self.part
+
+
+OPTION_GROUPS = ("Stacking", "Mosaic", "Assembly")
+
+OPTION_SPECS: tuple[OptionSpec, ...] = (
+    OptionSpec("Stacking", "stacking_normalize_method", "Normalisation"),
+    OptionSpec("Stacking", "stacking_weighting_method", "Weighting"),
+    OptionSpec("Stacking", "stacking_rejection_algorithm", "Rejection"),
+    OptionSpec("Stacking", "stacking_kappa_low", "Kappa low", minimum=0.1, maximum=20.0, step=0.1),
+    OptionSpec("Stacking", "stacking_kappa_high", "Kappa high", minimum=0.1, maximum=20.0, step=0.1),
+    OptionSpec("Stacking", "stacking_kappa_max_iterations", "Rejection rounds", minimum=1,
+               maximum=50),
+    OptionSpec("Stacking", "stacking_winsor_limits", "Winsor limit low", part=0, maximum=0.49,
+               step=0.01, decimals=3),
+    OptionSpec("Stacking", "stacking_winsor_limits", "Winsor limit high", part=1, maximum=0.49,
+               step=0.01, decimals=3),
+    OptionSpec("Stacking", "stacking_final_combine_method", "Combine"),
+    OptionSpec("Mosaic", "cluster_panel_threshold", "Panel threshold (deg)", maximum=10.0,
+               step=0.01, decimals=4, special="automatic"),
+    OptionSpec("Mosaic", "max_raw_per_master_tile", "Max frames per master tile", maximum=100000,
+               special="no cap"),
+    OptionSpec("Mosaic", "align_method", "Alignment"),
+    OptionSpec("Mosaic", "correct_hot_pixels", "Hot pixel correction"),
+    OptionSpec("Assembly", "use_gpu_phase5", "Use GPU"),
+    OptionSpec("Assembly", "assembly_engine", "Assembly engine"),
+    OptionSpec("Assembly", "match_background", "Match background"),
+    OptionSpec("Assembly", "two_pass_coverage_renorm", "Two-Pass renormalisation"),
+    OptionSpec("Assembly", "two_pass_cov_sigma_px", "Two-Pass smoothing (px)", maximum=5000.0,
+               step=5.0, decimals=1),
+    OptionSpec("Assembly", "two_pass_cov_gain_clip", "Gain clip low", part=0, minimum=0.01,
+               maximum=1.0, step=0.01, decimals=3),
+    OptionSpec("Assembly", "two_pass_cov_gain_clip", "Gain clip high", part=1, minimum=1.0,
+               maximum=10.0, step=0.01, decimals=3),
+)
+
+
+def _make_option_widget(spec: OptionSpec) -> QWidget:
+    """Return an unconnected widget for ``spec``, with its tooltip and range."""
+    default = _DEFAULT_FIELDS[spec.field]
+    if spec.part is not None:
+        default = default[spec.part]
+    if spec.field in CHOICES:
+        widget = QComboBox()
+        widget.addItems(list(CHOICES[spec.field]))
+    elif isinstance(default, bool):
+        widget = QCheckBox()
+    else:
+        if isinstance(default, int):
+            widget = QSpinBox()
+            widget.setRange(int(spec.minimum), int(spec.maximum))
+            widget.setSingleStep(max(1, int(spec.step)))
+        else:
+            widget = QDoubleSpinBox()
+            widget.setDecimals(spec.decimals)
+            widget.setRange(spec.minimum, spec.maximum)
+            widget.setSingleStep(spec.step)
+        widget.setSpecialValueText(spec.special)
+    widget.setToolTip(FIELD_HELP[spec.field])
+    return widget
+
+
+def _widget_value(widget: QWidget):
+    """Return the value a widget made by :func:`_make_option_widget` holds."""
+    if isinstance(widget, QComboBox):
+        return widget.currentText()
+    if isinstance(widget, QCheckBox):
+        return widget.isChecked()
+    return widget.value()
+
+
+def _set_widget_value(widget: QWidget, value) -> None:
+    """Show ``value`` in a widget made by :func:`_make_option_widget`."""
+    if isinstance(widget, QComboBox):
+        widget.setCurrentText(value)
+    elif isinstance(widget, QCheckBox):
+        widget.setChecked(bool(value))
+    else:
+        widget.setValue(value)
+
+
+def _connect_changed(widget: QWidget, slot) -> None:
+    """Call ``slot`` whenever the user changes the widget's value."""
+    if isinstance(widget, QComboBox):
+        widget.currentIndexChanged.connect(slot)
+    elif isinstance(widget, QCheckBox):
+        widget.toggled.connect(slot)
+    else:
+        widget.valueChanged.connect(slot)
+
+
+# --------------------------------------------------------------------------------------------------
+# Plain helpers (no widgets)
+# --------------------------------------------------------------------------------------------------
+
+
+def config_dir() -> str:
+    """Return the folder holding the remembered configuration.
+
+    ``$ZEMOSAIC_CONFIG_DIR`` when set (tests use it to keep away from the real home), else the
+    user's configuration folder plus ``zemosaic`` (``~/.config/zemosaic`` on Linux).
+    """
+    override = os.environ.get(CONFIG_DIR_ENV)
+    if override:
+        return override
+    base = QStandardPaths.writableLocation(QStandardPaths.StandardLocation.GenericConfigLocation)
+    return os.path.join(base or os.path.expanduser("~/.config"), "zemosaic")
+
+
+def last_config_path() -> str:
+    """Return the path of the configuration remembered between sessions."""
+    return os.path.join(config_dir(), LAST_CONFIG_NAME)
+
+
+def load_last_config() -> MosaicConfig | None:
+    """Return the remembered configuration, or None when there is none or it is unusable."""
+    path = last_config_path()
+    if not os.path.exists(path):
+        return None
+    try:
+        return load_config(path)
+    except ConfigError as exc:
+        logger.warning("Ignoring the remembered configuration: %s", exc)
+        return None
+
+
+def save_last_config(config: MosaicConfig) -> None:
+    """Remember ``config`` for the next session; a failure is one WARNING, never an error."""
+    try:
+        os.makedirs(config_dir(), exist_ok=True)
+        save_config(config, last_config_path())
+    except OSError as exc:
+        logger.warning("Could not remember the configuration in %s: %s", config_dir(), exc)
+
+
+def input_folder_problem(text: str) -> str | None:
+    """Return why ``text`` cannot be the input folder, or None when it can."""
+    path = os.path.expanduser(text.strip())
+    if not path:
+        return "Choose the folder that holds your frames."
+    if not os.path.isdir(path):
+        return "Folder not found."
+    return None
+
+
+def output_folder_problem(text: str) -> str | None:
+    """Return why ``text`` cannot be the output folder, or None (it may not exist yet)."""
+    path = os.path.expanduser(text.strip())
+    if not path:
+        return "Choose where the mosaic is written."
+    if os.path.exists(path):
+        return None if os.path.isdir(path) else "This is a file, not a folder."
+    parent = os.path.dirname(os.path.abspath(path))
+    if not os.path.isdir(parent):
+        return f"Parent folder not found: {parent}"
+    return None
+
+
+def estimate_eta(elapsed_s: float, done: int, total: int) -> float | None:
+    """Return the seconds left in a phase from its elapsed time and progress, None if unknown."""
+    if total <= 0 or done <= 0 or done >= total:
+        return None
+    return elapsed_s * (total - done) / done
+
+
+def format_eta(seconds: float | None) -> str:
+    """Return ``"ETA 1 min 05 s"``-style text, or an empty string when unknown."""
+    if seconds is None:
+        return ""
+    seconds = int(round(seconds))
+    if seconds >= 60:
+        return f"ETA {seconds // 60} min {seconds % 60:02d} s"
+    return f"ETA {seconds} s"
+
+
+def phase_title(phase: str) -> str:
+    """Return the display name of a pipeline phase ("master_tiles" -> "Master tiles")."""
+    return phase.replace("_", " ").capitalize()
+
+
+def summary_text(result) -> str:
+    """Return the short end-of-run summary shown in the window (frames, tiles, size, time)."""
+    rep = result.report
+    used, skipped = len(rep["frames_used"]), len(rep["frames_skipped"])
+    lines = [f"{used} frames used, {skipped} skipped",
+             f"{len(rep['tiles'])} master tiles"]
+    if rep.get("mosaic_shape"):
+        _c, height, width = rep["mosaic_shape"]
+        lines[-1] += f", mosaic {width} x {height} px"
+    lines.append(f"Done in {result.elapsed_s:.1f} s "
+                 f"(assembly on {rep.get('backends', {}).get('assembly', 'cpu')})")
+    for item in rep["frames_skipped"][:5]:
+        lines.append(f"skipped {os.path.basename(item['path'])}: {item['reason']}")
+    return "\n".join(lines)
+
+
+# --------------------------------------------------------------------------------------------------
+# Logging and the worker thread
+# --------------------------------------------------------------------------------------------------
+
+
+class _LogBridge(QObject):
+    """Carries formatted log records to the GUI thread (signals are queued across threads)."""
+
+    record = Signal(str, int)
+
+
+class QtLogHandler(logging.Handler):
+    """Forwards formatted log records to the window through a Qt signal; any thread may log."""
+
+    def __init__(self, level: int = logging.NOTSET, parent: QObject | None = None):
+        super().__init__(level)
+        # Parented to the window, the bridge dies with it in the GUI thread; a record logged
+        # after that is dropped (RuntimeError below) instead of reaching a deleted widget.
+        self.bridge = _LogBridge(parent)
+        self.setFormatter(logging.Formatter(LOG_FORMAT, "%H:%M:%S"))
+
+    def emit(self, record: logging.LogRecord) -> None:
+        try:
+            self.bridge.record.emit(self.format(record), record.levelno)
+        except RuntimeError:
+            pass  # the bridge was deleted with its window: nowhere to show the record
+        except Exception:
+            self.handleError(record)
+
+
+class _RunThread(QThread):
+    """Runs :func:`zemosaic_worker.run_mosaic` off the GUI thread and reports through signals."""
+
+    progressed = Signal(str, int, int, str)
+    succeeded = Signal(object)
+    failed = Signal(str, str)  # title, one-line message
+    cancelled = Signal()
+
+    def __init__(self, config: MosaicConfig, parent: QObject | None = None):
+        super().__init__(parent)
+        self.config = config
+        self.cancel_event = threading.Event()
+
+    def _progress(self, phase: str, done: int, total: int, message: str = "") -> None:
+        self.progressed.emit(phase, int(done), int(total), str(message))
+
+    def run(self) -> None:
+        try:
+            result = zemosaic_worker.run_mosaic(self.config, progress=self._progress,
+                                                cancel=self.cancel_event)
+        except zemosaic_worker.Cancelled:
+            self.cancelled.emit()
+        except zemosaic_worker.PipelineError as exc:
+            self.failed.emit("Mosaic failed", str(exc))
+        except ConfigError as exc:
+            self.failed.emit("Invalid configuration", str(exc))
+        except Exception as exc:  # unexpected: type and message for the user, traceback at DEBUG
+            logger.debug("Unexpected failure of the run", exc_info=True)
+            self.failed.emit("Unexpected error", f"{type(exc).__name__}: {exc}")
+        else:
+            self.succeeded.emit(result)
+
+
+# --------------------------------------------------------------------------------------------------
+# The window
+# --------------------------------------------------------------------------------------------------
+
+
+def _error_label() -> QLabel:
+    label = QLabel()
+    label.setStyleSheet(_ERROR_STYLE)
+    label.setWordWrap(True)
+    return label
+
+
+class MainWindow(QMainWindow):
+    """The ZeMosaic window. ``config`` (default: the remembered one) fills the widgets."""
+
+    def __init__(self, config: MosaicConfig | None = None, parent: QWidget | None = None):
+        super().__init__(parent)
+        self.setWindowTitle("ZeMosaic")
+        self._base_config = MosaicConfig()
+        self._thread: _RunThread | None = None
+        self._phase = ""
+        self._phase_t0 = 0.0
+        self._preview = QPixmap()
+        self._output_folder = ""
+        self._log_handler = QtLogHandler(parent=self)
+        self._saved_levels = {name: logging.getLogger(name).level for name in PIPELINE_LOGGERS}
+        self._build_ui()
+        self._install_log_handler()
+        self.apply_config(config or load_last_config() or MosaicConfig())
+        self.resize(1200, 800)
+
+    # ---- construction -------------------------------------------------------------------------
+
+    def _build_ui(self) -> None:
+        top = QWidget()
+        top_layout = QVBoxLayout(top)
+        top_layout.addWidget(self._build_folders())
+        middle = QHBoxLayout()
+        middle.addLayout(self._build_options(), stretch=3)
+        middle.addWidget(self._build_result(), stretch=2)
+        top_layout.addLayout(middle, stretch=1)
+        top_layout.addLayout(self._build_run_row())
+        splitter = QSplitter(Qt.Orientation.Vertical)
+        splitter.addWidget(top)
+        splitter.addWidget(self._build_log_panel())
+        splitter.setStretchFactor(0, 3)
+        splitter.setStretchFactor(1, 1)
+        splitter.setSizes([560, 240])
+        self.setCentralWidget(splitter)
+
+    def _folder_row(self, grid: QGridLayout, row: int, title: str) -> tuple[QLineEdit, QLabel]:
+        edit = QLineEdit()
+        browse = QPushButton("Browse…")
+        message = _error_label()
+        grid.addWidget(QLabel(title), row, 0)
+        grid.addWidget(edit, row, 1)
+        grid.addWidget(browse, row, 2)
+        grid.addWidget(message, row, 3)
+        browse.clicked.connect(lambda: self._browse_folder(edit, title))
+        edit.textChanged.connect(self._update_start_state)
+        return edit, message
+
+    def _build_folders(self) -> QGroupBox:
+        box = QGroupBox("Folders")
+        grid = QGridLayout(box)
+        self.input_edit, self.input_message = self._folder_row(grid, 0, "Input folder")
+        self.output_edit, self.output_message = self._folder_row(grid, 1, "Output folder")
+        self.input_edit.setToolTip(FIELD_HELP["input_folder"])
+        self.output_edit.setToolTip(FIELD_HELP["output_folder"])
+        grid.setColumnStretch(1, 3)
+        grid.setColumnStretch(3, 2)
+        self.folders_box = box
+        return box
+
+    def _build_options(self) -> QVBoxLayout:
+        self.option_widgets: dict[tuple[str, int | None], QWidget] = {}
+        forms = {}
+        for name in OPTION_GROUPS:
+            box = QGroupBox(name)
+            forms[name] = (box, QFormLayout(box))
+        for spec in OPTION_SPECS:
+            widget = _make_option_widget(spec)
+            label = QLabel(spec.label)
+            label.setToolTip(FIELD_HELP[spec.field])
+            forms[spec.group][1].addRow(label, widget)
+            _connect_changed(widget, self._update_start_state)
+            self.option_widgets[spec.key] = widget
+        self._explain_gpu()
+        columns = QHBoxLayout()
+        columns.addWidget(forms["Stacking"][0], alignment=Qt.AlignmentFlag.AlignTop)
+        right = QVBoxLayout()
+        right.addWidget(forms["Mosaic"][0])
+        right.addWidget(forms["Assembly"][0])
+        right.addStretch(1)
+        columns.addLayout(right)
+        self.options_boxes = [box for box, _form in forms.values()]
+        layout = QVBoxLayout()
+        layout.addLayout(columns)
+        layout.addLayout(self._build_config_buttons())
+        layout.addStretch(1)
+        return layout
+
+    def _explain_gpu(self) -> None:
+        """Disable the GPU switch, with the reason as its tooltip, when no GPU can be used."""
+        reason = gpu_unavailable_reason()
+        if reason is not None:
+            widget = self.option_widgets[("use_gpu_phase5", None)]
+            widget.setEnabled(False)
+            widget.setToolTip(f"{FIELD_HELP['use_gpu_phase5']}\nGPU not available: {reason}")
+
+    def _build_config_buttons(self) -> QHBoxLayout:
+        self.load_button = QPushButton("Load settings…")
+        self.save_button = QPushButton("Save settings…")
+        self.load_button.setToolTip("Read a JSON configuration file (the one the command line takes).")
+        self.save_button.setToolTip("Write these settings as a JSON configuration file.")
+        self.load_button.clicked.connect(self._ask_load_config)
+        self.save_button.clicked.connect(self._ask_save_config)
+        row = QHBoxLayout()
+        row.addWidget(self.load_button)
+        row.addWidget(self.save_button)
+        row.addStretch(1)
+        return row
+
+    def _build_result(self) -> QGroupBox:
+        box = QGroupBox("Result")
+        layout = QVBoxLayout(box)
+        self.preview_label = QLabel("The mosaic preview appears here after a run.")
+        self.preview_label.setAlignment(Qt.AlignmentFlag.AlignCenter)
+        self.preview_label.setMinimumSize(320, 220)
+        self.preview_label.setSizePolicy(QSizePolicy.Policy.Ignored, QSizePolicy.Policy.Ignored)
+        self.preview_label.setStyleSheet("background: #202020; color: #b0b0b0;")
+        self.output_path_label = QLabel()
+        self.output_path_label.setWordWrap(True)
+        self.output_path_label.setTextInteractionFlags(Qt.TextInteractionFlag.TextSelectableByMouse)
+        self.summary_label = QLabel()
+        self.summary_label.setWordWrap(True)
+        self.summary_label.setTextInteractionFlags(Qt.TextInteractionFlag.TextSelectableByMouse)
+        self.open_folder_button = QPushButton("Open output folder")
+        self.open_folder_button.setEnabled(False)
+        self.open_folder_button.clicked.connect(self._open_output_folder)
+        layout.addWidget(self.preview_label, stretch=1)
+        layout.addWidget(self.output_path_label)
+        layout.addWidget(self.summary_label)
+        layout.addWidget(self.open_folder_button, alignment=Qt.AlignmentFlag.AlignLeft)
+        return box
+
+    def _build_run_row(self) -> QVBoxLayout:
+        self.start_button = QPushButton("Start")
+        self.cancel_button = QPushButton("Cancel")
+        self.cancel_button.setEnabled(False)
+        self.start_button.clicked.connect(self.start_run)
+        self.cancel_button.clicked.connect(self.cancel_run)
+        self.start_message = _error_label()
+        self.progress_bar = QProgressBar()
+        self.progress_bar.setTextVisible(True)
+        self.progress_bar.setFormat("")
+        self.progress_bar.setValue(0)
+        self.phase_label = QLabel()
+        self.eta_label = QLabel()
+        self.status_label = QLabel("Ready")
+        buttons = QHBoxLayout()
+        buttons.addWidget(self.start_button)
+        buttons.addWidget(self.cancel_button)
+        buttons.addWidget(self.start_message, stretch=1)
+        progress = QHBoxLayout()
+        progress.addWidget(self.progress_bar, stretch=2)
+        progress.addWidget(self.eta_label)
+        progress.addWidget(self.status_label, stretch=1)
+        column = QVBoxLayout()
+        column.addLayout(buttons)
+        column.addLayout(progress)
+        column.addWidget(self.phase_label)
+        return column
+
+    def _build_log_panel(self) -> QGroupBox:
+        box = QGroupBox("Log")
+        layout = QVBoxLayout(box)
+        self.log_level_combo = QComboBox()
+        self.log_level_combo.addItems(list(LOG_LEVELS))
+        self.log_level_combo.setToolTip(FIELD_HELP["logging_level"])
+        self.log_level_combo.currentTextChanged.connect(self.set_log_level)
+        self.clear_log_button = QPushButton("Clear")
+        self.log_view = QPlainTextEdit()
+        self.log_view.setReadOnly(True)
+        self.log_view.setMaximumBlockCount(5000)
+        self.log_view.setLineWrapMode(QPlainTextEdit.LineWrapMode.NoWrap)
+        self.clear_log_button.clicked.connect(self.log_view.clear)
+        controls = QHBoxLayout()
+        controls.addWidget(QLabel("Level"))
+        controls.addWidget(self.log_level_combo)
+        controls.addWidget(self.clear_log_button)
+        controls.addStretch(1)
+        layout.addLayout(controls)
+        layout.addWidget(self.log_view)
+        return box
+
+    # ---- logging ------------------------------------------------------------------------------
+
+    def _install_log_handler(self) -> None:
+        self._log_handler.bridge.record.connect(self._append_log)
+        logging.getLogger().addHandler(self._log_handler)
+
+    def _remove_log_handler(self) -> None:
+        root = logging.getLogger()
+        if self._log_handler not in root.handlers:
+            return  # already removed: a closed window may be closed again
+        root.removeHandler(self._log_handler)
+        self._log_handler.bridge.record.disconnect(self._append_log)
+        for name, level in self._saved_levels.items():
+            logging.getLogger(name).setLevel(level)
+
+    def _append_log(self, text: str, _levelno: int) -> None:
+        self.log_view.appendPlainText(text)
+
+    @property
+    def log_handler(self) -> QtLogHandler:
+        """The one handler this window adds to the root logger."""
+        return self._log_handler
+
+    def set_log_level(self, level: str) -> None:
+        """Show records at or above ``level``: sets the pipeline loggers' and the handler's level."""
+        self._log_handler.setLevel(level)
+        for name in PIPELINE_LOGGERS:
+            logging.getLogger(name).setLevel(level)
+        if self.log_level_combo.currentText() != level:
+            self.log_level_combo.setCurrentText(level)
+
+    # ---- configuration ------------------------------------------------------------------------
+
+    def apply_config(self, config: MosaicConfig) -> None:
+        """Show ``config`` in the widgets (fields without a widget are kept as they are)."""
+        self._base_config = config
+        self.input_edit.setText(config.input_folder)
+        self.output_edit.setText(config.output_folder)
+        for spec in OPTION_SPECS:
+            value = getattr(config, spec.field)
+            _set_widget_value(self.option_widgets[spec.key],
+                              value if spec.part is None else value[spec.part])
+        self.set_log_level(config.logging_level)
+        self._update_start_state()
+
+    def config_from_widgets(self) -> MosaicConfig:
+        """Return the validated configuration the widgets describe; raises :class:`ConfigError`."""
+        values = {"input_folder": os.path.expanduser(self.input_edit.text().strip()),
+                  "output_folder": os.path.expanduser(self.output_edit.text().strip()),
+                  "logging_level": self.log_level_combo.currentText()}
+        pairs: dict[str, list] = {}
+        for spec in OPTION_SPECS:
+            value = _widget_value(self.option_widgets[spec.key])
+            if spec.part is None:
+                values[spec.field] = value
+            else:
+                pair = pairs.setdefault(spec.field, list(getattr(self._base_config, spec.field)))
+                pair[spec.part] = value
+        values.update({name: tuple(pair) for name, pair in pairs.items()})
+        return self._base_config.replace(**values)
+
+    def save_config_to(self, path: str) -> bool:
+        """Write the widgets' configuration to ``path``; returns False (user told) on failure."""
+        try:
+            save_config(self.config_from_widgets(), path)
+        except ConfigError as exc:
+            self._show_error("Cannot save settings", _config_error_text(exc))
+            return False
+        except OSError as exc:
+            self._show_error("Cannot save settings", f"{path}: {exc.strerror or exc}")
+            return False
+        logger.info("Settings saved to %s", path)
+        return True
+
+    def load_config_from(self, path: str) -> bool:
+        """Read ``path`` into the widgets; returns False (user told which key) on failure."""
+        try:
+            config = load_config(path)
+        except ConfigError as exc:
+            self._show_error("Cannot load settings", _config_error_text(exc))
+            return False
+        self.apply_config(config)
+        logger.info("Settings loaded from %s", path)
+        return True
+
+    def _ask_load_config(self) -> None:
+        path, _ = QFileDialog.getOpenFileName(self, "Load settings", config_dir(),
+                                              "JSON configuration (*.json);;All files (*)")
+        if path:
+            self.load_config_from(path)
+
+    def _ask_save_config(self) -> None:
+        path, _ = QFileDialog.getSaveFileName(self, "Save settings", config_dir(),
+                                              "JSON configuration (*.json)")
+        if path:
+            self.save_config_to(path)
+
+    def _browse_folder(self, edit: QLineEdit, title: str) -> None:
+        start = edit.text().strip() or os.path.expanduser("~")
+        folder = QFileDialog.getExistingDirectory(self, title, start)
+        if folder:
+            edit.setText(folder)
+
+    # ---- state --------------------------------------------------------------------------------
+
+    @property
+    def running(self) -> bool:
+        """True while a run is in progress."""
+        return self._thread is not None
+
+    def _update_start_state(self, *_args) -> None:
+        """Validate folders and options as they are edited; Start only when both are fine."""
+        input_problem = input_folder_problem(self.input_edit.text())
+        output_problem = output_folder_problem(self.output_edit.text())
+        self.input_message.setText(input_problem or "")
+        self.output_message.setText(output_problem or "")
+        config_problem = None
+        try:
+            self.config_from_widgets()
+        except ConfigError as exc:
+            config_problem = _config_error_text(exc)
+        self.start_message.setText(config_problem or "")
+        ok = input_problem is None and output_problem is None and config_problem is None
+        self.start_button.setEnabled(ok and not self.running)
+
+    def _set_running(self, running: bool) -> None:
+        for widget in [self.folders_box, self.load_button, *self.options_boxes]:
+            widget.setEnabled(not running)
+        self.cancel_button.setEnabled(running)
+        self._update_start_state()
+
+    # ---- the run ------------------------------------------------------------------------------
+
+    def start_run(self) -> None:
+        """Validate the widgets and start the pipeline on a worker thread."""
+        if self.running:
+            return
+        try:
+            config = self.config_from_widgets()
+        except ConfigError as exc:
+            self.start_message.setText(_config_error_text(exc))
+            return
+        save_last_config(config)
+        self._reset_result()
+        thread = _RunThread(config, self)
+        thread.progressed.connect(self._on_progress)
+        thread.succeeded.connect(self._on_succeeded)
+        thread.failed.connect(self._on_failed)
+        thread.cancelled.connect(self._on_cancelled)
+        thread.finished.connect(self._on_thread_finished)
+        self._thread = thread
+        self._output_folder = config.output_folder
+        self.status_label.setText("Running…")
+        self._set_running(True)
+        logger.info("Run started: %s -> %s", config.input_folder, config.output_folder)
+        thread.start()
+
+    def cancel_run(self) -> None:
+        """Ask the running pipeline to stop at its next frame or tile."""
+        if self._thread is None:
+            return
+        self._thread.cancel_event.set()
+        self.cancel_button.setEnabled(False)
+        self.status_label.setText("Cancelling…")
+
+    def _reset_result(self) -> None:
+        self._preview = QPixmap()
+        self.preview_label.setPixmap(QPixmap())
+        self.preview_label.setText("Running…")
+        self.output_path_label.clear()
+        self.summary_label.clear()
+        self.open_folder_button.setEnabled(False)
+        self.progress_bar.setRange(0, 1)
+        self.progress_bar.setValue(0)
+        self.progress_bar.setFormat("")
+        self.phase_label.clear()
+        self.eta_label.clear()
+        self._phase = ""
+
+    def _on_progress(self, phase: str, done: int, total: int, message: str) -> None:
+        now = time.monotonic()
+        if phase != self._phase:
+            self._phase, self._phase_t0 = phase, now
+        self.progress_bar.setRange(0, max(total, 1))
+        self.progress_bar.setValue(min(done, max(total, 1)))
+        self.progress_bar.setFormat(f"{phase_title(phase)}  {done}/{total}")
+        number = zemosaic_worker.PHASES.index(phase) + 1 if phase in zemosaic_worker.PHASES else 0
+        self.phase_label.setText(f"Phase {number}/{len(zemosaic_worker.PHASES)}: "
+                                 f"{phase_title(phase)} — {message}")
+        self.eta_label.setText(format_eta(estimate_eta(now - self._phase_t0, done, total)))
+
+    def _on_succeeded(self, result) -> None:
+        self._show_preview(result.paths["preview"])
+        self.output_path_label.setText(f"Mosaic: {result.paths['mosaic']}")
+        self.summary_label.setText(summary_text(result))
+        self.open_folder_button.setEnabled(True)
+        self.status_label.setText(f"Done in {result.elapsed_s:.1f} s")
+        self._finish_progress("Finished")
+        logger.info("%s", zemosaic_worker.format_summary(result))
+
+    def _on_failed(self, title: str, message: str) -> None:
+        self.status_label.setText("Failed")
+        self.preview_label.setText("No mosaic: the run failed.")
+        self._finish_progress("Failed")
+        logger.error("%s: %s", title, message)
+        self._show_error(title, message)
+
+    def _on_cancelled(self) -> None:
+        self.status_label.setText("Cancelled")
+        self.preview_label.setText("Cancelled: no mosaic written.")
+        self._finish_progress("Cancelled")
+        logger.info("Run cancelled; no mosaic written")
+
+    def _finish_progress(self, text: str) -> None:
+        self.progress_bar.setFormat(text)
+        self.eta_label.clear()
+
+    def _on_thread_finished(self) -> None:
+        thread, self._thread = self._thread, None
+        if thread is not None:
+            thread.deleteLater()
+        self._set_running(False)
+
+    # ---- result display -----------------------------------------------------------------------
+
+    def _show_preview(self, path: str) -> None:
+        self._preview = QPixmap(path)
+        if self._preview.isNull():
+            self.preview_label.setText(f"Cannot show the preview {path}")
+            return
+        self._scale_preview()
+
+    def _scale_preview(self) -> None:
+        if not self._preview.isNull():
+            self.preview_label.setPixmap(self._preview.scaled(
+                self.preview_label.size(), Qt.AspectRatioMode.KeepAspectRatio,
+                Qt.TransformationMode.SmoothTransformation))
+
+    def resizeEvent(self, event) -> None:  # noqa: N802 (Qt name)
+        super().resizeEvent(event)
+        self._scale_preview()
+
+    def _open_output_folder(self) -> None:
+        if self._output_folder:
+            QDesktopServices.openUrl(QUrl.fromLocalFile(os.path.abspath(self._output_folder)))
+
+    def _show_error(self, title: str, text: str) -> None:
+        """Tell the user about a failure (tests replace this to avoid a modal box)."""
+        QMessageBox.critical(self, title, text)
+
+    # ---- closing ------------------------------------------------------------------------------
+
+    def closeEvent(self, event) -> None:  # noqa: N802 (Qt name)
+        """Stop a run (cancel and wait), remember the settings, detach the log handler."""
+        if self._thread is not None:
+            self.cancel_run()
+            # The worker checks the Event between frames and tiles, so this wait is short;
+            # a QThread must not be destroyed while it runs.
+            self._thread.wait()
+        try:
+            save_last_config(self.config_from_widgets())
+        except ConfigError as exc:
+            logger.warning("Settings not remembered: %s", exc)
+        self._remove_log_handler()
+        super().closeEvent(event)
+
+
+def _config_error_text(exc: ConfigError) -> str:
+    """Return a readable message for a configuration error, naming the setting when known."""
+    if exc.key:
+        return f"Setting '{exc.key}' is not valid: {exc}"
+    return str(exc)
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Open the ZeMosaic window (``zemosaic [CONFIG.json]``); returns the exit code."""
+    parser = argparse.ArgumentParser(prog="zemosaic", description="ZeMosaic mosaic builder window.")
+    parser.add_argument("config", nargs="?", help="JSON configuration to load at start")
+    args = parser.parse_args(sys.argv[1:] if argv is None else argv)
+    app = QApplication.instance() or QApplication(sys.argv[:1])
+    app.setApplicationName("ZeMosaic")
+    window = MainWindow()
+    window.show()
+    if args.config:
+        window.load_config_from(args.config)
+    return app.exec()
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -29,6 +29,8 @@ test: $(VENV)/.installed-gui,test,gpu
 
 bench: $(VENV)/.installed-test
 	$(PY) benchmarks/bench_pipeline.py
+	$(PY) benchmarks/bench_stacking.py
+	$(PY) benchmarks/bench_coadd.py
 
 clean:
 	rm -rf $(DEMO) .pytest_cache

@@ -481,12 +481,9 @@ def low_res_tiles(tiles: list[MasterTile], wcs_out, shape_out, max_side: int = 8
     small_shape = (int(np.ceil(shape_out[0] / factor)), int(np.ceil(shape_out[1] / factor)))
     images, weights = [], []
     for t in tiles:
-        mapping = compute_pixel_mapping(t.wcs, t.image.shape[:2], small_wcs, small_shape)
-        chans = [reproject_and_coadd([t.image[..., c]], [t.wcs], small_wcs, small_shape,
-                                     [t.coverage], mappings=[mapping])
-                 for c in range(t.image.shape[2])]
-        images.append(np.stack([m for m, _ in chans], axis=-1))
-        weights.append(chans[0][1])
+        image, weight = reproject_and_coadd([t.image], [t.wcs], small_wcs, small_shape, [t.coverage])
+        images.append(image)
+        weights.append(np.min(weight, axis=-1))
     return LowResTiles(images, weights, factor)
 
 
@@ -620,37 +617,30 @@ def background_offsets(low: LowResTiles, gains=None) -> np.ndarray:
     return offsets
 
 
-def coadd_channels(channel_data, wcs_list, wcs_out, shape_out, weights, mappings, engine,
+def coadd_channels(tile_images, wcs_list, wcs_out, shape_out, weights, mappings, engine,
                    use_gpu, label="Assembly", gpu_xp=None):
-    """Co-add every channel with one backend for all; returns ``(mosaic (H,W,C), coverage (H,W,C), gpu_all)``.
+    """Co-add ``(H, W, C)`` tiles with one backend for all channels.
 
-    ``channel_data[c]`` is the list of 2-D tile images of channel ``c``. With the GPU asked for,
-    all channels run on the GPU one after the other; if any of them fails, one WARNING and all
-    channels are re-run on the CPU, so a result never mixes backends across channels.
-    ``gpu_xp`` replaces CuPy (tests pass NumPy to run the GPU code path without a GPU).
+    Returns ``(mosaic (H, W, C), coverage (H, W, C), gpu_all)``. With the GPU asked for, every
+    channel runs on the GPU (one pass: the channels share coordinates and gathers); if that fails,
+    one WARNING and every channel is re-run on the CPU, so a result never mixes backends across
+    channels. ``gpu_xp`` replaces CuPy (tests pass NumPy to run the GPU code path without a GPU).
     """
-    def run_all(gpu):
-        out = []
-        for c, data in enumerate(channel_data):
-            mosaic, cov = reproject_and_coadd(data, wcs_list, wcs_out, shape_out, weights, engine,
-                                              gpu, mappings, channel=c, gpu_xp=gpu_xp)
-            logger.debug("%s channel %d gpu=%s cov_stats(min,max)=(%.3g,%.3g)", label, c, gpu,
-                         float(cov.min()), float(cov.max()))
-            out.append((mosaic, cov))
-        return out
-
     gpu_all = bool(use_gpu and engine == "fast")
     if gpu_all:
         try:
-            results = run_all(True)
+            mosaic, coverage = reproject_and_coadd(tile_images, wcs_list, wcs_out, shape_out,
+                                                   weights, engine, True, mappings, gpu_xp=gpu_xp)
         except GpuBackendError as exc:
             logger.warning("%s GPU reprojection failed on one or more channels; rerunning all "
                            "channels on CPU to avoid mixed backend (%s)", label, exc)
             gpu_all = False
     if not gpu_all:
-        results = run_all(False)
-    mosaic = np.stack([m for m, _ in results], axis=-1)
-    coverage = np.stack([c for _, c in results], axis=-1)
+        mosaic, coverage = reproject_and_coadd(tile_images, wcs_list, wcs_out, shape_out, weights,
+                                               engine, False, mappings)
+    for c in range(coverage.shape[-1]):
+        logger.debug("%s channel %d gpu=%s cov_stats(min,max)=(%.3g,%.3g)", label, c, gpu_all,
+                     float(coverage[..., c].min()), float(coverage[..., c].max()))
     return mosaic, coverage, gpu_all
 
 
@@ -668,10 +658,9 @@ class AssemblyInputs:
 
     def coadd(self, gains, offsets, label):
         """Co-add ``gain * tile - offset`` for every channel; returns ``(mosaic, coverage (H,W,C), gpu_all)``."""
-        n_ch = self.tiles[0].image.shape[2]
-        channel_data = [[t.image[..., c] * np.float32(gains[k]) - np.float32(offsets[k, c])
-                         for k, t in enumerate(self.tiles)] for c in range(n_ch)]
-        return coadd_channels(channel_data, [t.wcs for t in self.tiles], self.wcs_out,
+        images = [t.image * np.float32(gains[k]) - offsets[k].astype(np.float32)
+                  for k, t in enumerate(self.tiles)]
+        return coadd_channels(images, [t.wcs for t in self.tiles], self.wcs_out,
                               self.shape_out, [t.coverage for t in self.tiles], self.mappings,
                               self.engine, self.use_gpu, label, self.gpu_xp)
 

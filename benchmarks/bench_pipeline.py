@@ -16,19 +16,12 @@ import threading
 import time
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
 import zemosaic_synth  # noqa: E402
+from _measure import rss_now_bytes  # noqa: E402
 from zemosaic_config import config_from_dict  # noqa: E402
 from zemosaic_worker import PHASES, run_mosaic  # noqa: E402
-
-
-def _rss_bytes() -> int | None:
-    """Return the current resident set size of this process, or None off Linux."""
-    try:
-        with open("/proc/self/statm") as fh:
-            return int(fh.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
-    except OSError:
-        return None
 
 
 class PhaseMemory:
@@ -42,7 +35,7 @@ class PhaseMemory:
 
     def _run(self):
         while not self._stop.is_set():
-            rss = _rss_bytes()
+            rss = rss_now_bytes()
             if rss is not None:
                 self.peak[self.phase] = max(self.peak.get(self.phase, 0), rss)
             time.sleep(0.01)

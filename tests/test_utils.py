@@ -80,9 +80,9 @@ def test_gpu_engine_with_numpy_matches_cpu():
 def test_gpu_fault_injection_raises_backend_error(monkeypatch):
     data, wcs_list, weights, wcs_out, out_shape = _two_tiles()
     monkeypatch.setenv(zu.GPU_FAIL_CHANNELS_ENV, "1")
-    zu.gpu_reproject_and_coadd_impl(data, wcs_list, out_shape, wcs_out=wcs_out, xp=np, channel=0)
+    zu.gpu_reproject_and_coadd_impl(data, wcs_list, out_shape, wcs_out=wcs_out, xp=np, channels=[0])
     with pytest.raises(zu.GpuBackendError):
-        zu.gpu_reproject_and_coadd_impl(data, wcs_list, out_shape, wcs_out=wcs_out, xp=np, channel=1)
+        zu.gpu_reproject_and_coadd_impl(data, wcs_list, out_shape, wcs_out=wcs_out, xp=np, channels=[1])
 
 
 def test_percentiles_gpu_nan_safe():

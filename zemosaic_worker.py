@@ -296,11 +296,12 @@ def _release_stack(stack) -> None:
 
 
 def _load_and_align_group(records, config, report, ctx, cache_dir, tile_label):
-    """Load, debayer and align a group's frames; returns ``(stack, used records, reference index)``.
+    """Load, debayer and align a group's frames; returns ``(stack, used records, tile WCS)``.
 
-    Frames that fail to load or align are skipped with their reason. The reference is loaded first
-    and the others are aligned one at a time into a preallocated stack, so memory holds at most one
-    raw frame besides the stack.
+    The reference (the frame nearest the group centre) is loaded first and sits in slot 0; the
+    others are aligned one at a time onto its canvas in a preallocated stack, so memory holds at
+    most one raw frame besides the stack. Frames that fail to load or align are skipped with their
+    reason.
     """
     ref_i = _reference_index(records)
     order = [ref_i] + [i for i in range(len(records)) if i != ref_i]
@@ -329,8 +330,8 @@ def _load_and_align_group(records, config, report, ctx, cache_dir, tile_label):
         used.append(rec)
         ctx.report("master_tiles", done + 1, len(order), f"{tile_label}: aligned {os.path.basename(rec.path)}")
     if not used:
-        return None, [], 0, None
-    return stack, used, 0, canvas.wcs
+        return None, [], None
+    return stack, used, canvas.wcs
 
 
 def _photometric_reference(gains, offsets):
@@ -345,10 +346,10 @@ def _photometric_reference(gains, offsets):
     return gains / scale, offsets / scale
 
 
-def _stack_group(stack, n_used, ref_index, config, use_gpu, tile_label):
+def _stack_group(stack, n_used, config, use_gpu, tile_label):
     """Normalise, weight, reject and combine an aligned stack; returns ``(image, coverage, backend)``."""
     view = stack[:n_used]
-    gains, offsets = stk.normalization_coefficients(view, ref_index, config.stacking_normalize_method)
+    gains, offsets = stk.normalization_coefficients(view, 0, config.stacking_normalize_method)
     if config.stacking_normalize_method == "linear_fit":
         gains, offsets = _photometric_reference(gains, offsets)
     weights = None
@@ -394,21 +395,21 @@ def build_master_tile(index, records, config, report, ctx, tiles_dir, use_gpu) -
     label = f"tile {index:03d}"
     cache_dir = os.path.join(config.output_folder, CACHE_DIR)
     logger.debug("MT_COVERAGE: propagate_mask=True (%s, %d frames)", label, len(records))
-    stack, used, ref_index, ref_wcs = _load_and_align_group(records, config, report, ctx, cache_dir, label)
+    stack, used, tile_wcs = _load_and_align_group(records, config, report, ctx, cache_dir, label)
     if not used:
         logger.warning("%s: no frame could be loaded; tile dropped", label)
         return None
     try:
-        image, coverage, backend = _stack_group(stack, len(used), ref_index, config, use_gpu, label)
+        image, coverage, backend = _stack_group(stack, len(used), config, use_gpu, label)
     finally:
         _release_stack(stack)
     path = os.path.join(tiles_dir, f"master_tile_{index:03d}.fits")
-    zfits.write_image_fits(path, image, ref_wcs, coverage=coverage,
-                           header_cards=_tile_header_cards(config, used, used[ref_index].path, backend))
+    zfits.write_image_fits(path, image, tile_wcs, coverage=coverage,
+                           header_cards=_tile_header_cards(config, used, used[0].path, backend))
     logger.info("%s: %d frame(s) stacked (%s, %s)", label, len(used),
                 config.stacking_rejection_algorithm, backend)
-    return MasterTile(index, image, coverage, ref_wcs, path, [r.path for r in used],
-                      used[ref_index].path, backend)
+    return MasterTile(index, image, coverage, tile_wcs, path, [r.path for r in used],
+                      used[0].path, backend)
 
 
 def build_master_tiles(records, groups, config, report, ctx) -> list[MasterTile]:

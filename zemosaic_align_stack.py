@@ -440,18 +440,22 @@ def _winsorize_block_numpy(block, winsor_limits):
     return winsorize_block(block, winsor_limits, np)[0]
 
 
-def _nan_mean_std(block, xp, has_nonfinite=True):
-    """Return the per-pixel mean and (population) standard deviation of the valid samples."""
-    if not has_nonfinite:
-        return xp.mean(block, axis=0), xp.std(block, axis=0)
-    valid = xp.isfinite(block)
-    n = xp.sum(valid, axis=0)
-    n_safe = xp.maximum(n, 1)
-    total = xp.sum(xp.where(valid, block, 0), axis=0)
-    mean = total / n_safe
-    dev = xp.where(valid, block - mean[None], 0)
-    std = xp.sqrt(xp.sum(dev * dev, axis=0) / n_safe)
-    return mean, std
+def _std_about(block, centre, valid, n_valid, xp):
+    """Return the per-pixel (population) standard deviation of the valid samples.
+
+    Computed from the first two moments of the deviations from ``centre`` (the median): one pass,
+    and no cancellation since the deviations are of the order of sigma. ``valid`` is None when
+    every sample is valid; ``n_valid`` is the count of valid samples (an int in that case).
+    """
+    d = block - centre[None]
+    if valid is not None:
+        d = xp.where(valid, d, 0)
+        n = xp.maximum(n_valid, 1)
+    else:
+        n = n_valid
+    m1 = xp.sum(d, axis=0) / n
+    m2 = xp.sum(d * d, axis=0) / n
+    return xp.sqrt(xp.maximum(m2 - m1 * m1, 0))
 
 
 def _combine(block, keep, weights, combine, xp):
@@ -478,7 +482,7 @@ def _winsorized_round(values, keep, params, xp, masked):
     has_nonfinite = masked or not bool(xp.all(keep))
     wins, sorted_block, n_valid = winsorize_block(current, params.winsor_limits, xp, has_nonfinite)
     centre = sorted_quantile(sorted_block, n_valid, 0.5, xp)
-    _, std = _nan_mean_std(wins, xp, has_nonfinite)
+    std = _std_about(wins, centre, keep if has_nonfinite else None, n_valid, xp)
     sigma = std / math.sqrt(_gaussian_winsor_variance(params.winsor_limits))
     return keep & (values >= (centre - params.kappa_low * sigma)[None]) \
         & (values <= (centre + params.kappa_high * sigma)[None])
@@ -488,8 +492,9 @@ def _kappa_sigma_round(values, keep, params, xp, masked=True):
     """One round of kappa-sigma clipping around the median of the kept samples."""
     current = xp.where(keep, values, xp.nan)
     srt = xp.sort(current, axis=0)
-    centre = sorted_quantile(srt, xp.sum(keep, axis=0), 0.5, xp)
-    _, sigma = _nan_mean_std(current, xp)
+    n_kept = xp.sum(keep, axis=0)
+    centre = sorted_quantile(srt, n_kept, 0.5, xp)
+    sigma = _std_about(current, centre, keep, n_kept, xp)
     return keep & (values >= (centre - params.kappa_low * sigma)[None]) \
         & (values <= (centre + params.kappa_high * sigma)[None])
 

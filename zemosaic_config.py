@@ -222,7 +222,7 @@ class MosaicConfig:
     """
 
     input_folder: str = _spec(
-        "", "Folder holding the plate-solved input frames.", "a folder path (text)",
+        "", "Folder holding the input frames (raw subs; plate-solved here when needed).", "a folder path (text)",
         _check_path)
     output_folder: str = _spec(
         "", "Folder where the mosaic and its preview are written.",
@@ -255,6 +255,21 @@ class MosaicConfig:
     correct_hot_pixels: bool = _spec(
         True, "Replace isolated hot pixels in raw colour frames before debayering.",
         "true or false", _check_bool)
+    force_resolve_existing_wcs: bool = _spec(
+        False, "Plate-solve every frame again, even those whose file already holds a WCS.",
+        "true or false", _check_bool)
+    astap_executable_path: str = _spec(
+        "", "ASTAP program used for plate solving (empty: astrometry.net's solve-field).",
+        "a file path (text), or empty", _check_path)
+    astap_data_directory_path: str = _spec(
+        "", "Folder of ASTAP's star database (empty: ASTAP's own default).",
+        "a folder path (text), or empty", _check_path)
+    astap_default_search_radius: float = _spec(
+        3.0, "How far (degrees) from the telescope's pointing the plate solver searches.",
+        "a number > 0", _check_float(0.0, inclusive=False))
+    plate_solve_timeout_s: float = _spec(
+        60.0, "Time limit in seconds for plate-solving one frame.",
+        "a number > 0", _check_float(0.0, inclusive=False))
     cluster_panel_threshold: float = _spec(
         0.0, "Distance in degrees that separates mosaic panels (0 = automatic).",
         "a number >= 0", _check_float(0.0, inclusive=True))

@@ -49,6 +49,7 @@ __all__ = [
     "validate_wcs",
     "wcs_to_cd_header",
     "write_fits_atomic",
+    "write_text_atomic",
     "write_image_fits",
     "write_preview_png",
 ]
@@ -98,12 +99,13 @@ class FrameInfo:
 
     path: str
     header: fits.Header
-    wcs: WCS
+    wcs: WCS | None
     shape_hw: tuple[int, int]
     n_channels: int
     bayer_pattern: str | None
     date_obs: str | None
     exptime: float | None
+    wcs_problem: str | None = None
 
 
 # --------------------------------------------------------------------------
@@ -273,34 +275,49 @@ def _optional_float(header: fits.Header, *keys: str) -> float | None:
     return None
 
 
-def _inspect(path: str, hdul: fits.HDUList, size: int) -> tuple[FrameInfo, int, str]:
+def _header_wcs(header: fits.Header, shape_hw: tuple[int, int]) -> WCS:
+    """The validated celestial WCS of a header; :class:`FrameError` says why there is none."""
+    wcs = _wcs_from_header(header)
+    validate_wcs(wcs, shape_hw)
+    return wcs
+
+
+def _inspect(path: str, hdul: fits.HDUList, size: int,
+             require_wcs: bool = True) -> tuple[FrameInfo, int, str]:
     """Build the FrameInfo of an open file; also return HDU index and layout."""
     index, hdu = _find_image_hdu(hdul)
     header = hdu.header.copy()
     shape_hw, layout, planes = _layout(header)
     _check_data_present(hdul, index, hdu, header, size)
-    wcs = _wcs_from_header(header)
-    validate_wcs(wcs, shape_hw)
+    wcs, wcs_problem = None, None
+    try:
+        wcs = _header_wcs(header, shape_hw)
+    except FrameError as exc:
+        if require_wcs:
+            raise
+        wcs_problem = str(exc)
     pattern = _bayer_pattern(header, layout)
     n_channels = 3 if pattern else planes
     date_obs = header.get("DATE-OBS")
     info = FrameInfo(
         path=path, header=header, wcs=wcs, shape_hw=shape_hw, n_channels=n_channels,
         bayer_pattern=pattern, date_obs=str(date_obs) if date_obs is not None else None,
-        exptime=_optional_float(header, "EXPTIME", "EXPOSURE"))
+        exptime=_optional_float(header, "EXPTIME", "EXPOSURE"), wcs_problem=wcs_problem)
     return info, index, layout
 
 
-def read_frame_info(path: str | os.PathLike) -> FrameInfo:
+def read_frame_info(path: str | os.PathLike, require_wcs: bool = True) -> FrameInfo:
     """Read and check a frame's header only (fast enough to scan hundreds of files).
 
     Checks that the file is a complete FITS image with 2-D or 3-D data of a
-    supported layout and a valid celestial WCS.  Raises :class:`FrameError`
-    with a short reason otherwise.
+    supported layout and, with ``require_wcs``, a valid celestial WCS (without
+    it a missing or broken WCS gives ``info.wcs = None`` and its reason in
+    ``info.wcs_problem``: the frame can still be plate-solved).  Raises
+    :class:`FrameError` with a short reason otherwise.
     """
     path = os.fspath(path)
     with _quiet_astropy(), _open_fits(path) as (hdul, size):
-        info, _, _ = _inspect(path, hdul, size)
+        info, _, _ = _inspect(path, hdul, size, require_wcs)
     return info
 
 
@@ -409,7 +426,8 @@ def _to_hwc(data: np.ndarray, layout: str, pattern: str | None, debayer: bool,
     return data  # already (H, W, 3)
 
 
-def load_frame(path: str | os.PathLike, debayer: bool = True, hot_pixels: bool = True) -> Frame:
+def load_frame(path: str | os.PathLike, debayer: bool = True, hot_pixels: bool = True,
+               wcs: WCS | None = None, require_wcs: bool = True) -> Frame:
     """Load a frame as float32 ``(H, W, C)`` with its header and celestial WCS.
 
     2-D Bayer data (BAYERPAT card, or a Seestar INSTRUME defaulting to GRBG)
@@ -419,15 +437,18 @@ def load_frame(path: str | os.PathLike, debayer: bool = True, hot_pixels: bool =
     With ``hot_pixels`` a Bayer mosaic gets :func:`correct_hot_pixels` before debayering.
     The file is opened read-only and closed before returning.  Raises
     :class:`FrameError` for anything that makes the frame unusable.
+    ``wcs`` (a plate solution found elsewhere) replaces the header's WCS, which
+    then need not exist; without ``require_wcs`` a frame with no usable WCS
+    loads with ``wcs = None`` (to be plate-solved).
     """
     path = os.fspath(path)
     with _quiet_astropy(), _open_fits(path) as (hdul, size):
-        info, index, layout = _inspect(path, hdul, size)
+        info, index, layout = _inspect(path, hdul, size, require_wcs and wcs is None)
         data = _read_pixels(hdul, index, info.header)
     _check_has_signal(data)
     image = _to_hwc(data, layout, info.bayer_pattern, debayer, hot_pixels)
     logger.debug("Loaded %s: %s, Bayer %s", path, image.shape, info.bayer_pattern)
-    return Frame(path=path, data=image, header=info.header, wcs=info.wcs)
+    return Frame(path=path, data=image, header=info.header, wcs=wcs if wcs is not None else info.wcs)
 
 
 # Normalised convolution weights: only the ratio of weights matters, and
@@ -603,6 +624,12 @@ def write_fits_atomic(path: str | os.PathLike, hdul: fits.HDUList) -> None:
     _atomic_write(path, hdul.writeto)
 
 
+def write_text_atomic(path: str | os.PathLike, text: str) -> None:
+    """Write UTF-8 ``text`` to ``path`` atomically (temporary file, fsync, rename)."""
+    payload = text.encode("utf-8")
+    _atomic_write(path, lambda fh: fh.write(payload))
+
+
 def _as_hwc_float32(image: np.ndarray) -> np.ndarray:
     array = np.asarray(image, dtype=np.float32)
     if array.ndim == 2:
@@ -682,8 +709,7 @@ def read_image_fits(path: str | os.PathLike
         except KeyError:
             cov_hdu = None
         coverage = None if cov_hdu is None else cov_hdu.data.astype(np.float32, copy=True)
-    wcs = _wcs_from_header(header)
-    validate_wcs(wcs, shape_hw)
+    wcs = _header_wcs(header, shape_hw)
     return _to_hwc(data, layout, None, False), wcs, coverage, header
 
 

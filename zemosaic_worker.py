@@ -24,6 +24,7 @@ from dataclasses import dataclass, field
 import numpy as np
 
 import zemosaic_align_stack as stk
+import zemosaic_astrometry as zastro
 import zemosaic_fits as zfits
 from zemosaic_config import ConfigError, MosaicConfig, config_to_dict, load_config
 from zemosaic_utils import (GpuBackendError, compute_pixel_mapping, gpu_available,
@@ -38,8 +39,10 @@ PREVIEW_NAME = "zemosaic_mosaic_preview.png"
 REPORT_NAME = "zemosaic_run.json"
 TILES_DIR = "master_tiles"
 CACHE_DIR = ".zemosaic_cache"
+WCS_CACHE_DIR = "wcs"
+STACK_CACHE_DIR = "stacks"
 
-PHASES = ("scan", "group", "master_tiles", "grid", "assembly", "write")
+PHASES = ("scan", "solve", "group", "master_tiles", "grid", "assembly", "write")
 
 def _stack_ram_budget() -> int:
     """Return the bytes an aligned stack may take in RAM: 40 % of the memory available now.
@@ -66,15 +69,39 @@ class Cancelled(Exception):
 
 @dataclass
 class FrameRecord:
-    """A frame that passed the scan: its header information and sky centre."""
+    """A frame that passed the scan: its header, WCS and sky centre.
+
+    ``wcs`` is None until the frame is plate-solved; ``ra``/``dec`` are then the commanded pointing
+    (None when the header has none). ``wcs_source`` says how the WCS was obtained: ``header``,
+    ``solved``, ``matched to NAME`` or ``cache``.
+    """
 
     info: zfits.FrameInfo
-    ra: float
-    dec: float
+    ra: float | None
+    dec: float | None
+    wcs: object = None
+    wcs_source: str = ""
+    solve_s: float | None = None
+    solve_error: str | None = None
+    cache_origin: str | None = None
 
     @property
     def path(self) -> str:
         return self.info.path
+
+    def set_wcs(self, wcs, source: str, solve_s: float | None = None) -> None:
+        """Give the frame its WCS; its centre moves to where the WCS puts it."""
+        h, w = self.info.shape_hw
+        ra, dec = wcs.pixel_to_world_values((w - 1) / 2.0, (h - 1) / 2.0)
+        self.wcs, self.wcs_source, self.solve_s = wcs, source, solve_s
+        self.ra, self.dec = float(ra), float(dec)
+
+    def pixel_scale_deg(self) -> float | None:
+        """Return the pixel scale from the WCS, else from the header's optics, else None."""
+        if self.wcs is not None:
+            return float(np.sqrt(abs(np.linalg.det(self.wcs.pixel_scale_matrix))))
+        scale = zastro.hints_from_header(self.info.header).scale_arcsec
+        return None if scale is None else scale / 3600.0
 
 
 @dataclass
@@ -98,6 +125,7 @@ class RunReport:
     config: dict
     frames_used: list = field(default_factory=list)
     frames_skipped: list = field(default_factory=list)
+    frame_wcs: dict = field(default_factory=dict)
     tiles: list = field(default_factory=list)
     backends: dict = field(default_factory=dict)
     timings_s: dict = field(default_factory=dict)
@@ -105,9 +133,10 @@ class RunReport:
     mosaic_shape: list = field(default_factory=list)
     version: str = __version__
 
-    def skip(self, path: str, reason: str) -> None:
-        """Record a skipped frame and say so once at WARNING."""
-        logger.warning("Skipping %s: %s", os.path.basename(path), reason)
+    def skip(self, path: str, reason: str, quiet: bool = False) -> None:
+        """Record a skipped frame and say so once at WARNING (at DEBUG when ``quiet``)."""
+        logger.log(logging.DEBUG if quiet else logging.WARNING, "Skipping %s: %s",
+                   os.path.basename(path), reason)
         self.frames_skipped.append({"path": path, "reason": reason})
         if path in self.frames_used:
             self.frames_used.remove(path)
@@ -119,6 +148,8 @@ class RunReport:
             "config": self.config,
             "frames_used": self.frames_used,
             "frames_skipped": self.frames_skipped,
+            "frame_wcs": [dict(path=p, **self.frame_wcs[p]) for p in self.frames_used
+                          if p in self.frame_wcs],
             "tiles": self.tiles,
             "mosaic_shape": self.mosaic_shape,
             "backends": self.backends,
@@ -179,19 +210,235 @@ def scan_frames(config: MosaicConfig, report: RunReport, ctx: _Context) -> list[
     for i, path in enumerate(paths):
         ctx.check_cancel()
         try:
-            info = zfits.read_frame_info(path)
+            info = zfits.read_frame_info(path, require_wcs=False)
             if "ZMVERS" in info.header:
                 raise zfits.FrameError("a ZeMosaic output (master tile or mosaic), not a raw frame")
         except zfits.FrameError as exc:
             report.skip(path, str(exc))
         else:
-            h, w = info.shape_hw
-            ra, dec = info.wcs.pixel_to_world_values((w - 1) / 2.0, (h - 1) / 2.0)
-            records.append(FrameRecord(info, float(ra), float(dec)))
+            records.append(_new_record(info, config.force_resolve_existing_wcs))
             report.frames_used.append(path)
         ctx.report("scan", i + 1, len(paths), os.path.basename(path))
-    logger.info("Scan: %d usable frame(s), %d skipped", len(records), len(report.frames_skipped))
+    logger.info("Scan: %d usable frame(s), %d skipped, %d to plate-solve", len(records),
+                len(report.frames_skipped), sum(r.wcs is None for r in records))
     return records
+
+
+def _new_record(info: zfits.FrameInfo, force_resolve: bool) -> FrameRecord:
+    """Return the record of a scanned frame: with its header WCS, or its pointing to solve from."""
+    hints = zastro.hints_from_header(info.header)
+    record = FrameRecord(info, hints.ra_deg, hints.dec_deg)
+    if info.wcs is not None and not force_resolve:
+        record.set_wcs(info.wcs, "header")
+    return record
+
+
+# --------------------------------------------------------------------------------------------------
+# Phase 1b: plate solving (solve few, match many)
+# --------------------------------------------------------------------------------------------------
+
+NO_SOLVER = "no plate solver"
+# A group's matched WCS is checked against one more solve; beyond this they disagree.
+_CHECK_TOLERANCE_PX = 1.0
+# Frames tried as a group's solved anchor before the group is given up.
+_ANCHOR_ATTEMPTS = 3
+
+
+class _Solving:
+    """What the solve phase shares: solver, cache, report, progress and the frames' star lists."""
+
+    def __init__(self, solver, config, report, ctx, total):
+        self.solver, self.config, self.report, self.ctx = solver, config, report, ctx
+        self.cache = zastro.WcsCache(os.path.join(config.output_folder, CACHE_DIR, WCS_CACHE_DIR))
+        self.digests: dict[str, str] = {}
+        self._stars: dict[str, np.ndarray] = {}
+        self._advanced: set[str] = set()
+        self.total, self.solves = total, 0
+
+    def digest(self, record) -> str:
+        if record.path not in self.digests:
+            self.digests[record.path] = zastro.file_sha256(record.path)
+        return self.digests[record.path]
+
+    def _raw(self, record):
+        return zfits.load_frame(record.path, debayer=False, hot_pixels=False, require_wcs=False).data
+
+    def stars(self, record) -> np.ndarray:
+        """Return a frame's star list (full-resolution pixels), detected once per run."""
+        if record.path not in self._stars:
+            self._stars[record.path] = zastro.frame_stars(self._raw(record))
+        return self._stars[record.path]
+
+    def solve(self, record) -> bool:
+        """Plate-solve one frame; True when it got a WCS (the reason is logged otherwise)."""
+        self.ctx.check_cancel()
+        if self.solver is None:
+            record.solve_error = NO_SOLVER
+            return False
+        t0 = time.perf_counter()
+        try:
+            n_stars = len(self.stars(record))
+            if n_stars < zastro.MIN_STARS_TO_SOLVE:
+                raise zastro.SolveError(f"only {n_stars} star(s) detected")
+            self.solves += 1
+            hints = zastro.hints_from_header(record.info.header)
+            wcs = zastro.solve_frame(self.solver, self._raw(record), hints,
+                                     self.config.plate_solve_timeout_s)
+        except (zastro.SolveError, zfits.FrameError) as exc:
+            record.solve_error = str(exc)
+            logger.info("Plate solving %s failed: %s", os.path.basename(record.path), exc)
+            return False
+        self.keep(record, wcs, "solved", time.perf_counter() - t0)
+        return True
+
+    def match(self, record, anchor) -> bool:
+        """Give a frame the WCS of its star match to a solved anchor; True on success."""
+        self.ctx.check_cancel()
+        try:
+            wcs = zastro.wcs_from_star_match(self.stars(record), record.info.shape_hw,
+                                             self.stars(anchor), anchor.wcs)
+        except (zastro.SolveError, zfits.FrameError) as exc:
+            logger.debug("%s: %s; solving it on its own", os.path.basename(record.path), exc)
+            return False
+        self.keep(record, wcs, f"matched to {os.path.basename(anchor.path)}", None)
+        return True
+
+    def keep(self, record, wcs, source, solve_s):
+        record.set_wcs(wcs, source, solve_s)
+        self.cache.put(self.digest(record), wcs, source, solve_s)
+        self.advance(record)
+
+    def advance(self, record):
+        """Count a frame as done (once) and report progress."""
+        self._advanced.add(record.path)
+        self.ctx.report("solve", len(self._advanced), self.total,
+                        f"{os.path.basename(record.path)}: {record.wcs_source or 'failed'}")
+
+
+def solve_frames(records: list[FrameRecord], config, report, ctx) -> list[FrameRecord]:
+    """Phase 1b: give every frame without a usable WCS one; returns the frames that have one.
+
+    WCSs come from the cache first (keyed by file content). The others are grouped by their
+    commanded pointing; per group one frame is plate-solved (or a frame with a WCS already serves)
+    and the rest get the WCS their star match to it implies, with one more frame solved as a
+    check. A frame whose match fails is solved on its own; one that cannot be solved is skipped.
+    """
+    pending = [r for r in records if r.wcs is None]
+    if not pending:
+        _record_wcs_sources(records, report)
+        return records
+    solver, reason = zastro.solver_from_config(config)
+    state = _Solving(solver, config, report, ctx, len(pending))
+    pending = [r for r in pending if not _from_cache(r, state)]
+    if pending:
+        logger.info("Plate solving: %d frame(s) without WCS, %s", len(pending),
+                    solver.name if solver else f"star matching only ({reason})")
+    for group in _solve_groups(records, pending):
+        _solve_group(group, state)
+    unsolved = [r for r in pending if r.wcs is None and r.solve_error == NO_SOLVER]
+    if unsolved:
+        # One WARNING for all of them: the fix is the same (install a solver), not per frame.
+        names = ", ".join(os.path.basename(r.path) for r in unsolved[:10])
+        more = f" and {len(unsolved) - 10} more" if len(unsolved) > 10 else ""
+        logger.warning("%d frame(s) have no WCS and no plate solver can run (%s): %s%s are "
+                       "skipped; to use them, %s", len(unsolved), reason, names, more,
+                       zastro.INSTALL_HINT)
+    for r in pending:
+        if r.wcs is None:
+            no_solver = r.solve_error == NO_SOLVER
+            why = f"no plate solver ({reason})" if no_solver \
+                else f"could not be plate-solved: {r.solve_error or 'no solution'}"
+            report.skip(r.path, f"{r.info.wcs_problem or 'WCS not used'}; {why}", quiet=no_solver)
+    used = _record_wcs_sources([r for r in records if r.wcs is not None], report)
+    logger.info("Plate solving: %d solver run(s), %d frame(s) matched, %d from the cache",
+                state.solves, sum(r.wcs_source.startswith("matched") for r in used),
+                sum(r.wcs_source == "cache" for r in used))
+    return used
+
+
+def _record_wcs_sources(records, report) -> list[FrameRecord]:
+    """Write how each frame got its WCS into the report; returns ``records``."""
+    for r in records:
+        entry = {"wcs": r.wcs_source, "solve_s": None if r.solve_s is None else round(r.solve_s, 3)}
+        if r.cache_origin:
+            entry["cached_from"] = r.cache_origin
+        report.frame_wcs[r.path] = entry
+    return records
+
+
+def _from_cache(record, state) -> bool:
+    """Give a frame its cached WCS; True on a hit."""
+    hit = state.cache.get(state.digest(record))
+    if hit is None:
+        return False
+    record.set_wcs(hit.wcs, "cache", hit.solve_s)
+    record.cache_origin = hit.source
+    state.advance(record)
+    return True
+
+
+def _solve_groups(records, pending) -> list[list[FrameRecord]]:
+    """Return groups (by pointing) holding frames to solve, each with the group's solved frames.
+
+    A frame with no pointing in its header is a group of its own (solved blind).
+    """
+    placed = [r for r in records if r.ra is not None]
+    groups = group_by_position(placed, automatic_panel_threshold(records)) if placed else []
+    todo = {id(r) for r in pending}
+    out = [[placed[i] for i in g] for g in groups if any(id(placed[i]) in todo for i in g)]
+    return out + [[r] for r in pending if r.ra is None]
+
+
+def _nearest_centre_first(group) -> list[FrameRecord]:
+    """Return a group's frames ordered by distance to the group's mean pointing."""
+    vec = _unit_vectors([r.ra for r in group], [r.dec for r in group])
+    centre = vec.mean(axis=0)
+    return [group[i] for i in np.argsort(-(vec @ centre), kind="stable")]
+
+
+def _solve_group(group, state) -> None:
+    """Solve one frame of a group (its anchor), match the rest to it, check one more solve."""
+    ordered = _nearest_centre_first(group) if group[0].ra is not None else group
+    anchor = next((r for r in ordered if r.wcs is not None), None)
+    tries = 0
+    for r in ordered:
+        if anchor is not None or tries >= _ANCHOR_ATTEMPTS:
+            break
+        tries += 1
+        if state.solve(r):
+            anchor = r
+    todo = [r for r in ordered if r.wcs is None]
+    if anchor is None:
+        for r in todo:
+            r.solve_error = NO_SOLVER if state.solver is None else \
+                f"no frame of its group could be plate-solved ({tries} tried)"
+            state.advance(r)
+        return
+    matched = [r for r in todo if state.match(r, anchor)]
+    if matched and not _check_matches(matched, anchor, state):
+        for r in matched:
+            r.wcs = None
+            todo.append(r)
+    for r in todo:
+        if r.wcs is None and not state.solve(r):
+            state.advance(r)
+
+
+def _check_matches(matched, anchor, state) -> bool:
+    """Solve one matched frame too; False (and a WARNING) when match and solve disagree."""
+    check = matched[len(matched) // 2]
+    wcs_matched = check.wcs
+    if not state.solve(check):
+        check.set_wcs(wcs_matched, f"matched to {os.path.basename(anchor.path)}")
+        return True  # nothing to compare with: the match stands
+    offset = zastro.wcs_pixel_offset(wcs_matched, check.wcs, check.info.shape_hw)
+    logger.debug("Plate solving check on %s: matched and solved WCS %.2f px apart",
+                 os.path.basename(check.path), offset)
+    if offset <= _CHECK_TOLERANCE_PX:
+        return True
+    logger.warning("Star-matched WCSs of the group of %s disagree with a plate solution by %.1f px;"
+                   " solving its frames one by one", os.path.basename(anchor.path), offset)
+    return False
 
 
 # --------------------------------------------------------------------------------------------------
@@ -210,11 +457,10 @@ def automatic_panel_threshold(records: list[FrameRecord]) -> float:
     Dithers move a frame by a few per cent of its field; mosaic panels are typically 70-90 % of a
     field apart, so a quarter of the short side separates them with margin on both sides.
     """
-    short_sides = []
-    for r in records:
-        scale = np.sqrt(abs(np.linalg.det(r.info.wcs.pixel_scale_matrix)))
-        short_sides.append(min(r.info.shape_hw) * scale)
-    return 0.25 * float(np.median(short_sides))
+    short_sides = [min(r.info.shape_hw) * r.pixel_scale_deg() for r in records
+                   if r.pixel_scale_deg() is not None]
+    # Without a WCS or optics in any header: a Seestar's field (0.72 deg short side).
+    return 0.25 * float(np.median(short_sides)) if short_sides else 0.18
 
 
 def group_by_position(records: list[FrameRecord], threshold_deg: float) -> list[list[int]]:
@@ -311,11 +557,11 @@ def _load_and_align_group(records, config, report, ctx, cache_dir, tile_label):
         ctx.check_cancel()
         rec = records[i]
         try:
-            frame = zfits.load_frame(rec.path, hot_pixels=config.correct_hot_pixels)
+            frame = zfits.load_frame(rec.path, hot_pixels=config.correct_hot_pixels, wcs=rec.wcs)
             if reference is None:
                 reference = frame.data
                 canvas = stk.group_canvas(frame.wcs, reference.shape[:2],
-                                          [(r.info.wcs, r.info.shape_hw) for r in records])
+                                          [(r.wcs, r.info.shape_hw) for r in records])
                 stack = _allocate_stack((len(records),) + canvas.shape + reference.shape[2:], cache_dir)
                 aligned = stk.place_reference(reference, canvas)
             else:
@@ -393,7 +639,7 @@ def _tile_header_cards(config, used, reference, backend) -> list:
 def build_master_tile(index, records, config, report, ctx, tiles_dir, use_gpu) -> MasterTile | None:
     """Phase 3 for one group: align, stack and write ``master_tile_NNN.fits``; None if nothing stacks."""
     label = f"tile {index:03d}"
-    cache_dir = os.path.join(config.output_folder, CACHE_DIR)
+    cache_dir = os.path.join(config.output_folder, CACHE_DIR, STACK_CACHE_DIR)
     logger.debug("MT_COVERAGE: propagate_mask=True (%s, %d frames)", label, len(records))
     stack, used, tile_wcs = _load_and_align_group(records, config, report, ctx, cache_dir, label)
     if not used:
@@ -741,16 +987,7 @@ def assemble_mosaic(tiles, wcs_out, shape_out, config, report, ctx, gpu_xp=None)
 
 def _write_json_atomic(path: str, payload: dict) -> None:
     """Write JSON through a temporary file and a rename, so the file is whole or absent."""
-    folder = os.path.dirname(os.path.abspath(path))
-    fd, tmp = tempfile.mkstemp(dir=folder, prefix=".", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as fh:
-            json.dump(payload, fh, indent=2, default=str)
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.remove(tmp)
-        raise
+    zfits.write_text_atomic(path, json.dumps(payload, indent=2, default=str))
 
 
 def write_outputs(mosaic, coverage, wcs_out, config, report, tiles) -> dict:
@@ -823,6 +1060,7 @@ def run_mosaic(config: MosaicConfig, progress=None, cancel: threading.Event | No
 
     try:
         records = timed("scan", scan_frames, config, report, ctx)
+        records = timed("solve", solve_frames, records, config, report, ctx)
         if not records:
             raise PipelineError(f"no usable frame in {config.input_folder} "
                                 f"({len(report.frames_skipped)} skipped)")
@@ -841,7 +1079,9 @@ def run_mosaic(config: MosaicConfig, progress=None, cancel: threading.Event | No
         paths = timed("write", write_outputs, mosaic, coverage, wcs_out, config, report, tiles)
         ctx.report("write", 1, 1, "outputs written")
     finally:
-        shutil.rmtree(os.path.join(config.output_folder, CACHE_DIR), ignore_errors=True)
+        # Disk-backed stacks are scratch; the WCS cache beside them is kept for the next run.
+        shutil.rmtree(os.path.join(config.output_folder, CACHE_DIR, STACK_CACHE_DIR),
+                      ignore_errors=True)
     timings["total"] = time.perf_counter() - t_start
     _write_json_atomic(paths["report"], report.to_dict())
     return RunResult(paths, report.to_dict(), timings["total"])

@@ -142,4 +142,5 @@ def test_disk_backed_stack_gives_the_same_tile(tmp_path, monkeypatch):
     on_disk = zw.build_master_tile(1, records, config, report, zw._Context(None, None), str(tmp_path / "o"), False)
     assert np.array_equal(np.isnan(in_ram.image), np.isnan(on_disk.image))
     assert np.allclose(in_ram.image, on_disk.image, equal_nan=True)
-    assert not (tmp_path / "o" / zw.CACHE_DIR).exists() or not list((tmp_path / "o" / zw.CACHE_DIR).iterdir())
+    stacks = tmp_path / "o" / zw.CACHE_DIR / zw.STACK_CACHE_DIR
+    assert not stacks.exists() or not list(stacks.iterdir())

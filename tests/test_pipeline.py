@@ -25,10 +25,13 @@ FRAMES_PER_PANEL = 5
 BAD_FILES = {
     "bad_truncated.fits": "truncated",
     "bad_text.fits": "not a FITS",
-    "bad_nowcs.fits": "WCS",
+    "bad_nowcs.fits": "no celestial WCS",
     "bad_zero.fits": "zero",
     "bad_singular.fits": "singular",
 }
+# Frames without a usable WCS are plate-solved or star-matched: these two hold noise only, so
+# neither works and they are skipped with the reason (with or without a solver installed).
+UNSOLVABLE = ("bad_nowcs.fits", "bad_singular.fits")
 
 
 def _checksums(folder):
@@ -41,6 +44,7 @@ def _add_bad_files(frames_dir):
     good = sorted(Path(frames_dir).glob("Light_*.fits"))[0]
     with fits.open(good) as hdul:
         header, data = hdul[0].header.copy(), hdul[0].data.copy()
+    noise = np.random.default_rng(3).normal(1000.0, 30.0, data.shape).astype(np.uint16)
     blob = good.read_bytes()
     (Path(frames_dir) / "bad_truncated.fits").write_bytes(blob[: len(blob) // 2])
     (Path(frames_dir) / "bad_text.fits").write_text("this is not a FITS file\n")
@@ -48,11 +52,11 @@ def _add_bad_files(frames_dir):
     for key in list(nowcs):
         if key.startswith(("CTYPE", "CRVAL", "CRPIX", "CD1_", "CD2_", "CUNIT")):
             del nowcs[key]
-    fits.PrimaryHDU(data, nowcs).writeto(Path(frames_dir) / "bad_nowcs.fits")
+    fits.PrimaryHDU(noise, nowcs).writeto(Path(frames_dir) / "bad_nowcs.fits")
     fits.PrimaryHDU(np.zeros_like(data), header).writeto(Path(frames_dir) / "bad_zero.fits")
     singular = header.copy()
     singular["CD1_1"], singular["CD1_2"] = singular["CD2_1"], singular["CD2_2"]
-    fits.PrimaryHDU(data, singular).writeto(Path(frames_dir) / "bad_singular.fits")
+    fits.PrimaryHDU(noise, singular).writeto(Path(frames_dir) / "bad_singular.fits")
 
 
 @pytest.fixture(scope="module")
@@ -106,7 +110,11 @@ def test_outputs_exist_with_expected_layout(run):
     assert set(report["timings_s"]) >= set(zw.PHASES)
     assert report["backends"]["assembly"] == "cpu"
     assert report["config"]["stacking_rejection_algorithm"] == "winsorized_sigma_clip"
-    assert not list(out.rglob(".*.tmp")) and not (out / zw.CACHE_DIR).exists()
+    assert not list(out.rglob(".*.tmp"))
+    stacks = out / zw.CACHE_DIR / zw.STACK_CACHE_DIR
+    assert not stacks.exists() or not list(stacks.iterdir())
+    assert {e["wcs"] for e in report["frame_wcs"]} == {"header"}
+    assert len(report["frame_wcs"]) == len(report["frames_used"])
 
 
 def test_progress_reports_every_phase(run):
@@ -122,6 +130,8 @@ def test_bad_inputs_skipped_with_reason_and_one_warning(run):
     assert set(skipped) == set(BAD_FILES)
     for name, words in BAD_FILES.items():
         assert words.lower() in skipped[name].lower(), (name, skipped[name])
+        if name in UNSOLVABLE:
+            assert "plate" in skipped[name], skipped[name]
         warnings = [r for r in run["records"] if r.levelno == logging.WARNING and name in r.getMessage()]
         assert len(warnings) == 1, name
     assert not any("master_tile_999" in p for p in report["frames_used"])

@@ -1,0 +1,553 @@
+"""Plate solving and frame WCS: astrometry.net or ASTAP, star matching to a solved frame, a cache.
+
+A Seestar sub carries no plate solution, only the commanded pointing (``RA``/``DEC``, up to
+~0.3 deg off) and the optics (``FOCALLEN``, ``XPIXSZ``). This module gives such a frame a WCS:
+
+* :func:`solve_frame` runs an offline solver on a 2x2 superpixel copy of the frame written to a
+  temporary folder (the input file is never touched), with the pointing and the pixel scale as
+  hints and a time limit, and returns a TAN WCS at full resolution. Two backends:
+  :class:`AstrometryNetSolver` (astrometry.net's ``solve-field`` with its Tycho-2 index files,
+  about a second per Seestar sub with hints) and :class:`AstapSolver` (ASTAP's command line).
+* :func:`wcs_from_star_match` gives a frame the WCS its star match to an already solved frame
+  implies: solving costs seconds, matching a fraction of one, so a group solves one frame and
+  matches the others.
+* :class:`WcsCache` keeps every frame's WCS keyed by the file's content hash, so a second run over
+  the same frames solves nothing.
+
+Star lists come from :func:`detect_stars` (Source Extractor's algorithm through ``sep``).
+Coordinates follow NumPy/astropy: 0-based pixel ``(x, y)`` with ``x`` the column.
+"""
+
+from __future__ import annotations
+
+import glob
+import hashlib
+import json
+import logging
+import os
+import shutil
+import subprocess
+import tempfile
+import time
+import warnings
+from dataclasses import dataclass
+
+import numpy as np
+from astropy.io import fits
+from astropy.utils.exceptions import AstropyWarning
+from astropy.wcs import WCS
+
+logger = logging.getLogger(__name__)
+
+#: Binning applied before solving: a Seestar's stars are 2-3 px wide, so a 2x2 superpixel keeps
+#: them and makes source extraction four times cheaper (the GRBG cell becomes one grey pixel).
+SOLVE_BINNING = 2
+#: Folders searched for astrometry.net index files when its config file names none.
+DEFAULT_INDEX_DIRS = ("/usr/share/astrometry", "/usr/local/astrometry/data",
+                      "/usr/local/share/astrometry", "/opt/homebrew/share/astrometry")
+_ASTROMETRY_CONFIGS = ("/etc/astrometry.cfg", "/usr/local/astrometry/etc/astrometry.cfg",
+                       "/usr/local/etc/astrometry.cfg", "/opt/homebrew/etc/astrometry.cfg")
+INSTALL_HINT = ("install a plate solver: on Debian/Ubuntu `sudo apt-get install astrometry.net "
+                "astrometry-data-tycho2-07-littleendian astrometry-data-tycho2-08-littleendian "
+                "astrometry-data-tycho2-09-littleendian astrometry-data-tycho2-10-19-littleendian`"
+                " (or `make system-deps`); on macOS/Windows install ASTAP and set "
+                "astap_executable_path")
+#: Fewer stars than this and a frame is not worth a solver run (clouds, a dark or a flat).
+MIN_STARS_TO_SOLVE = 8
+# A star match is trusted when this many stars agree to within this many pixels (full frame).
+_MIN_MATCHED_STARS = 8
+_MATCH_TOLERANCE_PX = 2.0
+
+
+class SolveError(Exception):
+    """A frame could not be given a WCS; the message is the reason shown to the user."""
+
+
+# --------------------------------------------------------------------------------------------------
+# Header hints
+# --------------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class SolveHints:
+    """What the header says about where a frame points and its pixel scale (None = unknown)."""
+
+    ra_deg: float | None = None
+    dec_deg: float | None = None
+    scale_arcsec: float | None = None  # full-resolution pixel scale
+
+    @property
+    def has_position(self) -> bool:
+        return self.ra_deg is not None and self.dec_deg is not None
+
+
+def _header_float(header, key):
+    value = header.get(key)
+    if isinstance(value, (int, float)) and not isinstance(value, bool) and np.isfinite(value):
+        return float(value)
+    return None
+
+
+def _sexagesimal(text, hours: bool):
+    """Return degrees from ``'HH MM SS.s'`` / ``'+DD MM SS'`` text, or None."""
+    try:
+        parts = [float(p) for p in str(text).replace(":", " ").split()]
+    except ValueError:
+        return None
+    if not 1 <= len(parts) <= 3:
+        return None
+    sign = -1.0 if str(text).strip().startswith("-") else 1.0
+    value = sum(abs(p) / 60.0**i for i, p in enumerate(parts))
+    return sign * value * (15.0 if hours else 1.0)
+
+
+def hints_from_header(header) -> SolveHints:
+    """Return the pointing (``RA``/``DEC`` in degrees, else ``OBJCTRA``/``OBJCTDEC`` text) and the
+    pixel scale (206.265 * ``XPIXSZ`` [um] / ``FOCALLEN`` [mm], or ``SCALE``/``PIXSCALE``) of a frame.
+    """
+    ra, dec = _header_float(header, "RA"), _header_float(header, "DEC")
+    if ra is None or dec is None:
+        ra = _sexagesimal(header.get("OBJCTRA", ""), hours=True) if "OBJCTRA" in header else None
+        dec = _sexagesimal(header.get("OBJCTDEC", ""), hours=False) if "OBJCTDEC" in header else None
+    if dec is not None and not -90.0 <= dec <= 90.0:
+        ra = dec = None
+    pixel_um, focal_mm = _header_float(header, "XPIXSZ"), _header_float(header, "FOCALLEN")
+    scale = None
+    if pixel_um and focal_mm and pixel_um > 0 and focal_mm > 0:
+        scale = 206.264806 * pixel_um / focal_mm
+    else:
+        scale = _header_float(header, "SCALE") or _header_float(header, "PIXSCALE")
+    return SolveHints(None if ra is None else ra % 360.0, dec, scale)
+
+
+# --------------------------------------------------------------------------------------------------
+# Images and stars
+# --------------------------------------------------------------------------------------------------
+
+
+def superpixel_image(data) -> np.ndarray:
+    """Return the 2x2-binned grey image of a frame: ``(H, W)`` raw Bayer or ``(H, W, C)``.
+
+    A binned Bayer cell holds one pixel of each colour, so the result is a grey image at half
+    resolution. NaN stays NaN (a bin with a NaN sample is NaN).
+    """
+    image = np.asarray(data, dtype=np.float32)
+    if image.ndim == 3:
+        image = image.mean(axis=2, dtype=np.float32)
+    b = SOLVE_BINNING
+    h, w = (image.shape[0] // b) * b, (image.shape[1] // b) * b
+    return image[:h, :w].reshape(h // b, b, w // b, b).mean(axis=(1, 3), dtype=np.float32)
+
+
+def detect_stars(image2d, max_stars: int = 150, threshold_sigma: float = 5.0) -> np.ndarray:
+    """Return ``(N, 2)`` star positions ``(x, y)``, brightest first, at most ``max_stars``.
+
+    Background and noise from a 64-px mesh; sources above ``threshold_sigma`` with at least 5
+    pixels. Saturated and very extended sources (flagged blends, truncated at the edge) are kept
+    out: their centroids are the least precise and matching needs precision, not completeness.
+    """
+    import sep
+
+    data = np.ascontiguousarray(image2d, dtype=np.float32)
+    mask = ~np.isfinite(data)
+    if mask.all():
+        return np.zeros((0, 2))
+    if mask.any():
+        data = np.where(mask, np.float32(np.nanmedian(data)), data)  # detection only
+    background = sep.Background(data, mask=mask, bw=64, bh=64)
+    residual = data - background.back()
+    try:
+        sources = sep.extract(residual, threshold_sigma, err=background.globalrms, mask=mask,
+                              minarea=5)
+    except Exception as exc:  # sep raises plain Exceptions (e.g. too many sources)
+        logger.debug("star detection failed: %s", exc)
+        return np.zeros((0, 2))
+    keep = (sources["flag"] & (sep.OBJ_TRUNC | sep.OBJ_MERGED)) == 0
+    keep &= sources["peak"] < 0.95 * float(np.nanmax(data))
+    sources = sources[keep]
+    order = np.argsort(-sources["flux"])[:max_stars]
+    return np.column_stack([sources["x"][order], sources["y"][order]]).astype(np.float64)
+
+
+def _binned_to_full(xy, factor: int = SOLVE_BINNING) -> np.ndarray:
+    """Return full-resolution pixel positions of superpixel positions (0-based centres)."""
+    return np.asarray(xy, dtype=np.float64) * factor + (factor - 1) / 2.0
+
+
+# --------------------------------------------------------------------------------------------------
+# WCS helpers
+# --------------------------------------------------------------------------------------------------
+
+
+def _tangent_plane(ra0, dec0) -> WCS:
+    """Return a TAN WCS with unit CD at ``(ra0, dec0)``: its pixels are intermediate degrees."""
+    tan = WCS(naxis=2)
+    tan.wcs.ctype = ["RA---TAN", "DEC--TAN"]
+    tan.wcs.crval = [ra0, dec0]
+    tan.wcs.crpix = [0.0, 0.0]
+    tan.wcs.cd = np.eye(2)
+    tan.wcs.set()
+    return tan
+
+
+def tan_wcs_from_points(x, y, ra, dec, centre_xy) -> WCS:
+    """Return the TAN WCS (CD matrix) that best maps pixels ``(x, y)`` to ``(ra, dec)``.
+
+    The tangent point is the sky position nearest ``centre_xy``; the linear part is a least-squares
+    fit in that tangent plane, so the result is exact for points that already follow a TAN
+    projection and the best linear approximation for anything else (a SIP solution, say).
+    """
+    x, y, ra, dec = (np.asarray(v, dtype=np.float64) for v in (x, y, ra, dec))
+    nearest = int(np.argmin(np.hypot(x - centre_xy[0], y - centre_xy[1])))
+    crval = (float(ra[nearest]), float(dec[nearest]))
+    for _ in range(2):  # refit once with the tangent point at the fitted centre
+        xi, eta = _tangent_plane(*crval).wcs_world2pix(ra, dec, 0)
+        design = np.column_stack([x - centre_xy[0], y - centre_xy[1], np.ones_like(x)])
+        coef_xi, *_ = np.linalg.lstsq(design, xi, rcond=None)
+        coef_eta, *_ = np.linalg.lstsq(design, eta, rcond=None)
+        cd = np.array([coef_xi[:2], coef_eta[:2]])
+        crval = tuple(float(v) for v in _tangent_plane(*crval).wcs_pix2world(
+            [[coef_xi[2], coef_eta[2]]], 0)[0])
+    wcs = WCS(naxis=2)
+    wcs.wcs.ctype = ["RA---TAN", "DEC--TAN"]
+    wcs.wcs.crval = crval
+    wcs.wcs.crpix = [centre_xy[0] + 1.0, centre_xy[1] + 1.0]
+    wcs.wcs.cd = cd
+    wcs.wcs.radesys = "ICRS"
+    wcs.wcs.set()
+    return wcs
+
+
+def _grid(shape_hw, n: int = 9):
+    """Return ``(x, y)`` of an ``n x n`` grid of pixel positions spanning a frame."""
+    h, w = shape_hw
+    gx, gy = np.meshgrid(np.linspace(0, w - 1, n), np.linspace(0, h - 1, n))
+    return gx.ravel(), gy.ravel()
+
+
+def wcs_pixel_offset(wcs_a, wcs_b, shape_hw) -> float:
+    """Return the median distance (pixels of ``b``) between where two WCSs put a frame's pixels."""
+    x, y = _grid(shape_hw)
+    ra, dec = wcs_a.all_pix2world(x, y, 0)
+    xb, yb = wcs_b.all_world2pix(ra, dec, 0)
+    return float(np.median(np.hypot(xb - x, yb - y)))
+
+
+def rescale_binned_wcs(wcs_binned, shape_hw, factor: int = SOLVE_BINNING) -> WCS:
+    """Return the full-resolution TAN WCS of a frame from the WCS of its ``factor``-binned copy.
+
+    Fitted through a grid of full-resolution pixels, so a SIP solution of the binned image becomes
+    its best TAN approximation at full resolution (the one this module hands out).
+    """
+    x, y = _grid(shape_hw)
+    ra, dec = wcs_binned.all_pix2world((x - (factor - 1) / 2.0) / factor,
+                                       (y - (factor - 1) / 2.0) / factor, 0)
+    h, w = shape_hw
+    return tan_wcs_from_points(x, y, ra, dec, ((w - 1) / 2.0, (h - 1) / 2.0))
+
+
+def _read_wcs_text(path: str) -> WCS:
+    """Return the celestial WCS of a header file (a FITS header, or ASTAP's text .wcs file)."""
+    with open(path, "rb") as fh:
+        raw = fh.read()
+    try:
+        header = fits.Header.fromstring(raw.decode("ascii", errors="replace"),
+                                        sep="" if b"\n" not in raw[:2880] else "\n")
+    except Exception as exc:
+        raise SolveError(f"unreadable solution file: {exc}") from exc
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", AstropyWarning)
+        wcs = WCS(header, relax=True)
+    if not wcs.has_celestial:
+        raise SolveError("the solver wrote no celestial WCS")
+    return wcs.celestial
+
+
+# --------------------------------------------------------------------------------------------------
+# Solvers
+# --------------------------------------------------------------------------------------------------
+
+
+def _write_solver_input(image2d, folder: str) -> str:
+    """Write a grey float32 image for a solver; NaN becomes the median (solvers know no NaN)."""
+    data = np.asarray(image2d, dtype=np.float32)
+    if not np.isfinite(data).all():
+        data = np.where(np.isfinite(data), data, np.float32(np.nanmedian(data)))
+    path = os.path.join(folder, "frame.fits")
+    fits.PrimaryHDU(data).writeto(path)
+    return path
+
+
+def _run(command, timeout_s: float, cwd: str) -> subprocess.CompletedProcess:
+    """Run a solver process with a time limit; its output is kept for DEBUG only."""
+    logger.debug("solver: %s", " ".join(command))
+    try:
+        done = subprocess.run(command, cwd=cwd, capture_output=True, text=True,
+                              timeout=timeout_s, stdin=subprocess.DEVNULL)
+    except subprocess.TimeoutExpired as exc:
+        raise SolveError(f"plate solving timed out after {timeout_s:.0f} s") from exc
+    except OSError as exc:
+        raise SolveError(f"cannot run the plate solver {command[0]}: {exc.strerror or exc}") from exc
+    logger.debug("solver exit %d; output tail: %s", done.returncode, (done.stdout or "")[-600:])
+    return done
+
+
+def astrometry_index_dirs() -> list[str]:
+    """Return the folders holding astrometry.net index files (its config's ``add_path`` first)."""
+    folders = []
+    for cfg in _ASTROMETRY_CONFIGS:
+        try:
+            with open(cfg) as fh:
+                folders += [line.split(None, 1)[1].strip() for line in fh
+                            if line.strip().startswith("add_path") and len(line.split()) > 1]
+        except OSError:
+            continue
+    folders += list(DEFAULT_INDEX_DIRS)
+    seen = []
+    for folder in folders:
+        if folder not in seen and glob.glob(os.path.join(folder, "index-*.fits")):
+            seen.append(folder)
+    return seen
+
+
+class AstrometryNetSolver:
+    """astrometry.net's ``solve-field``, offline, with the index files found on this machine."""
+
+    name = "astrometry.net"
+
+    def __init__(self, executable: str = "solve-field", search_radius_deg: float = 3.0):
+        self.executable = executable
+        self.search_radius_deg = search_radius_deg
+
+    def unavailable_reason(self) -> str | None:
+        """Return why this solver cannot run here, or None when it can."""
+        if shutil.which(self.executable) is None:
+            return f"{self.executable} not found"
+        if not astrometry_index_dirs():
+            return "no astrometry.net index files found"
+        return None
+
+    def solve(self, image2d, hints: SolveHints, timeout_s: float, workdir: str) -> WCS:
+        """Return the WCS of ``image2d`` (pixel scale hint in its own pixels)."""
+        path = _write_solver_input(image2d, workdir)
+        command = [self.executable, "--overwrite", "--no-plots", "--no-verify", "--no-remove-lines",
+                   "--new-fits", "none", "--index-xyls", "none", "--rdls", "none",
+                   "--corr", "none", "--match", "none", "--solved", "none", "--axy", "none",
+                   "--temp-axy", "--crpix-center", "--tweak-order", "2", "--downsample", "1",
+                   "--objs", "100", "--cpulimit", str(max(1, int(timeout_s)))]
+        if hints.scale_arcsec:
+            command += ["--scale-units", "arcsecperpix",
+                        "--scale-low", f"{0.85 * hints.scale_arcsec:.4f}",
+                        "--scale-high", f"{1.15 * hints.scale_arcsec:.4f}"]
+        if hints.has_position:
+            command += ["--ra", f"{hints.ra_deg:.6f}", "--dec", f"{hints.dec_deg:.6f}",
+                        "--radius", f"{self.search_radius_deg:g}"]
+        # An own engine config: the index folders found here (the system config's and the usual
+        # places) and the time limit, whatever the machine's config says.
+        config = os.path.join(workdir, "astrometry.cfg")
+        with open(config, "w") as fh:
+            fh.write(f"cpulimit {max(1, int(timeout_s))}\nautoindex\n")
+            fh.writelines(f"add_path {folder}\n" for folder in astrometry_index_dirs())
+        _run(command + ["--config", config, path], timeout_s + 5.0, workdir)
+        solution = os.path.join(workdir, "frame.wcs")
+        if not os.path.exists(solution):
+            raise SolveError("astrometry.net found no solution")
+        return _read_wcs_text(solution)
+
+
+class AstapSolver:
+    """ASTAP's command line (``astap -f FILE -ra H -spd DEG+90 -fov DEG -r DEG -wcs``)."""
+
+    name = "ASTAP"
+
+    def __init__(self, executable: str, database: str = "", search_radius_deg: float = 3.0):
+        self.executable = executable
+        self.database = database
+        self.search_radius_deg = search_radius_deg
+
+    def unavailable_reason(self) -> str | None:
+        """Return why this solver cannot run here, or None when it can."""
+        if not (os.path.isfile(self.executable) and os.access(self.executable, os.X_OK)) \
+                and shutil.which(self.executable) is None:
+            return f"ASTAP executable not found: {self.executable}"
+        return None
+
+    def solve(self, image2d, hints: SolveHints, timeout_s: float, workdir: str) -> WCS:
+        """Return the WCS of ``image2d`` (pixel scale hint in its own pixels)."""
+        path = _write_solver_input(image2d, workdir)
+        base = os.path.join(workdir, "solution")
+        command = [self.executable, "-f", path, "-o", base, "-wcs", "-z", "1",
+                   "-r", f"{self.search_radius_deg:g}"]
+        if hints.scale_arcsec:
+            command += ["-fov", f"{hints.scale_arcsec * np.shape(image2d)[0] / 3600.0:.4f}"]
+        if hints.has_position:
+            command += ["-ra", f"{hints.ra_deg / 15.0:.6f}", "-spd", f"{hints.dec_deg + 90.0:.6f}"]
+        if self.database:
+            command += ["-d", self.database]
+        done = _run(command, timeout_s, workdir)
+        solution = base + ".wcs"
+        if not os.path.exists(solution):
+            raise SolveError(f"ASTAP found no solution ({_astap_error(base + '.ini', done)})")
+        return _read_wcs_text(solution)
+
+
+def _astap_error(ini_path: str, done) -> str:
+    """Return ASTAP's reason for a failure (its .ini ``ERROR=`` line or its exit code)."""
+    try:
+        with open(ini_path, errors="replace") as fh:
+            for line in fh:
+                if line.startswith("ERROR="):
+                    return line.split("=", 1)[1].strip() or f"exit {done.returncode}"
+    except OSError:
+        pass
+    return f"exit {done.returncode}"
+
+
+def solver_from_config(config):
+    """Return ``(solver, None)`` for the configured solver, or ``(None, reason)`` when none runs.
+
+    ASTAP when ``astap_executable_path`` is set, astrometry.net's ``solve-field`` otherwise.
+    """
+    radius = config.astap_default_search_radius
+    if config.astap_executable_path:
+        solver = AstapSolver(config.astap_executable_path, config.astap_data_directory_path, radius)
+    else:
+        solver = AstrometryNetSolver(search_radius_deg=radius)
+    reason = solver.unavailable_reason()
+    return (None, reason) if reason else (solver, None)
+
+
+def solve_frame(solver, data, hints: SolveHints, timeout_s: float) -> WCS:
+    """Plate-solve one frame (raw Bayer ``(H, W)`` or ``(H, W, C)``); returns its full-res TAN WCS.
+
+    The solver sees a 2x2 superpixel copy in a temporary folder that is removed afterwards.
+    Raises :class:`SolveError` with the solver's reason.
+    """
+    binned = superpixel_image(data)
+    scaled = SolveHints(hints.ra_deg, hints.dec_deg,
+                        None if hints.scale_arcsec is None else hints.scale_arcsec * SOLVE_BINNING)
+    with tempfile.TemporaryDirectory(prefix="zemosaic_solve_") as workdir:
+        wcs_binned = solver.solve(binned, scaled, timeout_s, workdir)
+    return rescale_binned_wcs(wcs_binned, np.shape(data)[:2])
+
+
+# --------------------------------------------------------------------------------------------------
+# WCS from a star match
+# --------------------------------------------------------------------------------------------------
+
+
+def _fit_affine(src, dst) -> np.ndarray:
+    """Return the 3x3 least-squares affine matrix taking ``src`` (N, 2) to ``dst`` (N, 2)."""
+    design = np.column_stack([src, np.ones(len(src))])
+    coef, *_ = np.linalg.lstsq(design, dst, rcond=None)
+    return np.vstack([coef.T, [0.0, 0.0, 1.0]])
+
+
+def _apply(matrix, xy) -> np.ndarray:
+    return xy @ matrix[:2, :2].T + matrix[:2, 2]
+
+
+def match_stars(frame_stars, reference_stars) -> tuple[np.ndarray, int, float]:
+    """Return ``(affine frame -> reference pixels, matched stars, rms px)`` from two star lists.
+
+    Triangle matching (astroalign) finds the transform; it is then refined by least squares on
+    every star that lands within 2 px of a reference star, which makes it precise (all stars, not
+    RANSAC's sample) and independent of RANSAC's random draw. Raises :class:`SolveError`.
+    """
+    import astroalign
+    from scipy.spatial import cKDTree
+
+    if len(frame_stars) < 5 or len(reference_stars) < 5:
+        raise SolveError(f"too few stars to match ({len(frame_stars)} and {len(reference_stars)})")
+    try:
+        transform, _ = astroalign.find_transform(frame_stars, reference_stars, max_control_points=50)
+    except Exception as exc:  # MaxIterError, ValueError...
+        raise SolveError(f"star matching failed: {exc}") from exc
+    matrix = np.asarray(transform.params, dtype=np.float64)
+    tree = cKDTree(reference_stars)
+    for _ in range(3):
+        dist, idx = tree.query(_apply(matrix, frame_stars), distance_upper_bound=_MATCH_TOLERANCE_PX)
+        ok = np.isfinite(dist)
+        if ok.sum() < _MIN_MATCHED_STARS:
+            raise SolveError(f"star matching failed: only {int(ok.sum())} stars agree")
+        matrix = _fit_affine(frame_stars[ok], reference_stars[idx[ok]])
+    residual = _apply(matrix, frame_stars[ok]) - reference_stars[idx[ok]]
+    return matrix, int(ok.sum()), float(np.sqrt(np.mean(np.sum(residual**2, axis=1))))
+
+
+def wcs_from_star_match(frame_stars, frame_shape_hw, reference_stars, reference_wcs) -> WCS:
+    """Return the TAN WCS a frame gets from its star match to a solved reference frame.
+
+    Star positions are full-resolution pixels of each frame. The frame's pixels are carried into
+    the reference through the fitted affine transform and onto the sky through the reference WCS.
+    """
+    matrix, n, rms = match_stars(frame_stars, reference_stars)
+    x, y = _grid(frame_shape_hw)
+    ref_xy = _apply(matrix, np.column_stack([x, y]))
+    ra, dec = reference_wcs.all_pix2world(ref_xy[:, 0], ref_xy[:, 1], 0)
+    h, w = frame_shape_hw
+    logger.debug("star match: %d stars, rms %.2f px", n, rms)
+    return tan_wcs_from_points(x, y, ra, dec, ((w - 1) / 2.0, (h - 1) / 2.0))
+
+
+def frame_stars(data) -> np.ndarray:
+    """Return a frame's stars (full-resolution ``(x, y)``) found on its 2x2 superpixel image."""
+    return _binned_to_full(detect_stars(superpixel_image(data)))
+
+
+# --------------------------------------------------------------------------------------------------
+# Cache
+# --------------------------------------------------------------------------------------------------
+
+
+def file_sha256(path: str) -> str:
+    """Return the hex SHA-256 of a file's content."""
+    digest = hashlib.sha256()
+    with open(path, "rb") as fh:
+        for block in iter(lambda: fh.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+@dataclass
+class CachedWcs:
+    """A WCS from the cache and how it was first obtained (``solved`` or ``matched to NAME``)."""
+
+    wcs: WCS
+    source: str
+    solve_s: float | None
+
+
+class WcsCache:
+    """Frame WCSs in a folder, one JSON file per frame content hash (``<sha256>.json``)."""
+
+    def __init__(self, folder: str):
+        self.folder = folder
+
+    def _path(self, digest: str) -> str:
+        return os.path.join(self.folder, f"{digest}.json")
+
+    def get(self, digest: str) -> CachedWcs | None:
+        """Return the cached WCS of a frame, or None (absent or unreadable: solved again)."""
+        try:
+            with open(self._path(digest), encoding="utf-8") as fh:
+                entry = json.load(fh)
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore", AstropyWarning)
+                wcs = WCS(fits.Header.fromstring(entry["wcs"], sep="\n"))
+            return CachedWcs(wcs.celestial, str(entry["source"]), entry.get("solve_s"))
+        except FileNotFoundError:
+            return None
+        except (OSError, ValueError, KeyError, TypeError) as exc:
+            logger.debug("ignoring unreadable WCS cache entry %s: %s", digest, exc)
+            return None
+
+    def put(self, digest: str, wcs: WCS, source: str, solve_s: float | None) -> None:
+        """Store a frame's WCS (atomically: a crash leaves the old entry or none)."""
+        from zemosaic_fits import wcs_to_cd_header, write_text_atomic
+
+        os.makedirs(self.folder, exist_ok=True)
+        entry = {"wcs": wcs_to_cd_header(wcs).tostring(sep="\n"), "source": source,
+                 "solve_s": None if solve_s is None else round(float(solve_s), 3),
+                 "written": time.strftime("%Y-%m-%dT%H:%M:%S")}
+        write_text_atomic(self._path(digest), json.dumps(entry, indent=1))

@@ -142,7 +142,7 @@ def superpixel_image(data) -> np.ndarray:
 def detect_stars(image2d, max_stars: int = 150, threshold_sigma: float = 5.0) -> np.ndarray:
     """Return ``(N, 2)`` star positions ``(x, y)``, brightest first, at most ``max_stars``.
 
-    Background and noise from a 64-px mesh; sources above ``threshold_sigma`` with at least 5
+    Background and noise from a mesh of up to 64 px; sources above ``threshold_sigma`` with at least 5
     pixels. Saturated and very extended sources (flagged blends, truncated at the edge) are kept
     out: their centroids are the least precise and matching needs precision, not completeness.
     """
@@ -154,7 +154,10 @@ def detect_stars(image2d, max_stars: int = 150, threshold_sigma: float = 5.0) ->
         return np.zeros((0, 2))
     if mask.any():
         data = np.where(mask, np.float32(np.nanmedian(data)), data)  # detection only
-    background = sep.Background(data, mask=mask, bw=64, bh=64)
+    # A 64-px mesh follows a sky gradient; small images get a finer one so that nebulosity
+    # does not inflate the noise estimate (at least six meshes across the short side).
+    mesh = int(np.clip(min(data.shape) // 6, 16, 64))
+    background = sep.Background(data, mask=mask, bw=mesh, bh=mesh)
     residual = data - background.back()
     try:
         sources = sep.extract(residual, threshold_sigma, err=background.globalrms, mask=mask,

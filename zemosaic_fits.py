@@ -415,10 +415,10 @@ def correct_hot_pixels(raw: np.ndarray, kappa: float = 8.0, neighbour_fraction: 
 def _to_hwc(data: np.ndarray, layout: str, pattern: str | None, debayer: bool,
             hot_pixels: bool = True) -> np.ndarray:
     if layout == "2d":
+        if pattern and hot_pixels:
+            data, n_hot = correct_hot_pixels(data)
+            logger.debug("Hot pixel correction: %d pixel(s) replaced", n_hot)
         if pattern and debayer:
-            if hot_pixels:
-                data, n_hot = correct_hot_pixels(data)
-                logger.debug("Hot pixel correction: %d pixel(s) replaced", n_hot)
             return debayer_bilinear(data, pattern)
         return data[:, :, np.newaxis]
     if layout == "chw":
@@ -434,7 +434,7 @@ def load_frame(path: str | os.PathLike, debayer: bool = True, hot_pixels: bool =
     is demosaiced to RGB when ``debayer`` is true, otherwise returned as the
     raw mosaic ``(H, W, 1)``.  2-D data without Bayer information is mono,
     ``(3, H, W)`` cubes become ``(H, W, 3)``.  Non-finite pixels become NaN.
-    With ``hot_pixels`` a Bayer mosaic gets :func:`correct_hot_pixels` before debayering.
+    With ``hot_pixels`` a Bayer mosaic gets :func:`correct_hot_pixels` (before debayering).
     The file is opened read-only and closed before returning.  Raises
     :class:`FrameError` for anything that makes the frame unusable.
     ``wcs`` (a plate solution found elsewhere) replaces the header's WCS, which

@@ -60,7 +60,10 @@ from zemosaic_synth_sky import (
     _STREAM_FRAMES,
     _STREAM_HOT,
     _STREAM_NOISE,
+    _STREAM_POINTING,
     _STREAM_SATELLITE,
+    CATALOGUE_INDEX_SCALES,
+    catalogue_stars,
     BAYER_PATTERN,
     CHANNEL_NAMES,
     DEFAULT_FWHM_PX,
@@ -171,6 +174,9 @@ _KNOWN_OPTIONS = {
     "exptime": DEFAULT_EXPTIME,
     "start_time": DEFAULT_START_TIME,
     "object_name": "Synthetic Orion",
+    "star_catalog": None,  # None -> random stars; "tycho2" or index file paths -> real bright stars
+    "write_wcs": True,
+    "pointing_error_deg": 0.0,
 }
 
 
@@ -267,6 +273,7 @@ class _FramePlan:
     dither_px: tuple[float, float]
     date_obs: str
     name: str
+    pointing: tuple[float, float] = (0.0, 0.0)
     satellite: dict[str, float] | None = None
 
     def to_meta(self) -> dict[str, Any]:
@@ -284,13 +291,19 @@ class _FramePlan:
             "dither_px": [float(self.dither_px[0]), float(self.dither_px[1])],
             "center_ra": float(self.wcs.wcs.crval[0]),
             "center_dec": float(self.wcs.wcs.crval[1]),
+            "pointing_ra": float(self.pointing[0]),
+            "pointing_dec": float(self.pointing[1]),
             "has_satellite": self.satellite is not None,
             "satellite": None if self.satellite is None else {k: float(v) for k, v in self.satellite.items()},
         }
 
 
 def _frame_header(pl: _FramePlan, opt: dict[str, Any]) -> fits.Header:
-    """Seestar-like FITS header of one raw frame, with the plate-solved CD-matrix WCS."""
+    """Seestar-like FITS header of one raw frame, with the plate-solved CD-matrix WCS.
+
+    With ``write_wcs`` off the header is what the telescope writes: no WCS, and ``RA``/``DEC``
+    the commanded pointing of the panel (off by ``pointing_error_deg``), not the frame centre.
+    """
     hdr = fits.Header()
     hdr["OBJECT"] = str(opt["object_name"])
     hdr["INSTRUME"] = "Seestar S50"
@@ -311,9 +324,10 @@ def _frame_header(pl: _FramePlan, opt: dict[str, Any]) -> fits.Header:
     hdr["EGAIN"] = (float(opt["gain"]), "[e-/ADU] electrons per ADU")
     hdr["FILTER"] = "IRCUT"
     hdr["CCD-TEMP"] = 20.0
-    hdr["RA"] = (float(pl.wcs.wcs.crval[0]), "[deg] pointing RA")
-    hdr["DEC"] = (float(pl.wcs.wcs.crval[1]), "[deg] pointing Dec")
-    wcs_to_header(pl.wcs, hdr)
+    hdr["RA"] = (float(pl.pointing[0]), "[deg] pointing RA")
+    hdr["DEC"] = (float(pl.pointing[1]), "[deg] pointing Dec")
+    if opt["write_wcs"]:
+        wcs_to_header(pl.wcs, hdr)
     hdr["HISTORY"] = "Synthetic frame written by zemosaic_synth"
     return hdr
 
@@ -341,6 +355,22 @@ def _truth_header(truth_wcs: WCS, opt: dict[str, Any], seed: int) -> fits.Header
 def _mjd(iso: str) -> float:
     delta = _dt.datetime.fromisoformat(iso) - _dt.datetime(1858, 11, 17)
     return round(delta.days + delta.seconds / 86400.0 + delta.microseconds / 86400e6, 8)
+
+
+def _catalogue_paths(star_catalog: Any) -> list[str]:
+    """Return the index files of a ``star_catalog`` option: ``"tycho2"`` (found on this machine)
+    or explicit paths. Raises FileNotFoundError with what to install when there are none."""
+    if star_catalog != "tycho2":
+        return [str(p) for p in ([star_catalog] if isinstance(star_catalog, (str, os.PathLike))
+                                 else star_catalog)]
+    from zemosaic_astrometry import INSTALL_HINT, astrometry_index_dirs
+
+    paths = sorted(p for folder in astrometry_index_dirs() for scale in CATALOGUE_INDEX_SCALES
+                   for p in Path(folder).glob(f"index-*{scale}*.fits")
+                   if f"tycho2-{scale}" in p.name or f"41{scale}" in p.name)
+    if not paths:
+        raise FileNotFoundError(f"star_catalog='tycho2' needs astrometry.net's Tycho-2 index files: {INSTALL_HINT}")
+    return [str(p) for p in paths]
 
 
 def _parse_size(size: str) -> tuple[int, int]:
@@ -407,7 +437,12 @@ def generate_dataset(
         ``noise`` [True], ``hot_pixels`` [True | False | count], ``satellite``
         [True], ``satellite_frame`` [random], ``fwhm_px`` [2.7], ``star_density``
         [6000/deg^2], ``mag_range`` [(6, 16)], ``nebula`` [True], ``exptime`` [10],
-        ``start_time`` ["2024-01-15T20:00:00"], ``object_name``.
+        ``start_time`` ["2024-01-15T20:00:00"], ``object_name``, ``star_catalog``
+        [None: random stars; ``"tycho2"`` or index file paths: the real stars brighter than
+        mag 11 where they are, read from astrometry.net index files, so the frames can be
+        plate-solved], ``write_wcs`` [True; False: no WCS in the headers, as a Seestar writes
+        them], ``pointing_error_deg`` [0: ``RA``/``DEC`` = the panel centre; > 0: off by up to
+        that much, the same for a panel's frames].
 
     Returns
     -------
@@ -463,6 +498,7 @@ def generate_dataset(
 
     plans: list[_FramePlan] = []
     panel_uv: list[tuple[float, float]] = []  # undithered panel centres, provisional pixels
+    prng = np.random.default_rng([seed, _STREAM_POINTING])
     for p in range(nxp * nyp):
         ix, iy = p % nxp, p // nxp
         ox = (ix - (nxp - 1) / 2.0) * step_x
@@ -471,6 +507,11 @@ def generate_dataset(
         pu = ox * math.cos(th0) + oy * math.sin(th0)
         pv = -ox * math.sin(th0) + oy * math.cos(th0)
         panel_uv.append((pu, pv))
+        # Commanded pointing of the panel: the mount's own idea of where it points.
+        err = float(opt["pointing_error_deg"]) * 3600.0 / scale * prng.uniform(0.0, 1.0)
+        ang = prng.uniform(0.0, 2.0 * np.pi)
+        pointing = tuple(float(x) for x in prov.wcs_pix2world(
+            [[pu + err * math.cos(ang), pv + err * math.sin(ang)]], 0)[0])
         for k in range(fpp):
             i = p * fpp + k
             # Dither: uniform in a disc of radius `dither` px.
@@ -490,6 +531,7 @@ def generate_dataset(
                 index=i, panel=p, ix=ix, iy=iy, wcs=make_tan_wcs(ra, dec, rot, shape, scale),
                 transparency=transp, pedestal=ped, rotation_deg=float(rot), dither_px=(ddx, ddy),
                 date_obs=date, name=f"{_FRAME_NAME_PREFIX}{p:02d}_{i:0{width}d}.fits",
+                pointing=pointing,
             ))
 
     # ---- truth grid: bounding box of all frame footprints + a margin, North up
@@ -509,9 +551,13 @@ def generate_dataset(
     th = int(math.ceil(max(cv))) + margin - v0 + 1
     truth_wcs = make_tan_wcs(ra0, dec0, 0.0, (th, tw), scale, crpix=(1.0 - u0, 1.0 - v0))
 
+    catalogue = None
+    if opt["star_catalog"]:
+        radius = 0.5 * math.hypot(th, tw) * scale / 3600.0
+        catalogue = catalogue_stars(ra0, dec0, radius, _catalogue_paths(opt["star_catalog"]))
     model = build_sky_model(truth_wcs, (th, tw), seed, pixel_scale_arcsec=scale, fwhm_px=float(opt["fwhm_px"]),
                             star_density=float(opt["star_density"]), mag_range=opt["mag_range"],
-                            nebula=bool(opt["nebula"]))
+                            nebula=bool(opt["nebula"]), catalogue=catalogue)
 
     # ---- sensor defects
     if opt["hot_pixels"] is True:

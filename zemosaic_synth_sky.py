@@ -93,6 +93,8 @@ _STREAM_NEBULA = 2
 _STREAM_FRAMES = 3
 _STREAM_HOT = 4
 _STREAM_SATELLITE = 5
+_STREAM_CATALOGUE = 6
+_STREAM_POINTING = 7
 _STREAM_NOISE = 100
 
 
@@ -592,6 +594,66 @@ class SkyModel:
         return out
 
 
+#: Astrometry.net index files whose stars :func:`catalogue_stars` reads (Tycho-2, 22'-85' quads:
+#: the scales that solve a Seestar field).
+CATALOGUE_INDEX_SCALES = ("07", "08", "09", "10")
+
+
+def _index_star_table(path: str) -> tuple[np.ndarray, np.ndarray]:
+    """Return ``(unit vectors (N, 3), MAG_VT (N,))`` of an astrometry.net index file.
+
+    The star kd-tree stores each position as three native-endian uint32 scaled into the
+    tree's bounding box (``kdtree_range_stars``: lower corner, upper corner, scale); the
+    magnitudes are a tag-along column.
+    """
+    with fits.open(path, memmap=True) as hdul:
+        names = {hdu.columns.names[0]: hdu for hdu in hdul[1:] if hasattr(hdu, "columns")}
+        box = np.frombuffer(names["kdtree_range_stars"].data.tobytes(), dtype="<f8")
+        packed = np.frombuffer(names["kdtree_data_stars"].data.tobytes(), dtype="<u4").reshape(-1, 3)
+        mag = np.asarray(names["MAG_VT"].data["MAG_VT"], dtype=np.float64)
+    return box[:3] + packed / box[6], mag
+
+
+def catalogue_stars(ra_deg: float, dec_deg: float, radius_deg: float,
+                    index_paths: Sequence[str]) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Return ``(ra, dec, mag)`` of the catalogue stars within ``radius_deg`` of a position.
+
+    Read from astrometry.net index files (the Tycho-2 ones: positions and ``MAG_VT``), so
+    frames rendered with these stars are solvable by a plate solver using the same files.
+    A star held by several files is kept once.
+    """
+    centre = np.array([math.cos(math.radians(dec_deg)) * math.cos(math.radians(ra_deg)),
+                       math.cos(math.radians(dec_deg)) * math.sin(math.radians(ra_deg)),
+                       math.sin(math.radians(dec_deg))])
+    cos_r = math.cos(math.radians(radius_deg))
+    vectors, mags = [], []
+    for path in index_paths:
+        xyz, mag = _index_star_table(path)
+        near = xyz @ centre >= cos_r
+        vectors.append(xyz[near])
+        mags.append(mag[near])
+    xyz = np.concatenate(vectors) if vectors else np.zeros((0, 3))
+    mag = np.concatenate(mags) if mags else np.zeros(0)
+    # The files are cut from one catalogue: the same star has the same stored position.
+    _, first = np.unique(np.round(xyz * 2e6).astype(np.int64), axis=0, return_index=True)
+    xyz, mag = xyz[np.sort(first)], mag[np.sort(first)]
+    ra = np.degrees(np.arctan2(xyz[:, 1], xyz[:, 0])) % 360.0
+    dec = np.degrees(np.arcsin(np.clip(xyz[:, 2], -1.0, 1.0)))
+    return ra, dec, mag
+
+
+def _with_catalogue(ra, dec, mag, bv, catalogue, limit_mag, truth_wcs, shape, rng):
+    """Return the random stars fainter than ``limit_mag`` plus the catalogue stars on the grid."""
+    cat_ra, cat_dec, cat_mag = (np.asarray(a, float) for a in catalogue)
+    cu, cv = truth_wcs.wcs_world2pix(cat_ra, cat_dec, 0)
+    inside = (cu >= -0.5) & (cu < shape[1] - 0.5) & (cv >= -0.5) & (cv < shape[0] - 0.5)
+    cat_ra, cat_dec, cat_mag = cat_ra[inside], cat_dec[inside], cat_mag[inside]
+    cat_bv = np.clip(rng.normal(0.7, 0.35, cat_ra.size), -0.3, 2.0)
+    faint = mag >= limit_mag
+    return (np.concatenate([cat_ra, ra[faint]]), np.concatenate([cat_dec, dec[faint]]),
+            np.concatenate([cat_mag, mag[faint]]), np.concatenate([cat_bv, bv[faint]]))
+
+
 def build_sky_model(
     truth_wcs: WCS,
     truth_shape: Sequence[int],
@@ -604,6 +666,8 @@ def build_sky_model(
     mag_ref: float = DEFAULT_MAG_REF,
     peak_at_mag_ref: float = DEFAULT_PEAK_AT_MAG_REF,
     nebula: bool = True,
+    catalogue: tuple[np.ndarray, np.ndarray, np.ndarray] | None = None,
+    catalogue_limit_mag: float = 11.0,
 ) -> SkyModel:
     """Draw a random (but seed-deterministic) sky on the given truth grid.
 
@@ -611,6 +675,9 @@ def build_sky_model(
     ``dN/dm ~ 10**(0.3 m)`` between ``mag_range``; peak G ADU =
     ``peak_at_mag_ref * 10**(-0.4 (m - mag_ref))``.  Nebula sizes and positions are
     relative to the truth grid, so "small" and "full" datasets look alike.
+    ``catalogue`` (``ra, dec, mag`` of real stars, see :func:`catalogue_stars`)
+    replaces the random stars brighter than ``catalogue_limit_mag``: the sky then has
+    the real bright stars where they are, and a plate solver recognises it.
     """
     ht, wt = int(truth_shape[0]), int(truth_shape[1])
     rng = np.random.default_rng([seed, _STREAM_STARS])
@@ -626,9 +693,12 @@ def build_sky_model(
     blue = rng.uniform(0.0, 1.0, n) < 0.15
     bv = np.where(blue, rng.normal(0.0, 0.12, n), rng.normal(0.9, 0.3, n))
     bv = np.clip(bv, -0.3, 2.0)
+    ra, dec = truth_wcs.wcs_pix2world(u, v, 0)
+    if catalogue is not None:
+        ra, dec, mag, bv = _with_catalogue(ra, dec, mag, bv, catalogue, catalogue_limit_mag,
+                                           truth_wcs, (ht, wt), np.random.default_rng([seed, _STREAM_CATALOGUE]))
     peak_g = peak_at_mag_ref * 10.0 ** (-0.4 * (mag - mag_ref))
     amp = _bv_to_rgb(bv) * peak_g[:, None]
-    ra, dec = truth_wcs.wcs_pix2world(u, v, 0)
 
     nrng = np.random.default_rng([seed, _STREAM_NEBULA])
     hu, hv = 0.5 * (wt - 1), 0.5 * (ht - 1)

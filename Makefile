@@ -1,13 +1,21 @@
 # Quick start: `make demo` (install + run the pipeline on synthetic Seestar frames)
 #              `make test` (install + run the test suite)
-# Everything installs into a repo-local virtual environment, .venv/.
+# Python packages install into a repo-local virtual environment, .venv/; the plate solver
+# (astrometry.net + Tycho-2 index files) is installed with apt-get when run as root, and
+# otherwise scripts/install_system_deps.sh says how to get it.
 
 PYTHON ?= python3
 VENV   ?= .venv
 PY     := $(VENV)/bin/python
 DEMO   ?= demo
 
-.PHONY: demo test bench clean
+.PHONY: demo test bench clean system-deps peers
+
+system-deps:
+	@scripts/install_system_deps.sh
+
+peers:
+	@scripts/install_system_deps.sh peers
 
 $(VENV)/bin/python:
 	$(PYTHON) -m venv $(VENV)
@@ -21,16 +29,17 @@ $(VENV)/.installed-%: pyproject.toml | $(VENV)/bin/python
 $(DEMO)/data/frames: | $(VENV)/.installed-core
 	$(PY) -m zemosaic_synth $(DEMO)/data --size full --panels 2x2 --frames-per-panel 6 --seed 1
 
-demo: $(VENV)/.installed-core $(DEMO)/data/frames
+demo: system-deps $(VENV)/.installed-core $(DEMO)/data/frames
 	$(PY) -m zemosaic_worker examples/demo_config.json
 
-test: $(VENV)/.installed-gui,test,gpu
+test: system-deps $(VENV)/.installed-gui,test,gpu
 	QT_QPA_PLATFORM=offscreen $(PY) -m pytest -q
 
-bench: $(VENV)/.installed-test
+bench: peers $(VENV)/.installed-test
 	$(PY) benchmarks/bench_pipeline.py
 	$(PY) benchmarks/bench_stacking.py
 	$(PY) benchmarks/bench_coadd.py
+	$(PY) benchmarks/bench_solve.py
 
 clean:
 	rm -rf $(DEMO) .pytest_cache

@@ -87,7 +87,7 @@ class OptionSpec:
         return self.field, self.part
 
 
-OPTION_GROUPS = ("Stacking", "Mosaic", "Assembly")
+OPTION_GROUPS = ("Stacking", "Plate solving", "Mosaic", "Assembly")
 
 OPTION_SPECS: tuple[OptionSpec, ...] = (
     OptionSpec("Stacking", "stacking_normalize_method", "Normalisation"),
@@ -102,6 +102,12 @@ OPTION_SPECS: tuple[OptionSpec, ...] = (
     OptionSpec("Stacking", "stacking_winsor_limits", "Winsor limit high", part=1, maximum=0.49,
                step=0.01, decimals=3),
     OptionSpec("Stacking", "stacking_final_combine_method", "Combine"),
+    OptionSpec("Plate solving", "force_resolve_existing_wcs", "Solve frames that have a WCS"),
+    OptionSpec("Plate solving", "plate_solve_timeout_s", "Time limit per frame (s)", minimum=1.0,
+               maximum=3600.0, step=5.0, decimals=0),
+    OptionSpec("Plate solving", "astap_default_search_radius", "Search radius (deg)",
+               minimum=0.1, maximum=180.0, step=0.5, decimals=1),
+    OptionSpec("Plate solving", "astap_executable_path", "ASTAP program (optional)"),
     OptionSpec("Mosaic", "cluster_panel_threshold", "Panel threshold (deg)", maximum=10.0,
                step=0.01, decimals=4, special="automatic"),
     OptionSpec("Mosaic", "max_raw_per_master_tile", "Max frames per master tile", maximum=100000,
@@ -131,6 +137,9 @@ def _make_option_widget(spec: OptionSpec) -> QWidget:
         widget.addItems(list(CHOICES[spec.field]))
     elif isinstance(default, bool):
         widget = QCheckBox()
+    elif isinstance(default, str):
+        widget = QLineEdit()
+        widget.setPlaceholderText("empty: astrometry.net")
     else:
         if isinstance(default, int):
             widget = QSpinBox()
@@ -152,6 +161,8 @@ def _widget_value(widget: QWidget):
         return widget.currentText()
     if isinstance(widget, QCheckBox):
         return widget.isChecked()
+    if isinstance(widget, QLineEdit):
+        return widget.text().strip()
     return widget.value()
 
 
@@ -161,6 +172,8 @@ def _set_widget_value(widget: QWidget, value) -> None:
         widget.setCurrentText(value)
     elif isinstance(widget, QCheckBox):
         widget.setChecked(bool(value))
+    elif isinstance(widget, QLineEdit):
+        widget.setText(str(value))
     else:
         widget.setValue(value)
 
@@ -171,6 +184,8 @@ def _connect_changed(widget: QWidget, slot) -> None:
         widget.currentIndexChanged.connect(slot)
     elif isinstance(widget, QCheckBox):
         widget.toggled.connect(slot)
+    elif isinstance(widget, QLineEdit):
+        widget.textChanged.connect(slot)
     else:
         widget.valueChanged.connect(slot)
 
@@ -261,7 +276,7 @@ def format_eta(seconds: float | None) -> str:
 
 def phase_title(phase: str) -> str:
     """Return the display name of a pipeline phase ("master_tiles" -> "Master tiles")."""
-    return phase.replace("_", " ").capitalize()
+    return "Plate solving" if phase == "solve" else phase.replace("_", " ").capitalize()
 
 
 def summary_text(result) -> str:
@@ -434,6 +449,7 @@ class MainWindow(QMainWindow):
         columns = QHBoxLayout()
         columns.addWidget(forms["Stacking"][0], alignment=Qt.AlignmentFlag.AlignTop)
         right = QVBoxLayout()
+        right.addWidget(forms["Plate solving"][0])
         right.addWidget(forms["Mosaic"][0])
         right.addWidget(forms["Assembly"][0])
         right.addStretch(1)

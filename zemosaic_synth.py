@@ -761,12 +761,20 @@ def main(argv: Iterable[str] | None = None) -> int:
     ap.add_argument("--size", choices=sorted(FRAME_SHAPES), default="small",
                     help="frame size: full = 1080x1920, small = 270x480 (small)")
     ap.add_argument("--no-noise", action="store_true", help="write noiseless frames")
+    ap.add_argument("--real-sky", action="store_true",
+                    help="put the real Tycho-2 stars where they are (needs astrometry.net's index files)")
+    ap.add_argument("--no-wcs", action="store_true",
+                    help="write headers as a Seestar does: no WCS, RA/DEC the commanded pointing")
+    ap.add_argument("--pointing-error", type=float, default=0.0, metavar="DEG",
+                    help="commanded pointing off by up to DEG degrees per panel (0)")
     ap.add_argument("-v", "--verbose", action="store_true", help="debug logging")
     args = ap.parse_args(None if argv is None else list(argv))
     logging.basicConfig(level=logging.DEBUG if args.verbose else logging.WARNING,
                         format="%(levelname)s %(name)s: %(message)s")
     res = generate_dataset(args.outdir, panels=args.panels, frames_per_panel=args.frames_per_panel,
-                           seed=args.seed, size=args.size, noise=not args.no_noise)
+                           seed=args.seed, size=args.size, noise=not args.no_noise,
+                           star_catalog="tycho2" if args.real_sky else None,
+                           write_wcs=not args.no_wcs, pointing_error_deg=args.pointing_error)
     plural = "" if res["n_frames"] == 1 else "s"
     print(f"wrote {res['n_frames']} frame{plural} ({args.panels[0]}x{args.panels[1]} panels x {args.frames_per_panel}, "
           f"{args.size}) to {res['frames_dir']}; truth: {res['truth_fits']} ({res['seconds']:.1f} s)")

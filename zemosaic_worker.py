@@ -247,8 +247,8 @@ _ANCHOR_ATTEMPTS = 3
 class _Solving:
     """What the solve phase shares: solver, cache, report, progress and the frames' star lists."""
 
-    def __init__(self, solver, config, report, ctx, total):
-        self.solver, self.config, self.report, self.ctx = solver, config, report, ctx
+    def __init__(self, solver, config, ctx, total):
+        self.solver, self.config, self.ctx = solver, config, ctx
         self.cache = zastro.WcsCache(os.path.join(config.output_folder, CACHE_DIR, WCS_CACHE_DIR))
         self.digests: dict[str, str] = {}
         self._stars: dict[str, np.ndarray] = {}
@@ -261,14 +261,17 @@ class _Solving:
         return self.digests[record.path]
 
     def _raw(self, record):
+        """Return a frame's raw pixels (its star list is kept on the way)."""
         # Hot pixels sit at the same place in every frame: left in, they match each other.
-        return zfits.load_frame(record.path, debayer=False, hot_pixels=True,
-                                require_wcs=False).data
+        raw = zfits.load_frame(record.path, debayer=False, hot_pixels=True, require_wcs=False).data
+        if record.path not in self._stars:
+            self._stars[record.path] = zastro.frame_stars(raw)
+        return raw
 
     def stars(self, record) -> np.ndarray:
         """Return a frame's star list (full-resolution pixels), detected once per run."""
         if record.path not in self._stars:
-            self._stars[record.path] = zastro.frame_stars(self._raw(record))
+            self._raw(record)
         return self._stars[record.path]
 
     def solve(self, record) -> bool:
@@ -279,13 +282,13 @@ class _Solving:
             return False
         t0 = time.perf_counter()
         try:
+            raw = self._raw(record)
             n_stars = len(self.stars(record))
             if n_stars < zastro.MIN_STARS_TO_SOLVE:
                 raise zastro.SolveError(f"only {n_stars} star(s) detected")
             self.solves += 1
             hints = zastro.hints_from_header(record.info.header)
-            wcs = zastro.solve_frame(self.solver, self._raw(record), hints,
-                                     self.config.plate_solve_timeout_s)
+            wcs = zastro.solve_frame(self.solver, raw, hints, self.config.plate_solve_timeout_s)
         except (zastro.SolveError, zfits.FrameError) as exc:
             record.solve_error = str(exc)
             logger.info("Plate solving %s failed: %s", os.path.basename(record.path), exc)
@@ -330,7 +333,7 @@ def solve_frames(records: list[FrameRecord], config, report, ctx) -> list[FrameR
         _record_wcs_sources(records, report)
         return records
     solver, reason = zastro.solver_from_config(config)
-    state = _Solving(solver, config, report, ctx, len(pending))
+    state = _Solving(solver, config, ctx, len(pending))
     pending = [r for r in pending if not _from_cache(r, state)]
     if pending:
         logger.info("Plate solving: %d frame(s) without WCS, %s", len(pending),

@@ -1,0 +1,151 @@
+"""Plate solving: seconds per solved frame, and "solve few, match many" against solving every frame.
+
+Run: ``.venv/bin/python benchmarks/bench_solve.py [--panels 2x2] [--frames-per-panel 12]``.
+
+Two tables:
+
+1. astrometry.net (``solve-field``, 2x2 superpixel, hints from the header) on the shared real
+   Seestar subs (``../shared/realdata/ngc7023``, when present) and on synthetic frames of the real
+   sky: seconds per frame and the distance to the reference solution (median over the frame, px).
+2. The solve phase on a synthetic night written as a Seestar writes it (no WCS, pointing off by up
+   to 0.25 deg; 48 full-size frames by default): frames per second and accuracy against the truth
+   of ZeMosaic's "solve few, match many" and of solving every frame, side by side.
+
+Needs astrometry.net and its Tycho-2 index files (``make system-deps``); exits with a message
+otherwise.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+
+import zemosaic_astrometry as za  # noqa: E402
+import zemosaic_fits as zf  # noqa: E402
+import zemosaic_synth  # noqa: E402
+import zemosaic_worker as zw  # noqa: E402
+from _measure import fmt, load_warning, print_table  # noqa: E402
+from astropy.wcs import WCS  # noqa: E402
+from zemosaic_config import MosaicConfig  # noqa: E402
+from zemosaic_synth_sky import make_tan_wcs  # noqa: E402
+
+REALDATA = Path(__file__).resolve().parents[2] / "shared" / "realdata" / "ngc7023"
+
+
+def _reference_wcs(entry) -> WCS:
+    ref = entry["reference_wcs"]
+    wcs = WCS(naxis=2)
+    wcs.wcs.ctype = ["RA---TAN", "DEC--TAN"]
+    wcs.wcs.crval = [ref["CRVAL1"], ref["CRVAL2"]]
+    wcs.wcs.crpix = [ref["CRPIX1"], ref["CRPIX2"]]
+    wcs.wcs.cd = [[ref["CD1_1"], ref["CD1_2"]], [ref["CD2_1"], ref["CD2_2"]]]
+    wcs.wcs.set()
+    return wcs
+
+
+def _synthetic_truths(info) -> dict[str, WCS]:
+    meta = json.loads(Path(info["truth_json"]).read_text())
+    return {path: make_tan_wcs(fr["center_ra"], fr["center_dec"], fr["rotation_deg"],
+                               info["frame_shape"], meta["pixel_scale_arcsec"])
+            for fr, path in zip(meta["frames"], info["frame_paths"])}
+
+
+def solve_each(paths, truths, solver) -> list[tuple[str, float | None, float | None]]:
+    """Return ``(name, seconds, offset px)`` of solving every frame on its own (None: failed)."""
+    rows = []
+    for path in paths:
+        raw = zf.load_frame(path, debayer=False, require_wcs=False)
+        hints = za.hints_from_header(raw.header)
+        t0 = time.perf_counter()
+        try:
+            wcs = za.solve_frame(solver, raw.data, hints, 60)
+        except za.SolveError:
+            rows.append((os.path.basename(path), None, None))
+            continue
+        seconds = time.perf_counter() - t0
+        rows.append((os.path.basename(path), seconds,
+                     za.wcs_pixel_offset(wcs, truths[path], raw.data.shape[:2])))
+    return rows
+
+
+def solve_phase(frames_dir, truths, force_solve_all: bool):
+    """Run the solve phase; return ``(seconds, solver runs, offsets px)``."""
+    with tempfile.TemporaryDirectory(prefix="zm_bench_solve_") as out:
+        config = MosaicConfig(input_folder=frames_dir, output_folder=out)
+        report = zw.RunReport(config={})
+        ctx = zw._Context(None, None)
+        records = zw.scan_frames(config, report, ctx)
+        t0 = time.perf_counter()
+        if force_solve_all:
+            state = zw._Solving(za.solver_from_config(config)[0], config, ctx, len(records))
+            for r in records:
+                state.solve(r)
+            runs = state.solves
+        else:
+            records = zw.solve_frames(records, config, report, ctx)
+            runs = sum(r.wcs_source == "solved" for r in records)
+        seconds = time.perf_counter() - t0
+    offsets = [za.wcs_pixel_offset(r.wcs, truths[r.path], r.info.shape_hw) for r in records
+               if r.wcs is not None]
+    return seconds, runs, np.array(offsets), len(records)
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--panels", default="2x2")
+    parser.add_argument("--frames-per-panel", type=int, default=12)
+    parser.add_argument("--seed", type=int, default=4)
+    args = parser.parse_args(argv)
+    solver = za.AstrometryNetSolver()
+    reason = solver.unavailable_reason()
+    if reason:
+        print(f"bench_solve: no plate solver ({reason}); {za.INSTALL_HINT}")
+        return 1
+    warning = load_warning()
+    if warning:
+        print(warning)
+    nx, ny = (int(v) for v in args.panels.lower().split("x"))
+    with tempfile.TemporaryDirectory(prefix="zm_bench_sky_") as root:
+        t0 = time.perf_counter()
+        info = zemosaic_synth.generate_dataset(root, panels=(nx, ny), frames_per_panel=args.frames_per_panel,
+                                               seed=args.seed, size="full", star_catalog="tycho2",
+                                               write_wcs=False, pointing_error_deg=0.25, satellite=False)
+        print(f"{info['n_frames']} synthetic real-sky frames written in {time.perf_counter() - t0:.0f} s")
+        truths = _synthetic_truths(info)
+        rows = []
+        if REALDATA.is_dir():
+            reference = json.loads((REALDATA / "reference_wcs.json").read_text())["frames"]
+            real_truths = {str(REALDATA / n): _reference_wcs(e) for n, e in reference.items()}
+            for name, sec, off in solve_each(sorted(real_truths), real_truths, solver):
+                rows.append(["real " + name[-28:], fmt(sec), fmt(off, ".3f")])
+        for name, sec, off in solve_each(info["frame_paths"][::args.frames_per_panel], truths, solver):
+            rows.append(["synthetic " + name, fmt(sec), fmt(off, ".3f")])
+        print_table(["frame", "solve s", "offset px"], rows,
+                    "astrometry.net solve-field per frame (2x2 superpixel, RA/DEC and scale hints); "
+                    "offset = median distance to the reference solution")
+        print()
+        table = []
+        for label, force in (("ZeMosaic: solve few, match many", False), ("solve every frame", True)):
+            seconds, runs, offsets, n = solve_phase(info["frames_dir"], truths, force)
+            table.append([label, str(n), str(runs), fmt(seconds, ".1f"), fmt(n / seconds),
+                          fmt(float(np.median(offsets)), ".3f"), fmt(float(offsets.max()), ".3f")])
+        few, every = float(table[0][3]), float(table[1][3])
+        print_table(["method", "frames", "solver runs", "seconds", "frames/s", "median px", "max px"],
+                    table, f"Solve phase on {info['n_frames']} full-size frames without WCS "
+                           f"({args.panels} panels); accuracy against the true WCS")
+        print(f"speed-up of solve few, match many: {every / few:.1f}x")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

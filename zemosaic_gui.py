@@ -284,6 +284,7 @@ def summary_text(result) -> str:
     rep = result.report
     used, skipped = len(rep["frames_used"]), len(rep["frames_skipped"])
     lines = [f"{used} frames used, {skipped} skipped",
+             f"WCS: {zemosaic_worker.wcs_summary(rep)}",
              f"{len(rep['tiles'])} master tiles"]
     if rep.get("mosaic_shape"):
         _c, height, width = rep["mosaic_shape"]

@@ -1130,6 +1130,16 @@ class _TerminalProgress:
         self.stream.flush()
 
 
+def wcs_summary(report: dict) -> str:
+    """Return how the used frames got their WCS, e.g. ``"4 from headers, 1 solved, 1 matched"``."""
+    sources = [e["wcs"] for e in report.get("frame_wcs", [])]
+    counts = [(sum(s == "header" for s in sources), "from headers"),
+              (sum(s == "solved" for s in sources), "solved"),
+              (sum(s.startswith("matched") for s in sources), "matched"),
+              (sum(s == "cache" for s in sources), "from the cache")]
+    return ", ".join(f"{n} {what}" for n, what in counts if n) or "none"
+
+
 def format_summary(result: RunResult) -> str:
     """Return the human-readable end-of-run summary."""
     rep = result.report
@@ -1140,6 +1150,7 @@ def format_summary(result: RunResult) -> str:
     ]
     for s in rep["frames_skipped"]:
         lines.append(f"    - {os.path.basename(s['path'])}: {s['reason']}")
+    lines.append(f"  frame WCS:      {wcs_summary(rep)}")
     lines.append(f"  master tiles:   {len(rep['tiles'])}")
     lines.append(f"  size:           {rep['mosaic_shape'][2]} x {rep['mosaic_shape'][1]} px, "
                  f"{rep['mosaic_shape'][0]} channel(s), assembly on {rep['backends'].get('assembly')}")

@@ -281,6 +281,9 @@ class MosaicConfig:
     match_background: bool = _spec(
         True, "Even out sky brightness between overlapping tiles.", "true or false",
         _check_bool)
+    intertile_photometric_match: bool = _spec(
+        True, "Even out brightness and colour between overlapping tiles (gains from their stars).",
+        "true or false", _check_bool)
     use_gpu_phase5: bool = _spec(
         False, "Use the graphics card (CUDA) for the final assembly when available.",
         "true or false", _check_bool)

@@ -45,6 +45,7 @@ __all__ = [
     "read_frame_info",
     "read_image_fits",
     "read_png_size",
+    "block_mean",
     "stretch_for_display",
     "validate_wcs",
     "wcs_to_cd_header",
@@ -758,10 +759,12 @@ def _display_levels(luminance: np.ndarray) -> tuple[float, float, float] | None:
     return black, white, background
 
 
-def stretch_for_display(image_hwc: np.ndarray) -> np.ndarray:
+def stretch_for_display(image_hwc: np.ndarray, wb_gains: Sequence[float] | None = None) -> np.ndarray:
     """Auto-stretch an image to uint8 ``(H, W, 3)`` for previews.
 
-    The sky is first made grey (a per-channel offset). Black point just below the
+    The sky is first made grey (a per-channel offset); ``wb_gains`` (one per channel, measured
+    by :func:`zemosaic_photometry.white_balance`) then scale each channel's light above the sky,
+    so stars come out white. Black point just below the
     sky background (median - 2.8 sigma, robust),
     white point at the 99.8th percentile, both measured on the luminance of
     finite pixels; then one asinh curve applied to the luminance and the same
@@ -778,7 +781,8 @@ def stretch_for_display(image_hwc: np.ndarray) -> np.ndarray:
             warnings.simplefilter("ignore", RuntimeWarning)
             sky = np.nanmedian(image[::4, ::4].reshape(-1, channels), axis=0)
         if np.all(np.isfinite(sky)):
-            image = image - (sky - sky.mean()).astype(np.float32)
+            gains = np.ones(channels) if wb_gains is None else np.asarray(wb_gains, float)
+            image = ((image - sky) * gains + sky.mean()).astype(np.float32)
     levels = _display_levels(image.mean(axis=2))
     if levels is None:
         return output
@@ -799,7 +803,7 @@ def stretch_for_display(image_hwc: np.ndarray) -> np.ndarray:
     return output
 
 
-def _block_mean(image: np.ndarray, factor: int, band_rows: int = 256) -> np.ndarray:
+def block_mean(image: np.ndarray, factor: int, band_rows: int = 256) -> np.ndarray:
     """NaN-aware ``factor`` x ``factor`` block average (edges padded with no data)."""
     height, width, channels = image.shape
     out_h, out_w = -(-height // factor), -(-width // factor)
@@ -839,19 +843,20 @@ def _encode_png(rgb: np.ndarray) -> bytes:
 
 
 def write_preview_png(path: str | os.PathLike, image_hwc: np.ndarray,
-                      max_size: int = 2048) -> None:
+                      max_size: int = 2048, wb_gains: Sequence[float] | None = None) -> None:
     """Write a stretched RGB PNG preview whose longer side is at most ``max_size``.
 
     The image is block-averaged (NaN-aware) by the smallest integer factor that
-    fits, stretched with :func:`stretch_for_display` and written atomically.
+    fits, stretched with :func:`stretch_for_display` (white balanced with ``wb_gains``)
+    and written atomically.
     """
     if int(max_size) < 1:
         raise ValueError(f"max_size must be >= 1, got {max_size}")
     image = _as_hwc_float32(image_hwc)
     factor = -(-max(image.shape[:2]) // int(max_size))
     if factor > 1:
-        image = _block_mean(image, factor)
-    png = _encode_png(stretch_for_display(image))
+        image = block_mean(image, factor)
+    png = _encode_png(stretch_for_display(image, wb_gains))
     _atomic_write(path, lambda fh: fh.write(png))
 
 

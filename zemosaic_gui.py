@@ -117,6 +117,7 @@ OPTION_SPECS: tuple[OptionSpec, ...] = (
     OptionSpec("Assembly", "use_gpu_phase5", "Use GPU"),
     OptionSpec("Assembly", "assembly_engine", "Assembly engine"),
     OptionSpec("Assembly", "match_background", "Match background"),
+    OptionSpec("Assembly", "intertile_photometric_match", "Match tile gains"),
     OptionSpec("Assembly", "two_pass_coverage_renorm", "Two-Pass renormalisation"),
     OptionSpec("Assembly", "two_pass_cov_sigma_px", "Two-Pass smoothing (px)", maximum=5000.0,
                step=5.0, decimals=1),

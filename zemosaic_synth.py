@@ -17,7 +17,9 @@ Units and the frame model
 Truth values are ADU of one debayered frame pixel, per colour channel, for a frame
 with transparency 1.0, *excluding* that frame's own additive sky pedestal::
 
-    frame_rgb(pixel) ~= transparency * truth_rgb(sky position of pixel) + sky_pedestal_rgb
+    frame_rgb(pixel) ~= transparency * gain_rgb * truth_rgb(sky position of pixel) + sky_pedestal_rgb
+
+``gain_rgb`` is 1 unless the ``panel_gain_rgb`` option gives a panel another signal gain.
 
 Each raw Bayer pixel samples only its own colour channel of that expectation
 (GRBG: row 0 = G R G R ..., row 1 = B G B G ...).  On top of it come sensor-fixed
@@ -161,6 +163,7 @@ _KNOWN_OPTIONS = {
     "transparency_range": DEFAULT_TRANSPARENCY_RANGE,
     "sky_pedestal_rgb": DEFAULT_SKY_PEDESTAL_RGB,
     "pedestal_jitter": DEFAULT_PEDESTAL_JITTER,
+    "panel_gain_rgb": None,  # None -> 1 everywhere; else one number or (r, g, b) per panel
     "gain": DEFAULT_GAIN,
     "read_noise": DEFAULT_READ_NOISE,
     "noise": True,
@@ -190,13 +193,20 @@ def expected_bayer_frame(
     wcs: WCS,
     shape: Sequence[int],
     *,
-    transparency: float = 1.0,
+    transparency: float | Sequence[float] = 1.0,
     sky_pedestal_rgb: Sequence[float] = DEFAULT_SKY_PEDESTAL_RGB,
     pattern: str = BAYER_PATTERN,
 ) -> np.ndarray:
-    """Noiseless, defect-free raw frame (float64, (H, W)): ``t*model + pedestal`` per site."""
+    """Noiseless, defect-free raw frame (float64, (H, W)): ``t*model + pedestal`` per site.
+
+    ``transparency`` is one number or one per channel (R, G, B): a coloured transparency
+    models a night whose extinction or colour response differs.
+    """
     raw = model.render_bayer(wcs, shape, pattern)
-    raw *= float(transparency)
+    if np.ndim(transparency) == 0:
+        raw *= float(transparency)
+    else:
+        raw *= np.asarray(transparency, float)[bayer_channel_map(shape, pattern)]
     raw += np.asarray(sky_pedestal_rgb, float)[bayer_channel_map(shape, pattern)]
     return raw
 
@@ -218,7 +228,7 @@ def make_bayer_frame(
     wcs: WCS,
     shape: Sequence[int],
     *,
-    transparency: float = 1.0,
+    transparency: float | Sequence[float] = 1.0,
     sky_pedestal_rgb: Sequence[float] = DEFAULT_SKY_PEDESTAL_RGB,
     pattern: str = BAYER_PATTERN,
     noise: bool = True,
@@ -275,6 +285,7 @@ class _FramePlan:
     name: str
     pointing: tuple[float, float] = (0.0, 0.0)
     satellite: dict[str, float] | None = None
+    gain_rgb: tuple[float, float, float] = (1.0, 1.0, 1.0)
 
     def to_meta(self) -> dict[str, Any]:
         """Per-frame entry of truth.json."""
@@ -286,6 +297,7 @@ class _FramePlan:
             "panel_iy": self.iy,
             "date_obs": self.date_obs,
             "transparency": self.transparency,
+            "gain_rgb": [float(x) for x in self.gain_rgb],
             "sky_pedestal_rgb": [float(x) for x in self.pedestal],
             "rotation_deg": self.rotation_deg,
             "dither_px": [float(self.dither_px[0]), float(self.dither_px[1])],
@@ -373,6 +385,18 @@ def _catalogue_paths(star_catalog: Any) -> list[str]:
     return [str(p) for p in paths]
 
 
+def _panel_gains(spec: Any, n_panels: int) -> list[tuple[float, float, float]]:
+    """Return one (r, g, b) signal gain per panel from the ``panel_gain_rgb`` option."""
+    if spec is None:
+        return [(1.0, 1.0, 1.0)] * n_panels
+    if len(spec) != n_panels:
+        raise ValueError(f"panel_gain_rgb needs one entry per panel ({n_panels}), got {len(spec)}")
+    gains = [tuple(float(g) for g in np.broadcast_to(np.asarray(e, float), (3,))) for e in spec]
+    if not all(g > 0 for rgb in gains for g in rgb):
+        raise ValueError(f"panel_gain_rgb entries must be > 0, got {spec!r}")
+    return gains
+
+
 def _parse_size(size: str) -> tuple[int, int]:
     try:
         return FRAME_SHAPES[size]
@@ -433,7 +457,10 @@ def generate_dataset(
         ``base_rotation_deg`` [0], ``rotation_drift_deg`` [6] (linear over the run),
         ``rotation_jitter_deg`` [0.05], ``dither_px`` [40 full / 10 small, max radius],
         ``transparency_range`` [(0.9, 1.0)], ``sky_pedestal_rgb`` [(900, 1000, 800)],
-        ``pedestal_jitter`` [0.06], ``gain`` [0.8 e-/ADU], ``read_noise`` [3 ADU],
+        ``pedestal_jitter`` [0.06], ``panel_gain_rgb`` [None: one number or an (r, g, b)
+        triple per panel multiplying that panel's signal, not its sky: a panel observed
+        through other extinction or on another night with another colour balance;
+        recorded per frame as ``gain_rgb``], ``gain`` [0.8 e-/ADU], ``read_noise`` [3 ADU],
         ``noise`` [True], ``hot_pixels`` [True | False | count], ``satellite``
         [True], ``satellite_frame`` [random], ``fwhm_px`` [2.7], ``star_density``
         [6000/deg^2], ``mag_range`` [(6, 16)], ``nebula`` [True], ``exptime`` [10],
@@ -463,6 +490,7 @@ def generate_dataset(
     if int(frames_per_panel) < 1:
         raise ValueError("frames_per_panel must be >= 1")
     fpp = int(frames_per_panel)
+    panel_gains = _panel_gains(opt["panel_gain_rgb"], nxp * nyp)
     if not 0.0 <= float(opt["overlap"]) < 1.0:
         raise ValueError(f"overlap must be in [0, 1), got {opt['overlap']!r}")
     shape = _parse_size(size)
@@ -532,6 +560,7 @@ def generate_dataset(
                 transparency=transp, pedestal=ped, rotation_deg=float(rot), dither_px=(ddx, ddy),
                 date_obs=date, name=f"{_FRAME_NAME_PREFIX}{p:02d}_{i:0{width}d}.fits",
                 pointing=pointing,
+                gain_rgb=panel_gains[p],
             ))
 
     # ---- truth grid: bounding box of all frame footprints + a margin, North up
@@ -585,7 +614,8 @@ def generate_dataset(
     frame_paths: list[str] = []
     for pl in plans:
         raw = make_bayer_frame(
-            model, pl.wcs, shape, transparency=pl.transparency, sky_pedestal_rgb=pl.pedestal,
+            model, pl.wcs, shape, transparency=pl.transparency * np.asarray(pl.gain_rgb),
+            sky_pedestal_rgb=pl.pedestal,
             noise=bool(opt["noise"]), gain=float(opt["gain"]), read_noise=float(opt["read_noise"]),
             rng=np.random.default_rng([seed, _STREAM_NOISE, pl.index]), hot_pixels=hot,
             satellite=pl.satellite,
@@ -614,7 +644,7 @@ def generate_dataset(
         "read_noise_adu": float(opt["read_noise"]),
         "noise": bool(opt["noise"]),
         "truth_units": "ADU of a debayered frame pixel per channel at transparency 1, excluding the sky pedestal; "
-                       "frame_rgb ~= transparency * truth_rgb + sky_pedestal_rgb",
+                       "frame_rgb ~= transparency * gain_rgb * truth_rgb + sky_pedestal_rgb",
         "truth_shape": [th, tw],
         "truth_fits": "truth.fits",
         "layout": {
@@ -702,7 +732,7 @@ def expected_frame_rgb(outdir: str | os.PathLike[str], frame: int | str, model: 
                        *, include_pedestal: bool = True) -> np.ndarray:
     """Expected noiseless debayered RGB (float32, (H, W, 3)) of one frame.
 
-    ``transparency * model + sky_pedestal`` at every pixel centre (no hot pixels,
+    ``transparency * gain_rgb * model + sky_pedestal`` at every pixel centre (no hot pixels,
     no satellite).  ``frame`` is an index or a file name; pass ``model`` (from
     :func:`load_sky_model`) to avoid reloading it for many frames.
     """
@@ -714,7 +744,7 @@ def expected_frame_rgb(outdir: str | os.PathLike[str], frame: int | str, model: 
     wcs = WCS(hdr)
     shape = (int(hdr["NAXIS2"]), int(hdr["NAXIS1"]))
     rgb = model.render_rgb(wcs, shape)
-    rgb *= np.float32(entry["transparency"])
+    rgb *= np.float32(entry["transparency"]) * np.asarray(entry.get("gain_rgb", (1.0, 1.0, 1.0)), np.float32)
     if include_pedestal:
         rgb += np.asarray(entry["sky_pedestal_rgb"], np.float32)
     return rgb

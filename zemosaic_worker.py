@@ -26,6 +26,7 @@ import numpy as np
 import zemosaic_align_stack as stk
 import zemosaic_astrometry as zastro
 import zemosaic_fits as zfits
+import zemosaic_photometry as zph
 from zemosaic_config import ConfigError, MosaicConfig, config_to_dict, load_config
 from zemosaic_utils import (GpuBackendError, compute_pixel_mapping, gpu_available,
                             gpu_unavailable_reason, reproject_and_coadd)
@@ -131,6 +132,7 @@ class RunReport:
     timings_s: dict = field(default_factory=dict)
     outputs: dict = field(default_factory=dict)
     mosaic_shape: list = field(default_factory=list)
+    white_balance: dict = field(default_factory=dict)
     version: str = __version__
 
     def skip(self, path: str, reason: str, quiet: bool = False) -> None:
@@ -155,6 +157,7 @@ class RunReport:
             "backends": self.backends,
             "timings_s": {k: round(v, 3) for k, v in self.timings_s.items()},
             "outputs": self.outputs,
+            "white_balance": self.white_balance,
         }
 
 
@@ -708,170 +711,42 @@ def mosaic_grid(tiles: list[MasterTile]):
 
 
 def downsampled_wcs(wcs, factor: int):
-    """Return the WCS of an output grid sampled every ``factor`` pixels (CD matrix scaled)."""
+    """Return the WCS of the grid whose pixel k is the mean of pixels ``k*f .. k*f+f-1``.
+
+    Block centres sit at ``k*f + (f-1)/2`` (0-based), hence ``crpix' = (crpix - 0.5)/f + 0.5``.
+    """
     small = wcs.deepcopy()
     if small.wcs.has_cd():
         small.wcs.cd = small.wcs.cd * factor
     else:
         small.wcs.cdelt = small.wcs.cdelt * factor
-    small.wcs.crpix = (np.asarray(wcs.wcs.crpix) - 1.0) / factor + 1.0
+    small.wcs.crpix = (np.asarray(wcs.wcs.crpix) - 0.5) / factor + 0.5
     small.wcs.set()
     return small
 
 
-@dataclass
-class LowResTiles:
-    """Every tile resampled alone onto a coarse copy of the output grid (for photometric matching)."""
+def low_res_tiles(tiles: list[MasterTile], wcs_out, shape_out, max_side: int = 800) -> zph.LowResTiles:
+    """Return the tiles on a grid of ``factor`` x ``factor`` output-pixel blocks (long side <= ``max_side``).
 
-    images: list  # (h, w, C) float32 per tile, NaN outside
-    weights: list  # (h, w) float32 per tile
-    factor: int
-
-
-def low_res_tiles(tiles: list[MasterTile], wcs_out, shape_out, max_side: int = 800) -> LowResTiles:
-    """Return the tiles on a grid sampled every ``factor`` output pixels (long side <= ``max_side``).
-
-    Matching statistics need overlaps, not resolution: the coarse grid makes them cheap.
+    Matching statistics need overlaps, not resolution: the coarse grid makes them cheap. Each tile
+    is block-averaged before it is resampled, so a coarse pixel holds the light of its whole block
+    (a star's flux is kept) instead of one sample that may miss the star.
     """
     factor = max(1, int(np.ceil(max(shape_out) / max_side)))
     small_wcs = downsampled_wcs(wcs_out, factor)
     small_shape = (int(np.ceil(shape_out[0] / factor)), int(np.ceil(shape_out[1] / factor)))
     images, weights = [], []
     for t in tiles:
-        image, weight = reproject_and_coadd([t.image], [t.wcs], small_wcs, small_shape, [t.coverage])
+        image, coverage, wcs = t.image, t.coverage, t.wcs
+        if factor > 1:
+            image = zfits.block_mean(t.image, factor)
+            coverage = zfits.block_mean(t.coverage[..., None], factor)[..., 0]
+            wcs = downsampled_wcs(t.wcs, factor)
+        image, weight = reproject_and_coadd([image], [wcs], small_wcs, small_shape,
+                                            [np.nan_to_num(coverage)])
         images.append(image)
         weights.append(np.min(weight, axis=-1))
-    return LowResTiles(images, weights, factor)
-
-
-def _overlap_pixels(low: LowResTiles, i: int, j: int):
-    """Return the mask of coarse pixels where tiles i and j both have solid (>= half-max) weight."""
-    wi, wj = low.weights[i], low.weights[j]
-    both = (wi > 0.5 * wi.max()) & (wj > 0.5 * wj.max())
-    return both & np.all(np.isfinite(low.images[i]) & np.isfinite(low.images[j]), axis=-1)
-
-
-def _pair_offsets(low: LowResTiles, gains, offsets=None):
-    """Return pairwise ``(i, j, d_ij[C], n_ij)``: median of tile i minus tile j in their overlap."""
-    pairs = []
-    n = len(low.images)
-    for i in range(n):
-        for j in range(i + 1, n):
-            both = _overlap_pixels(low, i, j)
-            count = int(both.sum())
-            if count >= 20:
-                diff = low.images[i][both] * gains[i] - low.images[j][both] * gains[j]
-                pairs.append((i, j, np.median(diff, axis=0), count))
-    return pairs
-
-
-def _smooth_nan(image2d, sigma):
-    """Gaussian smoothing that ignores NaN (normalised convolution); NaN stays NaN."""
-    from scipy.ndimage import gaussian_filter
-
-    if sigma <= 0:
-        return image2d
-    valid = np.isfinite(image2d)
-    num = gaussian_filter(np.where(valid, image2d, 0.0), sigma)
-    den = gaussian_filter(valid.astype(np.float64), sigma)
-    with np.errstate(invalid="ignore", divide="ignore"):
-        return np.where(valid & (den > 0.05), num / den, np.nan)
-
-
-def _pair_slope(x, y, n_bins: int = 24):
-    """Return the slope of ``y ~ s * x + c`` through bin medians, or None when x has no range.
-
-    Binning on x (quantile bins) and fitting the bin medians ignores stars and outliers and keeps
-    the noise in x from flattening the slope; a pair whose overlap is flat sky carries no gain
-    information and gives None.
-    """
-    order = np.argsort(x)
-    bins = np.array_split(order, n_bins)
-    bx = np.array([np.median(x[b]) for b in bins if b.size])
-    by = np.array([np.median(y[b]) for b in bins if b.size])
-    noise = 1.4826 * np.median(np.abs(np.diff(x[order]))) / np.sqrt(2) + 1e-12
-    if bx.size < 4 or (bx[-2] - bx[1]) < 20 * noise / np.sqrt(max(1, x.size // n_bins)):
-        return None
-    slope, _c = np.polyfit(bx, by, 1)
-    return float(slope) if np.isfinite(slope) and slope > 0 else None
-
-
-def _pair_gains(low: LowResTiles, sigma_px: float):
-    """Return pairwise ``(i, j, log(s_ij), n_ij)`` with ``tile_i ~ s_ij * tile_j`` in the overlap.
-
-    Compared on the luminance smoothed by ``sigma_px`` (output pixels), which removes the noise
-    and the small PSF differences between tiles and keeps the nebulosity that carries the gain.
-    """
-    sigma = sigma_px / low.factor
-    lum = [np.mean(img, axis=-1) for img in low.images]
-    pairs = []
-    n = len(lum)
-    for i in range(n):
-        for j in range(i + 1, n):
-            both = _overlap_pixels(low, i, j)
-            if int(both.sum()) < 50:
-                continue
-            # Smooth both tiles over the same support (their overlap only): a tile smoothed over
-            # its own footprint would average towards its own interior and bias the comparison.
-            li = _smooth_nan(np.where(both, lum[i], np.nan), sigma)
-            lj = _smooth_nan(np.where(both, lum[j], np.nan), sigma)
-            ok = both & np.isfinite(li) & np.isfinite(lj)
-            slope = _pair_slope(lj[ok], li[ok]) if ok.sum() >= 50 else None
-            if slope is not None:
-                pairs.append((i, j, np.array([np.log(slope)]), int(ok.sum())))
-    return pairs
-
-
-def _solve_pairwise(n_tiles, pairs, n_values, anchor):
-    """Return ``(n_tiles, n_values)`` x with ``x_i - x_j ~ d_ij`` (weighted least squares, x_anchor = 0).
-
-    Tiles not connected to the anchor through overlaps keep 0. Two Huber re-weighting rounds damp
-    an overlap whose statistic was pulled by a bad region.
-    """
-    solution = np.zeros((n_tiles, n_values))
-    if not pairs:
-        return solution
-    a = np.zeros((len(pairs) + 1, n_tiles))
-    for k, (i, j, _d, _n) in enumerate(pairs):
-        a[k, i], a[k, j] = 1.0, -1.0
-    a[-1, anchor] = 1.0
-    base_w = np.array([np.sqrt(n) for *_x, n in pairs] + [1e3])
-    for c in range(n_values):
-        b = np.array([d[c] for _i, _j, d, _n in pairs] + [0.0])
-        w = base_w.copy()
-        for _ in range(3):
-            sol, *_ = np.linalg.lstsq(a * w[:, None], b * w, rcond=None)
-            resid = np.abs(a @ sol - b)[:-1]
-            scale = 1.4826 * np.median(resid) + 1e-12
-            huber = np.minimum(1.0, 2.0 * scale / np.maximum(resid, 1e-12))
-            w = np.concatenate([base_w[:-1] * huber, base_w[-1:]])
-        solution[:, c] = sol
-    return solution
-
-
-def _best_connected(n_tiles, pairs) -> int:
-    """Return the tile with the largest total overlap (the anchor of the solutions)."""
-    links = np.zeros(n_tiles)
-    for i, j, _d, n in pairs:
-        links[i] += n
-        links[j] += n
-    return int(np.argmax(links))
-
-
-def background_offsets(low: LowResTiles, gains=None) -> np.ndarray:
-    """Return per-tile, per-channel offsets to subtract so tile skies agree in the overlaps.
-
-    Solved once on the host from the coarse tiles (medians of overlaps, robust least squares
-    anchored on the best-connected tile), so every backend applies exactly the same correction.
-    ``gains`` (per tile) are applied to the tiles before comparing them.
-    """
-    n = len(low.images)
-    n_ch = low.images[0].shape[-1]
-    gains = np.ones(n) if gains is None else np.asarray(gains)
-    pairs = _pair_offsets(low, gains)
-    offsets = _solve_pairwise(n, pairs, n_ch, _best_connected(n, pairs))
-    logger.debug("Background offsets per tile: %s", np.round(offsets, 2).tolist())
-    return offsets
+    return zph.LowResTiles(images, weights, factor)
 
 
 def coadd_channels(tile_images, wcs_list, wcs_out, shape_out, weights, mappings, engine,
@@ -914,57 +789,61 @@ class AssemblyInputs:
     gpu_xp: object = None
 
     def coadd(self, gains, offsets, label):
-        """Co-add ``gain * tile - offset`` for every channel; returns ``(mosaic, coverage (H,W,C), gpu_all)``."""
-        images = [t.image * np.float32(gains[k]) - offsets[k].astype(np.float32)
+        """Co-add ``gain * tile - offset`` (per tile, per channel); returns ``(mosaic, coverage (H,W,C), gpu_all)``."""
+        images = [t.image * np.asarray(gains[k], np.float32) - np.asarray(offsets[k], np.float32)
                   for k, t in enumerate(self.tiles)]
         return coadd_channels(images, [t.wcs for t in self.tiles], self.wcs_out,
                               self.shape_out, [t.coverage for t in self.tiles], self.mappings,
                               self.engine, self.use_gpu, label, self.gpu_xp)
 
 
-def tile_gains(low: LowResTiles, offsets, sigma_px: float, gain_clip) -> np.ndarray:
-    """Return one gain per tile, the same for every channel, that evens out tile brightness.
+def run_second_pass_coverage_renorm(inputs: AssemblyInputs, low: zph.LowResTiles,
+                                    match: zph.TileMatch, config):
+    """Two-Pass: one gain per tile (all channels) from the pass-1 tiles, new offsets, a second co-add.
 
-    Each overlap gives the brightness ratio of its two tiles (smoothed luminance, offsets
-    applied); the log-ratios are solved jointly — comparing each tile with the pass-1 mosaic of
-    its neighbours one tile at a time would overshoot, as both sides of a seam move. The gains are
-    divided by their median (most tiles are right, so the flux scale stays) and clipped to
-    ``gain_clip``. One gain for R, G and B: a per-channel gain is how colour casts are born.
+    Returns ``(mosaic (H,W,C), coverage (H,W), gains, gpu_all)``. The gains multiply the pass-1
+    gains; they stay 1 where the pass-1 tiles already agree (see
+    :func:`zemosaic_photometry.two_pass_gains`). Backends never mix across channels (see
+    :func:`coadd_channels`); one summary line names the backend used.
     """
-    shifted = LowResTiles([img - off.astype(np.float32) for img, off in zip(low.images, offsets)],
-                          low.weights, low.factor)
-    n = len(low.images)
-    pairs = _pair_gains(shifted, sigma_px)
-    log_g = -_solve_pairwise(n, pairs, 1, _best_connected(n, pairs))[:, 0]
-    log_g -= np.median(log_g)
-    return np.clip(np.exp(log_g), gain_clip[0], gain_clip[1])
-
-
-def run_second_pass_coverage_renorm(inputs: AssemblyInputs, low: LowResTiles, offsets, config):
-    """Two-Pass: gains per tile from the pass-1 tiles, new offsets, then a second co-add.
-
-    Returns ``(mosaic (H,W,C), coverage (H,W), gains, gpu_all)``. Backends never mix across
-    channels (see :func:`coadd_channels`); one summary line names the backend used.
-    """
-    gains = tile_gains(low, offsets, config.two_pass_cov_sigma_px, config.two_pass_cov_gain_clip)
+    gains = zph.two_pass_gains(low, match, config.two_pass_cov_sigma_px, config.two_pass_cov_gain_clip)
     logger.info("[TwoPass] tile gains: %s", ", ".join(f"{g:.4f}" for g in gains))
-    offsets2 = background_offsets(low, gains) if config.match_background else offsets * gains[:, None]
-    mosaic, coverage, gpu_all = inputs.coadd(gains, offsets2, "[TwoPass]")
+    total = match.gains * gains[:, None]
+    offsets = zph.background_offsets(low, total) if config.match_background \
+        else match.offsets * gains[:, None]
+    mosaic, coverage, gpu_all = inputs.coadd(total, offsets, "[TwoPass]")
     logger.info("[TwoPass] Two-pass reprojection backend: gpu_all=%s", gpu_all)
     return mosaic, np.min(coverage, axis=-1), gains, gpu_all
 
 
+def _tile_match(tiles, low, config) -> zph.TileMatch:
+    """Pass-1 photometric corrections: gains and offsets solved from the overlaps, or none."""
+    n, n_ch = len(tiles), tiles[0].image.shape[2]
+    if low is None:
+        return zph.TileMatch(np.ones((n, n_ch)), np.zeros((n, n_ch)), np.zeros(n, bool))
+    return zph.match_tiles(low, config.intertile_photometric_match, config.match_background)
+
+
+def _record_match(report, match: zph.TileMatch) -> None:
+    """Write each tile's pass-1 gains and offsets into the run report."""
+    for entry, gains, offsets, colour in zip(report.tiles, match.gains, match.offsets,
+                                             match.colour_applied):
+        entry["gain_rgb"] = [round(float(g), 5) for g in gains]
+        entry["offset_rgb"] = [round(float(o), 3) for o in offsets]
+        entry["gain_per_channel"] = bool(colour)
+
+
 def assemble_mosaic(tiles, wcs_out, shape_out, config, report, ctx, gpu_xp=None):
-    """Phase 5: background matching, the co-add of every channel, optionally Two-Pass.
+    """Phase 5: tile gains and offsets from the overlaps, the co-add of every channel, optionally Two-Pass.
 
     Returns ``(mosaic (H, W, C), coverage (H, W))``.
     """
-    n_ch = tiles[0].image.shape[2]
     n = len(tiles)
-    need_low = config.match_background or config.two_pass_coverage_renorm
+    need_low = config.match_background or config.intertile_photometric_match \
+        or config.two_pass_coverage_renorm
     low = low_res_tiles(tiles, wcs_out, shape_out) if need_low and n > 1 else None
-    offsets = background_offsets(low) if (config.match_background and low is not None) \
-        else np.zeros((n, n_ch))
+    match = _tile_match(tiles, low, config)
+    _record_match(report, match)
     ctx.check_cancel()
     mappings = []
     for k, t in enumerate(tiles):
@@ -976,13 +855,13 @@ def assemble_mosaic(tiles, wcs_out, shape_out, config, report, ctx, gpu_xp=None)
         logger.warning("GPU asked for assembly but not usable (%s); using CPU", gpu_unavailable_reason())
         use_gpu = False
     inputs = AssemblyInputs(tiles, wcs_out, shape_out, mappings, config.assembly_engine, use_gpu, gpu_xp)
-    mosaic, coverage, gpu_all = inputs.coadd(np.ones(n), offsets, "Assembly")
+    mosaic, coverage, gpu_all = inputs.coadd(match.gains, match.offsets, "Assembly")
     coverage = np.min(coverage, axis=-1)  # channels share tile weights: their coverages agree
     ctx.report("assembly", n + 1, n + 2, "pass 1 done")
     report.backends["assembly"] = "gpu" if gpu_all else "cpu"
     if config.two_pass_coverage_renorm and low is not None:
         ctx.check_cancel()
-        mosaic, coverage, gains, gpu_all = run_second_pass_coverage_renorm(inputs, low, offsets, config)
+        mosaic, coverage, gains, gpu_all = run_second_pass_coverage_renorm(inputs, low, match, config)
         report.backends["two_pass"] = "gpu" if gpu_all else "cpu"
         for entry, gain in zip(report.tiles, gains):
             entry["two_pass_gain"] = round(float(gain), 5)
@@ -1000,8 +879,23 @@ def _write_json_atomic(path: str, payload: dict) -> None:
     zfits.write_text_atomic(path, json.dumps(payload, indent=2, default=str))
 
 
+def _white_balance_cards(report, mosaic) -> tuple[list, list]:
+    """Measure the display white balance; return ``(FITS cards, gains)`` and fill the report.
+
+    The science FITS stays in the sensor's colours: the gains are recorded, not applied.
+    """
+    wb = zph.white_balance(mosaic)
+    report.white_balance = {"gains_rgb": [round(float(g), 5) for g in wb.gains],
+                            "sky_rgb": [round(float(s), 3) for s in wb.sky], "source": wb.source,
+                            "applied_to": "preview only"}
+    names = ("WBGAINR", "WBGAING", "WBGAINB") if len(wb.gains) == 3 else ()
+    cards = [(name, round(float(g), 5), "display white balance gain (not applied here)")
+             for name, g in zip(names, wb.gains)]
+    return cards, wb.gains
+
+
 def write_outputs(mosaic, coverage, wcs_out, config, report, tiles) -> dict:
-    """Write the mosaic FITS, its preview PNG and the run report; returns their paths."""
+    """Write the mosaic FITS (linear, sensor colours), its white-balanced preview PNG and the run report."""
     out = config.output_folder
     paths = {"mosaic": os.path.join(out, MOSAIC_NAME), "preview": os.path.join(out, PREVIEW_NAME),
              "report": os.path.join(out, REPORT_NAME)}
@@ -1010,8 +904,10 @@ def write_outputs(mosaic, coverage, wcs_out, config, report, tiles) -> dict:
              ("NFRAMES", len(report.frames_used), "frames used"),
              ("ASMENG", config.assembly_engine, "assembly engine"),
              ("ASMBE", report.backends.get("assembly", "cpu"), "assembly backend")]
-    zfits.write_image_fits(paths["mosaic"], mosaic, wcs_out, coverage=coverage, header_cards=cards)
-    zfits.write_preview_png(paths["preview"], mosaic)
+    wb_cards, wb_gains = _white_balance_cards(report, mosaic)
+    zfits.write_image_fits(paths["mosaic"], mosaic, wcs_out, coverage=coverage,
+                           header_cards=cards + wb_cards)
+    zfits.write_preview_png(paths["preview"], mosaic, wb_gains=wb_gains)
     report.outputs = {k: os.path.basename(v) for k, v in paths.items()}
     report.outputs["master_tiles"] = [os.path.relpath(t.path, out) for t in tiles]
     return paths

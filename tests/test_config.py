@@ -48,6 +48,7 @@ EXPECTED_DEFAULTS = {
     "max_raw_per_master_tile": 0,
     "assembly_engine": "fast",
     "match_background": True,
+    "intertile_photometric_match": True,
     "use_gpu_phase5": False,
     "two_pass_coverage_renorm": False,
     "two_pass_cov_sigma_px": 50.0,

@@ -1,4 +1,4 @@
-"""Assembly: background matching, Two-Pass gains and the never-mix-backends policy."""
+"""Assembly: background matching, tile gains, Two-Pass gains and the never-mix-backends policy."""
 
 import logging
 import re
@@ -16,8 +16,12 @@ TILE_SHAPE = (240, 180)
 SKY = np.array([900.0, 1000.0, 800.0])
 
 
-def _truth_sky(wcs, shape):
-    """A smooth coloured nebula plus a gradient, evaluated in sky coordinates (no resampling)."""
+def _truth_sky(wcs, shape, stars=True):
+    """A smooth coloured nebula, a gradient and stars, evaluated in sky coordinates (no resampling).
+
+    ``stars=False`` returns ``(sky without stars, mask of pixels away from stars)``: resampling
+    changes a star's peak, so comparisons with the truth are made away from stars.
+    """
     yy, xx = np.mgrid[: shape[0], : shape[1]]
     ra, dec = wcs.pixel_to_world_values(xx, yy)
     u, v = (ra - 10.0) * np.cos(np.radians(20.0)) * 3600 / 2.39, (dec - 20.0) * 3600 / 2.39
@@ -26,7 +30,37 @@ def _truth_sky(wcs, shape):
            + 150 * np.exp(-((u - 150) ** 2 + (v - 160) ** 2) / (2 * 90.0**2)))
     grad = 0.05 * u + 0.03 * v
     colour = np.array([1.0, 0.55, 0.7])
-    return (neb[..., None] * colour + grad[..., None] + 50).astype(np.float32)
+    smooth = neb[..., None] * colour + grad[..., None] + 50
+    star_light = _stars(u, v)
+    if not stars:
+        return smooth.astype(np.float32), star_light.max(axis=-1) < 0.5
+    return (smooth + star_light).astype(np.float32)
+
+
+_STAR_CACHE = {}
+
+
+def _stars(u, v, n=150, fwhm=3.0):
+    """A fixed star field (Gaussian PSF, white-ish colours) in the same sky coordinates."""
+    key = (u.shape, float(u[0, 0]), float(v[0, 0]), float(u[-1, -1]), float(v[-1, -1]))
+    if key not in _STAR_CACHE:
+        _STAR_CACHE[key] = _render_stars(u, v, n, fwhm)
+    return _STAR_CACHE[key]
+
+
+def _render_stars(u, v, n, fwhm):
+    rng = np.random.default_rng(99)
+    su, sv = rng.uniform(-260, 260, n), rng.uniform(-200, 200, n)
+    flux = 10 ** rng.uniform(2.0, 4.0, n)
+    colour = rng.uniform(0.8, 1.2, (n, 3))
+    sig2 = (fwhm / 2.355) ** 2
+    out = np.zeros(u.shape + (3,))
+    for k in range(n):
+        near = (np.abs(u - su[k]) < 8) & (np.abs(v - sv[k]) < 8)
+        if near.any():
+            r2 = (u[near] - su[k]) ** 2 + (v[near] - sv[k]) ** 2
+            out[near] += (flux[k] / (2 * np.pi * sig2) * np.exp(-r2 / (2 * sig2)))[:, None] * colour[k]
+    return out
 
 
 def _tiles(gain_errors, seed=0, noise=1.0):
@@ -64,21 +98,21 @@ def _tile_footprints(tiles, wcs, shape):
 
 def _scale_near_seams(mosaic, wcs, shape, tiles):
     """Fitted flux scale (mosaic vs truth) of each tile's exclusive area within 40 px of a seam."""
-    truth = _truth_sky(wcs, shape)
+    truth, dark = _truth_sky(wcs, shape, stars=False)
     feet = _tile_footprints(tiles, wcs, shape)
     count = np.sum(feet, axis=0)
     seam = binary_dilation(count >= 2, iterations=40)
     scales = []
     for k, foot in enumerate(feet):
-        region = foot & (count == 1) & seam & np.all(np.isfinite(mosaic), axis=-1)
+        region = foot & (count == 1) & seam & np.all(np.isfinite(mosaic), axis=-1) & dark
         m, t = mosaic[region].mean(axis=-1), truth[region].mean(axis=-1)
         scales.append(np.polyfit(t, m, 1)[0])
     return np.array(scales)
 
 
 def _colour_ratios(mosaic, wcs, shape):
-    truth = _truth_sky(wcs, shape)
-    ok = np.all(np.isfinite(mosaic), axis=-1)
+    truth, dark = _truth_sky(wcs, shape, stars=False)
+    ok = np.all(np.isfinite(mosaic), axis=-1) & dark
     a = [np.polyfit(truth[ok][:, c], mosaic[ok][:, c], 1)[0] for c in range(3)]
     return np.array([a[0] / a[1], a[2] / a[1]])
 
@@ -87,9 +121,9 @@ def test_background_matching_removes_sky_steps():
     tiles = _tiles([1.0, 1.0, 1.0, 1.0])
     on, *_ = _assemble(tiles)
     off, _cov, wcs, shape, _ = _assemble(tiles, match_background=False)
-    truth = _truth_sky(wcs, shape)
+    truth, dark = _truth_sky(wcs, shape, stars=False)
     for mosaic, limit in ((on, 1.0), (off, None)):
-        ok = np.all(np.isfinite(mosaic), axis=-1)
+        ok = np.all(np.isfinite(mosaic), axis=-1) & dark
         resid = (mosaic - truth)[ok]
         spread = np.percentile(resid, 99, axis=0) - np.percentile(resid, 1, axis=0)
         if limit is None:
@@ -99,10 +133,12 @@ def test_background_matching_removes_sky_steps():
 
 
 def test_two_pass_reduces_gain_step_and_keeps_colour(caplog):
+    """Two-Pass alone (pass-1 gain matching off) evens out a tile 12 % too bright."""
     tiles = _tiles([1.0, 1.12, 1.0, 1.0])
-    pass1, cov1, wcs, shape, _ = _assemble(tiles)
+    pass1, cov1, wcs, shape, _ = _assemble(tiles, intertile_photometric_match=False)
     with caplog.at_level(logging.INFO, logger="zemosaic_worker"):
-        pass2, cov2, *_rest, report = _assemble(tiles, two_pass_coverage_renorm=True)
+        pass2, cov2, *_rest, report = _assemble(tiles, two_pass_coverage_renorm=True,
+                                                intertile_photometric_match=False)
     step1 = _scale_near_seams(pass1, wcs, shape, tiles)
     step2 = _scale_near_seams(pass2, wcs, shape, tiles)
     others = [0, 2, 3]
@@ -117,6 +153,40 @@ def test_two_pass_reduces_gain_step_and_keeps_colour(caplog):
     assert report.tiles[1]["two_pass_gain"] == pytest.approx(1 / 1.12, rel=0.02)
 
 
+def test_pass_one_gains_fix_the_step_and_two_pass_keeps_them():
+    """Pass-1 tile gains remove the 12 % step; Two-Pass then finds agreement and moves nothing."""
+    tiles = _tiles([1.0, 1.12, 1.0, 1.0])
+    pass1, _c1, wcs, shape, report1 = _assemble(tiles)
+    pass2, _c2, *_rest, report2 = _assemble(tiles, two_pass_coverage_renorm=True)
+    step1 = _scale_near_seams(pass1, wcs, shape, tiles)
+    assert np.allclose(step1, 1.0, atol=0.005), step1
+    assert report1.tiles[1]["gain_rgb"] == pytest.approx([1 / 1.12] * 3, rel=0.005)
+    assert [e["two_pass_gain"] for e in report2.tiles] == [1.0] * 4
+    assert np.array_equal(pass1, pass2, equal_nan=True)
+
+
+def test_two_pass_never_worse_than_pass_one():
+    """Tiles within 2 %: Two-Pass may keep or improve the agreement of pass 1, never degrade it."""
+    tiles = _tiles([1.0, 1.02, 0.985, 1.0], seed=3, noise=3.0)
+    for match in (True, False):
+        pass1, _c, wcs, shape, _r = _assemble(tiles, intertile_photometric_match=match)
+        pass2, *_x, report = _assemble(tiles, intertile_photometric_match=match,
+                                       two_pass_coverage_renorm=True)
+        spread1 = np.ptp(_scale_near_seams(pass1, wcs, shape, tiles))
+        spread2 = np.ptp(_scale_near_seams(pass2, wcs, shape, tiles))
+        assert spread2 <= spread1 + 0.002, (match, spread1, spread2)
+        gains = np.array([e["two_pass_gain"] for e in report.tiles])
+        assert np.all(np.abs(gains - 1) < 0.03), gains
+
+
+def test_two_pass_is_deterministic():
+    tiles = _tiles([1.0, 1.05, 0.97, 1.0], seed=4)
+    runs = [_assemble(tiles, intertile_photometric_match=False, two_pass_coverage_renorm=True)
+            for _ in range(2)]
+    assert [e["two_pass_gain"] for e in runs[0][-1].tiles] == [e["two_pass_gain"] for e in runs[1][-1].tiles]
+    assert np.array_equal(runs[0][0], runs[1][0], equal_nan=True)
+
+
 def test_two_pass_without_gain_errors_changes_little():
     tiles = _tiles([1.0, 1.0, 1.0, 1.0])
     pass1, *_ = _assemble(tiles)
@@ -129,7 +199,8 @@ def test_two_pass_without_gain_errors_changes_little():
 
 def test_gain_clip_limits_two_pass_gains():
     tiles = _tiles([1.0, 1.6, 1.0, 1.0])
-    *_x, report = _assemble(tiles, two_pass_coverage_renorm=True, two_pass_cov_gain_clip=(0.85, 1.18))
+    *_x, report = _assemble(tiles, two_pass_coverage_renorm=True, two_pass_cov_gain_clip=(0.85, 1.18),
+                            intertile_photometric_match=False)
     assert report.tiles[1]["two_pass_gain"] == pytest.approx(0.85)
 
 

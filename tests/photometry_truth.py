@@ -1,0 +1,138 @@
+"""Photometric figures of a mosaic against the synthetic truth (shared by tests and benchmarks).
+
+A mosaic made from ``zemosaic_synth`` frames should equal ``a_c * truth_c + b_c`` per channel,
+with the same ``a_c`` in every panel. The figures here say how far it is from that:
+
+* panel gain spread: the largest deviation of a panel's flux scale from the median panel's;
+* colour ratio spread: the largest relative spread of R/G or B/G between panels;
+* seam step: the largest jump of the residual (mosaic minus the fitted truth) across a tile edge,
+  in units of the sky noise of one pixel.
+
+Scales are fitted on 16x16 block means, which conserve flux whatever the PSF, so resampling blur
+does not bias them.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+from scipy.ndimage import binary_dilation, binary_erosion
+
+import zemosaic_synth
+from zemosaic_fits import read_image_fits
+from zemosaic_utils import reproject_and_coadd
+
+BLOCK = 16
+SATURATION_SAFE = 20000.0  # truth ADU: with the sky, well below the 16-bit ceiling
+
+
+def truth_on_grid(dataset_root, wcs, shape):
+    """Return the noiseless truth ``(H, W, 3)`` resampled onto a mosaic grid."""
+    truth, truth_wcs, _meta = zemosaic_synth.load_truth(dataset_root)
+    return np.stack([reproject_and_coadd([truth[..., c]], [truth_wcs], wcs, shape)[0]
+                     for c in range(3)], axis=-1)
+
+
+def tile_footprints(tiles, wcs, shape):
+    """Return one boolean ``(H, W)`` per tile ``(coverage, wcs)``: where its coverage is solid."""
+    feet = []
+    for coverage, tile_wcs in tiles:
+        cov = np.nan_to_num(reproject_and_coadd([coverage], [tile_wcs], wcs, shape)[0])
+        feet.append(cov > 0.75 * coverage.max())
+    return feet
+
+
+def master_tile_footprints(out_dir, wcs, shape):
+    """Footprints of the master tiles a run wrote in ``out_dir/master_tiles``."""
+    tiles = []
+    for path in sorted(Path(out_dir, "master_tiles").glob("master_tile_0*.fits")):
+        _img, tile_wcs, coverage, _hdr = read_image_fits(path)
+        tiles.append((coverage, tile_wcs))
+    return tile_footprints(tiles, wcs, shape)
+
+
+def _blocks(a, reduce=np.mean):
+    h, w = a.shape[0] // BLOCK * BLOCK, a.shape[1] // BLOCK * BLOCK
+    return reduce(a[:h, :w].reshape(h // BLOCK, BLOCK, w // BLOCK, BLOCK, *a.shape[2:]), axis=(1, 3))
+
+
+def _robust_line(t, m, rounds=5, kappa=3.0):
+    """``(a, b)`` of ``m = a * t + b`` by least squares with kappa-sigma clipping of outliers."""
+    keep = np.ones(t.size, bool)
+    for _ in range(rounds):
+        a, b = np.polyfit(t[keep], m[keep], 1)
+        resid = m - (a * t + b)
+        sigma = _robust_sigma(resid[keep])
+        new = np.abs(resid) <= kappa * sigma
+        if np.array_equal(new, keep) or new.sum() < 10:
+            break
+        keep = new
+    return np.array([a, b])
+
+
+def _fit(mosaic, truth, region):
+    """Per-channel ``(a, b)`` of ``mosaic = a * truth + b`` on the blocks lying wholly in region.
+
+    Blocks holding a star bright enough to saturate a frame are left out (the truth has no
+    ceiling), and blocks whose residual is an outlier (a star cut by the block edge with a
+    different PSF) are clipped.
+    """
+    solid = (_blocks(region.astype(float)) == 1) & (_blocks(np.nan_to_num(truth).max(axis=-1), np.max)
+                                                    < SATURATION_SAFE)
+    fits_ = []
+    for c in range(mosaic.shape[-1]):
+        m = _blocks(np.nan_to_num(mosaic[..., c]))[solid]
+        t = _blocks(np.nan_to_num(truth[..., c]))[solid]
+        fits_.append(_robust_line(t, m))
+    return np.array(fits_)
+
+
+def _robust_sigma(values):
+    return 1.4826 * float(np.median(np.abs(values - np.median(values))))
+
+
+def panel_figures(mosaic, truth, feet):
+    """Return the photometric figures of ``mosaic`` (dict, see the module docstring)."""
+    ok = np.all(np.isfinite(mosaic), axis=-1) & np.all(np.isfinite(truth), axis=-1)
+    count = np.sum(feet, axis=0)
+    single = ok & (count == 1)
+    panels = []
+    for foot in feet:
+        region = binary_erosion(foot & single, iterations=2)
+        panels.append(_fit(mosaic, truth, region)[:, 0])
+    scales = np.array(panels)  # (n_panels, C)
+    lum = scales.mean(axis=1)
+    ratios = np.stack([scales[:, 0] / scales[:, 1], scales[:, 2] / scales[:, 1]], axis=1)
+    whole = _fit(mosaic, truth, binary_erosion(ok & (count >= 1), iterations=2))
+    return {
+        "panel_scale": lum / np.median(lum),
+        "panel_ratios": ratios,
+        "gain_spread": float(np.max(np.abs(lum / np.median(lum) - 1))),
+        "colour_spread": float(np.max(np.ptp(ratios, axis=0) / ratios.mean(axis=0))),
+        "mosaic_ratios": (float(whole[0, 0] / whole[1, 0]), float(whole[2, 0] / whole[1, 0])),
+        "seam_step": seam_step(mosaic, truth, feet, whole, single),
+    }
+
+
+def seam_step(mosaic, truth, feet, fitted, single, band_px=20):
+    """Largest residual jump across a tile edge, in sky-noise units (per pixel, per channel).
+
+    For each overlapping pair of tiles, the median residual of the overlap and of each tile's own
+    area within ``band_px`` of it are compared; the truth fitted on the whole mosaic is removed
+    first, so only the mismatch between tiles is left.
+    """
+    worst = 0.0
+    for c in range(mosaic.shape[-1]):
+        resid = mosaic[..., c] - (fitted[c, 0] * truth[..., c] + fitted[c, 1])
+        noise = _robust_sigma(resid[single])
+        for i in range(len(feet)):
+            for j in range(i + 1, len(feet)):
+                both = feet[i] & feet[j] & np.isfinite(resid)
+                if both.sum() < 500:
+                    continue
+                near = binary_dilation(both, iterations=band_px)
+                parts = [both] + [near & single & feet[k] for k in (i, j)]
+                levels = [np.median(resid[p]) for p in parts if p.sum() >= 200]
+                worst = max(worst, float(np.ptp(levels)) / noise)
+    return worst

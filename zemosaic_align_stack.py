@@ -382,17 +382,15 @@ def _local_maxima(snr, threshold: float, margin: int, xp):
     return ys[peak], xs[peak], v[peak]
 
 
-def _fwhm_from_area(excess, ys, xs, xp, radius: int = 6) -> float:
-    """Return the median FWHM (px) of stars from their area above half maximum.
+def _half_max_area(excess, ys, xs, xp, radius: int = 6):
+    """Return, per peak, the number of pixels within ``radius`` at or above half its maximum.
 
-    ``pi (FWHM / 2)^2`` is the area above half maximum of a round PSF; it needs no fit and noise
-    barely moves it on bright stars.
+    ``pi (FWHM / 2)^2`` for a round PSF: a size that needs no fit and that noise barely moves on
+    bright stars.
     """
     dy, dx = _disc_offsets(-1, radius + 0.5)
     box = excess[ys[:, None] + xp.asarray(dy)[None], xs[:, None] + xp.asarray(dx)[None]]
-    peak = excess[ys, xs]
-    area = xp.sum(box >= 0.5 * peak[:, None], axis=1)
-    return float(2.0 * math.sqrt(float(xp.median(area)) / math.pi))
+    return xp.sum(box >= 0.5 * excess[ys, xs][:, None], axis=1)
 
 
 def aperture_fluxes(image, stars: ReferenceStars, xp=np, saturation: float = SATURATION_ADU):
@@ -437,8 +435,9 @@ def find_reference_stars(reference, xp=np, saturation: float = SATURATION_ADU,
     """Return the :class:`ReferenceStars` of an ``(H, W, C)`` frame: its brightest usable stars.
 
     Star-like peaks of the mean over channels of the sky-subtracted signal-to-noise, above
-    ``_DETECT_SNR``; the aperture radius is ``_APERTURE_FWHM`` times their median FWHM. Stars
-    whose reference flux is unusable (saturated, flat-topped, at a footprint edge) are dropped.
+    ``_DETECT_SNR``, of about the size of the brightest unsaturated ones; the aperture radius is
+    ``_APERTURE_FWHM`` times their median FWHM. Stars whose reference flux is unusable
+    (saturated, flat-topped, at a footprint edge) are dropped.
     """
     n_ch = reference.shape[-1]
     sub = _subsample(reference)
@@ -456,10 +455,16 @@ def find_reference_stars(reference, xp=np, saturation: float = SATURATION_ADU,
     ys, xs = ys[order], xs[order]
     star_like = xp.nonzero(_star_like(excess, ys, xs, xp))[0]
     ys, xs = ys[star_like], xs[star_like]
-    unclipped = xp.nonzero(xp.max(reference[ys, xs], axis=-1) < _SATURATION_FRACTION * saturation)[0]
-    if unclipped.size == 0:
+    unclipped = xp.max(reference[ys, xs], axis=-1) < _SATURATION_FRACTION * saturation
+    if not bool(xp.any(unclipped)):
         return _no_stars(n_ch)
-    fwhm = _fwhm_from_area(excess, ys[unclipped[:50]], xs[unclipped[:50]], xp)
+    # Every star has the frame's PSF: peaks much sharper (hot pixels, cosmic rays) or broader
+    # (blends, galaxies) than the brightest unsaturated ones are not measured.
+    area = _half_max_area(excess, ys, xs, xp)
+    typical = float(xp.median(area[xp.nonzero(unclipped)[0][:50]]))
+    same_psf = xp.nonzero((area >= 0.5 * typical) & (area <= 2.5 * typical))[0]
+    ys, xs = ys[same_psf], xs[same_psf]
+    fwhm = 2.0 * math.sqrt(typical / math.pi)
     r_ap = min(max(_APERTURE_FWHM * fwhm, _APERTURE_LIMITS_PX[0]), _APERTURE_LIMITS_PX[1])
     aperture = _disc_offsets(-1, r_ap)
     annulus = _disc_offsets(r_ap + _ANNULUS_PX[0], r_ap + _ANNULUS_PX[1])
@@ -572,12 +577,14 @@ def _bright_pixel_gain(f, r, sky_f, sig_f, sky_r, sig_r, xp):
     """Return one grey gain from the pixels well above the sky in both frames, or None (< 25 pixels).
 
     The fallback when too few stars match (nebula-only fields): a ratio of sums of the excess
-    luminance, on pixels selected by the mean of both frames' signal-to-noise, so the selection
-    favours neither frame's noise.
+    luminance, on pixels selected by both frames' signal-to-noise alike, so the selection favours
+    neither frame's noise.
     """
     ef, er = f - xp.asarray(sky_f), r - xp.asarray(sky_r)
-    snr = xp.mean(ef / xp.asarray(sig_f) + er / xp.asarray(sig_r), axis=-1) / 2
-    bright = snr > 10.0
+    snr_f, snr_r = xp.mean(ef / xp.asarray(sig_f), axis=-1), xp.mean(er / xp.asarray(sig_r), axis=-1)
+    # Bright in both (a trail or hot pixel is bright in one frame only), and on average well
+    # above the threshold so that noise hardly decides which pixels count.
+    bright = (snr_f > 5.0) & (snr_r > 5.0) & (snr_f + snr_r > 20.0)
     if int(xp.sum(bright)) < 25:
         return None
     return float(xp.sum(er[bright]) / xp.sum(ef[bright]))

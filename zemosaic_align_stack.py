@@ -4,6 +4,12 @@ The numeric kernels take an array namespace ``xp`` (NumPy or CuPy) and are the s
 implementation of the stacking maths: :mod:`zemosaic_align_stack_gpu` only moves blocks to the
 device and back. This module never imports CuPy.
 
+Normalisation (``linear_fit``) measures each frame's gain on the signal — aperture fluxes of the
+reference's bright unsaturated stars at the same aligned positions — as a weighted ratio of sums,
+grey unless the channels are precise and really differ; offsets match the sky per channel.
+Rejection tests each sample against the median and the spread of the *other* samples of its
+pixel, never less than its frame's noise, so that it works with 3-10 frames.
+
 Conventions: images are float32 ``(H, W, C)``; a stack is ``(N, H, W, C)``; NaN means "no data"
 and is never turned into a number before stacking. Every statistic is NaN-aware.
 
@@ -257,6 +263,16 @@ def _subsample(array, n_max: int = 120_000):
     return array[::stride, ::stride]
 
 
+def mad_sigma(values, xp=np, centre=None, axis=None):
+    """Return the MAD-sigma ``1.4826 * median(|values - centre|)`` (centre: the median) along ``axis``.
+
+    The Gaussian-equivalent sigma that a few outliers barely move.
+    """
+    if centre is None:
+        centre = xp.median(values, axis=axis, keepdims=axis is not None)
+    return 1.4826 * xp.median(xp.abs(values - centre), axis=axis)
+
+
 def sigma_clipped_stats(values, xp=np, kappa: float = 3.0, iterations: int = 5):
     """Return ``(median, sigma)`` of the finite values after iterative kappa-sigma clipping.
 
@@ -267,13 +283,12 @@ def sigma_clipped_stats(values, xp=np, kappa: float = 3.0, iterations: int = 5):
         return float("nan"), float("nan")
     for _ in range(iterations):
         med = xp.median(v)
-        sigma = 1.4826 * xp.median(xp.abs(v - med))
-        keep = xp.abs(v - med) <= kappa * sigma
+        keep = xp.abs(v - med) <= kappa * mad_sigma(v, xp, med)
         if bool(xp.all(keep)) or int(xp.sum(keep)) < 3:
             break
         v = v[keep]
     med = xp.median(v)
-    return float(med), float(1.4826 * xp.median(xp.abs(v - med)))
+    return float(med), float(mad_sigma(v, xp, med))
 
 
 # Photometric normalisation from stars. The scale between two frames is measured on the signal:
@@ -406,7 +421,7 @@ def aperture_fluxes(image, stars: ReferenceStars, xp=np, saturation: float = SAT
     ap = image[ys + xp.asarray(stars.aperture[0])[None], xs + xp.asarray(stars.aperture[1])[None]]
     an = image[ys + xp.asarray(stars.annulus[0])[None], xs + xp.asarray(stars.annulus[1])[None]]
     sky = xp.median(an, axis=1)  # (n, C); NaN when the annulus leaves the footprint
-    noise = 1.4826 * xp.median(xp.abs(an - sky[:, None]), axis=1) * math.sqrt(ap.shape[1])
+    noise = mad_sigma(an, xp, sky[:, None], axis=1) * math.sqrt(ap.shape[1])
     excess = ap - sky[:, None]
     flux = xp.sum(excess, axis=1)
     top = xp.max(excess, axis=1)
@@ -508,7 +523,7 @@ def ratio_of_sums(num, den, num_noise, den_noise):
             + (_STAR_SYSTEMATIC * num) ** 2
         var = np.maximum(var, np.finfo(np.float64).tiny)  # noiseless data
         z = (num - ratio * den) / np.sqrt(var)
-        new_keep = np.abs(z) <= _STAR_CLIP * 1.4826 * np.median(np.abs(z[keep]))
+        new_keep = np.abs(z) <= _STAR_CLIP * mad_sigma(z[keep], np, 0.0)
         if new_keep.sum() < 3:
             return float("nan"), float("nan"), int(new_keep.sum()), np.zeros(num.size)
         w = np.where(new_keep, 0.5 * (num / ratio + den) / var, 0.0)

@@ -498,8 +498,9 @@ def main(argv=None) -> int:
     notes.append("Siril: wall = Siril's own 'Execution time' of the stack command (includes reading the FITS "
                  "files from the page cache); NaN written as 0 (Siril 1.0 has no NaN support), so its "
                  "border pixels are stacked with zeros")
-    notes.append("astropy sigma_clip (median centre, std, 3 sigma, 5 rounds) is the same algorithm as "
-                 "ZeMosaic kappa_sigma, hence compared with it")
+    notes.append("astropy sigma_clip (median centre, std including the tested sample, 3 sigma, 5 rounds) is "
+                 "the classic form of ZeMosaic kappa_sigma (which tests each sample against the others' "
+                 "spread), hence compared with it")
     for note in notes:
         print(f"- {note}")
     print()

@@ -4,6 +4,12 @@ The numeric kernels take an array namespace ``xp`` (NumPy or CuPy) and are the s
 implementation of the stacking maths: :mod:`zemosaic_align_stack_gpu` only moves blocks to the
 device and back. This module never imports CuPy.
 
+Normalisation (``linear_fit``) measures each frame's gain on the signal — aperture fluxes of the
+reference's bright unsaturated stars at the same aligned positions — as a weighted ratio of sums,
+grey unless the channels are precise and really differ; offsets match the sky per channel.
+Rejection tests each sample against the median and the spread of the *other* samples of its
+pixel, never less than its frame's noise, so that it works with 3-10 frames.
+
 Conventions: images are float32 ``(H, W, C)``; a stack is ``(N, H, W, C)``; NaN means "no data"
 and is never turned into a number before stacking. Every statistic is NaN-aware.
 
@@ -22,7 +28,7 @@ import numpy as np
 import scipy.ndimage
 from scipy.special import ndtri
 
-from zemosaic_utils import compute_pixel_mapping, mapping_coordinates
+from zemosaic_utils import compute_pixel_mapping, mapping_coordinates, to_numpy
 
 logger = logging.getLogger(__name__)
 
@@ -245,10 +251,26 @@ def align_images_in_group(images, reference_index, wcs_list=None, method="astroa
 # --------------------------------------------------------------------------------------------------
 
 
+# Pixels per frame for the rejection's noise floor when the caller did not measure it: the
+# MAD-sigma of 10 000 sky pixels is good to ~2 %, and measuring it must stay cheap next to
+# stacking 50 full frames.
+_FLOOR_SUBSAMPLE = 10_000
+
+
 def _subsample(array, n_max: int = 120_000):
     """Return a strided view holding at most about ``n_max`` pixels of an ``(H, W, ...)`` array."""
     stride = max(1, int(math.sqrt(array.shape[0] * array.shape[1] / n_max)))
     return array[::stride, ::stride]
+
+
+def mad_sigma(values, xp=np, centre=None, axis=None):
+    """Return the MAD-sigma ``1.4826 * median(|values - centre|)`` (centre: the median) along ``axis``.
+
+    The Gaussian-equivalent sigma that a few outliers barely move.
+    """
+    if centre is None:
+        centre = xp.median(values, axis=axis, keepdims=axis is not None)
+    return 1.4826 * xp.median(xp.abs(values - centre), axis=axis)
 
 
 def sigma_clipped_stats(values, xp=np, kappa: float = 3.0, iterations: int = 5):
@@ -261,56 +283,377 @@ def sigma_clipped_stats(values, xp=np, kappa: float = 3.0, iterations: int = 5):
         return float("nan"), float("nan")
     for _ in range(iterations):
         med = xp.median(v)
-        sigma = 1.4826 * xp.median(xp.abs(v - med))
-        keep = xp.abs(v - med) <= kappa * sigma
+        keep = xp.abs(v - med) <= kappa * mad_sigma(v, xp, med)
         if bool(xp.all(keep)) or int(xp.sum(keep)) < 3:
             break
         v = v[keep]
     med = xp.median(v)
-    return float(med), float(1.4826 * xp.median(xp.abs(v - med)))
+    return float(med), float(mad_sigma(v, xp, med))
 
 
-def linear_fit_coefficients(frame, reference, xp=np):
-    """Return per-channel ``(gain, offset)`` arrays so that ``gain * frame + offset`` ~ reference.
+# Photometric normalisation from stars. The scale between two frames is measured on the signal:
+# bright unsaturated stars found on the reference and measured at the same (aligned) positions in
+# the frame. A median of per-pixel ratios of excess over sky is biased differently in every
+# channel by the noise of its denominator (a colour cast of several per cent on sky-dominated
+# frames); a ratio of sums of star fluxes is not.
 
-    Only jointly valid (finite in both) pixels count. The offset comes from the sky levels
-    (clipped medians) and the gain from the median ratio of the two images' excess over their sky
-    on pixels clearly above the noise in both; a median ratio ignores a satellite trail or hot
-    pixels in one of the frames. Degenerate fits (flat data, non-finite statistics, a gain outside
-    0.2..5) fall back to identity with a DEBUG line.
+#: Full-well level of the raw frames (ADU): Seestar subs are 16-bit.
+SATURATION_ADU = 65535.0
+# A star is left out when any aperture pixel, in any channel of either frame, exceeds this fraction
+# of the saturation level: debayering and resampling spread a clipped core over its neighbours, so
+# the pixels around it are wrong before they reach the level themselves.
+_SATURATION_FRACTION = 0.8
+# ... or when its top is flat: at least this many aperture pixels within 1 % of the brightest
+# (an unsaturated PSF has at most four, when it is centred between four pixels).
+_FLAT_TOP_PIXELS = 5
+_DETECT_SNR = 10.0  # reference stars: luminance peak this many noise sigmas above the sky
+_MAX_STARS = 300  # the brightest ones; more add little precision and cost a gather per frame
+_MIN_STARS = 8  # fewer matched stars: the gain comes from bright pixels instead
+# Aperture radius in FWHM of the reference's stars: the fraction of a star's flux outside the
+# aperture must not change with the seeing of the frame (2.5 FWHM holds 99.5 % of a Moffat-4 PSF,
+# and 10 % worse seeing moves that by 0.3 %); a larger one only adds sky noise.
+_APERTURE_FWHM = 2.5
+_APERTURE_LIMITS_PX = (4, 12)
+# Local sky annulus, inner and outer distance beyond the aperture: wide, because the noise of its
+# median enters the flux multiplied by the aperture area.
+_ANNULUS_PX = (3, 15)
+# Relative error of a star's flux that no sky noise explains: bilinear debayering of an undersampled
+# star gives R and B fluxes that depend on where the star falls on the Bayer grid (~0.5 % at FWHM
+# 2.7 px), plus flat-field and PSF differences. It keeps the brightest star from taking all the weight.
+_STAR_SYSTEMATIC = 0.005
+_STAR_CLIP = 5.0  # per-star ratio outliers (hot pixel, trail, variable star), in robust sigmas
+#: Relative uncertainty each channel's gain must reach for per-channel gains to be used.
+GAIN_PRECISION = 0.005
+# Per-channel gains are used only when the channels differ significantly (chi^2 of their spread
+# about the grey gain, 2 degrees of freedom for RGB, p = 0.001) and by more than 1 %: star
+# photometry on debayered, resampled frames is not trusted below that (flux moves between channels
+# with a star's position on the Bayer grid), and clouds and haze are grey anyway.
+_COLOUR_CHI2 = 13.8
+_COLOUR_MIN = 0.01
+
+
+@dataclass(frozen=True)
+class ReferenceStars:
+    """Stars of a reference frame and their apertures (computed once per group).
+
+    ``ys``/``xs``: integer peak positions; ``aperture``/``annulus``: ``(dy, dx)`` offset arrays of
+    the aperture disc and the local-sky annulus; ``flux``/``noise``: ``(n, C)`` reference fluxes
+    and their sky noise (:func:`aperture_fluxes`); ``fwhm``: the median FWHM (px) the aperture
+    was sized from.
+    """
+
+    ys: np.ndarray
+    xs: np.ndarray
+    aperture: tuple
+    annulus: tuple
+    flux: np.ndarray
+    noise: np.ndarray
+    fwhm: float
+
+
+@dataclass(frozen=True)
+class GainFit:
+    """Photometric scale of a frame against the reference.
+
+    ``gains`` ``(C,)`` multiply the frame; ``sigmas`` ``(C,)`` are the relative 1-sigma
+    uncertainties of the per-channel estimates and ``grey_sigma`` that of the grey gain (NaN when
+    not measured); ``grey`` says one gain serves every channel; ``n_stars`` stars were used (0:
+    bright pixels, or no signal); ``method`` is ``"stars"``, ``"pixels"`` or ``"sky"`` (gain 1).
+    """
+
+    gains: np.ndarray
+    sigmas: np.ndarray
+    grey_sigma: float
+    grey: bool
+    n_stars: int
+    method: str
+
+
+def _disc_offsets(r_in: float, r_out: float):
+    """Return the ``(dy, dx)`` integer offsets with ``r_in <= distance < r_out`` (r_in < 0: a disc)."""
+    r = int(math.ceil(r_out))
+    dy, dx = np.mgrid[-r:r + 1, -r:r + 1]
+    dist = np.hypot(dy, dx)
+    sel = (dist >= r_in) & (dist < r_out) if r_in >= 0 else dist < r_out
+    return dy[sel], dx[sel]
+
+
+def _local_maxima(snr, threshold: float, margin: int, xp):
+    """Return ``(ys, xs, values)`` of the pixels above ``threshold`` that beat their 8 neighbours.
+
+    Ties go to the first pixel in raster order, so a flat top yields one peak. ``margin`` pixels
+    along the edges are skipped (their apertures would leave the image).
+    """
+    h, w = snr.shape
+    inner = snr[margin:h - margin, margin:w - margin] > threshold  # NaN compares False
+    ys, xs = xp.nonzero(inner)
+    ys, xs = ys + margin, xs + margin
+    v = snr[ys, xs]
+    peak = xp.ones(v.shape, dtype=bool)
+    for dy, dx in ((-1, -1), (-1, 0), (-1, 1), (0, -1), (0, 1), (1, -1), (1, 0), (1, 1)):
+        n = snr[ys + dy, xs + dx]
+        earlier = dy < 0 or (dy == 0 and dx < 0)
+        peak &= (v > n) if earlier else (v >= n)
+    return ys[peak], xs[peak], v[peak]
+
+
+def _half_max_area(excess, ys, xs, xp, radius: int = 6):
+    """Return, per peak, the number of pixels within ``radius`` at or above half its maximum.
+
+    ``pi (FWHM / 2)^2`` for a round PSF: a size that needs no fit and that noise barely moves on
+    bright stars.
+    """
+    dy, dx = _disc_offsets(-1, radius + 0.5)
+    box = excess[ys[:, None] + xp.asarray(dy)[None], xs[:, None] + xp.asarray(dx)[None]]
+    return xp.sum(box >= 0.5 * excess[ys, xs][:, None], axis=1)
+
+
+def aperture_fluxes(image, stars: ReferenceStars, xp=np, saturation: float = SATURATION_ADU):
+    """Return ``(flux, noise)``, each ``(n, C)``: aperture fluxes over the local sky and their sky noise.
+
+    The local sky is the median of the annulus (neighbouring stars barely move it, a sky gradient
+    cancels); ``noise`` is the annulus MAD-sigma times the square root of the aperture area — the
+    relative sky noise of each flux, which sets how far a star's ratio may stray. A star's flux is
+    NaN (unusable) when its aperture or annulus holds no-data pixels, when any aperture pixel is
+    near ``saturation`` in any channel, or when its top is flat.
+    """
+    ys, xs = xp.asarray(stars.ys)[:, None], xp.asarray(stars.xs)[:, None]
+    ap = image[ys + xp.asarray(stars.aperture[0])[None], xs + xp.asarray(stars.aperture[1])[None]]
+    an = image[ys + xp.asarray(stars.annulus[0])[None], xs + xp.asarray(stars.annulus[1])[None]]
+    sky = xp.median(an, axis=1)  # (n, C); NaN when the annulus leaves the footprint
+    noise = mad_sigma(an, xp, sky[:, None], axis=1) * math.sqrt(ap.shape[1])
+    excess = ap - sky[:, None]
+    flux = xp.sum(excess, axis=1)
+    top = xp.max(excess, axis=1)
+    flat = xp.sum(excess >= 0.99 * top[:, None], axis=1) >= _FLAT_TOP_PIXELS
+    bad = flat | (xp.max(ap, axis=1) > _SATURATION_FRACTION * saturation)
+    bad = xp.any(bad, axis=1, keepdims=True) | ~xp.isfinite(flux) | (top <= 0)
+    return xp.where(bad, xp.nan, flux), noise
+
+
+def _star_like(excess, ys, xs, xp):
+    """Return which peaks are star-like: a 3x3 core well above every part of the ring 4-6 px out.
+
+    Noise peaks on nebulosity pass the detection threshold but are as bright as their
+    surroundings, and a satellite trail crosses the ring twice at its own brightness; a star (FWHM
+    up to ~6 px) leaves at most a quarter of its core signal on the ring's brighter tenth.
+    """
+    cy, cx = _disc_offsets(-1, 1.5)
+    ry, rx = _disc_offsets(4, 6)
+    core = xp.mean(excess[ys[:, None] + xp.asarray(cy)[None], xs[:, None] + xp.asarray(cx)[None]], axis=1)
+    ring = excess[ys[:, None] + xp.asarray(ry)[None], xs[:, None] + xp.asarray(rx)[None]]
+    return xp.percentile(ring, 90, axis=1) < 0.25 * core
+
+
+def find_reference_stars(reference, xp=np, saturation: float = SATURATION_ADU,
+                         max_stars: int = _MAX_STARS) -> ReferenceStars:
+    """Return the :class:`ReferenceStars` of an ``(H, W, C)`` frame: its brightest usable stars.
+
+    Star-like peaks of the mean over channels of the sky-subtracted signal-to-noise, above
+    ``_DETECT_SNR``, of about the size of the brightest unsaturated ones; the aperture radius is
+    ``_APERTURE_FWHM`` times their median FWHM. Stars whose reference flux is unusable
+    (saturated, flat-topped, at a footprint edge) are dropped.
+    """
+    n_ch = reference.shape[-1]
+    sub = _subsample(reference)
+    snr = xp.zeros(reference.shape[:2], dtype=xp.float32)
+    excess = xp.zeros(reference.shape[:2], dtype=xp.float32)
+    for c in range(n_ch):
+        sky, sigma = sigma_clipped_stats(sub[..., c], xp)
+        if not (np.isfinite(sky) and np.isfinite(sigma) and sigma > 0):
+            return _no_stars(n_ch)
+        excess += reference[..., c] - sky
+        snr += (reference[..., c] - sky) / (sigma * n_ch)
+    margin = _APERTURE_LIMITS_PX[1] + _ANNULUS_PX[1] + 1
+    ys, xs, peak = _local_maxima(snr, _DETECT_SNR, margin, xp)
+    order = xp.argsort(-peak)
+    ys, xs = ys[order], xs[order]
+    star_like = xp.nonzero(_star_like(excess, ys, xs, xp))[0]
+    ys, xs = ys[star_like], xs[star_like]
+    unclipped = xp.max(reference[ys, xs], axis=-1) < _SATURATION_FRACTION * saturation
+    if not bool(xp.any(unclipped)):
+        return _no_stars(n_ch)
+    # Every star has the frame's PSF: peaks much sharper (hot pixels, cosmic rays) or broader
+    # (blends, galaxies) than the brightest unsaturated ones are not measured.
+    area = _half_max_area(excess, ys, xs, xp)
+    typical = float(xp.median(area[xp.nonzero(unclipped)[0][:50]]))
+    same_psf = xp.nonzero((area >= 0.5 * typical) & (area <= 2.5 * typical))[0]
+    ys, xs = ys[same_psf], xs[same_psf]
+    fwhm = 2.0 * math.sqrt(typical / math.pi)
+    r_ap = min(max(_APERTURE_FWHM * fwhm, _APERTURE_LIMITS_PX[0]), _APERTURE_LIMITS_PX[1])
+    aperture = _disc_offsets(-1, r_ap)
+    annulus = _disc_offsets(r_ap + _ANNULUS_PX[0], r_ap + _ANNULUS_PX[1])
+    stars = ReferenceStars(ys, xs, aperture, annulus, None, None, fwhm)
+    flux, noise = aperture_fluxes(reference, stars, xp, saturation)
+    usable = xp.nonzero(xp.all(xp.isfinite(flux), axis=1))[0][:max_stars]
+    return ReferenceStars(ys[usable], xs[usable], aperture, annulus, flux[usable], noise[usable], fwhm)
+
+
+def _no_stars(n_ch: int) -> ReferenceStars:
+    """Return an empty :class:`ReferenceStars` (no signal to measure)."""
+    empty = np.zeros(0, dtype=np.int64)
+    none = np.zeros((0, n_ch))
+    return ReferenceStars(empty, empty, (empty, empty), (empty, empty), none, none, float("nan"))
+
+
+def ratio_of_sums(num, den, num_noise, den_noise):
+    """Return ``(ratio, relative sigma, n_used, influence)`` of a weighted ``sum(w num) / sum(w den)``.
+
+    ``num``/``den`` are matched fluxes (1-D, finite, ``den > 0``), ``num_noise``/``den_noise``
+    their sky noise. A ratio of sums has no errors-in-variables bias: the noise of ``den`` enters
+    linearly, not through a division per star as in a median of ratios. The weights
+    ``w = F / V`` (``F`` the star's mean brightness, ``V`` the variance of ``num - ratio * den``)
+    are the optimal ones for sky-limited stars, so a crowd of faint stars does not drown the
+    bright ones; ``F`` averages both frames, so its noise correlates with ``num`` and ``den``
+    alike and the bias it leaves is ~(1 - ratio) / SNR^2, far below the precision.
+
+    Stars whose residual is more than ``_STAR_CLIP`` robust sigmas off in units of its noise (a hot
+    pixel taken for a star, a trail across one) are dropped until the set is stable, starting from
+    the median of the stars' own ratios, which contaminated stars cannot move while they are fewer
+    than half. The uncertainty is the sandwich estimate from the residuals: ``influence`` holds each
+    star's relative contribution to the error (0 for dropped stars; sigma = its norm), so the
+    covariance of two estimates from the same stars is the dot product of their influences.
+    NaN with fewer than 3 stars.
+    """
+    num, den = np.asarray(num, np.float64), np.asarray(den, np.float64)
+    ratio = float(np.median(num / den))
+    keep = np.ones(num.size, dtype=bool)
+    for _ in range(10):
+        var = np.asarray(num_noise, np.float64) ** 2 + (ratio * np.asarray(den_noise)) ** 2 \
+            + (_STAR_SYSTEMATIC * num) ** 2
+        var = np.maximum(var, np.finfo(np.float64).tiny)  # noiseless data
+        z = (num - ratio * den) / np.sqrt(var)
+        new_keep = np.abs(z) <= _STAR_CLIP * mad_sigma(z[keep], np, 0.0)
+        if new_keep.sum() < 3:
+            return float("nan"), float("nan"), int(new_keep.sum()), np.zeros(num.size)
+        w = np.where(new_keep, 0.5 * (num / ratio + den) / var, 0.0)
+        ratio = float(np.sum(w * num) / np.sum(w * den))
+        stable = np.array_equal(new_keep, keep)
+        keep = new_keep
+        if stable:
+            break
+    n = int(keep.sum())
+    influence = w * (num - ratio * den) / float(np.sum(w * den)) / ratio * math.sqrt(n / max(n - 1, 1))
+    return ratio, float(np.sqrt(np.sum(influence**2))), n, influence
+
+
+def _use_channel_gains(gains, sigmas, grey: float) -> bool:
+    """Return whether per-channel gains should replace the grey one.
+
+    Clouds and haze are grey, so per-channel gains are used only when every channel is measured to
+    ``GAIN_PRECISION`` and the channels differ from the grey gain significantly (``_COLOUR_CHI2``)
+    and by more than ``_COLOUR_MIN``; otherwise the noise of the separate estimates would tint
+    the frame.
+    """
+    if gains.size < 2 or not np.all(np.isfinite(sigmas) & (sigmas <= GAIN_PRECISION)):
+        return False
+    colour = gains / grey - 1
+    return float(np.sum((colour / sigmas) ** 2)) > _COLOUR_CHI2 and float(np.max(np.abs(colour))) > _COLOUR_MIN
+
+
+def _grey_gain(gains, influences):
+    """Return ``(grey gain, relative sigma)``: the least-variance mean of correlated channel gains.
+
+    The channel estimates share their stars, and bilinear debayering of undersampled stars moves
+    flux between R and B with a star's position on the Bayer grid (by tens of per cent per star on
+    real Seestar subs): their errors are strongly correlated. The covariance from the stars'
+    influences gives the weights ``C^-1 1 / (1' C^-1 1)`` that cancel what the channels share.
+    """
+    cov = influences @ influences.T
+    cov += np.eye(gains.size) * 1e-9 * max(float(np.trace(cov)), 1e-30)  # a channel may be exact
+    weights = np.linalg.solve(cov, np.ones(gains.size))
+    weights /= weights.sum()
+    return float(weights @ gains), float(np.sqrt(max(weights @ cov @ weights, 0.0)))
+
+
+def star_gain_fit(frame, stars: ReferenceStars, xp=np, saturation: float = SATURATION_ADU):
+    """Return the :class:`GainFit` of ``frame`` from the stars of the reference, or None (< _MIN_STARS)."""
+    if stars.ys.size < _MIN_STARS:
+        return None
+    ref, ref_noise = to_numpy(stars.flux), to_numpy(stars.noise)
+    flux, noise = (to_numpy(a) for a in aperture_fluxes(frame, stars, xp, saturation))
+    matched = np.all(np.isfinite(flux) & (flux > 0) & np.isfinite(noise), axis=1)
+    if int(matched.sum()) < _MIN_STARS:
+        return None
+    fits = [ratio_of_sums(ref[matched, c], flux[matched, c], ref_noise[matched, c], noise[matched, c])
+            for c in range(ref.shape[1])]
+    gains = np.array([f[0] for f in fits])
+    sigmas = np.array([f[1] for f in fits])
+    n_used = min(f[2] for f in fits)
+    if n_used < _MIN_STARS or not np.all(np.isfinite(gains) & np.isfinite(sigmas)):
+        return None
+    grey, grey_sigma = _grey_gain(gains, np.array([f[3] for f in fits]))
+    if _use_channel_gains(gains, sigmas, grey):
+        return GainFit(gains, sigmas, grey_sigma, False, n_used, "stars")
+    return GainFit(np.full(gains.size, grey), sigmas, grey_sigma, True, n_used, "stars")
+
+
+def _bright_pixel_gain(f, r, sky_f, sig_f, sky_r, sig_r, xp):
+    """Return one grey gain from the pixels well above the sky in both frames, or None (< 25 pixels).
+
+    The fallback when too few stars match (nebula-only fields): a ratio of sums of the excess
+    luminance, on pixels selected by both frames' signal-to-noise alike, so the selection favours
+    neither frame's noise.
+    """
+    ef, er = f - xp.asarray(sky_f), r - xp.asarray(sky_r)
+    snr_f, snr_r = xp.mean(ef / xp.asarray(sig_f), axis=-1), xp.mean(er / xp.asarray(sig_r), axis=-1)
+    # Bright in both (a trail or hot pixel is bright in one frame only), and on average well
+    # above the threshold so that noise hardly decides which pixels count.
+    bright = (snr_f > 5.0) & (snr_r > 5.0) & (snr_f + snr_r > 20.0)
+    if int(xp.sum(bright)) < 25:
+        return None
+    return float(xp.sum(er[bright]) / xp.sum(ef[bright]))
+
+
+def photometric_gain(frame, reference, xp=np, stars: ReferenceStars | None = None,
+                     saturation: float = SATURATION_ADU):
+    """Return ``(GainFit, offsets (C,))`` so that ``gains * frame + offsets`` ~ reference, or ``(None, reason)``.
+
+    The gain comes from the stars of the reference (:func:`find_reference_stars`, pass ``stars``
+    to reuse them across frames), or from bright pixels when fewer than ``_MIN_STARS`` match, or is
+    1 when neither has signal. The offsets match the sky levels (clipped medians of the jointly
+    valid pixels) per channel. ``(None, reason)`` for degenerate data: flat or non-finite
+    statistics, or a gain outside ``_GAIN_LIMITS``.
     """
     n_ch = frame.shape[-1]
-    gains = np.ones(n_ch, dtype=np.float64)
-    offsets = np.zeros(n_ch, dtype=np.float64)
     f_sub, r_sub = _subsample(frame), _subsample(reference)
-    for c in range(n_ch):
-        f, r = f_sub[..., c], r_sub[..., c]
-        joint = xp.isfinite(f) & xp.isfinite(r)
-        f, r = f[joint], r[joint]
-        gain, offset = _fit_channel(f, r, xp)
-        if gain is None:
-            logger.debug("linear_fit: degenerate fit on channel %d (%s); using identity", c, offset)
-            continue
-        gains[c], offsets[c] = gain, offset
-    return gains, offsets
-
-
-def _fit_channel(f, r, xp):
-    """Return ``(gain, offset)`` for one channel, or ``(None, reason)`` when the fit is degenerate."""
-    if f.size < 100:
+    joint = xp.all(xp.isfinite(f_sub) & xp.isfinite(r_sub), axis=-1)
+    f, r = f_sub[joint], r_sub[joint]
+    if f.shape[0] < 100:
         return None, "fewer than 100 jointly valid pixels"
-    sky_f, sig_f = sigma_clipped_stats(f, xp)
-    sky_r, sig_r = sigma_clipped_stats(r, xp)
-    if not all(np.isfinite([sky_f, sig_f, sky_r, sig_r])) or sig_f <= 0 or sig_r <= 0:
+    stats = np.array([sigma_clipped_stats(a[:, c], xp) for a in (f, r) for c in range(n_ch)])
+    sky_f, sig_f, sky_r, sig_r = stats[:n_ch, 0], stats[:n_ch, 1], stats[n_ch:, 0], stats[n_ch:, 1]
+    if not np.all(np.isfinite(stats)) or np.any(stats[:, 1] <= 0):
         return None, "flat or non-finite statistics"
-    ef, er = f - sky_f, r - sky_r
-    bright = (ef > 5 * sig_f) & (er > 5 * sig_r)
-    if int(xp.sum(bright)) < 25:
-        return 1.0, sky_r - sky_f  # no signal to fit a gain on: match the sky only
-    gain = float(xp.median(er[bright] / ef[bright]))
-    if not (np.isfinite(gain) and _GAIN_LIMITS[0] <= gain <= _GAIN_LIMITS[1]):
-        return None, f"gain {gain:.3g} outside {_GAIN_LIMITS}"
-    return gain, sky_r - gain * sky_f
+    stars = find_reference_stars(reference, xp, saturation) if stars is None else stars
+    fit = star_gain_fit(frame, stars, xp, saturation)
+    if fit is None:
+        gain = _bright_pixel_gain(f, r, sky_f, sig_f, sky_r, sig_r, xp)
+        nan = np.full(n_ch, np.nan)
+        fit = GainFit(np.full(n_ch, 1.0 if gain is None else gain), nan, float("nan"), True, 0,
+                      "sky" if gain is None else "pixels")
+    if not np.all(np.isfinite(fit.gains) & (fit.gains >= _GAIN_LIMITS[0]) & (fit.gains <= _GAIN_LIMITS[1])):
+        return None, f"gain {fit.gains} outside {_GAIN_LIMITS}"
+    return fit, sky_r - fit.gains * sky_f
+
+
+def linear_fit_coefficients(frame, reference, xp=np, stars: ReferenceStars | None = None,
+                            saturation: float = SATURATION_ADU):
+    """Return per-channel ``(gain, offset)`` arrays so that ``gain * frame + offset`` ~ reference.
+
+    See :func:`photometric_gain`: the gain is measured on stars (one grey gain unless the channels
+    are precise and really differ), the offsets on the sky. Degenerate fits fall back to identity
+    with a DEBUG line.
+    """
+    n_ch = frame.shape[-1]
+    fit, offsets = photometric_gain(frame, reference, xp, stars, saturation)
+    if fit is None:
+        logger.debug("linear_fit: degenerate fit (%s); using identity", offsets)
+        return np.ones(n_ch), np.zeros(n_ch)
+    logger.debug("linear_fit: gains %s from %s (%d stars, sigma grey %.4f, per channel %s, %s)",
+                 np.round(fit.gains, 5), fit.method, fit.n_stars, fit.grey_sigma, np.round(fit.sigmas, 4),
+                 "grey" if fit.grey else "per channel")
+    return fit.gains, offsets
 
 
 def sky_mean_coefficients(frame, reference, xp=np):
@@ -335,27 +678,48 @@ def normalization_coefficients(stack, reference_index, method="linear_fit", xp=n
     gains, offsets = np.ones((n, n_ch)), np.zeros((n, n_ch))
     if method == "none":
         return gains, offsets
-    fit = linear_fit_coefficients if method == "linear_fit" else sky_mean_coefficients
     reference = stack[reference_index]
+    if method == "linear_fit":
+        stars = find_reference_stars(reference, xp)  # once for the group, measured in every frame
+        logger.debug("linear_fit: %d reference stars, FWHM %.2f px", stars.ys.size, stars.fwhm)
     for i in range(n):
-        if i != reference_index:
-            gains[i], offsets[i] = fit(stack[i], reference, xp)
+        if i == reference_index:
+            continue
+        if method == "linear_fit":
+            gains[i], offsets[i] = linear_fit_coefficients(stack[i], reference, xp, stars)
+        else:
+            gains[i], offsets[i] = sky_mean_coefficients(stack[i], reference, xp)
     return gains, offsets
 
 
-def noise_variance_weights(stack, gains=None, offsets=None, xp=np):
-    """Return ``(N, C)`` weights ``1 / sigma^2`` of the normalised frames, the best frame = 1 per channel.
+def frame_noise_sigmas(stack, gains=None, xp=np, n_max: int = 120_000):
+    """Return the ``(N, C)`` noise sigma of every frame after normalisation by ``gains``.
 
-    Sigma is the clipped MAD-sigma of each frame's valid pixels after normalisation.
+    Sigma is the clipped MAD-sigma of a subsample (about ``n_max`` pixels) of each frame's valid
+    pixels: the sky noise, which stars and nebulosity barely move. A frame or channel without an
+    estimate gets the median of the others (0 when no frame has one), so it never becomes NaN
+    downstream.
     """
     n, n_ch = stack.shape[0], stack.shape[-1]
-    gains = np.ones((n, n_ch)) if gains is None else gains
+    gains = np.ones((n, n_ch)) if gains is None else np.asarray(gains, dtype=np.float64)
     sigmas = np.full((n, n_ch), np.nan)
     for i in range(n):
-        sub = _subsample(stack[i])
+        sub = xp.asarray(_subsample(stack[i], n_max))
         for c in range(n_ch):
-            _, sigma = sigma_clipped_stats(sub[..., c], xp)
-            sigmas[i, c] = sigma * gains[i, c]
+            sigmas[i, c] = sigma_clipped_stats(sub[..., c], xp)[1] * gains[i, c]
+    for c in range(n_ch):
+        ok = np.isfinite(sigmas[:, c]) & (sigmas[:, c] > 0)
+        sigmas[~ok, c] = np.median(sigmas[ok, c]) if ok.any() else 0.0
+    return sigmas
+
+
+def noise_variance_weights(stack, gains=None, offsets=None, xp=np, sigmas=None):
+    """Return ``(N, C)`` weights ``1 / sigma^2`` of the normalised frames, the best frame = 1 per channel.
+
+    Sigma is the clipped MAD-sigma of each frame's valid pixels after normalisation
+    (:func:`frame_noise_sigmas`; pass ``sigmas`` when already measured).
+    """
+    sigmas = frame_noise_sigmas(stack, gains, xp) if sigmas is None else np.asarray(sigmas, np.float64)
     with np.errstate(divide="ignore", invalid="ignore"):
         weights = 1.0 / sigmas**2
     weights[~np.isfinite(weights)] = 0.0
@@ -440,22 +804,71 @@ def _winsorize_block_numpy(block, winsor_limits):
     return winsorize_block(block, winsor_limits, np)[0]
 
 
-def _std_about(block, centre, valid, n_valid, xp):
-    """Return the per-pixel (population) standard deviation of the valid samples.
+def _moment_sums(dev, valid, xp):
+    """Return the sums over axis 0 of the deviations and of their squares, valid samples only.
 
-    Computed from the first two moments of the deviations from ``centre`` (the median): one pass,
-    and no cancellation since the deviations are of the order of sigma. ``valid`` is None when
-    every sample is valid; ``n_valid`` is the count of valid samples (an int in that case).
+    ``dev`` holds deviations from the pixel's median, of the order of sigma, so the sum of squares
+    has no cancellation; ``valid`` is None when every sample counts.
     """
-    d = block - centre[None]
     if valid is not None:
-        d = xp.where(valid, d, 0)
-        n = xp.maximum(n_valid, 1)
+        dev = xp.where(valid, dev, 0)
+    return xp.sum(dev, axis=0), xp.sum(dev * dev, axis=0)
+
+
+def _leave_one_out_variance(w, s1, s2, n):
+    """Return the unbiased variance of the *other* samples of a pixel, for samples at deviation ``w``.
+
+    ``s1``/``s2`` are the pixel's sums of deviations and squares over its ``n`` samples (n >= 3).
+    From ``sum_{j != i} (w_j - m_-i)^2 = sum_j (w_j - m)^2 - n / (n - 1) (w_i - m)^2``: no second
+    pass over the samples. Negative round-off (a lone huge outlier) clamps to 0.
+    """
+    mean = s1 / n
+    spread = s2 - s1 * mean - n / (n - 1) * (w - mean) ** 2
+    return (spread / (n - 2)).clip(0, None)
+
+
+def _clip_test(values, keep, centre, wdev, n_kept, scale, floor, params, xp):
+    """Return the keep mask after testing every kept sample against the *other* samples' spread.
+
+    A sample is rejected when it lies below ``centre - kappa_low * s`` or above
+    ``centre + kappa_high * s``, where ``s`` is the larger of its frame's noise ``floor``
+    (broadcastable to ``values``; None for 0) and ``scale`` times the standard deviation of the
+    pixel's other kept samples, computed from their (winsorized) deviations ``wdev``. With 3-10
+    frames an outlier inflates a standard deviation that includes it so much that it can never lie
+    beyond 3 sigma of it; with 3 frames the two others' spread alone is a poor sigma (one degree of
+    freedom), hence the floor. Pixels with fewer than three kept samples keep them all.
+
+    Only samples beyond kappa times the floor can fail, so the spread is computed for those alone:
+    with the floor near the noise they are a few per thousand and the round costs what the
+    plain sigma test did.
+    """
+    dev = values - centre[None]
+    floor = 0 if floor is None else floor
+    candidate = (dev < -params.kappa_low * floor) | (dev > params.kappa_high * floor)
+    candidate &= keep
+    index = xp.nonzero(candidate)
+    if not isinstance(n_kept, int):
+        index = tuple(i[n_kept[index[1:]] >= 3] for i in index)
+    elif n_kept < 3:
+        return keep
+    if index[0].size == 0:
+        return keep
+    pixel = index[1:]
+    valid = None if isinstance(n_kept, int) else keep
+    if index[0].size * values.shape[0] < values.size:  # few candidates: sums over their pixels only
+        column = (slice(None),) + pixel
+        s1, s2 = _moment_sums(wdev[column], None if valid is None else valid[column], xp)
     else:
-        n = n_valid
-    m1 = xp.sum(d, axis=0) / n
-    m2 = xp.sum(d * d, axis=0) / n
-    return xp.sqrt(xp.maximum(m2 - m1 * m1, 0))
+        s1, s2 = (t[pixel] for t in _moment_sums(wdev, valid, xp))
+    n = n_kept if isinstance(n_kept, int) else n_kept[pixel].astype(values.dtype)
+    sigma = scale * xp.sqrt(_leave_one_out_variance(wdev[index], s1, s2, n))
+    if not isinstance(floor, int):
+        sigma = xp.maximum(sigma, xp.broadcast_to(floor, values.shape)[index])
+    d = dev[index]
+    rejected = (d < -params.kappa_low * sigma) | (d > params.kappa_high * sigma)
+    keep = keep.copy()
+    keep[tuple(i[rejected] for i in index)] = False
+    return keep
 
 
 def _combine(block, keep, weights, combine, xp):
@@ -470,45 +883,48 @@ def _combine(block, keep, weights, combine, xp):
     return xp.where(wsum > 0, num / xp.where(wsum > 0, wsum, 1), xp.nan)
 
 
-def _winsorized_round(values, keep, params, xp, masked):
+def _winsorized_round(values, keep, params, xp, masked, floor=None):
     """One round of winsorized sigma clipping; returns the new keep mask.
 
-    The kept samples are winsorized at their quantiles; the centre is their median and sigma their
-    winsorized standard deviation, made unbiased for Gaussian noise. ``masked`` says whether
-    ``values`` must first be masked with ``keep`` (False only on a first round, where ``keep`` is
-    just "finite" and an all-finite block can take the plain quantile path).
+    The kept samples are winsorized at their quantiles; the centre is their median. Each sample is
+    tested against the winsorized standard deviation of the *other* kept samples, made unbiased for
+    Gaussian noise and raised to ``floor``, the noise of its frame (:func:`_clip_test`).
+    ``masked`` says whether ``values`` must first be masked with ``keep`` (False only on a first
+    round, where ``keep`` is just "finite" and an all-finite block can take the plain quantile path).
     """
     current = xp.where(keep, values, xp.nan) if masked else values
     has_nonfinite = masked or not bool(xp.all(keep))
     wins, sorted_block, n_valid = winsorize_block(current, params.winsor_limits, xp, has_nonfinite)
     centre = sorted_quantile(sorted_block, n_valid, 0.5, xp)
-    std = _std_about(wins, centre, keep if has_nonfinite else None, n_valid, xp)
-    sigma = std / math.sqrt(_gaussian_winsor_variance(params.winsor_limits))
-    return keep & (values >= (centre - params.kappa_low * sigma)[None]) \
-        & (values <= (centre + params.kappa_high * sigma)[None])
+    wins -= centre[None]
+    scale = 1.0 / math.sqrt(_gaussian_winsor_variance(params.winsor_limits))
+    return _clip_test(values, keep, centre, wins, n_valid, scale, floor, params, xp)
 
 
-def _kappa_sigma_round(values, keep, params, xp, masked=True):
-    """One round of kappa-sigma clipping around the median of the kept samples."""
+def _kappa_sigma_round(values, keep, params, xp, masked=True, floor=None):
+    """One round of kappa-sigma clipping around the median of the kept samples.
+
+    Each sample is tested against the standard deviation of the other kept samples, raised to the
+    noise of its frame ``floor`` (:func:`_clip_test`).
+    """
     current = xp.where(keep, values, xp.nan)
     srt = xp.sort(current, axis=0)
     n_kept = xp.sum(keep, axis=0)
     centre = sorted_quantile(srt, n_kept, 0.5, xp)
-    sigma = _std_about(current, centre, keep, n_kept, xp)
-    return keep & (values >= (centre - params.kappa_low * sigma)[None]) \
-        & (values <= (centre + params.kappa_high * sigma)[None])
+    return _clip_test(values, keep, centre, current - centre[None], n_kept, 1.0, floor, params, xp)
 
 
-def _iterative_keep(block, params, xp, one_round):
+def _iterative_keep(block, params, xp, one_round, floor=None):
     """Return the keep mask after rounds of ``one_round`` until no pixel changes (or the cap).
 
     Repeating the clip on the survivors matters: two outliers in one pixel (a trail crossing a hot
     pixel) inflate the first round's sigma enough to hide the smaller one. Only pixels whose mask
     changed in the previous round are recomputed — the others would give the same answer — so
-    later rounds cost a tiny fraction of the first.
+    later rounds cost a tiny fraction of the first. ``floor`` is the per-frame noise, shaped
+    ``(N, 1, W, C)`` (:func:`_noise_floor`), or None.
     """
     keep = xp.isfinite(block)
-    new_keep = one_round(block, keep, params, xp, masked=False)
+    new_keep = one_round(block, keep, params, xp, masked=False, floor=floor)
     active = xp.nonzero(xp.any(new_keep != keep, axis=0))
     keep = new_keep
     for _ in range(params.max_iterations - 1):
@@ -516,28 +932,45 @@ def _iterative_keep(block, params, xp, one_round):
             break
         index = (slice(None),) + active
         old = keep[index]
-        new = one_round(block[index], old, params, xp, masked=True)
+        sub_floor = None if floor is None else floor[:, 0, 0, :][:, active[2]]
+        new = one_round(block[index], old, params, xp, masked=True, floor=sub_floor)
         keep[index] = new
         changed = xp.any(new != old, axis=0)
         active = tuple(a[changed] for a in active)
     return keep
 
 
-def stack_block(block, weights, params: StackParams, xp=np):
+def _noise_floor(noise_sigmas, shape, dtype, xp):
+    """Return the per-frame noise as an ``(N, 1, W, C)`` device array, or None when not given.
+
+    A full row per frame rather than ``(N, 1, 1, C)``: comparing a block with the latter makes
+    NumPy loop over runs of C = 3 elements, several times slower than over whole rows.
+    """
+    if noise_sigmas is None:
+        return None
+    n, _h, w, c = shape
+    floor = xp.asarray(noise_sigmas, dtype=dtype).reshape(n, 1, 1, c)
+    return xp.ascontiguousarray(xp.broadcast_to(floor, (n, 1, w, c)))
+
+
+def stack_block(block, weights, params: StackParams, xp=np, noise_sigmas=None):
     """Reject and combine one ``(N, h, W, C)`` block; returns ``(image (h, W, C), coverage (h, W))``.
 
-    ``weights`` is ``(N, C)`` (per frame and channel) or None. Pixels with fewer than three valid
-    samples are the combination of what they have (no rejection); no valid sample gives NaN.
+    ``weights`` is ``(N, C)`` (per frame and channel) or None. ``noise_sigmas`` ``(N, C)`` is each
+    frame's noise sigma in the block's units (:func:`frame_noise_sigmas`): the least spread a sample
+    is tested against, which makes rejection work with 3-10 frames. Pixels with fewer than three
+    valid samples are the combination of what they have (no rejection); no valid sample gives NaN.
     Coverage counts the frames valid in every channel.
     """
     n = block.shape[0]
     w = xp.ones((n, 1, 1, block.shape[-1]), block.dtype) if weights is None else \
         xp.asarray(weights, dtype=block.dtype).reshape(n, 1, 1, -1)
+    floor = _noise_floor(noise_sigmas, block.shape, block.dtype, xp)
     valid = xp.isfinite(block)
     if params.rejection == "winsorized_sigma_clip":
-        keep = _iterative_keep(block, params, xp, _winsorized_round)
+        keep = _iterative_keep(block, params, xp, _winsorized_round, floor)
     elif params.rejection == "kappa_sigma":
-        keep = _iterative_keep(block, params, xp, _kappa_sigma_round)
+        keep = _iterative_keep(block, params, xp, _kappa_sigma_round, floor)
     else:
         keep = valid
     n_valid = xp.sum(valid, axis=0)
@@ -550,23 +983,27 @@ def stack_block(block, weights, params: StackParams, xp=np):
 def rows_for_budget(n_frames: int, width: int, channels: int, budget_bytes: int) -> int:
     """Return how many rows a block may have so its working set fits ``budget_bytes``.
 
-    A block's working set is about eight float32 copies of itself (input, sorted copy, winsorized
-    copy, masks, products), so the estimate divides by eight.
+    A block's working set is about ten float32 copies of itself (input, sorted copy, winsorized
+    deviations, their squares, the per-sample sigma, masks), so the estimate divides by ten.
     """
-    per_row = n_frames * width * channels * 4 * 8
+    per_row = n_frames * width * channels * 4 * 10
     return max(1, int(budget_bytes // max(1, per_row)))
 
 
 def stack_in_chunks(stack, gains, offsets, weights, params: StackParams, xp=np,
                     rows_per_chunk=None, budget_bytes=512 * 2**20, to_device=None, to_host=None,
-                    progress=None):
+                    progress=None, noise_sigmas=None):
     """Normalise, reject and combine an ``(N, H, W, C)`` stack in row chunks.
 
     ``stack`` may be a NumPy array or a disk-backed ``np.memmap`` (only one chunk is in memory at a
-    time). ``gains``/``offsets``/``weights`` are ``(N, C)`` or None. ``to_device``/``to_host`` move
-    a chunk to the backend of ``xp`` and back (identity on the CPU). ``progress(done_rows, total)``
-    is called after each chunk. Returns host float32 ``(image (H, W, C), coverage (H, W))``.
+    time). ``gains``/``offsets``/``weights`` are ``(N, C)`` or None. ``noise_sigmas`` ``(N, C)`` is
+    the noise of each normalised frame (:func:`frame_noise_sigmas`); measured here when rejection
+    needs it and it is not given. ``to_device``/``to_host`` move a chunk to the backend of ``xp``
+    and back (identity on the CPU). ``progress(done_rows, total)`` is called after each chunk.
+    Returns host float32 ``(image (H, W, C), coverage (H, W))``.
     """
+    if noise_sigmas is None and params.rejection != "none":
+        noise_sigmas = frame_noise_sigmas(stack, gains, n_max=_FLOOR_SUBSAMPLE)
     to_device = to_device or (lambda a: a)
     to_host = to_host or (lambda a: a)
     n, h, w, c = stack.shape
@@ -580,7 +1017,7 @@ def stack_in_chunks(stack, gains, offsets, weights, params: StackParams, xp=np,
         block = to_device(np.ascontiguousarray(stack[:, r0:r1], dtype=np.float32))
         if g is not None:
             block = block * g + o  # NaN stays NaN
-        img, cov = stack_block(block, weights, params, xp)
+        img, cov = stack_block(block, weights, params, xp, noise_sigmas)
         image[r0:r1], coverage[r0:r1] = to_host(img), to_host(cov)
         if progress is not None:
             progress(r1, h)

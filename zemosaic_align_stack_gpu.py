@@ -42,7 +42,7 @@ def _winsorize_chunk(data_gpu, low_high_limits, xp=None):
 
 
 def stack_in_chunks_gpu(stack, gains, offsets, weights, params: StackParams, xp=None,
-                        budget_bytes=None, progress=None):
+                        budget_bytes=None, progress=None, noise_sigmas=None):
     """Run :func:`zemosaic_align_stack.stack_in_chunks` on the GPU; same arguments and results.
 
     Raises :class:`GpuBackendError` on any device failure (including out of memory after the
@@ -59,7 +59,8 @@ def stack_in_chunks_gpu(stack, gains, offsets, weights, params: StackParams, xp=
     while True:
         try:
             return stack_in_chunks(stack, gains, offsets, weights, params, xp, rows_per_chunk=rows,
-                                   to_device=to_device, to_host=to_host, progress=progress)
+                                   to_device=to_device, to_host=to_host, progress=progress,
+                                   noise_sigmas=noise_sigmas)
         except Exception as exc:
             if on_numpy:
                 raise

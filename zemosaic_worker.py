@@ -606,9 +606,11 @@ def _stack_group(stack, n_used, config, use_gpu, tile_label):
     gains, offsets = stk.normalization_coefficients(view, 0, config.stacking_normalize_method)
     if config.stacking_normalize_method == "linear_fit":
         gains, offsets = _photometric_reference(gains, offsets)
+    # One noise measurement per frame serves the weights and the rejection's noise floor.
+    sigmas = stk.frame_noise_sigmas(view, gains)
     weights = None
     if config.stacking_weighting_method == "noise_variance":
-        weights = stk.noise_variance_weights(view, gains)
+        weights = stk.noise_variance_weights(view, gains, sigmas=sigmas)
     params = stk.StackParams(config.stacking_rejection_algorithm, config.stacking_kappa_low,
                              config.stacking_kappa_high, tuple(config.stacking_winsor_limits),
                              config.stacking_final_combine_method,
@@ -617,11 +619,11 @@ def _stack_group(stack, n_used, config, use_gpu, tile_label):
         from zemosaic_align_stack_gpu import stack_in_chunks_gpu
 
         try:
-            image, coverage = stack_in_chunks_gpu(view, gains, offsets, weights, params)
+            image, coverage = stack_in_chunks_gpu(view, gains, offsets, weights, params, noise_sigmas=sigmas)
             return image, coverage, "gpu"
         except GpuBackendError as exc:
             logger.warning("%s: GPU stacking failed (%s); stacking this tile on CPU", tile_label, exc)
-    image, coverage = stk.stack_in_chunks(view, gains, offsets, weights, params)
+    image, coverage = stk.stack_in_chunks(view, gains, offsets, weights, params, noise_sigmas=sigmas)
     return image, coverage, "cpu"
 
 

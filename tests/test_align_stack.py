@@ -28,8 +28,13 @@ def _random_stack(rng, n=9, h=24, w=20, c=3, nan_borders=True, outliers=True):
     return stack
 
 
-def _slow_winsorized(stack, weights, kl, kh, limits, combine):
-    """Per-pixel reference with plain loops (the specification, written out)."""
+def _slow_winsorized(stack, weights, kl, kh, limits, combine, noise):
+    """Per-pixel reference with plain loops (the specification, written out).
+
+    Each round: centre = median of the kept samples; every sample is tested against the winsorized
+    standard deviation (ddof=1, unbiased for Gaussian noise) of the *other* kept samples, raised to
+    its frame's noise sigma; pixels with fewer than three kept samples are left alone.
+    """
     n, h, w, c = stack.shape
     out = np.full((h, w, c), np.nan)
     var = stk._gaussian_winsor_variance(limits)
@@ -39,7 +44,7 @@ def _slow_winsorized(stack, weights, kl, kh, limits, combine):
                 v = stack[:, y, x, ch].astype(np.float64)
                 wt = weights[:, ch] if weights is not None else np.ones(n)
                 ok = np.isfinite(v)
-                v, wt = v[ok], wt[ok]
+                v, wt, floor = v[ok], wt[ok], noise[ok, ch]
                 if v.size == 0:
                     continue
                 for _ in range(5):  # rounds on the survivors, as the pipeline does
@@ -47,11 +52,13 @@ def _slow_winsorized(stack, weights, kl, kh, limits, combine):
                         break
                     lo, hi = np.quantile(v, [limits[0], 1 - limits[1]])
                     centre = np.median(v)
-                    sigma = np.std(np.clip(v, lo, hi)) / np.sqrt(var)
+                    wins = np.clip(v, lo, hi)
+                    sigma = np.array([np.std(np.delete(wins, j), ddof=1) for j in range(v.size)]) / np.sqrt(var)
+                    sigma = np.maximum(sigma, floor)
                     keep = (v >= centre - kl * sigma) & (v <= centre + kh * sigma)
                     if keep.all():
                         break
-                    v, wt = v[keep], wt[keep]
+                    v, wt, floor = v[keep], wt[keep], floor[keep]
                 out[y, x, ch] = np.median(v) if combine == "median" else np.sum(v * wt) / np.sum(wt)
     return out
 
@@ -83,9 +90,11 @@ def test_winsorized_matches_slow_reference(rng, combine):
     stack = _random_stack(rng)
     weights = rng.uniform(0.3, 1.0, (stack.shape[0], 3))
     params = stk.StackParams("winsorized_sigma_clip", 2.5, 3.0, (0.1, 0.05), combine)
+    noise = rng.uniform(2.0, 4.0, (stack.shape[0], 3))  # below the stack's noise (5): both sigmas act
     img, _ = stk.stack_in_chunks(stack, None, None, weights if combine == "mean" else None, params,
-                                 rows_per_chunk=7)
-    ref = _slow_winsorized(stack, weights if combine == "mean" else None, 2.5, 3.0, (0.1, 0.05), combine)
+                                 rows_per_chunk=7, noise_sigmas=noise)
+    ref = _slow_winsorized(stack, weights if combine == "mean" else None, 2.5, 3.0, (0.1, 0.05), combine,
+                           noise)
     assert np.array_equal(np.isnan(img), np.isnan(ref))
     ok = np.isfinite(ref)
     assert np.max(np.abs(img[ok] - ref[ok]) / np.abs(ref[ok])) < 1e-5

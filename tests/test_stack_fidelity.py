@@ -1,0 +1,235 @@
+"""Fidelity of master-tile stacking against known truth (issue 13, items 1 and 3).
+
+Normalisation: gains measured on stars must match the synthetic frames' true transparency ratios
+per channel, without tinting. Rejection: outliers must go with 3-10 frames, clean samples must stay.
+"""
+
+import json
+
+import numpy as np
+import pytest
+
+import zemosaic_align_stack as stk
+import zemosaic_align_stack_gpu as stk_gpu
+import zemosaic_fits as zfits
+import zemosaic_synth as synth
+
+ALGORITHMS = ["winsorized_sigma_clip", "kappa_sigma"]
+
+
+# --------------------------------------------------------------------------------------------------
+# Rejection with few frames
+# --------------------------------------------------------------------------------------------------
+
+
+def _noise_stack(rng, n, h=40, w=40, sigma=5.0, level=300.0):
+    return rng.normal(level, sigma, (n, h, w, 3)).astype(np.float32)
+
+
+@pytest.mark.parametrize("algorithm", ALGORITHMS)
+def test_one_outlier_among_three_frames_rejected(rng, algorithm):
+    sigma, truth = 5.0, 300.0
+    stack = _noise_stack(rng, 3, sigma=sigma, level=truth)
+    hot = np.zeros(stack.shape[1:3], bool)
+    hot[::4, ::3] = True
+    stack[1][hot] += 400.0  # 80 sigma: a hot pixel or cosmic ray in one of three frames
+    img, _ = stk.stack_in_chunks(stack, None, None, None, stk.StackParams(algorithm))
+    plain, _ = stk.stack_in_chunks(stack, None, None, None, stk.StackParams("none"))
+    assert np.all(np.abs(plain[hot] - truth) > 100)  # without rejection: outlier / 3
+    # Rejected: the mean of the two clean samples, whose noise is sigma / sqrt(2).
+    assert np.max(np.abs(img[hot] - truth)) < 4.5 * sigma / np.sqrt(2)
+    clean = np.mean(np.delete(stack, 1, axis=0), axis=0)[hot]
+    assert np.mean(np.isclose(img[hot], clean, rtol=1e-6)) > 0.99
+
+
+@pytest.mark.parametrize("n_frames", [3, 5])
+@pytest.mark.parametrize("algorithm", ALGORITHMS)
+def test_trail_in_one_frame_rejected(rng, n_frames, algorithm):
+    sigma, truth = 5.0, 300.0
+    h, w = 48, 64
+    stack = _noise_stack(rng, n_frames, h, w, sigma, truth)
+    yy, xx = np.mgrid[:h, :w]
+    dist = np.abs(yy - (10 + 0.45 * xx)) / np.hypot(1, 0.45)
+    trail = 2000.0 * np.exp(-0.5 * (dist / 1.2) ** 2)  # a satellite, 400 sigma at its core
+    stack[1] += trail[..., None].astype(np.float32)
+    img, _ = stk.stack_in_chunks(stack, None, None, None, stk.StackParams(algorithm))
+    residual = (img - truth) / sigma
+    # Left in, the trail would leave 2000 / N at its core (80-130 sigma). Its faint wings (below
+    # ~3 sigma) cannot be told from noise and leave at most 3 sigma / N.
+    for low, high in ((0.5, 3.0), (3.0, 10.0), (10.0, np.inf)):
+        band = (trail >= low * sigma) & (trail < high * sigma)
+        assert abs(residual[band].mean()) < 0.6, (low, residual[band].mean())
+        assert np.sqrt(np.mean(residual[band] ** 2)) < 1.2
+    core = trail > 10 * sigma  # only the clean frames' mean is left: noise sigma / sqrt(N - 1)
+    assert np.sqrt(np.mean(residual[core] ** 2)) < 1.15 / np.sqrt(n_frames - 1)
+
+
+@pytest.mark.parametrize("algorithm", ALGORITHMS)
+def test_false_rejection_rate_on_gaussian_noise(rng, algorithm):
+    """Pure Gaussian noise, kappa 3: few clean samples rejected for N = 3, 5, 10, 50."""
+    params = stk.StackParams(algorithm, 3.0, 3.0)
+    one_round = stk._winsorized_round if algorithm == "winsorized_sigma_clip" else stk._kappa_sigma_round
+    rates = {}
+    for n in (3, 5, 10, 50):
+        block = _noise_stack(rng, n, 60, 60)
+        floor = stk._noise_floor(stk.frame_noise_sigmas(block), block.shape, block.dtype, np)
+        keep = stk._iterative_keep(block, params, np, one_round, floor)
+        rates[n] = 1.0 - keep.mean()
+    # Gaussian tails beyond 3 sigma hold 0.27 %; the estimated sigmas add a little.
+    assert all(rate < 0.01 for rate in rates.values()), rates
+
+
+def test_clean_three_frames_keep_every_sample():
+    """Three samples within the noise: nothing is rejected, the result is their plain mean."""
+    base = np.full((6, 6, 3), 1000.0, np.float32)
+    stack = np.stack([base - 4.0, base + 1.0, base + 9.0])  # 9 ADU apart with sigma 5
+    for algorithm in ALGORITHMS:
+        img, _ = stk.stack_in_chunks(stack, None, None, None, stk.StackParams(algorithm),
+                                     noise_sigmas=np.full((3, 3), 5.0))
+        assert np.allclose(img, 1002.0)
+
+
+@pytest.mark.parametrize("algorithm", ALGORITHMS)
+def test_kappa_low_and_high_are_honoured(algorithm):
+    """A 6-sigma sample goes with kappa 3 on its side, stays with kappa 10."""
+    values = np.array([99.0, 100.0, 101.0, 100.5, 99.5], np.float32)
+    stack = np.broadcast_to(values[:, None, None, None], (5, 2, 2, 1)).copy()
+    stack[4, 0, 0, 0] = 106.0  # high
+    stack[4, 1, 1, 0] = 94.0  # low
+    noise = np.full((5, 1), 1.0)
+    mean_without = values[:4].mean()
+
+    def stacked(kl, kh):
+        return stk.stack_in_chunks(stack, None, None, None, stk.StackParams(algorithm, kl, kh),
+                                   noise_sigmas=noise)[0][..., 0]
+
+    img = stacked(3.0, 10.0)
+    assert img[0, 0] == pytest.approx((mean_without * 4 + 106.0) / 5)  # high kept
+    assert img[1, 1] == pytest.approx(mean_without)  # low rejected
+    img = stacked(10.0, 3.0)
+    assert img[0, 0] == pytest.approx(mean_without)
+    assert img[1, 1] == pytest.approx((mean_without * 4 + 94.0) / 5)
+
+
+@pytest.mark.parametrize("algorithm", ALGORITHMS)
+def test_gpu_code_path_with_numpy_matches_cpu_few_frames(rng, algorithm):
+    stack = _noise_stack(rng, 4, 30, 20)
+    stack[2, 5:9] += 900.0
+    stack[0, :, :6] = np.nan
+    noise = rng.uniform(3.0, 6.0, (4, 3))
+    params = stk.StackParams(algorithm)
+    cpu = stk.stack_in_chunks(stack, None, None, None, params, noise_sigmas=noise)
+    gpu = stk_gpu.stack_in_chunks_gpu(stack, None, None, None, params, xp=np, budget_bytes=50_000,
+                                      noise_sigmas=noise)
+    for a, b in zip(cpu, gpu):
+        assert np.array_equal(a, b, equal_nan=True)
+
+
+# --------------------------------------------------------------------------------------------------
+# Normalisation measured on stars
+# --------------------------------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def hazy_panel(tmp_path_factory):
+    """Six aligned synthetic Seestar frames (small), transparency 0.84-1.0, drifting sky, a trail.
+
+    Star density as in a Milky Way field, so that a 270x480 frame holds about as many stars as a
+    full Seestar frame of a sparse field.
+    """
+    out = tmp_path_factory.mktemp("hazy")
+    info = synth.generate_dataset(out, panels=(1, 1), frames_per_panel=6, seed=0, size="small",
+                                  transparency_range=(0.84, 1.0), pedestal_jitter=0.08,
+                                  star_density=30000.0, satellite_frame=3)
+    meta = json.loads(open(info["truth_json"]).read())
+    frames = [zfits.load_frame(p) for p in info["frame_paths"]]
+    ref = frames[0]
+    canvas = stk.group_canvas(ref.wcs, ref.data.shape[:2], [(f.wcs, f.data.shape[:2]) for f in frames])
+    stack = np.stack([stk.place_reference(ref.data, canvas)]
+                     + [stk.align_frame(f.data, ref.data, "wcs", f.wcs, canvas=canvas) for f in frames[1:]])
+    transparency = np.array([f["transparency"] for f in meta["frames"]])
+    return stack, transparency[0] / transparency  # true gains onto frame 0: grey
+
+
+def test_gains_match_truth_per_channel_without_tint(hazy_panel):
+    stack, truth = hazy_panel
+    gains, offsets = stk.normalization_coefficients(stack, 0, "linear_fit")
+    relative = gains / truth[:, None]
+    assert np.max(np.abs(relative - 1)) < 0.005, relative
+    colour = relative / relative[:, 1:2]  # R/G and B/G of the fitted gains
+    assert np.max(np.abs(colour - 1)) < 0.005
+    # The skies match after normalisation: per channel, on the pixels every frame covers, to a
+    # small fraction of the ~30 ADU pixel noise (the medians of debayered ADU are quantised).
+    normalised = stack * gains[:, None, None, :] + offsets[:, None, None, :]
+    common = np.all(np.isfinite(normalised), axis=(0, 3))
+    skies = np.array([[stk.sigma_clipped_stats(f[..., c][common])[0] for c in range(3)] for f in normalised])
+    assert np.max(np.abs(skies - skies[0])) < 2.0, skies - skies[0]
+
+
+def test_gain_fit_reports_grey_and_its_uncertainty(hazy_panel):
+    stack, truth = hazy_panel
+    stars = stk.find_reference_stars(stack[0])
+    assert stars.ys.size >= 50 and 2.0 < stars.fwhm < 5.0
+    for i in range(1, stack.shape[0]):
+        fit, _ = stk.photometric_gain(stack[i], stack[0], stars=stars)
+        assert fit.method == "stars" and fit.grey
+        assert fit.grey_sigma < 0.005
+        assert abs(fit.gains[1] / truth[i] - 1) < 4 * fit.grey_sigma + 0.001
+
+
+def test_normalisation_is_deterministic(hazy_panel):
+    stack, _ = hazy_panel
+    first = stk.normalization_coefficients(stack[:3], 0, "linear_fit")
+    second = stk.normalization_coefficients(stack[:3], 0, "linear_fit")
+    assert all(np.array_equal(a, b) for a, b in zip(first, second))
+
+
+def _render_stars(shape, ys, xs, fluxes, colours, fwhm=2.8):
+    """Return ``(H, W, 3)`` noiseless Gaussian stars (point-sampled) of given total flux and colour."""
+    h, w = shape
+    sigma = fwhm / 2.3548
+    image = np.zeros((h, w, 3))
+    yy, xx = np.mgrid[-8:9, -8:9]
+    for y, x, f, c in zip(ys, xs, fluxes, colours):
+        iy, ix = int(y), int(x)
+        psf = np.exp(-((yy - (y - iy)) ** 2 + (xx - (x - ix)) ** 2) / (2 * sigma**2)) / (2 * np.pi * sigma**2)
+        image[iy - 8:iy + 9, ix - 8:ix + 9] += f * psf[..., None] * c
+    return image
+
+
+def _field(rng, shape=(300, 300), n=120):
+    ys = rng.uniform(30, shape[0] - 30, n)
+    xs = rng.uniform(30, shape[1] - 30, n)
+    fluxes = np.exp(rng.uniform(np.log(3e3), np.log(3e5), n))
+    colours = rng.uniform(0.7, 1.3, (n, 3))
+    return ys, xs, fluxes, colours
+
+
+def test_saturated_star_is_left_out(rng):
+    """A clipped star would pull the gain towards 1; it must not be measured."""
+    ys, xs, fluxes, colours = _field(rng)
+    stars = _render_stars((300, 300), ys, xs, fluxes, colours)
+    bright = _render_stars((300, 300), [150.3], [150.6], [3e7], [np.ones(3)])  # peak >> 65535
+    sky = np.array([900.0, 1000.0, 800.0])
+    truth_gain = 1.10
+    ref = np.minimum(stars + bright + sky + rng.normal(0, 5, (300, 300, 3)), 65535.0)
+    frame = np.minimum((stars + bright) / truth_gain + sky * 1.03 + rng.normal(0, 5, (300, 300, 3)), 65535.0)
+    ref, frame = ref.astype(np.float32), frame.astype(np.float32)
+    found = stk.find_reference_stars(ref)
+    near = np.hypot(found.ys - 150, found.xs - 150) < 12
+    assert not near.any()
+    gains, _ = stk.linear_fit_coefficients(frame, ref)
+    assert np.allclose(gains, truth_gain, rtol=0.003)
+
+
+def test_real_colour_change_gets_per_channel_gains(rng):
+    """Precise stars and a 4 % bluer frame: per-channel gains, each on its truth."""
+    ys, xs, fluxes, colours = _field(rng, n=150)
+    stars = _render_stars((300, 300), ys, xs, fluxes, colours)
+    sky = np.array([900.0, 1000.0, 800.0])
+    truth = np.array([1.05, 1.05, 1.05 / 1.04])
+    ref = (stars + sky + rng.normal(0, 2, (300, 300, 3))).astype(np.float32)
+    frame = (stars / truth + sky + rng.normal(0, 2, (300, 300, 3))).astype(np.float32)
+    fit, _ = stk.photometric_gain(frame, ref)
+    assert not fit.grey
+    assert np.allclose(fit.gains, truth, rtol=0.003)

@@ -233,3 +233,19 @@ def test_real_colour_change_gets_per_channel_gains(rng):
     fit, _ = stk.photometric_gain(frame, ref)
     assert not fit.grey
     assert np.allclose(fit.gains, truth, rtol=0.003)
+
+
+def test_large_colour_change_corrected_even_when_measured_coarsely():
+    """Another night's colour balance (20 % in B) measured to 2-4 %: applied, barely shrunk."""
+    grey = 0.45
+    measured = grey * np.array([0.85, 1.0, 1.20])
+    gains = stk._channel_gains(measured, np.array([0.03, 0.015, 0.04]), grey)
+    assert gains is not None
+    assert np.allclose(gains / grey, [0.85, 1.0, 1.20], atol=0.012)
+
+
+def test_colour_terms_at_their_noise_stay_grey():
+    """Colour terms of the size of their uncertainty must not tint: the grey gain is kept."""
+    grey = 1.0
+    assert stk._channel_gains(grey * np.array([1.02, 1.0, 0.97]), np.array([0.02, 0.01, 0.03]), grey) is None
+    assert stk._channel_gains(grey * np.array([1.004, 1.0, 0.995]), np.array([0.001, 0.001, 0.001]), grey) is None

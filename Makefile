@@ -40,6 +40,7 @@ bench: peers $(VENV)/.installed-test
 	$(PY) benchmarks/bench_stacking.py
 	$(PY) benchmarks/bench_coadd.py
 	$(PY) benchmarks/bench_solve.py
+	$(PY) benchmarks/bench_photometry.py
 
 clean:
 	rm -rf $(DEMO) .pytest_cache

@@ -32,6 +32,9 @@ logger = logging.getLogger(__name__)
 
 #: Largest uncertainty (1 sigma, relative) of a tile's colour term for it to be applied.
 COLOUR_SIGMA_MAX = 0.012
+#: Chi-square (over the colour channels, p = 0.001 for two) above which a tile's colour terms are
+#: applied even when less precise than :data:`COLOUR_SIGMA_MAX`.
+COLOUR_CHI2 = 13.8
 #: Significance (in sigma) a Two-Pass gain needs to differ from 1.
 TWO_PASS_SIGNIFICANCE = 3.0
 #: Smallest Two-Pass correction applied. Pass 1 has already matched the gains from the stars at
@@ -393,11 +396,16 @@ def _colour_terms(n, pairs, anchor):
     # of a coloured object moves with the channels' gains, so grey is not their mean).
     log_c = -_centred(log_c, sig_c)
     precise = np.all(sig_c < COLOUR_SIGMA_MAX, axis=1)
+    # A less precise tile still gets a colour change it measures beyond doubt (another night's
+    # colour balance: ten per cent and more, against a few per cent of noise).
+    with np.errstate(divide="ignore", invalid="ignore"):
+        chi2 = np.sum((log_c / sig_c) ** 2, axis=1)
+    significant = np.isfinite(chi2) & (chi2 > COLOUR_CHI2) & np.all(np.isfinite(sig_c), axis=1)
     logger.debug("Colour terms %s, sigma %s", np.round(log_c, 4).tolist(), np.round(sig_c, 4).tolist())
     # Shrink each term by k^2 / (k^2 + sigma^2): a term at the noise level would only swap the
     # tile's colour error for noise, a large measured term is applied in full.
     shrunk = log_c * log_c**2 / (log_c**2 + sig_c**2)
-    return np.where(precise[:, None], shrunk, 0.0)
+    return np.where((precise | significant)[:, None], shrunk, 0.0)
 
 
 def match_tiles(low: LowResTiles, match_gains: bool = True, match_offsets: bool = True) -> TileMatch:

@@ -155,3 +155,23 @@ def test_stretch_with_white_balance_has_neutral_sky_and_white_stars():
     assert np.ptp(rgb[stars].mean(axis=0)) < 0.03 * rgb[stars].mean()  # white on average
     assert np.ptp(plain[stars].mean(axis=0)) > np.ptp(rgb[stars].mean(axis=0))
     assert np.all(rgb[:10] == 0)  # NaN is black
+
+
+def test_a_large_colour_change_is_applied_even_when_measured_coarsely():
+    """Another night's balance (B 15 % off) measured to 3 % per pair: applied, not dropped."""
+    import zemosaic_photometry as zp
+
+    d = np.array([0.0, 0.0, 0.0, np.log(1.15)])  # tile 0 ~ s * tile 1: grey, then R, G, B
+    pairs = [(0, 1, d, np.full(4, 0.03)), (0, 2, d, np.full(4, 0.03)), (1, 2, np.zeros(4), np.full(4, 0.03))]
+    colour = zp._colour_terms(3, pairs, 1)
+    relative_b = np.exp(colour[1, 2] - colour[0, 2])  # tile 1's B gain over tile 0's
+    assert abs(relative_b - 1.15) < 0.02
+    assert np.allclose(colour[1], colour[2]) and abs(colour[0, 0] - colour[1, 0]) < 1e-9
+
+
+def test_colour_terms_at_their_noise_are_not_applied():
+    import zemosaic_photometry as zp
+
+    d = np.array([0.0, 0.02, 0.0, -0.03])
+    pairs = [(0, 1, d, np.full(4, 0.03)), (0, 2, d, np.full(4, 0.03)), (1, 2, np.zeros(4), np.full(4, 0.03))]
+    assert np.all(zp._colour_terms(3, pairs, 1) == 0.0)

@@ -29,6 +29,7 @@ import numpy as np
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "tests"))
 
 import zemosaic_astrometry as za  # noqa: E402
 import zemosaic_fits as zf  # noqa: E402
@@ -36,21 +37,10 @@ import zemosaic_synth  # noqa: E402
 import zemosaic_worker as zw  # noqa: E402
 from _measure import fmt, load_warning, print_table  # noqa: E402
 from astropy.wcs import WCS  # noqa: E402
+from realdata import NGC7023 as REALDATA, reference_frames, reference_wcs  # noqa: E402
 from zemosaic_config import MosaicConfig  # noqa: E402
 from zemosaic_synth_sky import make_tan_wcs  # noqa: E402
 
-REALDATA = Path(__file__).resolve().parents[2] / "shared" / "realdata" / "ngc7023"
-
-
-def _reference_wcs(entry) -> WCS:
-    ref = entry["reference_wcs"]
-    wcs = WCS(naxis=2)
-    wcs.wcs.ctype = ["RA---TAN", "DEC--TAN"]
-    wcs.wcs.crval = [ref["CRVAL1"], ref["CRVAL2"]]
-    wcs.wcs.crpix = [ref["CRPIX1"], ref["CRPIX2"]]
-    wcs.wcs.cd = [[ref["CD1_1"], ref["CD1_2"]], [ref["CD2_1"], ref["CD2_2"]]]
-    wcs.wcs.set()
-    return wcs
 
 
 def _synthetic_truths(info) -> dict[str, WCS]:
@@ -124,8 +114,7 @@ def main(argv=None) -> int:
         truths = _synthetic_truths(info)
         rows = []
         if REALDATA.is_dir():
-            reference = json.loads((REALDATA / "reference_wcs.json").read_text())["frames"]
-            real_truths = {str(REALDATA / n): _reference_wcs(e) for n, e in reference.items()}
+            real_truths = {str(REALDATA / n): reference_wcs(e) for n, e in reference_frames().items()}
             for name, sec, off in solve_each(sorted(real_truths), real_truths, solver):
                 rows.append(["real " + name[-28:], fmt(sec), fmt(off, ".3f")])
         for name, sec, off in solve_each(info["frame_paths"][::args.frames_per_panel], truths, solver):

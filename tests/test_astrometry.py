@@ -7,7 +7,6 @@ the real sky and on the shared real Seestar subs; they skip where the solver is 
 
 import hashlib
 import json
-import os
 import stat
 import subprocess
 import sys
@@ -16,7 +15,6 @@ from pathlib import Path
 import numpy as np
 import pytest
 from astropy.io import fits
-from astropy.wcs import WCS
 
 import zemosaic_astrometry as za
 import zemosaic_synth
@@ -25,8 +23,7 @@ from zemosaic_config import MosaicConfig
 from zemosaic_fits import read_image_fits
 from zemosaic_synth_sky import make_tan_wcs
 
-ROOT = Path(__file__).resolve().parents[1]
-REALDATA = ROOT.parent / "shared" / "realdata" / "ngc7023"
+from realdata import NGC7023 as REALDATA, reference_frames, reference_wcs
 SOLVER_REASON = za.AstrometryNetSolver().unavailable_reason()
 needs_solver = pytest.mark.skipif(SOLVER_REASON is not None, reason=f"no plate solver: {SOLVER_REASON}")
 
@@ -358,21 +355,10 @@ def _star_offsets(mosaic, wcs, coverage, truth_fits):
     return np.array(offsets)
 
 
-def _reference_wcs(entry):
-    ref = entry["reference_wcs"]
-    wcs = WCS(naxis=2)
-    wcs.wcs.ctype = ["RA---TAN", "DEC--TAN"]
-    wcs.wcs.crval = [ref["CRVAL1"], ref["CRVAL2"]]
-    wcs.wcs.crpix = [ref["CRPIX1"], ref["CRPIX2"]]
-    wcs.wcs.cd = [[ref["CD1_1"], ref["CD1_2"]], [ref["CD2_1"], ref["CD2_2"]]]
-    wcs.wcs.set()
-    return wcs
-
-
 @needs_solver
 @pytest.mark.skipif(not REALDATA.is_dir(), reason="shared real Seestar frames not present")
 def test_real_seestar_subs_of_two_nights_all_reach_the_mosaic(tmp_path):
-    reference = json.loads((REALDATA / "reference_wcs.json").read_text())["frames"]
+    reference = reference_frames()
     out = tmp_path / "o"
     # force_resolve: every frame is solved or matched here, none taken from another program.
     config = MosaicConfig(input_folder=str(REALDATA), output_folder=str(out),
@@ -384,7 +370,7 @@ def test_real_seestar_subs_of_two_nights_all_reach_the_mosaic(tmp_path):
         path = REALDATA / name
         assert za.file_sha256(str(path)) == entry["sha256"]  # inputs byte-identical
         wcs = cache.get(entry["sha256"]).wcs
-        truth = _reference_wcs(entry)
+        truth = reference_wcs(entry)
         centre_wcs = wcs.pixel_to_world(539.5, 959.5)
         assert centre_wcs.separation(truth.pixel_to_world(539.5, 959.5)).arcsec < 1.0, name
         assert za.wcs_pixel_offset(wcs, truth, (1920, 1080)) < 0.3, name

@@ -23,7 +23,7 @@ import zemosaic_fits as zf
 import zemosaic_worker as zw
 from zemosaic_config import MosaicConfig
 
-REALDATA = Path(__file__).resolve().parents[1].parent / "shared" / "realdata" / "ngc7023"
+from realdata import NGC7023 as REALDATA
 pytestmark = pytest.mark.skipif(not REALDATA.is_dir(), reason="shared real Seestar frames not present")
 
 R_AP, R_IN, R_OUT = 5, 8, 12

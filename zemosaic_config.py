@@ -298,6 +298,12 @@ class MosaicConfig:
         "two numbers low, high with 0 < low <= 1 <= high", _check_gain_clip)
     logging_level: str = _choice_spec(
         "INFO", "How much detail the log shows.", _LOG_LEVELS, upper=True)
+    save_channel_files: bool = _spec(
+        False, "Also write each colour as its own plain FITS (for SWarp and Montage).",
+        "true or false", _check_bool)
+    save_final_as_uint16: bool = _spec(
+        False, "Also write a 16-bit integer copy of the mosaic (0 = no data) for viewers "
+        "that cannot read floating point or blank pixels.", "true or false", _check_bool)
 
     def __post_init__(self) -> None:
         for f in dataclasses.fields(self):

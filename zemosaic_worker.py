@@ -22,6 +22,7 @@ import time
 from dataclasses import dataclass, field
 
 import numpy as np
+from astropy.io import fits
 
 import zemosaic_align_stack as stk
 import zemosaic_astrometry as zastro
@@ -38,6 +39,14 @@ logger = logging.getLogger(__name__)
 MOSAIC_NAME = "zemosaic_mosaic.fits"
 PREVIEW_NAME = "zemosaic_mosaic_preview.png"
 REPORT_NAME = "zemosaic_run.json"
+COVERAGE_NAME = "zemosaic_mosaic_coverage.fits"
+DISPLAY_NAME = "zemosaic_mosaic_display.tif"
+LOG_NAME = "zemosaic_run.log"
+CHANNEL_NAME = "zemosaic_mosaic_{}.fits"
+UINT16_NAME = "zemosaic_mosaic_uint16.fits"
+# The outputs every run writes, by report key.
+OUTPUT_NAMES = {"mosaic": MOSAIC_NAME, "coverage": COVERAGE_NAME, "preview": PREVIEW_NAME,
+                "display": DISPLAY_NAME, "report": REPORT_NAME}
 TILES_DIR = "master_tiles"
 CACHE_DIR = ".zemosaic_cache"
 WCS_CACHE_DIR = "wcs"
@@ -627,9 +636,11 @@ def _stack_group(stack, n_used, config, use_gpu, tile_label):
     return image, coverage, "cpu"
 
 
-def _card_text(text: str, limit: int = 68) -> str:
-    """Return ``text`` as a FITS card value: printable ASCII ('?' for the rest), at most ``limit``."""
-    return "".join(c if " " <= c <= "~" else "?" for c in text)[:limit]
+def _settings_history(config) -> list:
+    """Return HISTORY cards naming the program version and every setting of the run."""
+    lines = [f"ZeMosaic {__version__}"]
+    lines += [f"{key} = {json.dumps(value)}" for key, value in config_to_dict(config).items()]
+    return [("HISTORY", zfits.card_text(line, 72)) for line in lines]
 
 
 def _tile_header_cards(config, used, reference, backend) -> list:
@@ -637,7 +648,9 @@ def _tile_header_cards(config, used, reference, backend) -> list:
     return [
         ("ZMVERS", __version__, "ZeMosaic version"),
         ("NFRAMES", len(used), "frames stacked"),
-        ("REFFRAME", _card_text(os.path.basename(reference)), None),
+        ("BUNIT", "adu", "linear, sensor units after normalisation"),
+        *zfits.observation_cards([r.info.header for r in used]),
+        ("REFFRAME", zfits.card_text(os.path.basename(reference)), None),
         ("NORMMETH", config.stacking_normalize_method, "normalisation"),
         ("WEIGMETH", config.stacking_weighting_method, "frame weighting"),
         ("REJALGO", config.stacking_rejection_algorithm, "pixel rejection"),
@@ -648,6 +661,7 @@ def _tile_header_cards(config, used, reference, backend) -> list:
         ("COMBINE", config.stacking_final_combine_method, "final combine"),
         ("QUANTMTH", "sorted-nan-aware", "NaN-safe winsor quantiles"),
         ("STACKBE", backend, "stacking backend"),
+        *_settings_history(config),
     ]
 
 
@@ -896,20 +910,60 @@ def _white_balance_cards(report, mosaic) -> tuple[list, list]:
     return cards, wb.gains
 
 
+def _mosaic_cards(config, report, tiles) -> list:
+    """Return the provenance cards of the mosaic: program, observation (from the tiles), settings."""
+    tile_headers = []
+    for t in tiles:
+        try:
+            tile_headers.append(fits.getheader(t.path))
+        except OSError as exc:  # the mosaic is still right; only the dates would be missing
+            logger.warning("Cannot read the header of %s (%s): its dates are left out", t.path, exc)
+    return [("ZMVERS", __version__, "ZeMosaic version"),
+            ("NTILES", len(tiles), "master tiles co-added"),
+            ("NFRAMES", len(report.frames_used), "frames used"),
+            ("BUNIT", "adu", "linear, sensor units after normalisation"),
+            *zfits.observation_cards(tile_headers),
+            ("ASMENG", config.assembly_engine, "assembly engine"),
+            ("ASMBE", report.backends.get("assembly", "cpu"), "assembly backend"),
+            *_settings_history(config)]
+
+
+def _uint16_copy(mosaic) -> tuple[np.ndarray, list]:
+    """Return the mosaic scaled linearly to 1..65535 (0 = no data) and the cards giving the scale."""
+    low, high = float(np.nanmin(mosaic)), float(np.nanmax(mosaic))
+    scale = (high - low) / 65534.0 if high > low else 1.0
+    scaled = np.where(np.isfinite(mosaic), np.rint((mosaic - low) / scale) + 1.0, 0.0)
+    cards = [("LINZERO", low, "value = LINZERO + LINSCALE * (pixel - 1)"),
+             ("LINSCALE", scale, "pixel 0 = no data")]
+    return scaled.astype(np.uint16), cards
+
+
 def write_outputs(mosaic, coverage, wcs_out, config, report, tiles) -> dict:
-    """Write the mosaic FITS (linear, sensor colours), its white-balanced preview PNG and the run report."""
+    """Write the mosaic FITS (linear, sensor colours), its coverage, display products and report.
+
+    Display products (preview PNG, 16-bit TIFF) are white balanced and turned north up; the FITS
+    files keep the mosaic grid and its WCS.
+    """
     out = config.output_folder
-    paths = {"mosaic": os.path.join(out, MOSAIC_NAME), "preview": os.path.join(out, PREVIEW_NAME),
-             "report": os.path.join(out, REPORT_NAME)}
-    cards = [("ZMVERS", __version__, "ZeMosaic version"),
-             ("NTILES", len(tiles), "master tiles co-added"),
-             ("NFRAMES", len(report.frames_used), "frames used"),
-             ("ASMENG", config.assembly_engine, "assembly engine"),
-             ("ASMBE", report.backends.get("assembly", "cpu"), "assembly backend")]
+    paths = {key: os.path.join(out, name) for key, name in OUTPUT_NAMES.items()}
+    cards = _mosaic_cards(config, report, tiles)
     wb_cards, wb_gains = _white_balance_cards(report, mosaic)
     zfits.write_image_fits(paths["mosaic"], mosaic, wcs_out, coverage=coverage,
                            header_cards=cards + wb_cards)
-    zfits.write_preview_png(paths["preview"], mosaic, wb_gains=wb_gains)
+    zfits.write_plane_fits(paths["coverage"], coverage, wcs_out, header_cards=[
+        ("BUNIT", "", "sum of weights: frames x tile weight"), *cards[:3]])
+    zfits.write_preview_png(paths["preview"], mosaic, wb_gains=wb_gains, wcs=wcs_out)
+    zfits.write_display_tiff(paths["display"], mosaic, wcs=wcs_out, wb_gains=wb_gains)
+    if config.save_channel_files and mosaic.shape[2] == 3:
+        for c, colour in enumerate("RGB"):
+            paths[f"channel_{colour}"] = os.path.join(out, CHANNEL_NAME.format(colour))
+            zfits.write_plane_fits(paths[f"channel_{colour}"], mosaic[:, :, c], wcs_out,
+                                   header_cards=cards + [("CHANNEL", colour, "colour plane")])
+    if config.save_final_as_uint16:
+        paths["uint16"] = os.path.join(out, UINT16_NAME)
+        scaled, scale_cards = _uint16_copy(mosaic)
+        zfits.write_image_fits(paths["uint16"], scaled, wcs_out, header_cards=cards + scale_cards,
+                               dtype=np.uint16)
     report.outputs = {k: os.path.basename(v) for k, v in paths.items()}
     report.outputs["master_tiles"] = [os.path.relpath(t.path, out) for t in tiles]
     return paths
@@ -1052,8 +1106,8 @@ def format_summary(result: RunResult) -> str:
     lines.append(f"  master tiles:   {len(rep['tiles'])}")
     lines.append(f"  size:           {rep['mosaic_shape'][2]} x {rep['mosaic_shape'][1]} px, "
                  f"{rep['mosaic_shape'][0]} channel(s), assembly on {rep['backends'].get('assembly')}")
-    for key in ("mosaic", "preview", "report"):
-        lines.append(f"  {key + ':':<15} {result.paths[key]}")
+    for key, path in result.paths.items():
+        lines.append(f"  {key + ':':<15} {path}")
     phases = ", ".join(f"{k} {v:.1f}s" for k, v in rep["timings_s"].items() if k != "total")
     lines.append(f"  timings:        {phases}")
     return "\n".join(lines)

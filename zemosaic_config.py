@@ -16,6 +16,7 @@ can build tooltips and drop-downs without duplicating it.
 from __future__ import annotations
 
 import dataclasses
+import difflib
 import json
 import logging
 import math
@@ -298,6 +299,12 @@ class MosaicConfig:
         "two numbers low, high with 0 < low <= 1 <= high", _check_gain_clip)
     logging_level: str = _choice_spec(
         "INFO", "How much detail the log shows.", _LOG_LEVELS, upper=True)
+    save_channel_files: bool = _spec(
+        False, "Also write each colour as its own plain FITS (for SWarp and Montage).",
+        "true or false", _check_bool)
+    save_final_as_uint16: bool = _spec(
+        False, "Also write a 16-bit integer copy of the mosaic (0 = no data) for viewers "
+        "that cannot read floating point or blank pixels.", "true or false", _check_bool)
 
     def __post_init__(self) -> None:
         for f in dataclasses.fields(self):
@@ -366,13 +373,32 @@ def _apply_aliases(d: Mapping[str, Any]) -> dict[str, Any]:
     return result
 
 
+def _nearest_key(key: str) -> str | None:
+    """Return the known key (field or alias) closest to ``key``, or None when none is close."""
+    matches = difflib.get_close_matches(key, (*_FIELD_NAMES, *ALIASES), n=1, cutoff=0.8)
+    return matches[0] if matches else None
+
+
+def _within_one_edit(a: str, b: str) -> bool:
+    """True when ``a`` becomes ``b`` by one insertion, deletion, substitution or swap of neighbours."""
+    if abs(len(a) - len(b)) > 1:
+        return False
+    i = 0
+    while i < min(len(a), len(b)) and a[i] == b[i]:
+        i += 1
+    return (a[i + 1:] == b[i + 1:] or a[i:] == b[i + 1:] or a[i + 1:] == b[i:]
+            or a[i:i + 2][::-1] + a[i + 2:] == b[i:])
+
+
 def config_from_dict(d: Mapping[str, Any]) -> MosaicConfig:
     """Build a validated :class:`MosaicConfig` from a JSON-like mapping.
 
     Aliases (:data:`ALIASES`) are mapped to canonical keys; an alias and its
     canonical key with different values raise :class:`ConfigError`.  Missing
     keys take their defaults.  Unknown keys are ignored with a single WARNING
-    that lists them all (sorted).
+    that lists them all (sorted), each with the nearest known key ("did you
+    mean"); a key one edit away from a known key is a typo and raises
+    :class:`ConfigError`.
     """
     if not isinstance(d, Mapping):
         raise ConfigError(
@@ -382,8 +408,15 @@ def config_from_dict(d: Mapping[str, Any]) -> MosaicConfig:
         raise ConfigError(f"configuration keys must be text, got {bad_keys!r}")
     values = _apply_aliases(d)
     unknown = sorted(k for k in values if k not in _FIELD_NAMES)
+    for key in unknown:
+        near = _nearest_key(key)
+        if near is not None and _within_one_edit(key, near):
+            # A typo of a real key would silently run with that key's default: refuse it.
+            raise ConfigError(f"unknown configuration key {key!r}: did you mean {near!r}?",
+                              key=key, value=values[key])
     if unknown:
-        logger.warning("Ignoring unknown configuration keys: %s", ", ".join(unknown))
+        hints = [f"{k} (did you mean {_nearest_key(k)}?)" if _nearest_key(k) else k for k in unknown]
+        logger.warning("Ignoring unknown configuration keys: %s", ", ".join(hints))
     return MosaicConfig(**{k: v for k, v in values.items() if k in _FIELD_NAMES})
 
 

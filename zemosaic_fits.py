@@ -46,7 +46,14 @@ __all__ = [
     "read_image_fits",
     "read_png_size",
     "block_mean",
+    "card_text",
+    "display_orientation",
+    "north_up",
+    "observation_cards",
+    "write_display_tiff",
+    "write_plane_fits",
     "stretch_for_display",
+    "stretch_unit",
     "validate_wcs",
     "wcs_to_cd_header",
     "write_fits_atomic",
@@ -622,7 +629,8 @@ def write_fits_atomic(path: str | os.PathLike, hdul: fits.HDUList) -> None:
     On any exception the temporary file is removed, the previous content of
     ``path`` (if any) is left untouched and the exception is re-raised.
     """
-    _atomic_write(path, hdul.writeto)
+    # CHECKSUM/DATASUM let a reader (fitsverify, astropy checksum=True) prove the file is whole.
+    _atomic_write(path, lambda fh: hdul.writeto(fh, checksum=True))
 
 
 def write_text_atomic(path: str | os.PathLike, text: str) -> None:
@@ -664,32 +672,156 @@ def _add_provenance(header: fits.Header, cards: Any) -> None:
             header[key] = (value, comment)
 
 
+def card_text(text: Any, limit: int = 68) -> str:
+    """Return ``text`` as a FITS card value: printable ASCII ('?' for the rest), at most ``limit``.
+
+    FITS headers hold ASCII only; astropy refuses anything else when the file is written, so a
+    folder or object name with an accent would otherwise make the write fail.
+    """
+    return "".join(c if " " <= c <= "~" else "?" for c in str(text))[:limit]
+
+
+def _sky_header(wcs: WCS) -> fits.Header:
+    """The celestial WCS cards with the reference frame stated (RADESYS, EQUINOX).
+
+    Siril drops the sky coordinates of a file without EQUINOX when it saves it again, and a
+    reader without RADESYS has to guess the frame: both are always written.
+    """
+    header = wcs_to_cd_header(wcs)
+    frame = str(header.get("RADESYS", "") or "ICRS").strip().upper()
+    header["RADESYS"] = (frame, "reference frame of the sky coordinates")
+    if "EQUINOX" not in header:
+        header["EQUINOX"] = (2000.0, "equinox of the coordinates (J2000)")
+    return header
+
+
+def _colour_axis_cards(header: fits.Header) -> None:
+    """Make the WCS of a ``(C, H, W)`` cube 3-D: axis 3 numbers the colour planes (1 = R).
+
+    With ``WCSAXES = 2`` on 3-D data astropy builds a 3-axis WCS anyway and warns; a declared
+    third axis (as Siril writes its RGB files) matches the data for every reader.
+    """
+    header["WCSAXES"] = (3, "celestial axes plus the colour plane axis")
+    header.set("CTYPE3", "RGB", "colour plane: 1 = red, 2 = green, 3 = blue", after="CTYPE2")
+    header.set("CRPIX3", 1.0, "reference plane", after="CRPIX2")
+    header.set("CRVAL3", 1.0, "number of the reference plane", after="CRVAL2")
+    header.set("CD3_3", 1.0, "one plane per pixel along axis 3", after="CD2_2")
+
+
+def _image_hdu(data: np.ndarray, wcs: WCS, header_cards: Any, primary: bool) -> fits.PrimaryHDU:
+    """Return an HDU of ``data`` (2-D or ``(C, H, W)``) with its WCS and provenance cards."""
+    hdu = fits.PrimaryHDU(data) if primary else fits.ImageHDU(data)
+    hdu.header.extend(_sky_header(wcs))
+    if data.ndim == 3:
+        _colour_axis_cards(hdu.header)
+    if header_cards:
+        _add_provenance(hdu.header, header_cards)
+    return hdu
+
+
 def write_image_fits(path: str | os.PathLike, image_hwc: np.ndarray, wcs: WCS,
                      coverage: np.ndarray | None = None,
                      header_cards: Mapping[str, Any] | Sequence[Sequence[Any]] | None = None,
-                     ) -> None:
-    """Write an image as float32 ``(C, H, W)`` FITS with a CD-matrix WCS, atomically.
+                     dtype: Any = np.float32) -> None:
+    """Write an image as ``(C, H, W)`` FITS (float32, or ``dtype``) with a CD-matrix WCS, atomically.
 
     ``header_cards`` (dict ``{key: value | (value, comment)}`` or a list of
     ``(key, value[, comment])``) adds provenance cards; layout and WCS keys are
     refused.  ``coverage`` (H, W) goes to a float32 'COVERAGE' extension with
-    the same WCS.
+    the same celestial WCS.  The WCS declares a third (colour plane) axis, the
+    frame (RADESYS, EQUINOX), and every HDU carries CHECKSUM/DATASUM.
     """
     image = _as_hwc_float32(image_hwc)
-    wcs_header = wcs_to_cd_header(wcs)
-    primary = fits.PrimaryHDU(np.ascontiguousarray(np.moveaxis(image, -1, 0)))
-    primary.header.extend(wcs_header)
-    if header_cards:
-        _add_provenance(primary.header, header_cards)
-    hdus = [primary]
+    planes = np.ascontiguousarray(np.moveaxis(image, -1, 0)).astype(dtype, copy=False)
+    hdus = [_image_hdu(planes, wcs, header_cards, True)]
     if coverage is not None:
         cov = np.asarray(coverage, dtype=np.float32)
         if cov.shape != image.shape[:2]:
             raise ValueError(f"coverage shape {cov.shape} does not match image {image.shape[:2]}")
-        extension = fits.ImageHDU(np.ascontiguousarray(cov), name="COVERAGE")
-        extension.header.extend(wcs_header)
+        extension = _image_hdu(np.ascontiguousarray(cov), wcs, None, False)
+        extension.header["EXTNAME"] = "COVERAGE"
         hdus.append(extension)
     write_fits_atomic(path, fits.HDUList(hdus))
+
+
+def write_plane_fits(path: str | os.PathLike, plane_hw: np.ndarray, wcs: WCS,
+                     header_cards: Mapping[str, Any] | Sequence[Sequence[Any]] | None = None,
+                     dtype: Any = np.float32) -> None:
+    """Write one 2-D plane (a channel, a coverage map) as a single-HDU FITS with its WCS.
+
+    The form every peer reads alike: SWarp and Montage take the first plane of a cube and list
+    every extension with a WCS as another image, so per-channel and coverage files are plain.
+    """
+    plane = np.ascontiguousarray(np.asarray(plane_hw, dtype=dtype))
+    if plane.ndim != 2:
+        raise ValueError(f"expected a 2-D plane, got shape {plane.shape}")
+    write_fits_atomic(path, fits.HDUList([_image_hdu(plane, wcs, header_cards, True)]))
+
+
+# Observation cards copied from the frames into tiles and mosaic when the frames agree.
+_SHARED_OBSERVATION_KEYS = ("OBJECT", "TELESCOP", "INSTRUME", "FILTER", "FOCALLEN", "XPIXSZ")
+_OBSERVATION_COMMENTS = {
+    "DATE-OBS": "UTC start of the first exposure", "DATE-END": "UTC end of the last exposure",
+    "EXPTIME": "[s] total integration time", "MJD-OBS": "MJD of DATE-OBS",
+    "MJD-END": "MJD of DATE-END", "NCOMBINE": "number of frames combined",
+    "OBJECT": "target", "TELESCOP": "telescope", "INSTRUME": "camera", "FILTER": "filter",
+    "FOCALLEN": "[mm] focal length", "XPIXSZ": "[um] pixel size",
+}
+
+
+def _exposure_span(header: Mapping[str, Any]) -> tuple[Any, Any, float, int] | None:
+    """Return ``(start, end, exposure s, frames)`` of a frame or stack header; None without DATE-OBS.
+
+    A stack's header (DATE-END, NCOMBINE) gives its whole span; a frame's ends EXPTIME later.
+    """
+    from astropy.time import Time, TimeDelta
+
+    try:
+        start = Time(str(header["DATE-OBS"]), format="isot", scale="utc")
+    except (KeyError, ValueError):
+        return None
+    exptime = _optional_float(header, "EXPTIME", "EXPOSURE") or 0.0
+    try:
+        end = Time(str(header["DATE-END"]), format="isot", scale="utc")
+    except (KeyError, ValueError):
+        end = start + TimeDelta(exptime, format="sec")
+    count = header.get("NCOMBINE", 1)
+    return start, end, exptime, count if isinstance(count, int) and count > 0 else 1
+
+
+def _common_value(values: list) -> Any:
+    """The value the headers agree on; for text that differs, the distinct values joined."""
+    distinct = list(dict.fromkeys(values))
+    if len(distinct) == 1:
+        return distinct[0]
+    if all(isinstance(v, str) for v in distinct):
+        return card_text(", ".join(distinct))
+    return None  # numbers that differ (two focal lengths): no single true value to write
+
+
+def observation_cards(headers: Sequence[Mapping[str, Any]]) -> list[tuple]:
+    """Return the observation cards of a stack of ``headers`` (frames, or stacks of frames).
+
+    DATE-OBS is the first start, DATE-END the last end, EXPTIME the total integration in seconds
+    and NCOMBINE the number of frames; OBJECT, TELESCOP, INSTRUME, FILTER, FOCALLEN and XPIXSZ
+    are copied when present (distinct texts are joined). Values are printable ASCII.
+    """
+    spans = [s for s in (_exposure_span(h) for h in headers) if s is not None]
+    cards: list[tuple] = []
+    if spans:
+        first, last = min(s[0] for s in spans), max(s[1] for s in spans)
+        # MJD-OBS/MJD-END as well: without them astropy's WCS 'datfix' adds them and warns.
+        cards += [("DATE-OBS", first.isot), ("DATE-END", last.isot),
+                  ("MJD-OBS", round(float(first.mjd), 8)), ("MJD-END", round(float(last.mjd), 8)),
+                  ("EXPTIME", round(float(sum(s[2] for s in spans)), 3))]
+    cards.append(("NCOMBINE", int(sum(s[3] for s in spans)) if spans else len(headers)))
+    for key in _SHARED_OBSERVATION_KEYS:
+        values = [h[key] for h in headers if key in h and not isinstance(h[key], bool)]
+        value = _common_value([card_text(v) if isinstance(v, str) else v for v in values]) \
+            if values else None
+        if value is not None:
+            cards.append((key, value))
+    return [(key, value, _OBSERVATION_COMMENTS[key]) for key, value in cards]
 
 
 def read_image_fits(path: str | os.PathLike
@@ -759,8 +891,8 @@ def _display_levels(luminance: np.ndarray) -> tuple[float, float, float] | None:
     return black, white, background
 
 
-def stretch_for_display(image_hwc: np.ndarray, wb_gains: Sequence[float] | None = None) -> np.ndarray:
-    """Auto-stretch an image to uint8 ``(H, W, 3)`` for previews.
+def stretch_unit(image_hwc: np.ndarray, wb_gains: Sequence[float] | None = None) -> np.ndarray:
+    """Auto-stretch an image to float32 ``(H, W, 3)`` in [0, 1] for display products.
 
     The sky is first made grey (a per-channel offset); ``wb_gains`` (one per channel, measured
     by :func:`zemosaic_photometry.white_balance`) then scale each channel's light above the sky,
@@ -773,7 +905,7 @@ def stretch_for_display(image_hwc: np.ndarray, wb_gains: Sequence[float] | None 
     """
     image = _as_hwc_float32(image_hwc)
     height, width, channels = image.shape
-    output = np.zeros((height, width, 3), dtype=np.uint8)
+    output = np.zeros((height, width, 3), dtype=np.float32)
     if channels > 1 and np.isfinite(image).any():
         # Display only: shift each channel so the sky is grey. A one-shot-colour camera's raw
         # balance (green-heavy for a Seestar) would otherwise tint the whole preview.
@@ -799,8 +931,90 @@ def stretch_for_display(image_hwc: np.ndarray, wb_gains: Sequence[float] | None 
     stretched = np.nan_to_num(stretched, nan=0.0, posinf=0.0, neginf=0.0)
     if channels == 1:
         stretched = np.repeat(stretched, 3, axis=2)
-    output[:] = np.clip(np.rint(stretched * 255.0), 0, 255).astype(np.uint8)
+    output[:] = np.clip(stretched, 0.0, 1.0)
     return output
+
+
+def stretch_for_display(image_hwc: np.ndarray, wb_gains: Sequence[float] | None = None,
+                        dtype: Any = np.uint8) -> np.ndarray:
+    """Auto-stretch an image to ``(H, W, 3)`` integers (uint8 or uint16) for display.
+
+    See :func:`stretch_unit` for the stretch; the full integer range spans black to white.
+    """
+    top = np.iinfo(dtype).max
+    return np.rint(stretch_unit(image_hwc, wb_gains) * top).astype(dtype)
+
+
+# A grid within this angle of a multiple of 90 degrees is only flipped/transposed for display:
+# exact and cheap, where resampling would soften the image for no visible gain.
+_ORIENTATION_TOLERANCE_DEG = 0.5
+
+
+def display_orientation(wcs: WCS) -> np.ndarray:
+    """Return the 2x2 matrix taking pixel offsets ``(dx, dy)`` to display offsets ``(du, dv)``.
+
+    Display axes: ``u`` to the right, ``v`` down (row 0 of a PNG is its top), one display
+    pixel per image pixel, north up (-v) and east left (-u). Measured at the WCS reference
+    point from the sky positions of its neighbouring pixels, so any CD matrix (rotation,
+    mirror) is handled.
+    """
+    celestial = wcs if wcs.is_celestial else wcs.celestial
+    x0, y0 = (float(v) - 1.0 for v in celestial.wcs.crpix)
+    ra, dec = celestial.pixel_to_world_values(np.array([x0, x0 + 1, x0]), np.array([y0, y0, y0 + 1]))
+    east = (np.asarray(ra[1:]) - ra[0] + 180.0) % 360.0 - 180.0  # wrap across RA = 0
+    east = east * math.cos(math.radians(float(dec[0])))
+    north = np.asarray(dec[1:]) - dec[0]
+    sky = np.array([east, north])  # columns: sky offset of one pixel along x, along y (deg)
+    scale = math.sqrt(abs(np.linalg.det(sky)))
+    return -sky / scale
+
+
+def _signed_permutation(matrix: np.ndarray) -> np.ndarray | None:
+    """The signed permutation matrix within the tolerance angle of ``matrix``, or None."""
+    rounded = np.rint(matrix)
+    if not (np.abs(rounded).sum(axis=0) == 1).all() or not (np.abs(rounded).sum(axis=1) == 1).all():
+        return None
+    return rounded if np.abs(matrix - rounded).max() < math.sin(
+        math.radians(_ORIENTATION_TOLERANCE_DEG)) else None
+
+
+def _permuted(image: np.ndarray, perm: np.ndarray) -> np.ndarray:
+    """Apply a signed permutation display matrix with flips and a transpose (no resampling)."""
+    if perm[0, 1] != 0:  # u follows y and v follows x: swap the array's rows and columns
+        image = image.transpose(1, 0, 2)
+        col_sign, row_sign = perm[0, 1], perm[1, 0]
+    else:
+        col_sign, row_sign = perm[0, 0], perm[1, 1]
+    return image[::-1 if row_sign < 0 else 1, ::-1 if col_sign < 0 else 1]
+
+
+def _resampled(image: np.ndarray, matrix: np.ndarray) -> np.ndarray:
+    """Resample ``image`` (bilinear, NaN outside) through the display matrix of any angle."""
+    height, width = image.shape[:2]
+    corners = matrix @ np.array([[0, width - 1, 0, width - 1], [0, 0, height - 1, height - 1]], float)
+    low = corners.min(axis=1)
+    out_w, out_h = (int(math.ceil(v)) + 1 for v in corners.max(axis=1) - low)
+    # ndimage works in (row, col) order: output (v, u) -> input (y, x) = inv(M) ((u, v) + low).
+    swap = np.array([[0.0, 1.0], [1.0, 0.0]])
+    inverse = swap @ np.linalg.inv(matrix) @ swap
+    offset = inverse @ low[::-1]
+    planes = [ndimage.affine_transform(image[:, :, c], inverse, offset=offset, output_shape=(out_h, out_w),
+                                       order=1, mode="constant", cval=np.nan)
+              for c in range(image.shape[2])]
+    return np.stack(planes, axis=-1).astype(np.float32)
+
+
+def north_up(image_hwc: np.ndarray, wcs: WCS) -> np.ndarray:
+    """Return ``image_hwc`` turned for display: north up, east left (row 0 = top).
+
+    ``wcs`` gives the orientation (any image of the same grid, also a block-averaged one, turns
+    the same way). A grid close to a multiple of 90 degrees is flipped/transposed exactly;
+    otherwise the image is resampled bilinearly onto a north-up grid, NaN where there is no data.
+    """
+    image = _as_hwc_float32(image_hwc)
+    matrix = display_orientation(wcs)
+    perm = _signed_permutation(matrix)
+    return _permuted(image, perm) if perm is not None else _resampled(image, matrix)
 
 
 def block_mean(image: np.ndarray, factor: int, band_rows: int = 256) -> np.ndarray:
@@ -842,22 +1056,45 @@ def _encode_png(rgb: np.ndarray) -> bytes:
             + _png_chunk(b"IEND", b""))
 
 
+def _display_image(image_hwc: np.ndarray, wcs: WCS | None, max_size: int | None) -> np.ndarray:
+    """Block-average to at most ``max_size`` px (None: full size) and turn north up when a WCS is given."""
+    image = _as_hwc_float32(image_hwc)
+    if max_size is not None:
+        if int(max_size) < 1:
+            raise ValueError(f"max_size must be >= 1, got {max_size}")
+        factor = -(-max(image.shape[:2]) // int(max_size))
+        if factor > 1:
+            image = block_mean(image, factor)
+    return image if wcs is None else north_up(image, wcs)
+
+
 def write_preview_png(path: str | os.PathLike, image_hwc: np.ndarray,
-                      max_size: int = 2048, wb_gains: Sequence[float] | None = None) -> None:
+                      max_size: int = 2048, wb_gains: Sequence[float] | None = None,
+                      wcs: WCS | None = None) -> None:
     """Write a stretched RGB PNG preview whose longer side is at most ``max_size``.
 
     The image is block-averaged (NaN-aware) by the smallest integer factor that
-    fits, stretched with :func:`stretch_for_display` (white balanced with ``wb_gains``)
+    fits, turned north up / east left when ``wcs`` (the image's WCS) is given,
+    stretched with :func:`stretch_for_display` (white balanced with ``wb_gains``)
     and written atomically.
     """
-    if int(max_size) < 1:
-        raise ValueError(f"max_size must be >= 1, got {max_size}")
-    image = _as_hwc_float32(image_hwc)
-    factor = -(-max(image.shape[:2]) // int(max_size))
-    if factor > 1:
-        image = block_mean(image, factor)
+    image = _display_image(image_hwc, wcs, max_size)
     png = _encode_png(stretch_for_display(image, wb_gains))
     _atomic_write(path, lambda fh: fh.write(png))
+
+
+def write_display_tiff(path: str | os.PathLike, image_hwc: np.ndarray, wcs: WCS | None = None,
+                       wb_gains: Sequence[float] | None = None) -> None:
+    """Write the full-size display image: 16-bit RGB TIFF, stretched, white balanced, north up.
+
+    The product a person edits further (GIMP, Photoshop, Siril): the same stretch as the
+    preview, with 65536 levels so further curves do not posterise. Written atomically.
+    """
+    import tifffile  # only the display export needs it
+
+    rgb = stretch_for_display(_display_image(image_hwc, wcs, None), wb_gains, dtype=np.uint16)
+    _atomic_write(path, lambda fh: tifffile.imwrite(fh, rgb, photometric="rgb",
+                                                    software="ZeMosaic"))
 
 
 def read_png_size(path: str | os.PathLike) -> tuple[int, int]:

@@ -383,6 +383,7 @@ class MainWindow(QMainWindow):
         self._phase = ""
         self._phase_t0 = 0.0
         self._preview = QPixmap()
+        self._run_log = None  # the run's log file handler while a run goes on
         self._output_folder = ""
         self._log_handler = QtLogHandler(parent=self)
         self._saved_levels = {name: logging.getLogger(name).level for name in PIPELINE_LOGGERS}
@@ -711,6 +712,7 @@ class MainWindow(QMainWindow):
         self._output_folder = config.output_folder
         self.status_label.setText("Running…")
         self._set_running(True)
+        self._run_log = zemosaic_worker.attach_run_log(config)
         logger.info("Run started: %s -> %s", config.input_folder, config.output_folder)
         thread.start()
 
@@ -775,6 +777,8 @@ class MainWindow(QMainWindow):
         self.eta_label.clear()
 
     def _on_thread_finished(self) -> None:
+        zemosaic_worker.detach_run_log(self._run_log)
+        self._run_log = None
         thread, self._thread = self._thread, None
         if thread is not None:
             thread.deleteLater()

@@ -22,6 +22,7 @@ import time
 from dataclasses import dataclass, field
 
 import numpy as np
+from astropy.io import fits
 
 import zemosaic_align_stack as stk
 import zemosaic_astrometry as zastro
@@ -38,6 +39,14 @@ logger = logging.getLogger(__name__)
 MOSAIC_NAME = "zemosaic_mosaic.fits"
 PREVIEW_NAME = "zemosaic_mosaic_preview.png"
 REPORT_NAME = "zemosaic_run.json"
+COVERAGE_NAME = "zemosaic_mosaic_coverage.fits"
+DISPLAY_NAME = "zemosaic_mosaic_display.tif"
+LOG_NAME = "zemosaic_run.log"
+CHANNEL_NAME = "zemosaic_mosaic_{}.fits"
+UINT16_NAME = "zemosaic_mosaic_uint16.fits"
+# The outputs every run writes, by report key.
+OUTPUT_NAMES = {"mosaic": MOSAIC_NAME, "coverage": COVERAGE_NAME, "preview": PREVIEW_NAME,
+                "display": DISPLAY_NAME, "report": REPORT_NAME}
 TILES_DIR = "master_tiles"
 CACHE_DIR = ".zemosaic_cache"
 WCS_CACHE_DIR = "wcs"
@@ -627,9 +636,11 @@ def _stack_group(stack, n_used, config, use_gpu, tile_label):
     return image, coverage, "cpu"
 
 
-def _card_text(text: str, limit: int = 68) -> str:
-    """Return ``text`` as a FITS card value: printable ASCII ('?' for the rest), at most ``limit``."""
-    return "".join(c if " " <= c <= "~" else "?" for c in text)[:limit]
+def _settings_history(config) -> list:
+    """Return HISTORY cards naming the program version and every setting of the run."""
+    lines = [f"ZeMosaic {__version__}"]
+    lines += [f"{key} = {json.dumps(value)}" for key, value in config_to_dict(config).items()]
+    return [("HISTORY", zfits.card_text(line, 72)) for line in lines]
 
 
 def _tile_header_cards(config, used, reference, backend) -> list:
@@ -637,7 +648,9 @@ def _tile_header_cards(config, used, reference, backend) -> list:
     return [
         ("ZMVERS", __version__, "ZeMosaic version"),
         ("NFRAMES", len(used), "frames stacked"),
-        ("REFFRAME", _card_text(os.path.basename(reference)), None),
+        ("BUNIT", "adu", "linear, sensor units after normalisation"),
+        *zfits.observation_cards([r.info.header for r in used]),
+        ("REFFRAME", zfits.card_text(os.path.basename(reference)), None),
         ("NORMMETH", config.stacking_normalize_method, "normalisation"),
         ("WEIGMETH", config.stacking_weighting_method, "frame weighting"),
         ("REJALGO", config.stacking_rejection_algorithm, "pixel rejection"),
@@ -648,6 +661,7 @@ def _tile_header_cards(config, used, reference, backend) -> list:
         ("COMBINE", config.stacking_final_combine_method, "final combine"),
         ("QUANTMTH", "sorted-nan-aware", "NaN-safe winsor quantiles"),
         ("STACKBE", backend, "stacking backend"),
+        *_settings_history(config),
     ]
 
 
@@ -896,20 +910,60 @@ def _white_balance_cards(report, mosaic) -> tuple[list, list]:
     return cards, wb.gains
 
 
+def _mosaic_cards(config, report, tiles) -> list:
+    """Return the provenance cards of the mosaic: program, observation (from the tiles), settings."""
+    tile_headers = []
+    for t in tiles:
+        try:
+            tile_headers.append(fits.getheader(t.path))
+        except OSError as exc:  # the mosaic is still right; only the dates would be missing
+            logger.warning("Cannot read the header of %s (%s): its dates are left out", t.path, exc)
+    return [("ZMVERS", __version__, "ZeMosaic version"),
+            ("NTILES", len(tiles), "master tiles co-added"),
+            ("NFRAMES", len(report.frames_used), "frames used"),
+            ("BUNIT", "adu", "linear, sensor units after normalisation"),
+            *zfits.observation_cards(tile_headers),
+            ("ASMENG", config.assembly_engine, "assembly engine"),
+            ("ASMBE", report.backends.get("assembly", "cpu"), "assembly backend"),
+            *_settings_history(config)]
+
+
+def _uint16_copy(mosaic) -> tuple[np.ndarray, list]:
+    """Return the mosaic scaled linearly to 1..65535 (0 = no data) and the cards giving the scale."""
+    low, high = float(np.nanmin(mosaic)), float(np.nanmax(mosaic))
+    scale = (high - low) / 65534.0 if high > low else 1.0
+    scaled = np.where(np.isfinite(mosaic), np.rint((mosaic - low) / scale) + 1.0, 0.0)
+    cards = [("LINZERO", low, "value = LINZERO + LINSCALE * (pixel - 1)"),
+             ("LINSCALE", scale, "pixel 0 = no data")]
+    return scaled.astype(np.uint16), cards
+
+
 def write_outputs(mosaic, coverage, wcs_out, config, report, tiles) -> dict:
-    """Write the mosaic FITS (linear, sensor colours), its white-balanced preview PNG and the run report."""
+    """Write the mosaic FITS (linear, sensor colours), its coverage, display products and report.
+
+    Display products (preview PNG, 16-bit TIFF) are white balanced and turned north up; the FITS
+    files keep the mosaic grid and its WCS.
+    """
     out = config.output_folder
-    paths = {"mosaic": os.path.join(out, MOSAIC_NAME), "preview": os.path.join(out, PREVIEW_NAME),
-             "report": os.path.join(out, REPORT_NAME)}
-    cards = [("ZMVERS", __version__, "ZeMosaic version"),
-             ("NTILES", len(tiles), "master tiles co-added"),
-             ("NFRAMES", len(report.frames_used), "frames used"),
-             ("ASMENG", config.assembly_engine, "assembly engine"),
-             ("ASMBE", report.backends.get("assembly", "cpu"), "assembly backend")]
+    paths = {key: os.path.join(out, name) for key, name in OUTPUT_NAMES.items()}
+    cards = _mosaic_cards(config, report, tiles)
     wb_cards, wb_gains = _white_balance_cards(report, mosaic)
     zfits.write_image_fits(paths["mosaic"], mosaic, wcs_out, coverage=coverage,
                            header_cards=cards + wb_cards)
-    zfits.write_preview_png(paths["preview"], mosaic, wb_gains=wb_gains)
+    zfits.write_plane_fits(paths["coverage"], coverage, wcs_out, header_cards=[
+        ("BUNIT", "", "sum of weights: frames x tile weight"), *cards[:3]])
+    zfits.write_preview_png(paths["preview"], mosaic, wb_gains=wb_gains, wcs=wcs_out)
+    zfits.write_display_tiff(paths["display"], mosaic, wcs=wcs_out, wb_gains=wb_gains)
+    if config.save_channel_files and mosaic.shape[2] == 3:
+        for c, colour in enumerate("RGB"):
+            paths[f"channel_{colour}"] = os.path.join(out, CHANNEL_NAME.format(colour))
+            zfits.write_plane_fits(paths[f"channel_{colour}"], mosaic[:, :, c], wcs_out,
+                                   header_cards=cards + [("CHANNEL", colour, "colour plane")])
+    if config.save_final_as_uint16:
+        paths["uint16"] = os.path.join(out, UINT16_NAME)
+        scaled, scale_cards = _uint16_copy(mosaic)
+        zfits.write_image_fits(paths["uint16"], scaled, wcs_out, header_cards=cards + scale_cards,
+                               dtype=np.uint16)
     report.outputs = {k: os.path.basename(v) for k, v in paths.items()}
     report.outputs["master_tiles"] = [os.path.relpath(t.path, out) for t in tiles]
     return paths
@@ -1000,32 +1054,76 @@ def run_mosaic(config: MosaicConfig, progress=None, cancel: threading.Event | No
 # --------------------------------------------------------------------------------------------------
 
 
-class _TerminalProgress:
-    """Turns progress callbacks into a one-line progress bar with ETA on a terminal."""
+# What each phase counts, shown as the unit of its progress bar.
+PHASE_UNITS = {"scan": "frames", "solve": "frames", "group": "steps", "master_tiles": "tiles",
+               "grid": "steps", "assembly": "steps", "write": "steps"}
 
-    def __init__(self, stream=sys.stderr, width=28):
-        self.stream = stream
-        self.width = width
+
+class _TerminalProgress:
+    """Turns progress callbacks into tqdm bars on a terminal: one per phase, 80 columns at most.
+
+    The master-tile phase also reports each aligned frame of the tile in progress (same phase,
+    the frames of one tile as total); those updates go into the bar's text so the bar counts tiles.
+    """
+
+    def __init__(self, stream=sys.stderr, width=80):
+        self.stream, self.width = stream, width
         self.enabled = stream.isatty()
-        self._phase = None
-        self._t0 = time.perf_counter()
-        self._last = 0.0
+        self._phase, self._bar = None, None
 
     def __call__(self, phase, done, total, message=""):
-        now = time.perf_counter()
-        if phase != self._phase:
-            self._phase, self._t0 = phase, now
-        if not self.enabled or (now - self._last < 0.1 and done < total):
+        if not self.enabled:
             return
-        self._last = now
-        frac = done / total if total else 1.0
-        bar = "#" * int(frac * self.width) + "-" * (self.width - int(frac * self.width))
-        eta = (now - self._t0) / frac * (1 - frac) if 0 < frac < 1 else 0.0
-        line = f"\r{phase:<13}[{bar}] {done}/{total} ETA {eta:4.0f}s {message[:40]:<40}"
-        self.stream.write(line)
-        if done >= total:
-            self.stream.write("\n")
-        self.stream.flush()
+        from tqdm import tqdm  # only a terminal run draws bars
+
+        if phase != self._phase:
+            self.close()
+            self._phase = phase
+            self._bar = tqdm(total=total, desc=f"{phase:<12}", unit=PHASE_UNITS.get(phase, "steps"),
+                             file=self.stream, ncols=min(self.width, shutil.get_terminal_size().columns),
+                             bar_format="{desc} {bar} {n_fmt}/{total_fmt} {unit} {elapsed}<{remaining}{postfix}",
+                             leave=True)
+        if phase == "master_tiles" and ": aligned " in message:
+            self._bar.set_postfix_str(message.split(": aligned ")[0] + f" {done}/{total}", refresh=True)
+            return
+        self._bar.total = total
+        self._bar.n = done
+        self._bar.set_postfix_str(message[:20], refresh=True)
+
+    def close(self):
+        """Finish the current bar (it stays on screen)."""
+        if self._bar is not None:
+            self._bar.close()
+            self._bar = None
+
+
+LOG_FORMAT = "%(asctime)s %(levelname)s %(name)s: %(message)s"
+
+
+def attach_run_log(config: MosaicConfig) -> logging.Handler | None:
+    """Start ``zemosaic_run.log`` in the output folder: a FileHandler on the root logger.
+
+    For the front ends (CLI, window), which call :func:`detach_run_log` when the run ends; the
+    pipeline itself adds no handler. The file records the run at the configured level. None
+    when the folder cannot hold it (the run then reports the unwritable folder itself).
+    """
+    try:
+        os.makedirs(config.output_folder, exist_ok=True)
+        handler = logging.FileHandler(os.path.join(config.output_folder, LOG_NAME), mode="w",
+                                      encoding="utf-8")
+    except OSError:
+        return None
+    handler.setLevel(config.logging_level)
+    handler.setFormatter(logging.Formatter(LOG_FORMAT))
+    logging.getLogger().addHandler(handler)
+    return handler
+
+
+def detach_run_log(handler: logging.Handler | None) -> None:
+    """Stop and close a handler made by :func:`attach_run_log` (None is ignored)."""
+    if handler is not None:
+        logging.getLogger().removeHandler(handler)
+        handler.close()
 
 
 def wcs_summary(report: dict) -> str:
@@ -1052,41 +1150,78 @@ def format_summary(result: RunResult) -> str:
     lines.append(f"  master tiles:   {len(rep['tiles'])}")
     lines.append(f"  size:           {rep['mosaic_shape'][2]} x {rep['mosaic_shape'][1]} px, "
                  f"{rep['mosaic_shape'][0]} channel(s), assembly on {rep['backends'].get('assembly')}")
-    for key in ("mosaic", "preview", "report"):
-        lines.append(f"  {key + ':':<15} {result.paths[key]}")
+    for key, path in result.paths.items():
+        lines.append(f"  {key + ':':<15} {path}")
     phases = ", ".join(f"{k} {v:.1f}s" for k, v in rep["timings_s"].items() if k != "total")
     lines.append(f"  timings:        {phases}")
     return "\n".join(lines)
 
 
-def main(argv=None) -> int:
-    """Command line: ``python -m zemosaic_worker CONFIG.json [--log-level LEVEL]``; returns the exit code."""
-    parser = argparse.ArgumentParser(prog="python -m zemosaic_worker",
-                                     description="Build a mosaic from plate-solved frames.")
+HELP_EPILOG = """main configuration keys (JSON file; all optional except the folders):
+  input_folder, output_folder          folders of the raw frames and of the outputs
+  stacking_rejection_algorithm         winsorized_sigma_clip | kappa_sigma | none
+  stacking_kappa_low, stacking_kappa_high, stacking_winsor_limits
+  stacking_final_combine_method        mean | median
+  cluster_panel_threshold, max_raw_per_master_tile
+  use_gpu_phase5, two_pass_coverage_renorm
+  save_channel_files, save_final_as_uint16, logging_level
+  (every key with its default and allowed values: README.md, "Configuration keys")
+
+example:
+  echo '{"input_folder": "/data/M42", "output_folder": "/data/M42/mosaic"}' > m42.json
+  python -m zemosaic_worker m42.json --log-level DEBUG
+
+outputs: zemosaic_mosaic.fits, zemosaic_mosaic_coverage.fits, zemosaic_mosaic_preview.png,
+  zemosaic_mosaic_display.tif, zemosaic_run.json, zemosaic_run.log (in output_folder)
+"""
+
+
+def _parser() -> argparse.ArgumentParser:
+    """Return the command line's argument parser."""
+    parser = argparse.ArgumentParser(
+        prog="python -m zemosaic_worker", epilog=HELP_EPILOG,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+        description="Build an RGB mosaic FITS from raw smart-telescope frames (plate-solved here "
+                    "when they carry no WCS).")
     parser.add_argument("config", help="JSON configuration file (input_folder, output_folder, ...)")
     parser.add_argument("--log-level", choices=["ERROR", "WARNING", "INFO", "DEBUG"], type=str.upper,
                         help="log level (default: logging_level from the configuration)")
-    args = parser.parse_args(argv)
+    parser.add_argument("--version", action="version", version=f"ZeMosaic {__version__}")
+    return parser
+
+
+def main(argv=None) -> int:
+    """Command line: ``python -m zemosaic_worker CONFIG.json [--log-level LEVEL]``; returns the exit code."""
+    args = _parser().parse_args(argv)
     logging.basicConfig(level=args.log_level or "INFO", format="%(levelname)s %(name)s: %(message)s")
     debug = args.log_level == "DEBUG"
+    progress, run_log = _TerminalProgress(), None
     try:
         config = load_config(args.config)
         level = args.log_level or config.logging_level
         logging.getLogger().setLevel(level)
         debug = level == "DEBUG"
-        result = run_mosaic(config, progress=_TerminalProgress())
+        run_log = attach_run_log(config.replace(logging_level=level))
+        result = run_mosaic(config, progress=progress)
     except (ConfigError, PipelineError) as exc:
+        progress.close()
         _report_failure(exc, debug)
         return 2 if isinstance(exc, ConfigError) else 1
     except Cancelled:
+        progress.close()
         print("zemosaic: cancelled", file=sys.stderr)
         return 130
     except KeyboardInterrupt:
+        progress.close()
         print("\nzemosaic: interrupted; no mosaic written", file=sys.stderr)
         return 130
     except Exception as exc:  # an unexpected failure: one line unless debugging
+        progress.close()
         _report_failure(exc, debug, unexpected=True)
         return 1
+    finally:
+        detach_run_log(run_log)
+    progress.close()
     print(format_summary(result))
     return 0
 

@@ -15,7 +15,9 @@ have_solver() {
 }
 
 have_peers() {
-    command -v siril-cli >/dev/null 2>&1 && command -v swarp >/dev/null 2>&1 \
+    # Debian's swarp package installs the program as SWarp.
+    command -v siril-cli >/dev/null 2>&1 \
+        && { command -v swarp >/dev/null 2>&1 || command -v SWarp >/dev/null 2>&1; } \
         && command -v mProject >/dev/null 2>&1
 }
 

@@ -54,6 +54,8 @@ EXPECTED_DEFAULTS = {
     "two_pass_cov_sigma_px": 50.0,
     "two_pass_cov_gain_clip": (0.85, 1.18),
     "logging_level": "INFO",
+    "save_channel_files": False,
+    "save_final_as_uint16": False,
 }
 
 

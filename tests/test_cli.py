@@ -1,0 +1,80 @@
+"""Command line manners: help, version, typo'd keys, progress bars within 80 columns, run log."""
+
+import io
+import json
+import logging
+import re
+from pathlib import Path
+
+import pytest
+
+import zemosaic_synth
+import zemosaic_worker as zw
+from zemosaic_config import ConfigError, config_from_dict
+
+
+def test_version_and_help(capsys):
+    with pytest.raises(SystemExit):
+        zw.main(["--version"])
+    assert capsys.readouterr().out.strip() == f"ZeMosaic {zw.__version__}"
+    with pytest.raises(SystemExit):
+        zw.main(["--help"])
+    text = capsys.readouterr().out
+    for word in ("input_folder", "stacking_rejection_algorithm", "save_channel_files", "example:",
+                 "zemosaic_run.log"):
+        assert word in text
+    assert max(len(line) for line in text.splitlines()) <= 100
+
+
+def test_typo_key_is_an_error_with_a_suggestion(tmp_path, capsys):
+    with pytest.raises(ConfigError, match="did you mean 'stacking_kappa_low'"):
+        config_from_dict({"stacking_kapa_low": 2.0})
+    cfg = tmp_path / "c.json"
+    cfg.write_text(json.dumps({"input_folder": str(tmp_path), "output_folder": str(tmp_path / "o"),
+                               "stacking_kapa_low": 2.0}))
+    assert zw.main([str(cfg)]) == 2
+    assert "did you mean 'stacking_kappa_low'" in capsys.readouterr().err
+
+
+def test_far_unknown_key_warns_with_nearest(caplog):
+    with caplog.at_level(logging.WARNING):
+        config_from_dict({"stacking_kappa_lowest": 2.0, "final_assembly_method": "x"})
+    assert "stacking_kappa_lowest (did you mean stacking_kappa_low?)" in caplog.text
+    assert "final_assembly_method" in caplog.text
+
+
+class _Tty(io.StringIO):
+    def isatty(self):
+        return True
+
+
+def test_progress_one_bar_per_phase_with_unit_within_80_columns():
+    stream = _Tty()
+    bars = zw._TerminalProgress(stream=stream, width=80)
+    for i in range(1, 21):
+        bars("scan", i, 20, f"Light_{i:04d}_with_a_long_name.fits")
+    for tile in range(1, 4):
+        for frame in range(1, 6):
+            bars("master_tiles", frame, 5, f"tile {tile:03d}: aligned Light_{frame}.fits")
+        bars("master_tiles", tile, 3, f"tile {tile}/3 done")
+    bars.close()
+    lines = [l for l in re.split(r"[\r\n]", stream.getvalue()) if l.strip()]
+    clean = [re.sub(r"\x1b\[[0-9;]*[A-Za-z]", "", l) for l in lines]
+    assert max(len(l) for l in clean) <= 80
+    assert any("scan" in l and "20/20 frames" in l for l in clean)
+    final_tiles = [l for l in clean if l.startswith("master_tiles")][-1]
+    assert "3/3 tiles" in final_tiles  # frames of a tile do not refill the tile bar
+
+
+def test_run_log_written_at_the_run_level_and_handler_removed(tmp_path):
+    info = zemosaic_synth.generate_dataset(tmp_path, panels=(2, 1), frames_per_panel=3, seed=5,
+                                           size="small")
+    cfg = tmp_path / "c.json"
+    out = tmp_path / "out"
+    cfg.write_text(json.dumps({"input_folder": info["frames_dir"], "output_folder": str(out)}))
+    before = list(logging.getLogger().handlers)
+    assert zw.main([str(cfg), "--log-level", "INFO"]) == 0
+    assert logging.getLogger().handlers == before
+    log = (out / zw.LOG_NAME).read_text()
+    assert "INFO zemosaic_worker: Scan: 6 usable frame(s)" in log
+    assert "DEBUG" not in log

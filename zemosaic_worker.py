@@ -627,17 +627,12 @@ def _stack_group(stack, n_used, config, use_gpu, tile_label):
     return image, coverage, "cpu"
 
 
-def _card_text(text: str, limit: int = 68) -> str:
-    """Return ``text`` as a FITS card value: printable ASCII ('?' for the rest), at most ``limit``."""
-    return "".join(c if " " <= c <= "~" else "?" for c in text)[:limit]
-
-
 def _tile_header_cards(config, used, reference, backend) -> list:
     """Return the provenance cards written into a master tile."""
     return [
         ("ZMVERS", __version__, "ZeMosaic version"),
         ("NFRAMES", len(used), "frames stacked"),
-        ("REFFRAME", _card_text(os.path.basename(reference)), None),
+        ("REFFRAME", zfits.card_text(os.path.basename(reference)), None),
         ("NORMMETH", config.stacking_normalize_method, "normalisation"),
         ("WEIGMETH", config.stacking_weighting_method, "frame weighting"),
         ("REJALGO", config.stacking_rejection_algorithm, "pixel rejection"),

@@ -19,6 +19,7 @@ import sys
 import tempfile
 import threading
 import time
+from collections import Counter
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -194,10 +195,14 @@ def list_input_files(input_folder: str, output_folder: str) -> list[str]:
     The output folder is left out when it lies inside the input folder, and so are hidden files
     (temporary files of an atomic write start with a dot).
     """
+    # When the output folder is the input folder, only its own products folder is left out;
+    # the user's subfolders of frames are still scanned.
+    own = os.path.join(output_folder, TILES_DIR) if _is_inside(input_folder, output_folder) \
+        else output_folder
     found = []
     for root, dirs, files in os.walk(input_folder):
         dirs[:] = sorted(d for d in dirs if not d.startswith(".")
-                         and not _is_inside(os.path.join(root, d), output_folder))
+                         and not _is_inside(os.path.join(root, d), own))
         for name in files:
             if name.startswith(".") or ".fit" not in name.lower():
                 continue
@@ -222,9 +227,34 @@ def scan_frames(config: MosaicConfig, report: RunReport, ctx: _Context) -> list[
             records.append(_new_record(info, config.force_resolve_existing_wcs))
             report.frames_used.append(path)
         ctx.report("scan", i + 1, len(paths), os.path.basename(path))
+    records = _skip_odd_geometry(records, report)
     logger.info("Scan: %d usable frame(s), %d skipped, %d to plate-solve", len(records),
                 len(report.frames_skipped), sum(r.wcs is None for r in records))
     return records
+
+
+def _skip_odd_geometry(records: list[FrameRecord], report: RunReport) -> list[FrameRecord]:
+    """Return the frames of the most common size and channel count; skip the others.
+
+    A frame of another size or channel count would size a tile's canvas or become its reference
+    (a small mono frame among colour frames dropped its panel's good frames); the frames of one
+    session share the sensor, so the majority is the session.
+    """
+    if len(records) < 2:
+        return records
+    counts = Counter((r.info.shape_hw, r.info.n_channels) for r in records)
+    (shape, n_ch), _ = counts.most_common(1)[0]
+    kept = []
+    for r in records:
+        (h, w), channels = r.info.shape_hw, r.info.n_channels
+        if (h, w) != shape:
+            report.skip(r.path, f"frame size {w}x{h} px differs from the other frames' "
+                                f"{shape[1]}x{shape[0]} px")
+        elif channels != n_ch:
+            report.skip(r.path, f"{channels} channel(s) where the other frames have {n_ch}")
+        else:
+            kept.append(r)
+    return kept
 
 
 def _new_record(info: zfits.FrameInfo, force_resolve: bool) -> FrameRecord:
@@ -453,6 +483,50 @@ def _check_matches(matched, anchor, state) -> bool:
 # Phase 2: grouping
 # --------------------------------------------------------------------------------------------------
 
+# A frame whose pixel scale differs from the others' median by more than this is skipped.
+_SCALE_TOLERANCE = 0.10
+
+
+def leave_out_misfits(records: list[FrameRecord], report: RunReport) -> list[FrameRecord]:
+    """Return the frames fit to size a tile: the others are skipped with their reason.
+
+    Runs once every frame has its WCS and before anything is sized: a frame with another pixel
+    scale, or one that overlaps no other frame (a wrong plate solution or pointing, often
+    degrees away), would otherwise stretch a tile's canvas or the mosaic grid over empty sky.
+    """
+    if len(records) < 2:
+        return records
+    scales = np.array([r.pixel_scale_deg() for r in records])
+    median = float(np.median(scales))
+    kept = []
+    for r, scale in zip(records, scales):
+        if abs(scale / median - 1.0) > _SCALE_TOLERANCE:
+            report.skip(r.path, f"pixel scale {scale * 3600:.2f}\"/px differs from the other "
+                                f"frames' {median * 3600:.2f}\"/px")
+        else:
+            kept.append(r)
+    return _leave_out_isolated(kept, report) if len(kept) >= 2 else kept
+
+
+def _leave_out_isolated(records: list[FrameRecord], report: RunReport) -> list[FrameRecord]:
+    """Skip the frames that overlap no other frame; returns the rest."""
+    from scipy.spatial import cKDTree
+
+    vec = _unit_vectors([r.ra for r in records], [r.dec for r in records])
+    chord, _ = cKDTree(vec).query(vec, k=2)
+    nearest = np.degrees(2.0 * np.arcsin(np.minimum(chord[:, 1] / 2.0, 1.0)))
+    kept = []
+    for r, sep in zip(records, nearest):
+        # Two fields of the same size can only overlap when their centres are closer than
+        # their diagonal, whatever their rotation.
+        diagonal = float(np.hypot(*r.info.shape_hw)) * r.pixel_scale_deg()
+        if sep >= diagonal:
+            report.skip(r.path, f"overlaps no other frame: {sep:.2f} deg from the nearest one, "
+                                f"a field is {diagonal:.2f} deg across (wrong WCS or pointing?)")
+        else:
+            kept.append(r)
+    return kept
+
 
 def _unit_vectors(ra_deg, dec_deg) -> np.ndarray:
     ra, dec = np.radians(ra_deg), np.radians(dec_deg)
@@ -585,7 +659,24 @@ def _load_and_align_group(records, config, report, ctx, cache_dir, tile_label):
         ctx.report("master_tiles", done + 1, len(order), f"{tile_label}: aligned {os.path.basename(rec.path)}")
     if not used:
         return None, [], None
+    if len(used) < len(records):
+        stack, canvas = _crop_to_frames(stack, canvas, reference.shape[:2], used)
     return stack, used, canvas.wcs
+
+
+def _crop_to_frames(stack, canvas, shape_reference, used):
+    """Return ``(stack view, canvas)`` cut to the canvas of the frames actually stacked.
+
+    The canvas was sized before the frames were loaded; one skipped then (unreadable data, all
+    zeros) must not leave its empty footprint in the tile. The canvas of the used frames is a
+    window of the full one (same reference, same margin), so the view holds every aligned pixel.
+    """
+    used_canvas = stk.group_canvas(used[0].wcs, shape_reference,
+                                   [(r.wcs, r.info.shape_hw) for r in used])
+    dy = canvas.offset[0] - used_canvas.offset[0]
+    dx = canvas.offset[1] - used_canvas.offset[1]
+    h, w = used_canvas.shape
+    return stack[:, dy:dy + h, dx:dx + w], used_canvas
 
 
 def _photometric_reference(gains, offsets):
@@ -964,6 +1055,7 @@ def run_mosaic(config: MosaicConfig, progress=None, cancel: threading.Event | No
     try:
         records = timed("scan", scan_frames, config, report, ctx)
         records = timed("solve", solve_frames, records, config, report, ctx)
+        records = leave_out_misfits(records, report)
         if not records:
             raise PipelineError(f"no usable frame in {config.input_folder} "
                                 f"({len(report.frames_skipped)} skipped)")

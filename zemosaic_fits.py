@@ -714,6 +714,16 @@ def write_image_fits(path: str | os.PathLike, image_hwc: np.ndarray, wcs: WCS,
     write_fits_atomic(path, fits.HDUList(hdus))
 
 
+def wcs_as_written(wcs: WCS) -> WCS:
+    """Return the WCS that :func:`read_image_fits` gives back for a file written with ``wcs``.
+
+    Header cards hold 16 significant digits: an image used both from memory and, in a later
+    run, from its file must be used with the same WCS to give the same result bit for bit.
+    """
+    with _quiet_astropy():
+        return _wcs_from_header(fits.Header.fromstring(wcs_to_cd_header(wcs).tostring()))
+
+
 def read_image_fits(path: str | os.PathLike
                     ) -> tuple[np.ndarray, WCS, np.ndarray | None, fits.Header]:
     """Read a file written by :func:`write_image_fits`.

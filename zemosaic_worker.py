@@ -15,6 +15,7 @@ import json
 import logging
 import os
 import shutil
+import signal
 import sys
 import tempfile
 import threading
@@ -28,6 +29,7 @@ import zemosaic_align_stack as stk
 import zemosaic_astrometry as zastro
 import zemosaic_fits as zfits
 import zemosaic_photometry as zph
+import zemosaic_runstate as zrun
 from zemosaic_config import ConfigError, MosaicConfig, config_to_dict, load_config
 from zemosaic_utils import (GpuBackendError, compute_pixel_mapping, gpu_available,
                             gpu_unavailable_reason, reproject_and_coadd)
@@ -86,10 +88,18 @@ class FrameRecord:
     solve_s: float | None = None
     solve_error: str | None = None
     cache_origin: str | None = None
+    digest: str | None = None
 
     @property
     def path(self) -> str:
         return self.info.path
+
+    def content_digest(self) -> str:
+        """Return the SHA-256 of the frame's file (read once per run): the WCS cache and the
+        tile manifest are keyed by it."""
+        if self.digest is None:
+            self.digest = zastro.file_sha256(self.path)
+        return self.digest
 
     def set_wcs(self, wcs, source: str, solve_s: float | None = None) -> None:
         """Give the frame its WCS; its centre moves to where the WCS puts it."""
@@ -283,15 +293,12 @@ class _Solving:
     def __init__(self, solver, config, ctx, total):
         self.solver, self.config, self.ctx = solver, config, ctx
         self.cache = zastro.WcsCache(os.path.join(config.output_folder, CACHE_DIR, WCS_CACHE_DIR))
-        self.digests: dict[str, str] = {}
         self._stars: dict[str, np.ndarray] = {}
         self._advanced: set[str] = set()
         self.total, self.solves = total, 0
 
     def digest(self, record) -> str:
-        if record.path not in self.digests:
-            self.digests[record.path] = zastro.file_sha256(record.path)
-        return self.digests[record.path]
+        return record.content_digest()
 
     def _raw(self, record):
         """Return a frame's raw pixels (its star list is kept on the way)."""
@@ -753,28 +760,64 @@ def build_master_tile(index, records, config, report, ctx, tiles_dir, use_gpu) -
     path = os.path.join(tiles_dir, f"master_tile_{index:03d}.fits")
     zfits.write_image_fits(path, image, tile_wcs, coverage=coverage,
                            header_cards=_tile_header_cards(config, used, used[0].path, backend))
+    # The tile is used as a resumed run will read it back: same WCS, same mosaic.
+    tile_wcs = zfits.wcs_as_written(tile_wcs)
     logger.info("%s: %d frame(s) stacked (%s, %s)", label, len(used),
                 config.stacking_rejection_algorithm, backend)
     return MasterTile(index, image, coverage, tile_wcs, path, [r.path for r in used],
                       used[0].path, backend)
 
 
+def _tile_key(members, config) -> str:
+    """Return the manifest key of a group's tile: its frames' contents and WCSs, the settings."""
+    wcs_texts = [zfits.wcs_to_cd_header(r.wcs).tostring() for r in members]
+    return zrun.tile_key([r.content_digest() for r in members], wcs_texts, config, __version__)
+
+
+def _reuse_tile(index, entry, tiles_dir, report) -> MasterTile:
+    """Return a tile a previous run finished, read back from its file (its skips replayed)."""
+    path = os.path.join(tiles_dir, f"master_tile_{index:03d}.fits")
+    image, wcs, coverage, _ = zfits.read_image_fits(path)
+    for skipped in entry.get("skipped", []):
+        report.skip(skipped["path"], skipped["reason"])
+    logger.info("tile %03d: reused from an earlier run (%d frame(s))", index, len(entry["frames"]))
+    return MasterTile(index, image, coverage, wcs, path, list(entry["frames"]), entry["reference"],
+                      entry["backend"])
+
+
 def build_master_tiles(records, groups, config, report, ctx) -> list[MasterTile]:
-    """Phase 3: one master tile per group."""
+    """Phase 3: one master tile per group; tiles an interrupted run finished are reused.
+
+    Every tile is recorded in the manifest as soon as it is written; with ``resume = auto`` a
+    tile whose frames, WCSs and settings match its manifest entry is read back instead of
+    stacked again. Tile files of an earlier run that this run does not make are removed.
+    """
     tiles_dir = os.path.join(config.output_folder, TILES_DIR)
     os.makedirs(tiles_dir, exist_ok=True)
+    manifest = zrun.TileManifest(tiles_dir)
     use_gpu = config.use_gpu_phase5 and gpu_available()
     tiles = []
     for gi, group in enumerate(groups):
         ctx.check_cancel()
-        tile = build_master_tile(len(tiles), [records[i] for i in group], config, report, ctx,
-                                 tiles_dir, use_gpu)
+        members = [records[i] for i in group]
+        index, key = len(tiles), _tile_key(members, config)
+        name = f"master_tile_{index:03d}.fits"
+        entry = manifest.reusable(name, key) if config.resume == "auto" else None
+        if entry is not None:
+            tile = _reuse_tile(index, entry, tiles_dir, report)
+        else:
+            n_skipped = len(report.frames_skipped)
+            tile = build_master_tile(index, members, config, report, ctx, tiles_dir, use_gpu)
+            if tile is not None:
+                manifest.record(name, key, frames=tile.frames, reference=tile.reference,
+                                backend=tile.backend, skipped=report.frames_skipped[n_skipped:])
         if tile is not None:
             tiles.append(tile)
             report.tiles.append({"index": tile.index, "file": os.path.relpath(tile.path, config.output_folder),
                                  "frames": len(tile.frames), "reference": tile.reference,
-                                 "backend": tile.backend})
+                                 "backend": tile.backend, "reused": entry is not None})
         ctx.report("master_tiles", gi + 1, len(groups), f"tile {gi + 1}/{len(groups)} done")
+    manifest.keep_only(os.path.basename(t.path) for t in tiles)
     report.backends["master_tiles"] = "gpu" if any(t.backend == "gpu" for t in tiles) else "cpu"
     return tiles
 
@@ -1023,6 +1066,37 @@ def _check_folders(config: MosaicConfig) -> None:
         raise PipelineError(f"output folder is not writable: {config.output_folder} ({exc.strerror or exc})")
 
 
+def _take_output_folder(config: MosaicConfig) -> zrun.OutputLock:
+    """Lock the output folder for this run, then clear what an earlier run left there.
+
+    Raises PipelineError when another run holds the folder. Under the lock: the temporary files
+    of a dead run are removed, and so are the previous run's mosaic products and report, so the
+    folder never shows one run's mosaic beside another run's report (master tiles stay until
+    this run knows which it reuses; see :func:`build_master_tiles`).
+    """
+    out = config.output_folder
+    try:
+        lock = zrun.acquire_output_lock(out, config.input_folder)
+    except zrun.OutputFolderBusy as exc:
+        raise PipelineError(str(exc)) from None
+    try:
+        shutil.rmtree(os.path.join(out, CACHE_DIR, STACK_CACHE_DIR), ignore_errors=True)
+        dead = zrun.remove_dead_run_files([out, os.path.join(out, TILES_DIR),
+                                           os.path.join(out, CACHE_DIR, WCS_CACHE_DIR)])
+        if dead:
+            logger.info("Removed %d temporary file(s) left by an interrupted run", dead)
+        previous = sorted(n for n in os.listdir(out) if os.path.isfile(os.path.join(out, n))
+                          and (n.startswith("zemosaic_mosaic") or n == REPORT_NAME))
+        for name in previous:
+            os.remove(os.path.join(out, name))
+        if previous:
+            logger.info("Removed the previous run's outputs: %s", ", ".join(previous))
+    except BaseException:
+        lock.release()
+        raise
+    return lock
+
+
 @dataclass
 class RunResult:
     """What :func:`run_mosaic` returns: output paths, the report and the mosaic's shape."""
@@ -1041,6 +1115,7 @@ def run_mosaic(config: MosaicConfig, progress=None, cancel: threading.Event | No
     """
     t_start = time.perf_counter()
     _check_folders(config)
+    lock = _take_output_folder(config)
     ctx = _Context(progress, cancel)
     report = RunReport(config=config_to_dict(config))
     timings = report.timings_s
@@ -1073,12 +1148,13 @@ def run_mosaic(config: MosaicConfig, progress=None, cancel: threading.Event | No
         ctx.check_cancel()
         paths = timed("write", write_outputs, mosaic, coverage, wcs_out, config, report, tiles)
         ctx.report("write", 1, 1, "outputs written")
+        timings["total"] = time.perf_counter() - t_start
+        _write_json_atomic(paths["report"], report.to_dict())
     finally:
         # Disk-backed stacks are scratch; the WCS cache beside them is kept for the next run.
         shutil.rmtree(os.path.join(config.output_folder, CACHE_DIR, STACK_CACHE_DIR),
                       ignore_errors=True)
-    timings["total"] = time.perf_counter() - t_start
-    _write_json_atomic(paths["report"], report.to_dict())
+        lock.release()
     return RunResult(paths, report.to_dict(), timings["total"])
 
 
@@ -1146,6 +1222,14 @@ def format_summary(result: RunResult) -> str:
     return "\n".join(lines)
 
 
+class _Terminated(KeyboardInterrupt):
+    """SIGTERM: unwinds the run like Ctrl-C (temporary files removed, lock released)."""
+
+
+def _on_sigterm(signum, frame):
+    raise _Terminated()
+
+
 def main(argv=None) -> int:
     """Command line: ``python -m zemosaic_worker CONFIG.json [--log-level LEVEL]``; returns the exit code."""
     parser = argparse.ArgumentParser(prog="python -m zemosaic_worker",
@@ -1154,6 +1238,8 @@ def main(argv=None) -> int:
     parser.add_argument("--log-level", choices=["ERROR", "WARNING", "INFO", "DEBUG"], type=str.upper,
                         help="log level (default: logging_level from the configuration)")
     args = parser.parse_args(argv)
+    if threading.current_thread() is threading.main_thread():
+        signal.signal(signal.SIGTERM, _on_sigterm)
     logging.basicConfig(level=args.log_level or "INFO", format="%(levelname)s %(name)s: %(message)s")
     debug = args.log_level == "DEBUG"
     try:
@@ -1168,6 +1254,9 @@ def main(argv=None) -> int:
     except Cancelled:
         print("zemosaic: cancelled", file=sys.stderr)
         return 130
+    except _Terminated:
+        print("\nzemosaic: terminated (SIGTERM); no mosaic written", file=sys.stderr)
+        return 143
     except KeyboardInterrupt:
         print("\nzemosaic: interrupted; no mosaic written", file=sys.stderr)
         return 130

@@ -156,3 +156,108 @@ def test_frame_failing_at_load_leaves_no_empty_footprint(dataset, tmp_path):
     # Its footprint 0.04 deg (60 px) north is not in the tile: the tile is no larger than the
     # clean one (the reference may differ: the skipped frame still moved the panel's centre).
     assert coverage.size <= clean_coverage.size and np.mean(coverage > 0) > 0.9
+
+
+# --------------------------------------------------------------------------------------------------
+# One run per output folder, interrupted runs, stale outputs
+# --------------------------------------------------------------------------------------------------
+
+
+def _cli(config_path):
+    env = dict(os.environ, PYTHONPATH=str(ROOT))
+    return subprocess.Popen([sys.executable, "-m", "zemosaic_worker", str(config_path),
+                             "--log-level", "WARNING"], stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True, env=env, cwd=ROOT)
+
+
+def _config_file(tmp_path, frames, out, **settings):
+    path = tmp_path / "config.json"
+    path.write_text(json.dumps({"input_folder": str(frames), "output_folder": str(out), **settings}))
+    return path
+
+
+def _wait_for(path, proc, timeout=120.0):
+    t0 = time.perf_counter()
+    while not Path(path).exists():
+        assert proc.poll() is None, proc.communicate()
+        assert time.perf_counter() - t0 < timeout
+        time.sleep(0.01)
+
+
+def test_second_run_into_a_busy_output_folder_refuses(dataset, tmp_path):
+    import zemosaic_runstate as zrun
+
+    out = tmp_path / "out"
+    out.mkdir()
+    with zrun.acquire_output_lock(str(out), "/somewhere/else"):
+        proc = _cli(_config_file(tmp_path, dataset["frames"], out))
+        _, stderr = proc.communicate(timeout=120)
+    assert proc.returncode == 1
+    errors = [line for line in stderr.splitlines() if line.startswith("zemosaic: error")]
+    assert len(errors) == 1 and "Traceback" not in stderr
+    assert f"output folder {out} is in use" in errors[0]
+    assert f"pid {os.getpid()}" in errors[0] and "/somewhere/else" in errors[0]
+    assert not (out / zw.MOSAIC_NAME).exists() and not (out / zw.TILES_DIR).exists()
+    # Released: the folder is free again and no lock file is left behind.
+    assert not (out / zrun.LOCK_NAME).exists()
+
+
+def test_sigterm_exits_143_with_one_line_and_no_partial_output(dataset, tmp_path):
+    out = tmp_path / "out"
+    proc = _cli(_config_file(tmp_path, dataset["frames"], out))
+    _wait_for(out / zw.TILES_DIR / "manifest.json", proc)
+    proc.send_signal(signal.SIGTERM)
+    _, stderr = proc.communicate(timeout=60)
+    assert proc.returncode == 143, stderr
+    lines = [line for line in stderr.splitlines() if line.strip()]
+    assert lines == ["zemosaic: terminated (SIGTERM); no mosaic written"]
+    assert not (out / zw.MOSAIC_NAME).exists() and not (out / zw.REPORT_NAME).exists()
+    assert not list(out.rglob("*.tmp")) and not (out / ".zemosaic.lock").exists()
+
+
+def test_rerun_after_a_crash_reuses_finished_tiles_and_gives_the_same_mosaic(dataset, tmp_path,
+                                                                          caplog):
+    out = tmp_path / "out"
+    proc = _cli(_config_file(tmp_path, dataset["frames"], out))
+    _wait_for(out / zw.TILES_DIR / "manifest.json", proc)
+    proc.kill()  # like a crash or a power cut: nothing is unwound
+    proc.communicate()
+    assert (out / ".zemosaic.lock").exists()
+    manifest = json.loads((out / zw.TILES_DIR / "manifest.json").read_text())
+    assert list(manifest["tiles"]) == ["master_tile_000.fits"]
+    # What a crash in the middle of an atomic write leaves behind.
+    leftover = out / zw.TILES_DIR / ".master_tile_001.fits.0123456789abcdef.tmp"
+    leftover.write_bytes(b"half a tile")
+    with caplog.at_level("INFO"):
+        result = _run(dataset["frames"], out)
+    assert "Taking over the output folder from an earlier run" in caplog.text
+    assert not leftover.exists() and not (out / ".zemosaic.lock").exists()
+    assert [t["reused"] for t in result.report["tiles"]] == [True, False]
+    report = json.loads((out / zw.REPORT_NAME).read_text())
+    assert [t["reused"] for t in report["tiles"]] == [True, False]
+    image, coverage = _mosaic(out)
+    clean_image, clean_coverage = _mosaic(dataset["clean_out"])
+    np.testing.assert_array_equal(image, clean_image)
+    np.testing.assert_array_equal(coverage, clean_coverage)
+    assert result.report["frames_used"] == dataset["clean"].report["frames_used"]
+    # resume = off rebuilds every tile, to the same mosaic.
+    again = _run(dataset["frames"], out, resume="off")
+    assert [t["reused"] for t in again.report["tiles"]] == [False, False]
+    np.testing.assert_array_equal(_mosaic(out)[0], clean_image)
+
+
+def test_outputs_of_an_earlier_run_are_removed(dataset, tmp_path):
+    out = tmp_path / "out"
+    first = _run(dataset["frames"], out, max_raw_per_master_tile=2)
+    assert len(first.report["tiles"]) == 4
+    second = _run(dataset["frames"], out)
+    assert len(second.report["tiles"]) == 2
+    names = sorted(p.name for p in (out / zw.TILES_DIR).iterdir())
+    assert names == ["manifest.json", "master_tile_000.fits", "master_tile_001.fits"]
+    # A rerun that fails leaves no mosaic of the run before beside it.
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    with pytest.raises(zw.PipelineError, match="no usable frame"):
+        _run(empty, out)
+    assert not (out / zw.MOSAIC_NAME).exists() and not (out / zw.REPORT_NAME).exists()
+    assert not list(out.glob("zemosaic_mosaic*"))

@@ -22,6 +22,7 @@ import logging
 import math
 import numbers
 import os
+import reprlib
 import uuid
 from dataclasses import dataclass, field
 from typing import Any, Callable, Mapping
@@ -194,6 +195,7 @@ _COMBINE = ("mean", "median")
 _ALIGN = ("astroalign", "wcs")
 _ENGINE = ("fast", "reproject")
 _LOG_LEVELS = ("ERROR", "WARNING", "INFO", "DEBUG")
+_RESUME = ("auto", "off")
 
 
 def _one_of(choices: tuple[str, ...]) -> str:
@@ -305,6 +307,9 @@ class MosaicConfig:
     save_final_as_uint16: bool = _spec(
         False, "Also write a 16-bit integer copy of the mosaic (0 = no data) for viewers "
         "that cannot read floating point or blank pixels.", "true or false", _check_bool)
+    resume: str = _choice_spec(
+        "auto", "Reuse the master tiles a crashed or cancelled run already finished "
+        "(auto), or rebuild them all (off).", _RESUME)
 
     def __post_init__(self) -> None:
         for f in dataclasses.fields(self):
@@ -325,13 +330,20 @@ class MosaicConfig:
         return dataclasses.replace(self, **changes)
 
 
+def _short_repr(value: Any) -> str:
+    """Return ``repr(value)`` cut to a readable length (a value nested 1000 deep stays one line)."""
+    short = reprlib.Repr()
+    short.maxlevel, short.maxstring, short.maxother, short.maxlist = 3, 200, 200, 8
+    return short.repr(value)
+
+
 def _validate_field(f: dataclasses.Field, value: Any) -> Any:
     try:
         return f.metadata["check"](value)
     except _Reject as exc:
         detail = f" ({exc})" if str(exc) else ""
         raise ConfigError(
-            f"{f.name} = {value!r} is not allowed: expected {f.metadata['expected']}{detail}",
+            f"{f.name} = {_short_repr(value)} is not allowed: expected {f.metadata['expected']}{detail}",
             key=f.name, value=value) from None
 
 
@@ -448,10 +460,15 @@ def load_config(path: str | os.PathLike) -> MosaicConfig:
         raise ConfigError(
             f"configuration file {path} is not valid JSON: {exc.msg} "
             f"at line {exc.lineno}, column {exc.colno}") from exc
+    except RecursionError:
+        raise ConfigError(f"configuration file {path} is nested too deeply to be a "
+                          "configuration (lists or objects inside each other)") from None
     try:
         return config_from_dict(data)
     except ConfigError as exc:
         raise ConfigError(f"{path}: {exc}", key=exc.key, value=exc.value) from exc
+    except RecursionError:
+        raise ConfigError(f"configuration file {path} holds a value nested too deeply") from None
 
 
 def save_config(config: MosaicConfig, path: str | os.PathLike) -> None:

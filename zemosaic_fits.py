@@ -20,6 +20,7 @@ import logging
 import math
 import os
 import re
+import stat
 import struct
 import uuid
 import warnings
@@ -133,6 +134,10 @@ def _quiet_astropy() -> Iterator[None]:
 
 def _file_size_after_signature_check(path: str) -> int:
     try:
+        # A FIFO or a device would block open() or read forever: look before opening.
+        mode = os.stat(path).st_mode
+        if not stat.S_ISREG(mode):
+            raise FrameError("not a regular file (a pipe, device or socket); not opened")
         size = os.path.getsize(path)
         with open(path, "rb") as fh:
             head = fh.read(len(_FITS_SIGNATURE))
@@ -660,9 +665,27 @@ def _card_entries(cards: Mapping[str, Any] | Sequence[Sequence[Any]]) -> list[tu
     return [(c[0], c[1], c[2] if len(c) > 2 else None) for c in cards]
 
 
+def card_text(text: Any, limit: int | None = 68) -> str:
+    """Return ``text`` as FITS card text: printable ASCII ('?' for the rest), at most ``limit``.
+
+    FITS headers hold ASCII only; astropy refuses anything else when the file is written, so a
+    folder or object name with an accent would otherwise make the write fail.
+    """
+    return "".join(c if " " <= c <= "~" else "?" for c in str(text))[:limit]
+
+
 def _add_provenance(header: fits.Header, cards: Any) -> None:
-    """Add caller cards: dict {key: value | (value, comment)} or [(key, value[, comment])]."""
+    """Add caller cards: dict {key: value | (value, comment)} or [(key, value[, comment])].
+
+    Text values and comments are made ASCII-safe (:func:`card_text`): a non-ASCII file name
+    must not stop a run at its last step.
+    """
     for key, value, comment in _card_entries(cards):
+        # Long values still go out whole (astropy continues them on CONTINUE cards).
+        if isinstance(value, str):
+            value = card_text(value, None)
+        if isinstance(comment, str):
+            comment = card_text(comment, None)
         upper = str(key).upper()
         if _STRUCTURAL_KEY_RE.match(upper) or _WCS_KEY_RE.match(upper):
             raise ValueError(f"header card {key!r} is reserved (data layout or WCS)")
@@ -670,15 +693,6 @@ def _add_provenance(header: fits.Header, cards: Any) -> None:
             header.append(fits.Card(upper, value))
         else:
             header[key] = (value, comment)
-
-
-def card_text(text: Any, limit: int = 68) -> str:
-    """Return ``text`` as a FITS card value: printable ASCII ('?' for the rest), at most ``limit``.
-
-    FITS headers hold ASCII only; astropy refuses anything else when the file is written, so a
-    folder or object name with an accent would otherwise make the write fail.
-    """
-    return "".join(c if " " <= c <= "~" else "?" for c in str(text))[:limit]
 
 
 def _sky_header(wcs: WCS) -> fits.Header:
@@ -822,6 +836,16 @@ def observation_cards(headers: Sequence[Mapping[str, Any]]) -> list[tuple]:
         if value is not None:
             cards.append((key, value))
     return [(key, value, _OBSERVATION_COMMENTS[key]) for key, value in cards]
+
+
+def wcs_as_written(wcs: WCS) -> WCS:
+    """Return the WCS that :func:`read_image_fits` gives back for a file written with ``wcs``.
+
+    Header cards hold 16 significant digits: an image used both from memory and, in a later
+    run, from its file must be used with the same WCS to give the same result bit for bit.
+    """
+    with _quiet_astropy():
+        return _wcs_from_header(fits.Header.fromstring(wcs_to_cd_header(wcs).tostring()))
 
 
 def read_image_fits(path: str | os.PathLike

@@ -15,10 +15,12 @@ import json
 import logging
 import os
 import shutil
+import signal
 import sys
 import tempfile
 import threading
 import time
+from collections import Counter
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -28,6 +30,7 @@ import zemosaic_align_stack as stk
 import zemosaic_astrometry as zastro
 import zemosaic_fits as zfits
 import zemosaic_photometry as zph
+import zemosaic_runstate as zrun
 from zemosaic_config import ConfigError, MosaicConfig, config_to_dict, load_config
 from zemosaic_utils import (GpuBackendError, compute_pixel_mapping, gpu_available,
                             gpu_unavailable_reason, reproject_and_coadd)
@@ -94,10 +97,18 @@ class FrameRecord:
     solve_s: float | None = None
     solve_error: str | None = None
     cache_origin: str | None = None
+    digest: str | None = None
 
     @property
     def path(self) -> str:
         return self.info.path
+
+    def content_digest(self) -> str:
+        """Return the SHA-256 of the frame's file (read once per run): the WCS cache and the
+        tile manifest are keyed by it."""
+        if self.digest is None:
+            self.digest = zastro.file_sha256(self.path)
+        return self.digest
 
     def set_wcs(self, wcs, source: str, solve_s: float | None = None) -> None:
         """Give the frame its WCS; its centre moves to where the WCS puts it."""
@@ -203,10 +214,14 @@ def list_input_files(input_folder: str, output_folder: str) -> list[str]:
     The output folder is left out when it lies inside the input folder, and so are hidden files
     (temporary files of an atomic write start with a dot).
     """
+    # When the output folder is the input folder, only its own products folder is left out;
+    # the user's subfolders of frames are still scanned.
+    own = os.path.join(output_folder, TILES_DIR) if _is_inside(input_folder, output_folder) \
+        else output_folder
     found = []
     for root, dirs, files in os.walk(input_folder):
         dirs[:] = sorted(d for d in dirs if not d.startswith(".")
-                         and not _is_inside(os.path.join(root, d), output_folder))
+                         and not _is_inside(os.path.join(root, d), own))
         for name in files:
             if name.startswith(".") or ".fit" not in name.lower():
                 continue
@@ -231,9 +246,34 @@ def scan_frames(config: MosaicConfig, report: RunReport, ctx: _Context) -> list[
             records.append(_new_record(info, config.force_resolve_existing_wcs))
             report.frames_used.append(path)
         ctx.report("scan", i + 1, len(paths), os.path.basename(path))
+    records = _skip_odd_geometry(records, report)
     logger.info("Scan: %d usable frame(s), %d skipped, %d to plate-solve", len(records),
                 len(report.frames_skipped), sum(r.wcs is None for r in records))
     return records
+
+
+def _skip_odd_geometry(records: list[FrameRecord], report: RunReport) -> list[FrameRecord]:
+    """Return the frames of the most common size and channel count; skip the others.
+
+    A frame of another size or channel count would size a tile's canvas or become its reference
+    (a small mono frame among colour frames dropped its panel's good frames); the frames of one
+    session share the sensor, so the majority is the session.
+    """
+    if len(records) < 2:
+        return records
+    counts = Counter((r.info.shape_hw, r.info.n_channels) for r in records)
+    (shape, n_ch), _ = counts.most_common(1)[0]
+    kept = []
+    for r in records:
+        (h, w), channels = r.info.shape_hw, r.info.n_channels
+        if (h, w) != shape:
+            report.skip(r.path, f"frame size {w}x{h} px differs from the other frames' "
+                                f"{shape[1]}x{shape[0]} px")
+        elif channels != n_ch:
+            report.skip(r.path, f"{channels} channel(s) where the other frames have {n_ch}")
+        else:
+            kept.append(r)
+    return kept
 
 
 def _new_record(info: zfits.FrameInfo, force_resolve: bool) -> FrameRecord:
@@ -262,15 +302,12 @@ class _Solving:
     def __init__(self, solver, config, ctx, total):
         self.solver, self.config, self.ctx = solver, config, ctx
         self.cache = zastro.WcsCache(os.path.join(config.output_folder, CACHE_DIR, WCS_CACHE_DIR))
-        self.digests: dict[str, str] = {}
         self._stars: dict[str, np.ndarray] = {}
         self._advanced: set[str] = set()
         self.total, self.solves = total, 0
 
     def digest(self, record) -> str:
-        if record.path not in self.digests:
-            self.digests[record.path] = zastro.file_sha256(record.path)
-        return self.digests[record.path]
+        return record.content_digest()
 
     def _raw(self, record):
         """Return a frame's raw pixels (its star list is kept on the way)."""
@@ -462,6 +499,50 @@ def _check_matches(matched, anchor, state) -> bool:
 # Phase 2: grouping
 # --------------------------------------------------------------------------------------------------
 
+# A frame whose pixel scale differs from the others' median by more than this is skipped.
+_SCALE_TOLERANCE = 0.10
+
+
+def leave_out_misfits(records: list[FrameRecord], report: RunReport) -> list[FrameRecord]:
+    """Return the frames fit to size a tile: the others are skipped with their reason.
+
+    Runs once every frame has its WCS and before anything is sized: a frame with another pixel
+    scale, or one that overlaps no other frame (a wrong plate solution or pointing, often
+    degrees away), would otherwise stretch a tile's canvas or the mosaic grid over empty sky.
+    """
+    if len(records) < 2:
+        return records
+    scales = np.array([r.pixel_scale_deg() for r in records])
+    median = float(np.median(scales))
+    kept = []
+    for r, scale in zip(records, scales):
+        if abs(scale / median - 1.0) > _SCALE_TOLERANCE:
+            report.skip(r.path, f"pixel scale {scale * 3600:.2f}\"/px differs from the other "
+                                f"frames' {median * 3600:.2f}\"/px")
+        else:
+            kept.append(r)
+    return _leave_out_isolated(kept, report) if len(kept) >= 2 else kept
+
+
+def _leave_out_isolated(records: list[FrameRecord], report: RunReport) -> list[FrameRecord]:
+    """Skip the frames that overlap no other frame; returns the rest."""
+    from scipy.spatial import cKDTree
+
+    vec = _unit_vectors([r.ra for r in records], [r.dec for r in records])
+    chord, _ = cKDTree(vec).query(vec, k=2)
+    nearest = np.degrees(2.0 * np.arcsin(np.minimum(chord[:, 1] / 2.0, 1.0)))
+    kept = []
+    for r, sep in zip(records, nearest):
+        # Two fields of the same size can only overlap when their centres are closer than
+        # their diagonal, whatever their rotation.
+        diagonal = float(np.hypot(*r.info.shape_hw)) * r.pixel_scale_deg()
+        if sep >= diagonal:
+            report.skip(r.path, f"overlaps no other frame: {sep:.2f} deg from the nearest one, "
+                                f"a field is {diagonal:.2f} deg across (wrong WCS or pointing?)")
+        else:
+            kept.append(r)
+    return kept
+
 
 def _unit_vectors(ra_deg, dec_deg) -> np.ndarray:
     ra, dec = np.radians(ra_deg), np.radians(dec_deg)
@@ -594,7 +675,24 @@ def _load_and_align_group(records, config, report, ctx, cache_dir, tile_label):
         ctx.report("master_tiles", done + 1, len(order), f"{tile_label}: aligned {os.path.basename(rec.path)}")
     if not used:
         return None, [], None
+    if len(used) < len(records):
+        stack, canvas = _crop_to_frames(stack, canvas, reference.shape[:2], used)
     return stack, used, canvas.wcs
+
+
+def _crop_to_frames(stack, canvas, shape_reference, used):
+    """Return ``(stack view, canvas)`` cut to the canvas of the frames actually stacked.
+
+    The canvas was sized before the frames were loaded; one skipped then (unreadable data, all
+    zeros) must not leave its empty footprint in the tile. The canvas of the used frames is a
+    window of the full one (same reference, same margin), so the view holds every aligned pixel.
+    """
+    used_canvas = stk.group_canvas(used[0].wcs, shape_reference,
+                                   [(r.wcs, r.info.shape_hw) for r in used])
+    dy = canvas.offset[0] - used_canvas.offset[0]
+    dx = canvas.offset[1] - used_canvas.offset[1]
+    h, w = used_canvas.shape
+    return stack[:, dy:dy + h, dx:dx + w], used_canvas
 
 
 def _photometric_reference(gains, offsets):
@@ -681,28 +779,64 @@ def build_master_tile(index, records, config, report, ctx, tiles_dir, use_gpu) -
     path = os.path.join(tiles_dir, f"master_tile_{index:03d}.fits")
     zfits.write_image_fits(path, image, tile_wcs, coverage=coverage,
                            header_cards=_tile_header_cards(config, used, used[0].path, backend))
+    # The tile is used as a resumed run will read it back: same WCS, same mosaic.
+    tile_wcs = zfits.wcs_as_written(tile_wcs)
     logger.info("%s: %d frame(s) stacked (%s, %s)", label, len(used),
                 config.stacking_rejection_algorithm, backend)
     return MasterTile(index, image, coverage, tile_wcs, path, [r.path for r in used],
                       used[0].path, backend)
 
 
+def _tile_key(members, config) -> str:
+    """Return the manifest key of a group's tile: its frames' contents and WCSs, the settings."""
+    wcs_texts = [zfits.wcs_to_cd_header(r.wcs).tostring() for r in members]
+    return zrun.tile_key([r.content_digest() for r in members], wcs_texts, config, __version__)
+
+
+def _reuse_tile(index, entry, tiles_dir, report) -> MasterTile:
+    """Return a tile a previous run finished, read back from its file (its skips replayed)."""
+    path = os.path.join(tiles_dir, f"master_tile_{index:03d}.fits")
+    image, wcs, coverage, _ = zfits.read_image_fits(path)
+    for skipped in entry.get("skipped", []):
+        report.skip(skipped["path"], skipped["reason"])
+    logger.info("tile %03d: reused from an earlier run (%d frame(s))", index, len(entry["frames"]))
+    return MasterTile(index, image, coverage, wcs, path, list(entry["frames"]), entry["reference"],
+                      entry["backend"])
+
+
 def build_master_tiles(records, groups, config, report, ctx) -> list[MasterTile]:
-    """Phase 3: one master tile per group."""
+    """Phase 3: one master tile per group; tiles an interrupted run finished are reused.
+
+    Every tile is recorded in the manifest as soon as it is written; with ``resume = auto`` a
+    tile whose frames, WCSs and settings match its manifest entry is read back instead of
+    stacked again. Tile files of an earlier run that this run does not make are removed.
+    """
     tiles_dir = os.path.join(config.output_folder, TILES_DIR)
     os.makedirs(tiles_dir, exist_ok=True)
+    manifest = zrun.TileManifest(tiles_dir)
     use_gpu = config.use_gpu_phase5 and gpu_available()
     tiles = []
     for gi, group in enumerate(groups):
         ctx.check_cancel()
-        tile = build_master_tile(len(tiles), [records[i] for i in group], config, report, ctx,
-                                 tiles_dir, use_gpu)
+        members = [records[i] for i in group]
+        index, key = len(tiles), _tile_key(members, config)
+        name = f"master_tile_{index:03d}.fits"
+        entry = manifest.reusable(name, key) if config.resume == "auto" else None
+        if entry is not None:
+            tile = _reuse_tile(index, entry, tiles_dir, report)
+        else:
+            n_skipped = len(report.frames_skipped)
+            tile = build_master_tile(index, members, config, report, ctx, tiles_dir, use_gpu)
+            if tile is not None:
+                manifest.record(name, key, frames=tile.frames, reference=tile.reference,
+                                backend=tile.backend, skipped=report.frames_skipped[n_skipped:])
         if tile is not None:
             tiles.append(tile)
             report.tiles.append({"index": tile.index, "file": os.path.relpath(tile.path, config.output_folder),
                                  "frames": len(tile.frames), "reference": tile.reference,
-                                 "backend": tile.backend})
+                                 "backend": tile.backend, "reused": entry is not None})
         ctx.report("master_tiles", gi + 1, len(groups), f"tile {gi + 1}/{len(groups)} done")
+    manifest.keep_only(os.path.basename(t.path) for t in tiles)
     report.backends["master_tiles"] = "gpu" if any(t.backend == "gpu" for t in tiles) else "cpu"
     return tiles
 
@@ -991,6 +1125,37 @@ def _check_folders(config: MosaicConfig) -> None:
         raise PipelineError(f"output folder is not writable: {config.output_folder} ({exc.strerror or exc})")
 
 
+def _take_output_folder(config: MosaicConfig) -> zrun.OutputLock:
+    """Lock the output folder for this run, then clear what an earlier run left there.
+
+    Raises PipelineError when another run holds the folder. Under the lock: the temporary files
+    of a dead run are removed, and so are the previous run's mosaic products and report, so the
+    folder never shows one run's mosaic beside another run's report (master tiles stay until
+    this run knows which it reuses; see :func:`build_master_tiles`).
+    """
+    out = config.output_folder
+    try:
+        lock = zrun.acquire_output_lock(out, config.input_folder)
+    except zrun.OutputFolderBusy as exc:
+        raise PipelineError(str(exc)) from None
+    try:
+        shutil.rmtree(os.path.join(out, CACHE_DIR, STACK_CACHE_DIR), ignore_errors=True)
+        dead = zrun.remove_dead_run_files([out, os.path.join(out, TILES_DIR),
+                                           os.path.join(out, CACHE_DIR, WCS_CACHE_DIR)])
+        if dead:
+            logger.info("Removed %d temporary file(s) left by an interrupted run", dead)
+        previous = sorted(n for n in os.listdir(out) if os.path.isfile(os.path.join(out, n))
+                          and (n.startswith("zemosaic_mosaic") or n == REPORT_NAME))
+        for name in previous:
+            os.remove(os.path.join(out, name))
+        if previous:
+            logger.info("Removed the previous run's outputs: %s", ", ".join(previous))
+    except BaseException:
+        lock.release()
+        raise
+    return lock
+
+
 @dataclass
 class RunResult:
     """What :func:`run_mosaic` returns: output paths, the report and the mosaic's shape."""
@@ -1009,6 +1174,7 @@ def run_mosaic(config: MosaicConfig, progress=None, cancel: threading.Event | No
     """
     t_start = time.perf_counter()
     _check_folders(config)
+    lock = _take_output_folder(config)
     ctx = _Context(progress, cancel)
     report = RunReport(config=config_to_dict(config))
     timings = report.timings_s
@@ -1023,6 +1189,7 @@ def run_mosaic(config: MosaicConfig, progress=None, cancel: threading.Event | No
     try:
         records = timed("scan", scan_frames, config, report, ctx)
         records = timed("solve", solve_frames, records, config, report, ctx)
+        records = leave_out_misfits(records, report)
         if not records:
             raise PipelineError(f"no usable frame in {config.input_folder} "
                                 f"({len(report.frames_skipped)} skipped)")
@@ -1040,12 +1207,13 @@ def run_mosaic(config: MosaicConfig, progress=None, cancel: threading.Event | No
         ctx.check_cancel()
         paths = timed("write", write_outputs, mosaic, coverage, wcs_out, config, report, tiles)
         ctx.report("write", 1, 1, "outputs written")
+        timings["total"] = time.perf_counter() - t_start
+        _write_json_atomic(paths["report"], report.to_dict())
     finally:
         # Disk-backed stacks are scratch; the WCS cache beside them is kept for the next run.
         shutil.rmtree(os.path.join(config.output_folder, CACHE_DIR, STACK_CACHE_DIR),
                       ignore_errors=True)
-    timings["total"] = time.perf_counter() - t_start
-    _write_json_atomic(paths["report"], report.to_dict())
+        lock.release()
     return RunResult(paths, report.to_dict(), timings["total"])
 
 
@@ -1157,6 +1325,14 @@ def format_summary(result: RunResult) -> str:
     return "\n".join(lines)
 
 
+class _Terminated(KeyboardInterrupt):
+    """SIGTERM: unwinds the run like Ctrl-C (temporary files removed, lock released)."""
+
+
+def _on_sigterm(signum, frame):
+    raise _Terminated()
+
+
 HELP_EPILOG = """main configuration keys (JSON file; all optional except the folders):
   input_folder, output_folder          folders of the raw frames and of the outputs
   stacking_rejection_algorithm         winsorized_sigma_clip | kappa_sigma | none
@@ -1193,6 +1369,8 @@ def _parser() -> argparse.ArgumentParser:
 def main(argv=None) -> int:
     """Command line: ``python -m zemosaic_worker CONFIG.json [--log-level LEVEL]``; returns the exit code."""
     args = _parser().parse_args(argv)
+    if threading.current_thread() is threading.main_thread():
+        signal.signal(signal.SIGTERM, _on_sigterm)
     logging.basicConfig(level=args.log_level or "INFO", format="%(levelname)s %(name)s: %(message)s")
     debug = args.log_level == "DEBUG"
     progress, run_log = _TerminalProgress(), None
@@ -1211,6 +1389,10 @@ def main(argv=None) -> int:
         progress.close()
         print("zemosaic: cancelled", file=sys.stderr)
         return 130
+    except _Terminated:
+        progress.close()
+        print("\nzemosaic: terminated (SIGTERM); no mosaic written", file=sys.stderr)
+        return 143
     except KeyboardInterrupt:
         progress.close()
         print("\nzemosaic: interrupted; no mosaic written", file=sys.stderr)

@@ -56,6 +56,7 @@ EXPECTED_DEFAULTS = {
     "logging_level": "INFO",
     "save_channel_files": False,
     "save_final_as_uint16": False,
+    "resume": "auto",
 }
 
 
@@ -244,3 +245,14 @@ def test_replace_validates():
         config.replace(stacking_kappa_low=-2)
     with pytest.raises(ConfigError, match="no_such_key"):
         config.replace(no_such_key=1)
+
+
+@pytest.mark.parametrize("opening, closing", [("[", "]"), ('{"a": ', "}")])
+def test_deeply_nested_json_is_a_config_error(tmp_path, opening, closing):
+    for depth in (100_000, 900):
+        path = tmp_path / f"deep{depth}.json"
+        path.write_text('{"stacking_winsor_limits": ' + opening * depth + "1" + closing * depth + "}")
+        with pytest.raises(ConfigError) as err:
+            load_config(path)
+        message = str(err.value)
+        assert str(path) in message and len(message) < 300 and "\n" not in message

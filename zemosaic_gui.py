@@ -39,6 +39,7 @@ try:
 except ImportError as exc:  # the GUI is an optional extra
     raise ImportError("the ZeMosaic window needs PySide6: pip install 'zemosaic[gui]'") from exc
 
+import zemosaic_cli
 import zemosaic_worker
 from zemosaic_config import (CHOICES, FIELD_HELP, ConfigError, MosaicConfig, load_config,
                              save_config)
@@ -285,7 +286,7 @@ def summary_text(result) -> str:
     rep = result.report
     used, skipped = len(rep["frames_used"]), len(rep["frames_skipped"])
     lines = [f"{used} frames used, {skipped} skipped",
-             f"WCS: {zemosaic_worker.wcs_summary(rep)}",
+             f"WCS: {zemosaic_cli.wcs_summary(rep)}",
              f"{len(rep['tiles'])} master tiles"]
     if rep.get("mosaic_shape"):
         _c, height, width = rep["mosaic_shape"]
@@ -712,7 +713,7 @@ class MainWindow(QMainWindow):
         self._output_folder = config.output_folder
         self.status_label.setText("Running…")
         self._set_running(True)
-        self._run_log = zemosaic_worker.attach_run_log(config)
+        self._run_log = zemosaic_cli.attach_run_log(config)
         logger.info("Run started: %s -> %s", config.input_folder, config.output_folder)
         thread.start()
 
@@ -757,7 +758,7 @@ class MainWindow(QMainWindow):
         self.open_folder_button.setEnabled(True)
         self.status_label.setText(f"Done in {result.elapsed_s:.1f} s")
         self._finish_progress("Finished")
-        logger.info("%s", zemosaic_worker.format_summary(result))
+        logger.info("%s", zemosaic_cli.format_summary(result))
 
     def _on_failed(self, title: str, message: str) -> None:
         self.status_label.setText("Failed")
@@ -777,7 +778,7 @@ class MainWindow(QMainWindow):
         self.eta_label.clear()
 
     def _on_thread_finished(self) -> None:
-        zemosaic_worker.detach_run_log(self._run_log)
+        zemosaic_cli.detach_run_log(self._run_log)
         self._run_log = None
         thread, self._thread = self._thread, None
         if thread is not None:

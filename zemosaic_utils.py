@@ -498,3 +498,9 @@ def _coadd_with_reproject(data_list, wcs_list, wcs_out, shape_out, weights_list)
     footprint = np.nan_to_num(footprint, nan=0.0, posinf=0.0, neginf=0.0)
     mosaic = np.where(footprint > 0, mosaic, np.nan)
     return mosaic.astype(np.float32), footprint.astype(np.float32)
+
+
+def unit_vectors(ra_deg, dec_deg) -> np.ndarray:
+    """Return the unit vectors ``(N, 3)`` of sky positions given in degrees."""
+    ra, dec = np.radians(ra_deg), np.radians(dec_deg)
+    return np.stack([np.cos(dec) * np.cos(ra), np.cos(dec) * np.sin(ra), np.sin(dec)], axis=-1)

@@ -5,17 +5,15 @@ CONFIG.json`` is the command line. See DESIGN.md section 3 for the phases and ou
 
 Progress goes through one callback ``progress(phase, done, total, message)``; cancellation through
 a ``threading.Event`` checked between frames and tiles. Logging uses this module's logger only; the
-CLI (here) and the GUI configure where it goes.
+CLI (:mod:`zemosaic_cli`) and the GUI configure where it goes.
 """
 
 from __future__ import annotations
 
-import argparse
 import json
 import logging
 import os
 import shutil
-import signal
 import sys
 import tempfile
 import threading
@@ -31,9 +29,10 @@ import zemosaic_astrometry as zastro
 import zemosaic_fits as zfits
 import zemosaic_photometry as zph
 import zemosaic_runstate as zrun
-from zemosaic_config import ConfigError, MosaicConfig, config_to_dict, load_config
+import zemosaic_solve as zsolve
+from zemosaic_config import MosaicConfig, config_to_dict
 from zemosaic_utils import (GpuBackendError, compute_pixel_mapping, gpu_available,
-                            gpu_unavailable_reason, reproject_and_coadd)
+                            gpu_unavailable_reason, reproject_and_coadd, unit_vectors)
 
 __version__ = "0.1.0"
 
@@ -285,214 +284,17 @@ def _new_record(info: zfits.FrameInfo, force_resolve: bool) -> FrameRecord:
     return record
 
 
-# --------------------------------------------------------------------------------------------------
-# Phase 1b: plate solving (solve few, match many)
-# --------------------------------------------------------------------------------------------------
-
-NO_SOLVER = "no plate solver"
-# A group's matched WCS is checked against one more solve; beyond this they disagree.
-_CHECK_TOLERANCE_PX = 1.0
-# Frames tried as a group's solved anchor before the group is given up.
-_ANCHOR_ATTEMPTS = 3
-
-
-class _Solving:
-    """What the solve phase shares: solver, cache, report, progress and the frames' star lists."""
-
-    def __init__(self, solver, config, ctx, total):
-        self.solver, self.config, self.ctx = solver, config, ctx
-        self.cache = zastro.WcsCache(os.path.join(config.output_folder, CACHE_DIR, WCS_CACHE_DIR))
-        self._stars: dict[str, np.ndarray] = {}
-        self._advanced: set[str] = set()
-        self.total, self.solves = total, 0
-
-    def digest(self, record) -> str:
-        return record.content_digest()
-
-    def _raw(self, record):
-        """Return a frame's raw pixels (its star list is kept on the way)."""
-        # Hot pixels sit at the same place in every frame: left in, they match each other.
-        raw = zfits.load_frame(record.path, debayer=False, hot_pixels=True, require_wcs=False).data
-        if record.path not in self._stars:
-            self._stars[record.path] = zastro.frame_stars(raw)
-        return raw
-
-    def stars(self, record) -> np.ndarray:
-        """Return a frame's star list (full-resolution pixels), detected once per run."""
-        if record.path not in self._stars:
-            self._raw(record)
-        return self._stars[record.path]
-
-    def solve(self, record) -> bool:
-        """Plate-solve one frame; True when it got a WCS (the reason is logged otherwise)."""
-        self.ctx.check_cancel()
-        if self.solver is None:
-            record.solve_error = NO_SOLVER
-            return False
-        t0 = time.perf_counter()
-        try:
-            raw = self._raw(record)
-            n_stars = len(self.stars(record))
-            if n_stars < zastro.MIN_STARS_TO_SOLVE:
-                raise zastro.SolveError(f"only {n_stars} star(s) detected")
-            self.solves += 1
-            hints = zastro.hints_from_header(record.info.header)
-            wcs = zastro.solve_frame(self.solver, raw, hints, self.config.plate_solve_timeout_s)
-        except (zastro.SolveError, zfits.FrameError) as exc:
-            record.solve_error = str(exc)
-            logger.info("Plate solving %s failed: %s", os.path.basename(record.path), exc)
-            return False
-        self.keep(record, wcs, "solved", time.perf_counter() - t0)
-        return True
-
-    def match(self, record, anchor) -> bool:
-        """Give a frame the WCS of its star match to a solved anchor; True on success."""
-        self.ctx.check_cancel()
-        try:
-            wcs = zastro.wcs_from_star_match(self.stars(record), record.info.shape_hw,
-                                             self.stars(anchor), anchor.wcs)
-        except (zastro.SolveError, zfits.FrameError) as exc:
-            logger.debug("%s: %s; solving it on its own", os.path.basename(record.path), exc)
-            return False
-        self.keep(record, wcs, f"matched to {os.path.basename(anchor.path)}", None)
-        return True
-
-    def keep(self, record, wcs, source, solve_s):
-        record.set_wcs(wcs, source, solve_s)
-        self.cache.put(self.digest(record), wcs, source, solve_s)
-        self.advance(record)
-
-    def advance(self, record):
-        """Count a frame as done (once) and report progress."""
-        self._advanced.add(record.path)
-        self.ctx.report("solve", len(self._advanced), self.total,
-                        f"{os.path.basename(record.path)}: {record.wcs_source or 'failed'}")
-
-
 def solve_frames(records: list[FrameRecord], config, report, ctx) -> list[FrameRecord]:
-    """Phase 1b: give every frame without a usable WCS one; returns the frames that have one.
-
-    WCSs come from the cache first (keyed by file content). The others are grouped by their
-    commanded pointing; per group one frame is plate-solved (or a frame with a WCS already serves)
-    and the rest get the WCS their star match to it implies, with one more frame solved as a
-    check. A frame whose match fails is solved on its own; one that cannot be solved is skipped.
-    """
-    pending = [r for r in records if r.wcs is None]
-    if not pending:
-        _record_wcs_sources(records, report)
-        return records
-    solver, reason = zastro.solver_from_config(config)
-    state = _Solving(solver, config, ctx, len(pending))
-    pending = [r for r in pending if not _from_cache(r, state)]
-    if pending:
-        logger.info("Plate solving: %d frame(s) without WCS, %s", len(pending),
-                    solver.name if solver else f"star matching only ({reason})")
-    for group in _solve_groups(records, pending):
-        _solve_group(group, state)
-    unsolved = [r for r in pending if r.wcs is None and r.solve_error == NO_SOLVER]
-    if unsolved:
-        # One WARNING for all of them: the fix is the same (install a solver), not per frame.
-        names = ", ".join(os.path.basename(r.path) for r in unsolved[:10])
-        more = f" and {len(unsolved) - 10} more" if len(unsolved) > 10 else ""
-        logger.warning("%d frame(s) have no WCS and no plate solver can run (%s): %s%s are "
-                       "skipped; to use them, %s", len(unsolved), reason, names, more,
-                       zastro.INSTALL_HINT)
-    for r in pending:
-        if r.wcs is None:
-            no_solver = r.solve_error == NO_SOLVER
-            why = f"no plate solver ({reason})" if no_solver \
-                else f"could not be plate-solved: {r.solve_error or 'no solution'}"
-            report.skip(r.path, f"{r.info.wcs_problem or 'WCS not used'}; {why}", quiet=no_solver)
-    used = _record_wcs_sources([r for r in records if r.wcs is not None], report)
-    logger.info("Plate solving: %d solver run(s), %d frame(s) matched, %d from the cache",
-                state.solves, sum(r.wcs_source.startswith("matched") for r in used),
-                sum(r.wcs_source == "cache" for r in used))
-    return used
+    """Phase 1b: give every frame without a usable WCS one (:mod:`zemosaic_solve`); returns the
+    frames that have one. Frames are grouped by pointing with the grouping rule of phase 2."""
+    threshold = automatic_panel_threshold(records)
+    return zsolve.solve_frames(records, config, report, ctx, wcs_cache_folder(config),
+                               lambda placed: group_by_position(placed, threshold))
 
 
-def _record_wcs_sources(records, report) -> list[FrameRecord]:
-    """Write how each frame got its WCS into the report; returns ``records``."""
-    for r in records:
-        entry = {"wcs": r.wcs_source, "solve_s": None if r.solve_s is None else round(r.solve_s, 3)}
-        if r.cache_origin:
-            entry["cached_from"] = r.cache_origin
-        report.frame_wcs[r.path] = entry
-    return records
-
-
-def _from_cache(record, state) -> bool:
-    """Give a frame its cached WCS; True on a hit."""
-    hit = state.cache.get(state.digest(record))
-    if hit is None:
-        return False
-    record.set_wcs(hit.wcs, "cache", hit.solve_s)
-    record.cache_origin = hit.source
-    state.advance(record)
-    return True
-
-
-def _solve_groups(records, pending) -> list[list[FrameRecord]]:
-    """Return groups (by pointing) holding frames to solve, each with the group's solved frames.
-
-    A frame with no pointing in its header is a group of its own (solved blind).
-    """
-    placed = [r for r in records if r.ra is not None]
-    groups = group_by_position(placed, automatic_panel_threshold(records)) if placed else []
-    todo = {id(r) for r in pending}
-    out = [[placed[i] for i in g] for g in groups if any(id(placed[i]) in todo for i in g)]
-    return out + [[r] for r in pending if r.ra is None]
-
-
-def _nearest_centre_first(group) -> list[FrameRecord]:
-    """Return a group's frames ordered by distance to the group's mean pointing."""
-    vec = _unit_vectors([r.ra for r in group], [r.dec for r in group])
-    centre = vec.mean(axis=0)
-    return [group[i] for i in np.argsort(-(vec @ centre), kind="stable")]
-
-
-def _solve_group(group, state) -> None:
-    """Solve one frame of a group (its anchor), match the rest to it, check one more solve."""
-    ordered = _nearest_centre_first(group) if group[0].ra is not None else group
-    anchor = next((r for r in ordered if r.wcs is not None), None)
-    tries = 0
-    for r in ordered:
-        if anchor is not None or tries >= _ANCHOR_ATTEMPTS:
-            break
-        tries += 1
-        if state.solve(r):
-            anchor = r
-    todo = [r for r in ordered if r.wcs is None]
-    if anchor is None:
-        for r in todo:
-            r.solve_error = NO_SOLVER if state.solver is None else \
-                f"no frame of its group could be plate-solved ({tries} tried)"
-            state.advance(r)
-        return
-    matched = [r for r in todo if state.match(r, anchor)]
-    if matched and not _check_matches(matched, anchor, state):
-        for r in matched:
-            r.wcs = None
-            todo.append(r)
-    for r in todo:
-        if r.wcs is None and not state.solve(r):
-            state.advance(r)
-
-
-def _check_matches(matched, anchor, state) -> bool:
-    """Solve one matched frame too; False (and a WARNING) when match and solve disagree."""
-    check = matched[len(matched) // 2]
-    wcs_matched = check.wcs
-    if not state.solve(check):
-        check.set_wcs(wcs_matched, f"matched to {os.path.basename(anchor.path)}")
-        return True  # nothing to compare with: the match stands
-    offset = zastro.wcs_pixel_offset(wcs_matched, check.wcs, check.info.shape_hw)
-    logger.debug("Plate solving check on %s: matched and solved WCS %.2f px apart",
-                 os.path.basename(check.path), offset)
-    if offset <= _CHECK_TOLERANCE_PX:
-        return True
-    logger.warning("Star-matched WCSs of the group of %s disagree with a plate solution by %.1f px;"
-                   " solving its frames one by one", os.path.basename(anchor.path), offset)
-    return False
+def wcs_cache_folder(config) -> str:
+    """Return the folder of the plate-solution cache (kept from run to run)."""
+    return os.path.join(config.output_folder, CACHE_DIR, WCS_CACHE_DIR)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -528,7 +330,7 @@ def _leave_out_isolated(records: list[FrameRecord], report: RunReport) -> list[F
     """Skip the frames that overlap no other frame; returns the rest."""
     from scipy.spatial import cKDTree
 
-    vec = _unit_vectors([r.ra for r in records], [r.dec for r in records])
+    vec = unit_vectors([r.ra for r in records], [r.dec for r in records])
     chord, _ = cKDTree(vec).query(vec, k=2)
     nearest = np.degrees(2.0 * np.arcsin(np.minimum(chord[:, 1] / 2.0, 1.0)))
     kept = []
@@ -542,11 +344,6 @@ def _leave_out_isolated(records: list[FrameRecord], report: RunReport) -> list[F
         else:
             kept.append(r)
     return kept
-
-
-def _unit_vectors(ra_deg, dec_deg) -> np.ndarray:
-    ra, dec = np.radians(ra_deg), np.radians(dec_deg)
-    return np.stack([np.cos(dec) * np.cos(ra), np.cos(dec) * np.sin(ra), np.sin(dec)], axis=-1)
 
 
 def automatic_panel_threshold(records: list[FrameRecord]) -> float:
@@ -567,7 +364,7 @@ def group_by_position(records: list[FrameRecord], threshold_deg: float) -> list[
     Groups are ordered by their first frame; frames inside a group keep the scan (time) order.
     """
     n = len(records)
-    vec = _unit_vectors([r.ra for r in records], [r.dec for r in records])
+    vec = unit_vectors([r.ra for r in records], [r.dec for r in records])
     cos_thr = np.cos(np.radians(threshold_deg))
     parent = list(range(n))
 
@@ -611,7 +408,7 @@ def group_frames(records, config: MosaicConfig) -> list[list[int]]:
 
 def _reference_index(records: list[FrameRecord]) -> int:
     """Return the index of the frame whose centre is nearest the group's mean centre."""
-    vec = _unit_vectors([r.ra for r in records], [r.dec for r in records])
+    vec = unit_vectors([r.ra for r in records], [r.dec for r in records])
     centre = vec.mean(axis=0)
     return int(np.argmax(vec @ centre))
 
@@ -1218,202 +1015,15 @@ def run_mosaic(config: MosaicConfig, progress=None, cancel: threading.Event | No
 
 
 # --------------------------------------------------------------------------------------------------
-# Command line
+# Command line (in zemosaic_cli; ``python -m zemosaic_worker`` stays the entry point)
 # --------------------------------------------------------------------------------------------------
 
 
-# What each phase counts, shown as the unit of its progress bar.
-PHASE_UNITS = {"scan": "frames", "solve": "frames", "group": "steps", "master_tiles": "tiles",
-               "grid": "steps", "assembly": "steps", "write": "steps"}
-
-
-class _TerminalProgress:
-    """Turns progress callbacks into tqdm bars on a terminal: one per phase, 80 columns at most.
-
-    The master-tile phase also reports each aligned frame of the tile in progress (same phase,
-    the frames of one tile as total); those updates go into the bar's text so the bar counts tiles.
-    """
-
-    def __init__(self, stream=sys.stderr, width=80):
-        self.stream, self.width = stream, width
-        self.enabled = stream.isatty()
-        self._phase, self._bar = None, None
-
-    def __call__(self, phase, done, total, message=""):
-        if not self.enabled:
-            return
-        from tqdm import tqdm  # only a terminal run draws bars
-
-        if phase != self._phase:
-            self.close()
-            self._phase = phase
-            self._bar = tqdm(total=total, desc=f"{phase:<12}", unit=PHASE_UNITS.get(phase, "steps"),
-                             file=self.stream, ncols=min(self.width, shutil.get_terminal_size().columns),
-                             bar_format="{desc} {bar} {n_fmt}/{total_fmt} {unit} {elapsed}<{remaining}{postfix}",
-                             leave=True)
-        if phase == "master_tiles" and ": aligned " in message:
-            self._bar.set_postfix_str(message.split(": aligned ")[0] + f" {done}/{total}", refresh=True)
-            return
-        self._bar.total = total
-        self._bar.n = done
-        self._bar.set_postfix_str(message[:20], refresh=True)
-
-    def close(self):
-        """Finish the current bar (it stays on screen)."""
-        if self._bar is not None:
-            self._bar.close()
-            self._bar = None
-
-
-LOG_FORMAT = "%(asctime)s %(levelname)s %(name)s: %(message)s"
-
-
-def attach_run_log(config: MosaicConfig) -> logging.Handler | None:
-    """Start ``zemosaic_run.log`` in the output folder: a FileHandler on the root logger.
-
-    For the front ends (CLI, window), which call :func:`detach_run_log` when the run ends; the
-    pipeline itself adds no handler. The file records the run at the configured level. None
-    when the folder cannot hold it (the run then reports the unwritable folder itself).
-    """
-    try:
-        os.makedirs(config.output_folder, exist_ok=True)
-        handler = logging.FileHandler(os.path.join(config.output_folder, LOG_NAME), mode="w",
-                                      encoding="utf-8")
-    except OSError:
-        return None
-    handler.setLevel(config.logging_level)
-    handler.setFormatter(logging.Formatter(LOG_FORMAT))
-    logging.getLogger().addHandler(handler)
-    return handler
-
-
-def detach_run_log(handler: logging.Handler | None) -> None:
-    """Stop and close a handler made by :func:`attach_run_log` (None is ignored)."""
-    if handler is not None:
-        logging.getLogger().removeHandler(handler)
-        handler.close()
-
-
-def wcs_summary(report: dict) -> str:
-    """Return how the used frames got their WCS, e.g. ``"4 from headers, 1 solved, 1 matched"``."""
-    sources = [e["wcs"] for e in report.get("frame_wcs", [])]
-    counts = [(sum(s == "header" for s in sources), "from headers"),
-              (sum(s == "solved" for s in sources), "solved"),
-              (sum(s.startswith("matched") for s in sources), "matched"),
-              (sum(s == "cache" for s in sources), "from the cache")]
-    return ", ".join(f"{n} {what}" for n, what in counts if n) or "none"
-
-
-def format_summary(result: RunResult) -> str:
-    """Return the human-readable end-of-run summary."""
-    rep = result.report
-    lines = [
-        f"ZeMosaic {rep['version']}: mosaic done in {result.elapsed_s:.1f} s",
-        f"  frames used:    {len(rep['frames_used'])}",
-        f"  frames skipped: {len(rep['frames_skipped'])}",
-    ]
-    for s in rep["frames_skipped"]:
-        lines.append(f"    - {os.path.basename(s['path'])}: {s['reason']}")
-    lines.append(f"  frame WCS:      {wcs_summary(rep)}")
-    lines.append(f"  master tiles:   {len(rep['tiles'])}")
-    lines.append(f"  size:           {rep['mosaic_shape'][2]} x {rep['mosaic_shape'][1]} px, "
-                 f"{rep['mosaic_shape'][0]} channel(s), assembly on {rep['backends'].get('assembly')}")
-    for key, path in result.paths.items():
-        lines.append(f"  {key + ':':<15} {path}")
-    phases = ", ".join(f"{k} {v:.1f}s" for k, v in rep["timings_s"].items() if k != "total")
-    lines.append(f"  timings:        {phases}")
-    return "\n".join(lines)
-
-
-class _Terminated(KeyboardInterrupt):
-    """SIGTERM: unwinds the run like Ctrl-C (temporary files removed, lock released)."""
-
-
-def _on_sigterm(signum, frame):
-    raise _Terminated()
-
-
-HELP_EPILOG = """main configuration keys (JSON file; all optional except the folders):
-  input_folder, output_folder          folders of the raw frames and of the outputs
-  stacking_rejection_algorithm         winsorized_sigma_clip | kappa_sigma | none
-  stacking_kappa_low, stacking_kappa_high, stacking_winsor_limits
-  stacking_final_combine_method        mean | median
-  cluster_panel_threshold, max_raw_per_master_tile
-  use_gpu_phase5, two_pass_coverage_renorm
-  save_channel_files, save_final_as_uint16, logging_level
-  (every key with its default and allowed values: README.md, "Configuration keys")
-
-example:
-  echo '{"input_folder": "/data/M42", "output_folder": "/data/M42/mosaic"}' > m42.json
-  python -m zemosaic_worker m42.json --log-level DEBUG
-
-outputs: zemosaic_mosaic.fits, zemosaic_mosaic_coverage.fits, zemosaic_mosaic_preview.png,
-  zemosaic_mosaic_display.tif, zemosaic_run.json, zemosaic_run.log (in output_folder)
-"""
-
-
-def _parser() -> argparse.ArgumentParser:
-    """Return the command line's argument parser."""
-    parser = argparse.ArgumentParser(
-        prog="python -m zemosaic_worker", epilog=HELP_EPILOG,
-        formatter_class=argparse.RawDescriptionHelpFormatter,
-        description="Build an RGB mosaic FITS from raw smart-telescope frames (plate-solved here "
-                    "when they carry no WCS).")
-    parser.add_argument("config", help="JSON configuration file (input_folder, output_folder, ...)")
-    parser.add_argument("--log-level", choices=["ERROR", "WARNING", "INFO", "DEBUG"], type=str.upper,
-                        help="log level (default: logging_level from the configuration)")
-    parser.add_argument("--version", action="version", version=f"ZeMosaic {__version__}")
-    return parser
-
-
 def main(argv=None) -> int:
-    """Command line: ``python -m zemosaic_worker CONFIG.json [--log-level LEVEL]``; returns the exit code."""
-    args = _parser().parse_args(argv)
-    if threading.current_thread() is threading.main_thread():
-        signal.signal(signal.SIGTERM, _on_sigterm)
-    logging.basicConfig(level=args.log_level or "INFO", format="%(levelname)s %(name)s: %(message)s")
-    debug = args.log_level == "DEBUG"
-    progress, run_log = _TerminalProgress(), None
-    try:
-        config = load_config(args.config)
-        level = args.log_level or config.logging_level
-        logging.getLogger().setLevel(level)
-        debug = level == "DEBUG"
-        run_log = attach_run_log(config.replace(logging_level=level))
-        result = run_mosaic(config, progress=progress)
-    except (ConfigError, PipelineError) as exc:
-        progress.close()
-        _report_failure(exc, debug)
-        return 2 if isinstance(exc, ConfigError) else 1
-    except Cancelled:
-        progress.close()
-        print("zemosaic: cancelled", file=sys.stderr)
-        return 130
-    except _Terminated:
-        progress.close()
-        print("\nzemosaic: terminated (SIGTERM); no mosaic written", file=sys.stderr)
-        return 143
-    except KeyboardInterrupt:
-        progress.close()
-        print("\nzemosaic: interrupted; no mosaic written", file=sys.stderr)
-        return 130
-    except Exception as exc:  # an unexpected failure: one line unless debugging
-        progress.close()
-        _report_failure(exc, debug, unexpected=True)
-        return 1
-    finally:
-        detach_run_log(run_log)
-    progress.close()
-    print(format_summary(result))
-    return 0
+    """Command line: ``python -m zemosaic_worker CONFIG.json [--log-level LEVEL]`` (see :mod:`zemosaic_cli`)."""
+    from zemosaic_cli import main as cli_main
 
-
-def _report_failure(exc, debug, unexpected=False):
-    """Print a one-line failure reason; the traceback only at DEBUG."""
-    if debug:
-        logger.exception("run failed")
-    kind = f"{type(exc).__name__}: " if unexpected else ""
-    print(f"zemosaic: error: {kind}{exc}", file=sys.stderr)
+    return cli_main(argv)
 
 
 if __name__ == "__main__":

@@ -33,6 +33,7 @@ sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(
 
 import zemosaic_astrometry as za  # noqa: E402
 import zemosaic_fits as zf  # noqa: E402
+import zemosaic_solve as zsolve  # noqa: E402
 import zemosaic_synth  # noqa: E402
 import zemosaic_worker as zw  # noqa: E402
 from _measure import fmt, load_warning, print_table  # noqa: E402
@@ -77,7 +78,8 @@ def solve_phase(frames_dir, truths, force_solve_all: bool):
         records = zw.scan_frames(config, report, ctx)
         t0 = time.perf_counter()
         if force_solve_all:
-            state = zw._Solving(za.solver_from_config(config)[0], config, ctx, len(records))
+            state = zsolve._Solving(za.solver_from_config(config)[0], config, ctx, len(records),
+                                   zw.wcs_cache_folder(config))
             for r in records:
                 state.solve(r)
             runs = state.solves

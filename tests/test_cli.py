@@ -9,6 +9,7 @@ from pathlib import Path
 import pytest
 
 import zemosaic_synth
+import zemosaic_cli
 import zemosaic_worker as zw
 from zemosaic_config import ConfigError, config_from_dict
 
@@ -50,7 +51,7 @@ class _Tty(io.StringIO):
 
 def test_progress_one_bar_per_phase_with_unit_within_80_columns():
     stream = _Tty()
-    bars = zw._TerminalProgress(stream=stream, width=80)
+    bars = zemosaic_cli._TerminalProgress(stream=stream, width=80)
     for i in range(1, 21):
         bars("scan", i, 20, f"Light_{i:04d}_with_a_long_name.fits")
     for tile in range(1, 4):

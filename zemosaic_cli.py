@@ -1,0 +1,221 @@
+"""The command line, and what the desktop window shares with it.
+
+``python -m zemosaic_worker CONFIG.json [--log-level LEVEL]`` (or the ``zemosaic-worker`` command)
+lands in :func:`main`: it reads the configuration, shows one tqdm bar per phase on a terminal,
+writes the run's log to ``zemosaic_run.log`` in the output folder, prints the end-of-run summary
+and turns failures into one line and an exit code (1 a run that cannot be made, 2 a bad
+configuration, 130 Ctrl-C or cancel, 143 SIGTERM). The window uses the same run log and summary
+(:func:`attach_run_log`, :func:`detach_run_log`, :func:`format_summary`, :func:`wcs_summary`).
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import shutil
+import signal
+import sys
+import threading
+
+from zemosaic_config import ConfigError, MosaicConfig, load_config
+from zemosaic_worker import (LOG_NAME, Cancelled, PipelineError, RunResult, __version__,
+                             run_mosaic)
+
+logger = logging.getLogger(__name__)
+
+
+# What each phase counts, shown as the unit of its progress bar.
+PHASE_UNITS = {"scan": "frames", "solve": "frames", "group": "steps", "master_tiles": "tiles",
+               "grid": "steps", "assembly": "steps", "write": "steps"}
+
+
+class _TerminalProgress:
+    """Turns progress callbacks into tqdm bars on a terminal: one per phase, 80 columns at most.
+
+    The master-tile phase also reports each aligned frame of the tile in progress (same phase,
+    the frames of one tile as total); those updates go into the bar's text so the bar counts tiles.
+    """
+
+    def __init__(self, stream=sys.stderr, width=80):
+        self.stream, self.width = stream, width
+        self.enabled = stream.isatty()
+        self._phase, self._bar = None, None
+
+    def __call__(self, phase, done, total, message=""):
+        if not self.enabled:
+            return
+        from tqdm import tqdm  # only a terminal run draws bars
+
+        if phase != self._phase:
+            self.close()
+            self._phase = phase
+            self._bar = tqdm(total=total, desc=f"{phase:<12}", unit=PHASE_UNITS.get(phase, "steps"),
+                             file=self.stream, ncols=min(self.width, shutil.get_terminal_size().columns),
+                             bar_format="{desc} {bar} {n_fmt}/{total_fmt} {unit} {elapsed}<{remaining}{postfix}",
+                             leave=True)
+        if phase == "master_tiles" and ": aligned " in message:
+            self._bar.set_postfix_str(message.split(": aligned ")[0] + f" {done}/{total}", refresh=True)
+            return
+        self._bar.total = total
+        self._bar.n = done
+        self._bar.set_postfix_str(message[:20], refresh=True)
+
+    def close(self):
+        """Finish the current bar (it stays on screen)."""
+        if self._bar is not None:
+            self._bar.close()
+            self._bar = None
+
+
+LOG_FORMAT = "%(asctime)s %(levelname)s %(name)s: %(message)s"
+
+
+def attach_run_log(config: MosaicConfig) -> logging.Handler | None:
+    """Start ``zemosaic_run.log`` in the output folder: a FileHandler on the root logger.
+
+    For the front ends (CLI, window), which call :func:`detach_run_log` when the run ends; the
+    pipeline itself adds no handler. The file records the run at the configured level. None
+    when the folder cannot hold it (the run then reports the unwritable folder itself).
+    """
+    try:
+        os.makedirs(config.output_folder, exist_ok=True)
+        handler = logging.FileHandler(os.path.join(config.output_folder, LOG_NAME), mode="w",
+                                      encoding="utf-8")
+    except OSError:
+        return None
+    handler.setLevel(config.logging_level)
+    handler.setFormatter(logging.Formatter(LOG_FORMAT))
+    logging.getLogger().addHandler(handler)
+    return handler
+
+
+def detach_run_log(handler: logging.Handler | None) -> None:
+    """Stop and close a handler made by :func:`attach_run_log` (None is ignored)."""
+    if handler is not None:
+        logging.getLogger().removeHandler(handler)
+        handler.close()
+
+
+def wcs_summary(report: dict) -> str:
+    """Return how the used frames got their WCS, e.g. ``"4 from headers, 1 solved, 1 matched"``."""
+    sources = [e["wcs"] for e in report.get("frame_wcs", [])]
+    counts = [(sum(s == "header" for s in sources), "from headers"),
+              (sum(s == "solved" for s in sources), "solved"),
+              (sum(s.startswith("matched") for s in sources), "matched"),
+              (sum(s == "cache" for s in sources), "from the cache")]
+    return ", ".join(f"{n} {what}" for n, what in counts if n) or "none"
+
+
+def format_summary(result: RunResult) -> str:
+    """Return the human-readable end-of-run summary."""
+    rep = result.report
+    lines = [
+        f"ZeMosaic {rep['version']}: mosaic done in {result.elapsed_s:.1f} s",
+        f"  frames used:    {len(rep['frames_used'])}",
+        f"  frames skipped: {len(rep['frames_skipped'])}",
+    ]
+    for s in rep["frames_skipped"]:
+        lines.append(f"    - {os.path.basename(s['path'])}: {s['reason']}")
+    lines.append(f"  frame WCS:      {wcs_summary(rep)}")
+    lines.append(f"  master tiles:   {len(rep['tiles'])}")
+    lines.append(f"  size:           {rep['mosaic_shape'][2]} x {rep['mosaic_shape'][1]} px, "
+                 f"{rep['mosaic_shape'][0]} channel(s), assembly on {rep['backends'].get('assembly')}")
+    for key, path in result.paths.items():
+        lines.append(f"  {key + ':':<15} {path}")
+    phases = ", ".join(f"{k} {v:.1f}s" for k, v in rep["timings_s"].items() if k != "total")
+    lines.append(f"  timings:        {phases}")
+    return "\n".join(lines)
+
+
+class _Terminated(KeyboardInterrupt):
+    """SIGTERM: unwinds the run like Ctrl-C (temporary files removed, lock released)."""
+
+
+def _on_sigterm(signum, frame):
+    raise _Terminated()
+
+
+HELP_EPILOG = """main configuration keys (JSON file; all optional except the folders):
+  input_folder, output_folder          folders of the raw frames and of the outputs
+  stacking_rejection_algorithm         winsorized_sigma_clip | kappa_sigma | none
+  stacking_kappa_low, stacking_kappa_high, stacking_winsor_limits
+  stacking_final_combine_method        mean | median
+  cluster_panel_threshold, max_raw_per_master_tile
+  use_gpu_phase5, two_pass_coverage_renorm
+  save_channel_files, save_final_as_uint16, logging_level
+  (every key with its default and allowed values: README.md, "Configuration keys")
+
+example:
+  echo '{"input_folder": "/data/M42", "output_folder": "/data/M42/mosaic"}' > m42.json
+  python -m zemosaic_worker m42.json --log-level DEBUG
+
+outputs: zemosaic_mosaic.fits, zemosaic_mosaic_coverage.fits, zemosaic_mosaic_preview.png,
+  zemosaic_mosaic_display.tif, zemosaic_run.json, zemosaic_run.log (in output_folder)
+"""
+
+
+def _parser() -> argparse.ArgumentParser:
+    """Return the command line's argument parser."""
+    parser = argparse.ArgumentParser(
+        prog="python -m zemosaic_worker", epilog=HELP_EPILOG,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+        description="Build an RGB mosaic FITS from raw smart-telescope frames (plate-solved here "
+                    "when they carry no WCS).")
+    parser.add_argument("config", help="JSON configuration file (input_folder, output_folder, ...)")
+    parser.add_argument("--log-level", choices=["ERROR", "WARNING", "INFO", "DEBUG"], type=str.upper,
+                        help="log level (default: logging_level from the configuration)")
+    parser.add_argument("--version", action="version", version=f"ZeMosaic {__version__}")
+    return parser
+
+
+def main(argv=None) -> int:
+    """Command line: ``python -m zemosaic_worker CONFIG.json [--log-level LEVEL]``; returns the exit code."""
+    args = _parser().parse_args(argv)
+    if threading.current_thread() is threading.main_thread():
+        signal.signal(signal.SIGTERM, _on_sigterm)
+    logging.basicConfig(level=args.log_level or "INFO", format="%(levelname)s %(name)s: %(message)s")
+    debug = args.log_level == "DEBUG"
+    progress, run_log = _TerminalProgress(), None
+    try:
+        config = load_config(args.config)
+        level = args.log_level or config.logging_level
+        logging.getLogger().setLevel(level)
+        debug = level == "DEBUG"
+        run_log = attach_run_log(config.replace(logging_level=level))
+        result = run_mosaic(config, progress=progress)
+    except (ConfigError, PipelineError) as exc:
+        progress.close()
+        _report_failure(exc, debug)
+        return 2 if isinstance(exc, ConfigError) else 1
+    except Cancelled:
+        progress.close()
+        print("zemosaic: cancelled", file=sys.stderr)
+        return 130
+    except _Terminated:
+        progress.close()
+        print("\nzemosaic: terminated (SIGTERM); no mosaic written", file=sys.stderr)
+        return 143
+    except KeyboardInterrupt:
+        progress.close()
+        print("\nzemosaic: interrupted; no mosaic written", file=sys.stderr)
+        return 130
+    except Exception as exc:  # an unexpected failure: one line unless debugging
+        progress.close()
+        _report_failure(exc, debug, unexpected=True)
+        return 1
+    finally:
+        detach_run_log(run_log)
+    progress.close()
+    print(format_summary(result))
+    return 0
+
+
+def _report_failure(exc, debug, unexpected=False):
+    """Print a one-line failure reason; the traceback only at DEBUG."""
+    if debug:
+        logger.exception("run failed")
+    kind = f"{type(exc).__name__}: " if unexpected else ""
+    print(f"zemosaic: error: {kind}{exc}", file=sys.stderr)
+
+

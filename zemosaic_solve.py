@@ -1,0 +1,234 @@
+"""The plate-solving phase: every frame without a usable WCS gets one, solving few, matching many.
+
+Solving a Seestar sub costs about a second, matching its stars to a solved frame a tenth of one,
+and a night is hundreds of subs of a few pointings. So the frames are grouped by their pointing,
+one frame per group is plate-solved (or a frame whose file already has a WCS serves), the others
+get the WCS their star match to it implies, and one more frame per group is solved to check the
+matches. A frame whose match fails is solved on its own; one that cannot be solved is skipped with
+its reason. Every WCS found goes to the cache (keyed by the file's content), so a rerun solves
+nothing. The solvers, star lists, matching and cache are :mod:`zemosaic_astrometry`'s; this
+module decides which frame gets which.
+
+Frames are the pipeline's records (``path``, ``info``, ``ra``/``dec``, ``wcs``, ``wcs_source``,
+``set_wcs``...); the report and the progress context are the run's
+(:func:`zemosaic_worker.run_mosaic`).
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import time
+
+import numpy as np
+
+import zemosaic_astrometry as zastro
+import zemosaic_fits as zfits
+from zemosaic_utils import unit_vectors
+
+logger = logging.getLogger(__name__)
+
+NO_SOLVER = "no plate solver"
+# A group's matched WCS is checked against one more solve; beyond this they disagree.
+_CHECK_TOLERANCE_PX = 1.0
+# Frames tried as a group's solved anchor before the group is given up.
+_ANCHOR_ATTEMPTS = 3
+
+
+class _Solving:
+    """What the solve phase shares: solver, cache, report, progress and the frames' star lists."""
+
+    def __init__(self, solver, config, ctx, total, cache_folder):
+        self.solver, self.config, self.ctx = solver, config, ctx
+        self.cache = zastro.WcsCache(cache_folder)
+        self._stars: dict[str, np.ndarray] = {}
+        self._advanced: set[str] = set()
+        self.total, self.solves = total, 0
+
+    def digest(self, record) -> str:
+        return record.content_digest()
+
+    def _raw(self, record):
+        """Return a frame's raw pixels (its star list is kept on the way)."""
+        # Hot pixels sit at the same place in every frame: left in, they match each other.
+        raw = zfits.load_frame(record.path, debayer=False, hot_pixels=True, require_wcs=False).data
+        if record.path not in self._stars:
+            self._stars[record.path] = zastro.frame_stars(raw)
+        return raw
+
+    def stars(self, record) -> np.ndarray:
+        """Return a frame's star list (full-resolution pixels), detected once per run."""
+        if record.path not in self._stars:
+            self._raw(record)
+        return self._stars[record.path]
+
+    def solve(self, record) -> bool:
+        """Plate-solve one frame; True when it got a WCS (the reason is logged otherwise)."""
+        self.ctx.check_cancel()
+        if self.solver is None:
+            record.solve_error = NO_SOLVER
+            return False
+        t0 = time.perf_counter()
+        try:
+            raw = self._raw(record)
+            n_stars = len(self.stars(record))
+            if n_stars < zastro.MIN_STARS_TO_SOLVE:
+                raise zastro.SolveError(f"only {n_stars} star(s) detected")
+            self.solves += 1
+            hints = zastro.hints_from_header(record.info.header)
+            wcs = zastro.solve_frame(self.solver, raw, hints, self.config.plate_solve_timeout_s)
+        except (zastro.SolveError, zfits.FrameError) as exc:
+            record.solve_error = str(exc)
+            logger.info("Plate solving %s failed: %s", os.path.basename(record.path), exc)
+            return False
+        self.keep(record, wcs, "solved", time.perf_counter() - t0)
+        return True
+
+    def match(self, record, anchor) -> bool:
+        """Give a frame the WCS of its star match to a solved anchor; True on success."""
+        self.ctx.check_cancel()
+        try:
+            wcs = zastro.wcs_from_star_match(self.stars(record), record.info.shape_hw,
+                                             self.stars(anchor), anchor.wcs)
+        except (zastro.SolveError, zfits.FrameError) as exc:
+            logger.debug("%s: %s; solving it on its own", os.path.basename(record.path), exc)
+            return False
+        self.keep(record, wcs, f"matched to {os.path.basename(anchor.path)}", None)
+        return True
+
+    def keep(self, record, wcs, source, solve_s):
+        record.set_wcs(wcs, source, solve_s)
+        self.cache.put(self.digest(record), wcs, source, solve_s)
+        self.advance(record)
+
+    def advance(self, record):
+        """Count a frame as done (once) and report progress."""
+        self._advanced.add(record.path)
+        self.ctx.report("solve", len(self._advanced), self.total,
+                        f"{os.path.basename(record.path)}: {record.wcs_source or 'failed'}")
+
+
+def solve_frames(records, config, report, ctx, cache_folder, group_by_pointing):
+    """Phase 1b: give every frame without a usable WCS one; returns the frames that have one.
+
+    WCSs come from the cache first (keyed by file content). The others are grouped by their
+    commanded pointing; per group one frame is plate-solved (or a frame with a WCS already serves)
+    and the rest get the WCS their star match to it implies, with one more frame solved as a
+    check. A frame whose match fails is solved on its own; one that cannot be solved is skipped.
+    """
+    pending = [r for r in records if r.wcs is None]
+    if not pending:
+        _record_wcs_sources(records, report)
+        return records
+    solver, reason = zastro.solver_from_config(config)
+    state = _Solving(solver, config, ctx, len(pending), cache_folder)
+    pending = [r for r in pending if not _from_cache(r, state)]
+    if pending:
+        logger.info("Plate solving: %d frame(s) without WCS, %s", len(pending),
+                    solver.name if solver else f"star matching only ({reason})")
+    for group in _solve_groups(records, pending, group_by_pointing):
+        _solve_group(group, state)
+    unsolved = [r for r in pending if r.wcs is None and r.solve_error == NO_SOLVER]
+    if unsolved:
+        # One WARNING for all of them: the fix is the same (install a solver), not per frame.
+        names = ", ".join(os.path.basename(r.path) for r in unsolved[:10])
+        more = f" and {len(unsolved) - 10} more" if len(unsolved) > 10 else ""
+        logger.warning("%d frame(s) have no WCS and no plate solver can run (%s): %s%s are "
+                       "skipped; to use them, %s", len(unsolved), reason, names, more,
+                       zastro.INSTALL_HINT)
+    for r in pending:
+        if r.wcs is None:
+            no_solver = r.solve_error == NO_SOLVER
+            why = f"no plate solver ({reason})" if no_solver \
+                else f"could not be plate-solved: {r.solve_error or 'no solution'}"
+            report.skip(r.path, f"{r.info.wcs_problem or 'WCS not used'}; {why}", quiet=no_solver)
+    used = _record_wcs_sources([r for r in records if r.wcs is not None], report)
+    logger.info("Plate solving: %d solver run(s), %d frame(s) matched, %d from the cache",
+                state.solves, sum(r.wcs_source.startswith("matched") for r in used),
+                sum(r.wcs_source == "cache" for r in used))
+    return used
+
+
+def _record_wcs_sources(records, report) -> list:
+    """Write how each frame got its WCS into the report; returns ``records``."""
+    for r in records:
+        entry = {"wcs": r.wcs_source, "solve_s": None if r.solve_s is None else round(r.solve_s, 3)}
+        if r.cache_origin:
+            entry["cached_from"] = r.cache_origin
+        report.frame_wcs[r.path] = entry
+    return records
+
+
+def _from_cache(record, state) -> bool:
+    """Give a frame its cached WCS; True on a hit."""
+    hit = state.cache.get(state.digest(record))
+    if hit is None:
+        return False
+    record.set_wcs(hit.wcs, "cache", hit.solve_s)
+    record.cache_origin = hit.source
+    state.advance(record)
+    return True
+
+
+def _solve_groups(records, pending, group_by_pointing) -> list[list]:
+    """Return groups (by pointing) holding frames to solve, each with the group's solved frames.
+
+    A frame with no pointing in its header is a group of its own (solved blind).
+    """
+    placed = [r for r in records if r.ra is not None]
+    groups = group_by_pointing(placed) if placed else []
+    todo = {id(r) for r in pending}
+    out = [[placed[i] for i in g] for g in groups if any(id(placed[i]) in todo for i in g)]
+    return out + [[r] for r in pending if r.ra is None]
+
+
+def _nearest_centre_first(group) -> list:
+    """Return a group's frames ordered by distance to the group's mean pointing."""
+    vec = unit_vectors([r.ra for r in group], [r.dec for r in group])
+    centre = vec.mean(axis=0)
+    return [group[i] for i in np.argsort(-(vec @ centre), kind="stable")]
+
+
+def _solve_group(group, state) -> None:
+    """Solve one frame of a group (its anchor), match the rest to it, check one more solve."""
+    ordered = _nearest_centre_first(group) if group[0].ra is not None else group
+    anchor = next((r for r in ordered if r.wcs is not None), None)
+    tries = 0
+    for r in ordered:
+        if anchor is not None or tries >= _ANCHOR_ATTEMPTS:
+            break
+        tries += 1
+        if state.solve(r):
+            anchor = r
+    todo = [r for r in ordered if r.wcs is None]
+    if anchor is None:
+        for r in todo:
+            r.solve_error = NO_SOLVER if state.solver is None else \
+                f"no frame of its group could be plate-solved ({tries} tried)"
+            state.advance(r)
+        return
+    matched = [r for r in todo if state.match(r, anchor)]
+    if matched and not _check_matches(matched, anchor, state):
+        for r in matched:
+            r.wcs = None
+            todo.append(r)
+    for r in todo:
+        if r.wcs is None and not state.solve(r):
+            state.advance(r)
+
+
+def _check_matches(matched, anchor, state) -> bool:
+    """Solve one matched frame too; False (and a WARNING) when match and solve disagree."""
+    check = matched[len(matched) // 2]
+    wcs_matched = check.wcs
+    if not state.solve(check):
+        check.set_wcs(wcs_matched, f"matched to {os.path.basename(anchor.path)}")
+        return True  # nothing to compare with: the match stands
+    offset = zastro.wcs_pixel_offset(wcs_matched, check.wcs, check.info.shape_hw)
+    logger.debug("Plate solving check on %s: matched and solved WCS %.2f px apart",
+                 os.path.basename(check.path), offset)
+    if offset <= _CHECK_TOLERANCE_PX:
+        return True
+    logger.warning("Star-matched WCSs of the group of %s disagree with a plate solution by %.1f px;"
+                   " solving its frames one by one", os.path.basename(anchor.path), offset)
+    return False

@@ -39,7 +39,9 @@ __all__ = [
     "config_from_dict",
     "config_to_dict",
     "load_config",
+    "read_config_file",
     "save_config",
+    "split_config_dict",
 ]
 
 
@@ -357,11 +359,16 @@ CHOICES: dict[str, tuple[str, ...]] = {
     f.name: f.metadata["choices"] for f in _FIELDS if f.metadata["choices"]}
 #: The rule each field's value must follow, in words (used in error messages).
 FIELD_EXPECTED: dict[str, str] = {f.name: f.metadata["expected"] for f in _FIELDS}
-#: Alternative JSON key -> canonical field name.
+#: Alternative JSON key -> canonical field name: upstream ZeMosaic's names for the settings that
+#: mean the same here (the value is used as it is; the README's key table lists what upstream keys
+#: have no equivalent and why).
 ALIASES: dict[str, str] = {
     "input_dir": "input_folder",
     "output_dir": "output_folder",
     "use_gpu": "use_gpu_phase5",
+    # Upstream's switch for astropy's match_background in the final co-add: per-tile sky offsets
+    # solved from the overlaps, as match_background does here.
+    "match_background_for_final": "match_background",
 }
 
 
@@ -402,15 +409,16 @@ def _within_one_edit(a: str, b: str) -> bool:
             or a[i:i + 2][::-1] + a[i + 2:] == b[i:])
 
 
-def config_from_dict(d: Mapping[str, Any]) -> MosaicConfig:
-    """Build a validated :class:`MosaicConfig` from a JSON-like mapping.
+def split_config_dict(d: Mapping[str, Any]) -> tuple[MosaicConfig, dict[str, Any]]:
+    """Return the validated :class:`MosaicConfig` of a JSON-like mapping and its unknown entries.
 
     Aliases (:data:`ALIASES`) are mapped to canonical keys; an alias and its
     canonical key with different values raise :class:`ConfigError`.  Missing
     keys take their defaults.  Unknown keys are ignored with a single WARNING
     that lists them all (sorted), each with the nearest known key ("did you
     mean"); a key one edit away from a known key is a typo and raises
-    :class:`ConfigError`.
+    :class:`ConfigError`.  The unknown entries come back as given (in their
+    order) so a caller that rewrites the file can keep them.
     """
     if not isinstance(d, Mapping):
         raise ConfigError(
@@ -429,7 +437,17 @@ def config_from_dict(d: Mapping[str, Any]) -> MosaicConfig:
     if unknown:
         hints = [f"{k} (did you mean {_nearest_key(k)}?)" if _nearest_key(k) else k for k in unknown]
         logger.warning("Ignoring unknown configuration keys: %s", ", ".join(hints))
-    return MosaicConfig(**{k: v for k, v in values.items() if k in _FIELD_NAMES})
+    config = MosaicConfig(**{k: v for k, v in values.items() if k in _FIELD_NAMES})
+    return config, {k: v for k, v in d.items() if k in unknown}
+
+
+def config_from_dict(d: Mapping[str, Any]) -> MosaicConfig:
+    """Build a validated :class:`MosaicConfig` from a JSON-like mapping.
+
+    The rules for aliases, unknown keys and typos are those of :func:`split_config_dict`;
+    the unknown entries are dropped.
+    """
+    return split_config_dict(d)[0]
 
 
 def config_to_dict(config: MosaicConfig) -> dict[str, Any]:
@@ -441,11 +459,13 @@ def config_to_dict(config: MosaicConfig) -> dict[str, Any]:
     return result
 
 
-def load_config(path: str | os.PathLike) -> MosaicConfig:
-    """Read and validate a JSON configuration file.
+def read_config_file(path: str | os.PathLike) -> tuple[MosaicConfig, dict[str, Any]]:
+    """Read and validate a JSON configuration file; returns the config and its unknown entries.
 
     Raises :class:`ConfigError` naming the file when it cannot be read, is not
     valid JSON (with line and column), is not a JSON object or holds a bad value.
+    The unknown entries (upstream keys with no equivalent, for instance) are
+    those of :func:`split_config_dict`.
     """
     path = os.fspath(path)
     try:
@@ -464,15 +484,30 @@ def load_config(path: str | os.PathLike) -> MosaicConfig:
         raise ConfigError(f"configuration file {path} is nested too deeply to be a "
                           "configuration (lists or objects inside each other)") from None
     try:
-        return config_from_dict(data)
+        return split_config_dict(data)
     except ConfigError as exc:
         raise ConfigError(f"{path}: {exc}", key=exc.key, value=exc.value) from exc
     except RecursionError:
         raise ConfigError(f"configuration file {path} holds a value nested too deeply") from None
 
 
-def save_config(config: MosaicConfig, path: str | os.PathLike) -> None:
+def load_config(path: str | os.PathLike) -> MosaicConfig:
+    """Read and validate a JSON configuration file (see :func:`read_config_file`).
+
+    Unknown keys are reported once and dropped.
+    """
+    return read_config_file(path)[0]
+
+
+def save_config(config: MosaicConfig, path: str | os.PathLike,
+                unknown: Mapping[str, Any] | None = None) -> None:
     """Write ``config`` as indented JSON with canonical keys, atomically.
+
+    ``unknown`` holds entries this program does not use (those
+    :func:`read_config_file` returned): they are written untouched after the
+    known keys, so a file shared with upstream ZeMosaic keeps its other
+    settings.  An entry named like a field or an alias raises ``ValueError``:
+    it would contradict the field on the next load.
 
     The text goes to a hidden temporary file in the destination folder which
     then replaces ``path`` in one step, so a crash never leaves a half-written
@@ -480,8 +515,12 @@ def save_config(config: MosaicConfig, path: str | os.PathLike) -> None:
     """
     if not isinstance(config, MosaicConfig):
         raise TypeError(f"expected a MosaicConfig, got {type(config).__name__}")
+    unknown = dict(unknown or {})
+    clashing = sorted(k for k in unknown if k in _FIELD_NAMES or k in ALIASES)
+    if clashing:
+        raise ValueError(f"unknown entries must not carry known keys: {', '.join(clashing)}")
     path = os.fspath(path)
-    text = json.dumps(config_to_dict(config), indent=2) + "\n"
+    text = json.dumps({**config_to_dict(config), **unknown}, indent=2) + "\n"
     folder, name = os.path.split(os.path.abspath(path))
     tmp = os.path.join(folder, f".{name}.{uuid.uuid4().hex}.tmp")
     # Mode "x": never clobber anything; a name clash raises before we own a file.

@@ -1,5 +1,11 @@
 """PySide6 window for ZeMosaic: folders, options, log panel, progress, cancel and preview.
 
+Options are described once, in :data:`OPTION_SPECS` (which widget edits which configuration
+field, and which switch makes it matter) and :data:`CHOICE_LABELS` (the plain-words names of the
+drop-down values, whose JSON spelling stays the item's data). Keys of a loaded file that this
+program does not use are kept and written back by Save. The preview keeps the last good result
+when a run fails or is cancelled, and shows it fitted or at 100 %.
+
 Started with ``python -m zemosaic_gui [CONFIG.json]`` or the ``zemosaic`` command. The window
 only collects a :class:`~zemosaic_config.MosaicConfig` and hands it to
 :func:`zemosaic_worker.run_mosaic` on a worker thread; it holds no pipeline logic.
@@ -31,17 +37,18 @@ from dataclasses import dataclass
 try:
     from PySide6.QtCore import QObject, QStandardPaths, Qt, QThread, QUrl, Signal
     from PySide6.QtGui import QDesktopServices, QPixmap
-    from PySide6.QtWidgets import (QApplication, QCheckBox, QComboBox, QDoubleSpinBox,
-                                   QFileDialog, QFormLayout, QGridLayout, QGroupBox, QHBoxLayout,
-                                   QLabel, QLineEdit, QMainWindow, QMessageBox, QPlainTextEdit,
-                                   QProgressBar, QPushButton, QSizePolicy, QSpinBox, QSplitter,
-                                   QVBoxLayout, QWidget)
+    from PySide6.QtWidgets import (QApplication, QButtonGroup, QCheckBox, QComboBox,
+                                   QDoubleSpinBox, QFileDialog, QFormLayout, QGridLayout,
+                                   QGroupBox, QHBoxLayout, QLabel, QLineEdit, QMainWindow,
+                                   QMessageBox, QPlainTextEdit, QProgressBar, QPushButton,
+                                   QScrollArea, QSizePolicy, QSpinBox, QSplitter, QVBoxLayout,
+                                   QWidget)
 except ImportError as exc:  # the GUI is an optional extra
     raise ImportError("the ZeMosaic window needs PySide6: pip install 'zemosaic[gui]'") from exc
 
 import zemosaic_cli
 import zemosaic_worker
-from zemosaic_config import (CHOICES, FIELD_HELP, ConfigError, MosaicConfig, load_config,
+from zemosaic_config import (CHOICES, FIELD_HELP, ConfigError, MosaicConfig, read_config_file,
                              save_config)
 from zemosaic_utils import gpu_unavailable_reason
 
@@ -67,9 +74,12 @@ _DEFAULT_FIELDS = {f.name: f.default for f in dataclasses.fields(MosaicConfig)}
 class OptionSpec:
     """One option widget: the config field it edits (or one half of a ``(low, high)`` pair).
 
-    The widget kind follows the field: a drop-down for fields in :data:`CHOICES`, a check box for
-    true/false fields, a spin box for numbers (``minimum``..``maximum``; ``special`` is the text
-    shown at the minimum, e.g. "automatic" for 0). The tooltip is the field's :data:`FIELD_HELP`.
+    The widget kind follows the field: a drop-down for fields in :data:`CHOICES` (items named by
+    :data:`CHOICE_LABELS`), a check box for true/false fields, a spin box for numbers
+    (``minimum``..``maximum``; ``special`` is the text shown at the minimum, e.g. "automatic" for
+    0). The tooltip is the field's :data:`FIELD_HELP`. ``enabled_if`` is ``(field, values)``: the
+    widget is editable only while that other field holds one of ``values`` (a setting the run
+    would not use is greyed out, its value kept).
     """
 
     group: str
@@ -81,6 +91,7 @@ class OptionSpec:
     step: float = 1.0
     decimals: int = 2
     special: str = ""
+    enabled_if: tuple[str, tuple] | None = None
 
     @property
     def key(self) -> tuple[str, int | None]:
@@ -88,21 +99,44 @@ class OptionSpec:
         return self.field, self.part
 
 
-OPTION_GROUPS = ("Stacking", "Plate solving", "Mosaic", "Assembly")
+OPTION_GROUPS = ("Stacking", "Output", "Plate solving", "Mosaic", "Assembly")
+
+# Which rejection uses which setting (zemosaic_align_stack): both clips use the kappas and the
+# rounds, only the winsorized one the winsor limits.
+_CLIPPING = ("stacking_rejection_algorithm", ("winsorized_sigma_clip", "kappa_sigma"))
+_WINSORIZING = ("stacking_rejection_algorithm", ("winsorized_sigma_clip",))
+_TWO_PASS_ON = ("two_pass_coverage_renorm", (True,))
+
+#: Plain-words names of the drop-down values; the JSON value stays the item's data.
+CHOICE_LABELS: dict[str, dict[str, str]] = {
+    "stacking_normalize_method": {"linear_fit": "Match stars (gain and sky)",
+                                  "sky_mean": "Match sky level only", "none": "Leave as recorded"},
+    "stacking_weighting_method": {"noise_variance": "Less noise, more weight",
+                                  "none": "Equal weights"},
+    "stacking_rejection_algorithm": {"winsorized_sigma_clip": "Winsorized sigma clip",
+                                     "kappa_sigma": "Kappa-sigma clip", "none": "No rejection"},
+    "stacking_final_combine_method": {"mean": "Mean", "median": "Median"},
+    "align_method": {"astroalign": "Star matching", "wcs": "Plate solution only"},
+    "assembly_engine": {"fast": "Fast (CPU or GPU)", "reproject": "Reference (astropy reproject)"},
+}
 
 OPTION_SPECS: tuple[OptionSpec, ...] = (
     OptionSpec("Stacking", "stacking_normalize_method", "Normalisation"),
     OptionSpec("Stacking", "stacking_weighting_method", "Weighting"),
     OptionSpec("Stacking", "stacking_rejection_algorithm", "Rejection"),
-    OptionSpec("Stacking", "stacking_kappa_low", "Kappa low", minimum=0.1, maximum=20.0, step=0.1),
-    OptionSpec("Stacking", "stacking_kappa_high", "Kappa high", minimum=0.1, maximum=20.0, step=0.1),
+    OptionSpec("Stacking", "stacking_kappa_low", "Kappa low", minimum=0.1, maximum=20.0, step=0.1,
+               enabled_if=_CLIPPING),
+    OptionSpec("Stacking", "stacking_kappa_high", "Kappa high", minimum=0.1, maximum=20.0, step=0.1,
+               enabled_if=_CLIPPING),
     OptionSpec("Stacking", "stacking_kappa_max_iterations", "Rejection rounds", minimum=1,
-               maximum=50),
+               maximum=50, enabled_if=_CLIPPING),
     OptionSpec("Stacking", "stacking_winsor_limits", "Winsor limit low", part=0, maximum=0.49,
-               step=0.01, decimals=3),
+               step=0.01, decimals=3, enabled_if=_WINSORIZING),
     OptionSpec("Stacking", "stacking_winsor_limits", "Winsor limit high", part=1, maximum=0.49,
-               step=0.01, decimals=3),
+               step=0.01, decimals=3, enabled_if=_WINSORIZING),
     OptionSpec("Stacking", "stacking_final_combine_method", "Combine"),
+    OptionSpec("Output", "save_channel_files", "One FITS per colour (SWarp, Montage)"),
+    OptionSpec("Output", "save_final_as_uint16", "16-bit integer copy"),
     OptionSpec("Plate solving", "force_resolve_existing_wcs", "Solve frames that have a WCS"),
     OptionSpec("Plate solving", "plate_solve_timeout_s", "Time limit per frame (s)", minimum=1.0,
                maximum=3600.0, step=5.0, decimals=0),
@@ -121,12 +155,17 @@ OPTION_SPECS: tuple[OptionSpec, ...] = (
     OptionSpec("Assembly", "intertile_photometric_match", "Match tile gains"),
     OptionSpec("Assembly", "two_pass_coverage_renorm", "Two-Pass renormalisation"),
     OptionSpec("Assembly", "two_pass_cov_sigma_px", "Two-Pass smoothing (px)", maximum=5000.0,
-               step=5.0, decimals=1),
+               step=5.0, decimals=1, enabled_if=_TWO_PASS_ON),
     OptionSpec("Assembly", "two_pass_cov_gain_clip", "Gain clip low", part=0, minimum=0.01,
-               maximum=1.0, step=0.01, decimals=3),
+               maximum=1.0, step=0.01, decimals=3, enabled_if=_TWO_PASS_ON),
     OptionSpec("Assembly", "two_pass_cov_gain_clip", "Gain clip high", part=1, minimum=1.0,
-               maximum=10.0, step=0.01, decimals=3),
+               maximum=10.0, step=0.01, decimals=3, enabled_if=_TWO_PASS_ON),
 )
+
+
+def choice_label(field: str, value: str) -> str:
+    """Return the plain-words name of a drop-down value (the value itself when it has none)."""
+    return CHOICE_LABELS.get(field, {}).get(value, value)
 
 
 def _make_option_widget(spec: OptionSpec) -> QWidget:
@@ -136,7 +175,10 @@ def _make_option_widget(spec: OptionSpec) -> QWidget:
         default = default[spec.part]
     if spec.field in CHOICES:
         widget = QComboBox()
-        widget.addItems(list(CHOICES[spec.field]))
+        for index, value in enumerate(CHOICES[spec.field]):
+            widget.addItem(choice_label(spec.field, value), value)
+            # The JSON spelling, for a user comparing the window with a configuration file.
+            widget.setItemData(index, f"In the JSON file: {value!r}", Qt.ItemDataRole.ToolTipRole)
     elif isinstance(default, bool):
         widget = QCheckBox()
     elif isinstance(default, str):
@@ -160,7 +202,7 @@ def _make_option_widget(spec: OptionSpec) -> QWidget:
 def _widget_value(widget: QWidget):
     """Return the value a widget made by :func:`_make_option_widget` holds."""
     if isinstance(widget, QComboBox):
-        return widget.currentText()
+        return widget.currentData()
     if isinstance(widget, QCheckBox):
         return widget.isChecked()
     if isinstance(widget, QLineEdit):
@@ -171,7 +213,7 @@ def _widget_value(widget: QWidget):
 def _set_widget_value(widget: QWidget, value) -> None:
     """Show ``value`` in a widget made by :func:`_make_option_widget`."""
     if isinstance(widget, QComboBox):
-        widget.setCurrentText(value)
+        widget.setCurrentIndex(widget.findData(value))
     elif isinstance(widget, QCheckBox):
         widget.setChecked(bool(value))
     elif isinstance(widget, QLineEdit):
@@ -215,23 +257,27 @@ def last_config_path() -> str:
     return os.path.join(config_dir(), LAST_CONFIG_NAME)
 
 
-def load_last_config() -> MosaicConfig | None:
-    """Return the remembered configuration, or None when there is none or it is unusable."""
+def load_last_config() -> tuple[MosaicConfig, dict] | None:
+    """Return the remembered configuration and its unknown entries, or None when there is none
+    or it is unusable."""
     path = last_config_path()
     if not os.path.exists(path):
         return None
     try:
-        return load_config(path)
+        return read_config_file(path)
     except ConfigError as exc:
         logger.warning("Ignoring the remembered configuration: %s", exc)
         return None
 
 
-def save_last_config(config: MosaicConfig) -> None:
-    """Remember ``config`` for the next session; a failure is one WARNING, never an error."""
+def save_last_config(config: MosaicConfig, unknown: dict | None = None) -> None:
+    """Remember ``config`` (and the ``unknown`` entries it was loaded with) for the next session.
+
+    A failure is one WARNING, never an error.
+    """
     try:
         os.makedirs(config_dir(), exist_ok=True)
-        save_config(config, last_config_path())
+        save_config(config, last_config_path(), unknown)
     except OSError as exc:
         logger.warning("Could not remember the configuration in %s: %s", config_dir(), exc)
 
@@ -373,6 +419,77 @@ def _error_label() -> QLabel:
     return label
 
 
+class PreviewView(QScrollArea):
+    """The mosaic preview, fitted to the view or at 100 % (one image pixel per screen pixel).
+
+    At 100 % the image scrolls; fitted, it follows the view's size. Without an image the view
+    shows a line of text instead.
+    """
+
+    def __init__(self, text: str = "", parent: QWidget | None = None):
+        super().__init__(parent)
+        self._image = QPixmap()
+        self._fit = True
+        self.label = QLabel(text)
+        self.label.setAlignment(Qt.AlignmentFlag.AlignCenter)
+        self.label.setStyleSheet("background: #202020; color: #b0b0b0;")
+        self.setWidget(self.label)
+        self.setAlignment(Qt.AlignmentFlag.AlignCenter)
+        self.setStyleSheet("QScrollArea { background: #202020; }")
+        self.setMinimumSize(320, 220)
+        self.setSizePolicy(QSizePolicy.Policy.Ignored, QSizePolicy.Policy.Ignored)
+        self._render()
+
+    @property
+    def fit(self) -> bool:
+        """True when the image is scaled to the view, False at 100 %."""
+        return self._fit
+
+    def has_image(self) -> bool:
+        """True when an image is shown (rather than a message)."""
+        return not self._image.isNull()
+
+    def set_image(self, image: QPixmap) -> None:
+        """Show ``image`` at the current zoom."""
+        self._image = image
+        self._render()
+
+    def show_message(self, text: str) -> None:
+        """Drop the image and show ``text`` instead."""
+        self._image = QPixmap()
+        self.label.setPixmap(QPixmap())
+        self.label.setText(text)
+        self._render()
+
+    def set_fit(self, fit: bool) -> None:
+        """Scale the image to the view (True) or show it at 100 % (False)."""
+        self._fit = fit
+        self._render()
+
+    def _render(self) -> None:
+        # Fitted, the label fills the viewport and scroll bars would only steal room from it.
+        fitted = self._fit or self._image.isNull()
+        policy = (Qt.ScrollBarPolicy.ScrollBarAlwaysOff if fitted
+                  else Qt.ScrollBarPolicy.ScrollBarAsNeeded)
+        self.setHorizontalScrollBarPolicy(policy)
+        self.setVerticalScrollBarPolicy(policy)
+        self.setWidgetResizable(fitted)
+        if self._image.isNull():
+            return
+        if fitted:
+            self.label.setPixmap(self._image.scaled(
+                self.viewport().size(), Qt.AspectRatioMode.KeepAspectRatio,
+                Qt.TransformationMode.SmoothTransformation))
+        else:
+            self.label.setPixmap(self._image)
+            self.label.adjustSize()
+
+    def resizeEvent(self, event) -> None:  # noqa: N802 (Qt name)
+        super().resizeEvent(event)
+        if self._fit:
+            self._render()
+
+
 class MainWindow(QMainWindow):
     """The ZeMosaic window. ``config`` (default: the remembered one) fills the widgets."""
 
@@ -383,14 +500,16 @@ class MainWindow(QMainWindow):
         self._thread: _RunThread | None = None
         self._phase = ""
         self._phase_t0 = 0.0
-        self._preview = QPixmap()
+        self._unknown_keys: dict = {}  # entries of a loaded file this program does not use
         self._run_log = None  # the run's log file handler while a run goes on
         self._output_folder = ""
         self._log_handler = QtLogHandler(parent=self)
         self._saved_levels = {name: logging.getLogger(name).level for name in PIPELINE_LOGGERS}
         self._build_ui()
         self._install_log_handler()
-        self.apply_config(config or load_last_config() or MosaicConfig())
+        if config is None:
+            config, self._unknown_keys = load_last_config() or (MosaicConfig(), {})
+        self.apply_config(config)
         self.resize(1200, 800)
 
     # ---- construction -------------------------------------------------------------------------
@@ -438,6 +557,7 @@ class MainWindow(QMainWindow):
 
     def _build_options(self) -> QVBoxLayout:
         self.option_widgets: dict[tuple[str, int | None], QWidget] = {}
+        self.option_labels: dict[tuple[str, int | None], QLabel] = {}
         forms = {}
         for name in OPTION_GROUPS:
             box = QGroupBox(name)
@@ -448,10 +568,16 @@ class MainWindow(QMainWindow):
             label.setToolTip(FIELD_HELP[spec.field])
             forms[spec.group][1].addRow(label, widget)
             _connect_changed(widget, self._update_start_state)
+            _connect_changed(widget, self._update_dependent_options)
             self.option_widgets[spec.key] = widget
+            self.option_labels[spec.key] = label
         self._explain_gpu()
         columns = QHBoxLayout()
-        columns.addWidget(forms["Stacking"][0], alignment=Qt.AlignmentFlag.AlignTop)
+        left = QVBoxLayout()
+        left.addWidget(forms["Stacking"][0])
+        left.addWidget(forms["Output"][0])
+        left.addStretch(1)
+        columns.addLayout(left)
         right = QVBoxLayout()
         right.addWidget(forms["Plate solving"][0])
         right.addWidget(forms["Mosaic"][0])
@@ -464,6 +590,16 @@ class MainWindow(QMainWindow):
         layout.addLayout(self._build_config_buttons())
         layout.addStretch(1)
         return layout
+
+    def _update_dependent_options(self, *_args) -> None:
+        """Grey out the options the current switches make unused (see ``OptionSpec.enabled_if``)."""
+        for spec in OPTION_SPECS:
+            if spec.enabled_if is None:
+                continue
+            switch, values = spec.enabled_if
+            enabled = _widget_value(self.option_widgets[(switch, None)]) in values
+            self.option_widgets[spec.key].setEnabled(enabled)
+            self.option_labels[spec.key].setEnabled(enabled)
 
     def _explain_gpu(self) -> None:
         """Disable the GPU switch, with the reason as its tooltip, when no GPU can be used."""
@@ -489,11 +625,10 @@ class MainWindow(QMainWindow):
     def _build_result(self) -> QGroupBox:
         box = QGroupBox("Result")
         layout = QVBoxLayout(box)
-        self.preview_label = QLabel("The mosaic preview appears here after a run.")
-        self.preview_label.setAlignment(Qt.AlignmentFlag.AlignCenter)
-        self.preview_label.setMinimumSize(320, 220)
-        self.preview_label.setSizePolicy(QSizePolicy.Policy.Ignored, QSizePolicy.Policy.Ignored)
-        self.preview_label.setStyleSheet("background: #202020; color: #b0b0b0;")
+        self.preview_view = PreviewView("The mosaic preview appears here after a run.")
+        self.preview_label = self.preview_view.label
+        self.preview_caption = QLabel()
+        self.preview_caption.setWordWrap(True)
         self.output_path_label = QLabel()
         self.output_path_label.setWordWrap(True)
         self.output_path_label.setTextInteractionFlags(Qt.TextInteractionFlag.TextSelectableByMouse)
@@ -503,11 +638,29 @@ class MainWindow(QMainWindow):
         self.open_folder_button = QPushButton("Open output folder")
         self.open_folder_button.setEnabled(False)
         self.open_folder_button.clicked.connect(self._open_output_folder)
-        layout.addWidget(self.preview_label, stretch=1)
+        layout.addWidget(self.preview_view, stretch=1)
+        layout.addLayout(self._build_zoom_row())
         layout.addWidget(self.output_path_label)
         layout.addWidget(self.summary_label)
         layout.addWidget(self.open_folder_button, alignment=Qt.AlignmentFlag.AlignLeft)
         return box
+
+    def _build_zoom_row(self) -> QHBoxLayout:
+        self.zoom_fit_button = QPushButton("Fit")
+        self.zoom_actual_button = QPushButton("100 %")
+        self.zoom_fit_button.setToolTip("Show the whole preview in the view.")
+        self.zoom_actual_button.setToolTip("One preview pixel per screen pixel (scroll to move).")
+        group = QButtonGroup(self)
+        for button in (self.zoom_fit_button, self.zoom_actual_button):
+            button.setCheckable(True)
+            group.addButton(button)
+        self.zoom_fit_button.setChecked(True)
+        self.zoom_fit_button.toggled.connect(self.preview_view.set_fit)
+        row = QHBoxLayout()
+        row.addWidget(self.zoom_fit_button)
+        row.addWidget(self.zoom_actual_button)
+        row.addWidget(self.preview_caption, stretch=1)
+        return row
 
     def _build_run_row(self) -> QVBoxLayout:
         self.start_button = QPushButton("Start")
@@ -602,6 +755,7 @@ class MainWindow(QMainWindow):
             _set_widget_value(self.option_widgets[spec.key],
                               value if spec.part is None else value[spec.part])
         self.set_log_level(config.logging_level)
+        self._update_dependent_options()
         self._update_start_state()
 
     def config_from_widgets(self) -> MosaicConfig:
@@ -623,7 +777,7 @@ class MainWindow(QMainWindow):
     def save_config_to(self, path: str) -> bool:
         """Write the widgets' configuration to ``path``; returns False (user told) on failure."""
         try:
-            save_config(self.config_from_widgets(), path)
+            save_config(self.config_from_widgets(), path, self._unknown_keys)
         except ConfigError as exc:
             self._show_error("Cannot save settings", _config_error_text(exc))
             return False
@@ -634,12 +788,17 @@ class MainWindow(QMainWindow):
         return True
 
     def load_config_from(self, path: str) -> bool:
-        """Read ``path`` into the widgets; returns False (user told which key) on failure."""
+        """Read ``path`` into the widgets; returns False (user told which key) on failure.
+
+        The file's keys this program does not use (upstream ZeMosaic's, for instance) are kept
+        and written back by the next Save.
+        """
         try:
-            config = load_config(path)
+            config, unknown = read_config_file(path)
         except ConfigError as exc:
             self._show_error("Cannot load settings", _config_error_text(exc))
             return False
+        self._unknown_keys = unknown
         self.apply_config(config)
         logger.info("Settings loaded from %s", path)
         return True
@@ -701,7 +860,7 @@ class MainWindow(QMainWindow):
         except ConfigError as exc:
             self.start_message.setText(_config_error_text(exc))
             return
-        save_last_config(config)
+        save_last_config(config, self._unknown_keys)
         self._reset_result()
         thread = _RunThread(config, self)
         thread.progressed.connect(self._on_progress)
@@ -726,9 +885,12 @@ class MainWindow(QMainWindow):
         self.status_label.setText("Cancelling…")
 
     def _reset_result(self) -> None:
-        self._preview = QPixmap()
-        self.preview_label.setPixmap(QPixmap())
-        self.preview_label.setText("Running…")
+        # The last good preview stays until a new one replaces it (a failed or cancelled run
+        # leaves it); the path and summary go, as the new run may remove that run's files.
+        if self.preview_view.has_image():
+            self.preview_caption.setText("Previous result; running…")
+        else:
+            self.preview_view.show_message("Running…")
         self.output_path_label.clear()
         self.summary_label.clear()
         self.open_folder_button.setEnabled(False)
@@ -752,6 +914,7 @@ class MainWindow(QMainWindow):
         self.eta_label.setText(format_eta(estimate_eta(now - self._phase_t0, done, total)))
 
     def _on_succeeded(self, result) -> None:
+        self.preview_caption.clear()
         self._show_preview(result.paths["preview"])
         self.output_path_label.setText(f"Mosaic: {result.paths['mosaic']}")
         self.summary_label.setText(summary_text(result))
@@ -762,14 +925,14 @@ class MainWindow(QMainWindow):
 
     def _on_failed(self, title: str, message: str) -> None:
         self.status_label.setText("Failed")
-        self.preview_label.setText("No mosaic: the run failed.")
+        self._keep_last_preview("The run failed", "No mosaic: the run failed.")
         self._finish_progress("Failed")
         logger.error("%s: %s", title, message)
         self._show_error(title, message)
 
     def _on_cancelled(self) -> None:
         self.status_label.setText("Cancelled")
-        self.preview_label.setText("Cancelled: no mosaic written.")
+        self._keep_last_preview("Cancelled", "Cancelled: no mosaic written.")
         self._finish_progress("Cancelled")
         logger.info("Run cancelled; no mosaic written")
 
@@ -788,21 +951,18 @@ class MainWindow(QMainWindow):
     # ---- result display -----------------------------------------------------------------------
 
     def _show_preview(self, path: str) -> None:
-        self._preview = QPixmap(path)
-        if self._preview.isNull():
-            self.preview_label.setText(f"Cannot show the preview {path}")
+        image = QPixmap(path)
+        if image.isNull():
+            self.preview_view.show_message(f"Cannot show the preview {path}")
             return
-        self._scale_preview()
+        self.preview_view.set_image(image)
 
-    def _scale_preview(self) -> None:
-        if not self._preview.isNull():
-            self.preview_label.setPixmap(self._preview.scaled(
-                self.preview_label.size(), Qt.AspectRatioMode.KeepAspectRatio,
-                Qt.TransformationMode.SmoothTransformation))
-
-    def resizeEvent(self, event) -> None:  # noqa: N802 (Qt name)
-        super().resizeEvent(event)
-        self._scale_preview()
+    def _keep_last_preview(self, what: str, no_preview_text: str) -> None:
+        """After a run without a mosaic: say so under the last good preview, or in its place."""
+        if self.preview_view.has_image():
+            self.preview_caption.setText(f"{what}; showing the previous result.")
+        else:
+            self.preview_view.show_message(no_preview_text)
 
     def _open_output_folder(self) -> None:
         if self._output_folder:
@@ -822,7 +982,7 @@ class MainWindow(QMainWindow):
             # a QThread must not be destroyed while it runs.
             self._thread.wait()
         try:
-            save_last_config(self.config_from_widgets())
+            save_last_config(self.config_from_widgets(), self._unknown_keys)
         except ConfigError as exc:
             logger.warning("Settings not remembered: %s", exc)
         self._remove_log_handler()

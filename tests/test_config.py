@@ -23,6 +23,7 @@ from zemosaic_config import (  # noqa: E402
     config_from_dict,
     config_to_dict,
     load_config,
+    read_config_file,
     save_config,
 )
 
@@ -116,6 +117,38 @@ def test_config_to_dict_is_json_able():
 def test_aliases():
     config = config_from_dict({"input_dir": "/a", "output_dir": "/b", "use_gpu": True})
     assert (config.input_folder, config.output_folder, config.use_gpu_phase5) == ("/a", "/b", True)
+
+
+def test_upstream_keys_with_an_equivalent_are_mapped(caplog):
+    upstream = {"input_dir": "/a", "output_dir": "/b", "match_background_for_final": False,
+                "save_final_as_uint16": True, "final_assembly_method": "reproject_coadd",
+                "num_processing_workers": -1}
+    with caplog.at_level(logging.WARNING, logger="zemosaic_config"):
+        config = config_from_dict(upstream)
+    assert config.match_background is False and config.save_final_as_uint16 is True
+    # Upstream keys with no equivalent here stay unknown: named in the one warning.
+    (record,) = [r for r in caplog.records if r.levelno == logging.WARNING]
+    assert record.getMessage() == ("Ignoring unknown configuration keys: final_assembly_method, "
+                                   "num_processing_workers")
+
+
+def test_unknown_entries_come_back_and_are_saved_untouched(tmp_path):
+    path = tmp_path / "upstream.json"
+    path.write_text(json.dumps({"qt_theme_mode": "dark", "stacking_kappa_low": 2.0,
+                                "input_dir": "/a", "winsor_worker_limit": 10,
+                                "global_wcs_res_override": None}), encoding="utf-8")
+    config, unknown = read_config_file(path)
+    assert unknown == {"qt_theme_mode": "dark", "winsor_worker_limit": 10,
+                       "global_wcs_res_override": None}
+    save_config(config.replace(stacking_kappa_high=4.0), path, unknown)
+    saved = json.loads(path.read_text(encoding="utf-8"))
+    assert list(saved) == [*EXPECTED_DEFAULTS, "qt_theme_mode", "winsor_worker_limit",
+                           "global_wcs_res_override"]  # known keys first, then the others
+    assert saved["stacking_kappa_high"] == 4.0 and saved["input_folder"] == "/a"
+    assert "input_dir" not in saved  # an alias is known: written under its canonical name
+    assert read_config_file(path) == (config.replace(stacking_kappa_high=4.0), unknown)
+    with pytest.raises(ValueError, match="use_gpu"):
+        save_config(config, path, {"use_gpu": True})
 
 
 def test_alias_with_same_value_as_canonical_key_is_fine():

@@ -222,19 +222,28 @@ def test_unexpected_error_shows_type_and_message(window, qtbot, tmp_path, monkey
     assert window.start_button.isEnabled()
 
 
+def _choose(combo, value):
+    """Select the drop-down item whose data (the JSON value) is ``value``."""
+    index = combo.findData(value)
+    assert index >= 0, value
+    combo.setCurrentIndex(index)
+
+
 def _change_several_widgets(win, tmp_path):
     win.input_edit.setText(str(tmp_path))
     win.output_edit.setText(str(tmp_path / "out"))
     widgets = win.option_widgets
-    widgets[("stacking_rejection_algorithm", None)].setCurrentText("kappa_sigma")
-    widgets[("stacking_final_combine_method", None)].setCurrentText("median")
+    _choose(widgets[("stacking_rejection_algorithm", None)], "kappa_sigma")
+    _choose(widgets[("stacking_final_combine_method", None)], "median")
     widgets[("stacking_kappa_low", None)].setValue(2.5)
     widgets[("stacking_winsor_limits", 1)].setValue(0.1)
     widgets[("max_raw_per_master_tile", None)].setValue(12)
     widgets[("correct_hot_pixels", None)].setChecked(False)
     widgets[("two_pass_coverage_renorm", None)].setChecked(True)
     widgets[("two_pass_cov_gain_clip", 0)].setValue(0.9)
-    widgets[("assembly_engine", None)].setCurrentText("reproject")
+    _choose(widgets[("assembly_engine", None)], "reproject")
+    widgets[("save_channel_files", None)].setChecked(True)
+    widgets[("save_final_as_uint16", None)].setChecked(True)
     win.log_level_combo.setCurrentText("DEBUG")
 
 
@@ -250,6 +259,7 @@ def test_settings_survive_save_and_load(window, tmp_path):
     assert window.config_from_widgets() == wanted
     assert wanted.stacking_winsor_limits == (0.05, 0.1)
     assert wanted.two_pass_cov_gain_clip == (0.9, 1.18)
+    assert wanted.save_channel_files and wanted.save_final_as_uint16
 
 
 def test_bad_settings_file_names_the_key(window, tmp_path):
@@ -300,7 +310,7 @@ def test_tooltips_and_choices_come_from_config_tables(window):
         widget = window.option_widgets[spec.key]
         assert widget.toolTip().startswith(FIELD_HELP[spec.field])
         if spec.field in CHOICES:
-            assert [widget.itemText(i) for i in range(widget.count())] == list(CHOICES[spec.field])
+            assert [widget.itemData(i) for i in range(widget.count())] == list(CHOICES[spec.field])
 
 
 def test_module_imports_without_display():
@@ -320,3 +330,167 @@ def test_eta_helpers():
     assert zemosaic_gui.estimate_eta(10.0, 0, 3) is None
     assert zemosaic_gui.format_eta(None) == ""
     assert zemosaic_gui.format_eta(65) == "ETA 1 min 05 s"
+
+
+def test_drop_downs_show_plain_words_and_keep_json_values(window):
+    rejection = window.option_widgets[("stacking_rejection_algorithm", None)]
+    assert rejection.currentText() == "Winsorized sigma clip"
+    assert rejection.currentData() == "winsorized_sigma_clip"
+    normalize = window.option_widgets[("stacking_normalize_method", None)]
+    assert normalize.currentText() == "Match stars (gain and sky)"
+    engine = window.option_widgets[("assembly_engine", None)]
+    assert engine.currentText().startswith("Fast")
+    # Every value of every drop-down has a plain-words name of its own.
+    for field, labels in zemosaic_gui.CHOICE_LABELS.items():
+        combo = window.option_widgets[(field, None)]
+        texts = [combo.itemText(i) for i in range(combo.count())]
+        assert set(labels) == {combo.itemData(i) for i in range(combo.count())}
+        assert all("_" not in text for text in texts) and len(set(texts)) == len(texts)
+    _choose(rejection, "kappa_sigma")
+    assert rejection.currentText() == "Kappa-sigma clip"
+    assert window.config_from_widgets().stacking_rejection_algorithm == "kappa_sigma"
+
+
+def _editable(win, field, part=None):
+    widget, label = win.option_widgets[(field, part)], win.option_labels[(field, part)]
+    assert widget.isEnabled() == label.isEnabled()
+    return widget.isEnabled()
+
+
+def test_dependent_options_follow_their_switch(window):
+    two_pass = window.option_widgets[("two_pass_coverage_renorm", None)]
+    dependents = [("two_pass_cov_sigma_px", None), ("two_pass_cov_gain_clip", 0),
+                  ("two_pass_cov_gain_clip", 1)]
+    assert not two_pass.isChecked()
+    assert not any(_editable(window, *key) for key in dependents)
+    two_pass.setChecked(True)
+    assert all(_editable(window, *key) for key in dependents)
+
+    rejection = window.option_widgets[("stacking_rejection_algorithm", None)]
+    clip = [("stacking_kappa_low", None), ("stacking_kappa_high", None),
+            ("stacking_kappa_max_iterations", None)]
+    winsor = [("stacking_winsor_limits", 0), ("stacking_winsor_limits", 1)]
+    assert all(_editable(window, *key) for key in clip + winsor)  # winsorized sigma clip
+    _choose(rejection, "kappa_sigma")
+    assert all(_editable(window, *key) for key in clip)
+    assert not any(_editable(window, *key) for key in winsor)
+    window.option_widgets[("stacking_kappa_low", None)].setValue(2.5)
+    _choose(rejection, "none")
+    assert not any(_editable(window, *key) for key in clip + winsor)
+    # A greyed-out setting keeps its value in the configuration.
+    assert window.config_from_widgets().stacking_kappa_low == 2.5
+
+    window.apply_config(MosaicConfig(two_pass_coverage_renorm=False))
+    assert not any(_editable(window, *key) for key in dependents)
+    assert all(_editable(window, *key) for key in clip + winsor)
+
+
+def test_save_keeps_the_unknown_keys_of_a_loaded_file(window, tmp_path):
+    import json
+
+    upstream = {"input_dir": str(tmp_path), "stacking_kappa_low": 2.0,
+                "match_background_for_final": False, "final_assembly_method": "incremental",
+                "qt_theme_mode": "dark", "anchor_quality_span_range": [0.02, 6.0],
+                "global_wcs_res_override": None}
+    path = tmp_path / "zemosaic_config.json"
+    path.write_text(json.dumps(upstream), encoding="utf-8")
+    assert window.load_config_from(str(path))
+    assert not window.option_widgets[("match_background", None)].isChecked()
+    window.option_widgets[("stacking_kappa_high", None)].setValue(4.0)
+    saved_path = tmp_path / "saved.json"
+    assert window.save_config_to(str(saved_path))
+    saved = json.loads(saved_path.read_text(encoding="utf-8"))
+    for key in ("final_assembly_method", "qt_theme_mode", "anchor_quality_span_range",
+                "global_wcs_res_override"):
+        assert saved[key] == upstream[key]
+    assert saved["input_folder"] == str(tmp_path) and saved["match_background"] is False
+    assert saved["stacking_kappa_low"] == 2.0 and saved["stacking_kappa_high"] == 4.0
+    # The remembered settings keep them too.
+    window.close()
+    remembered = json.loads(open(zemosaic_gui.last_config_path(), encoding="utf-8").read())
+    assert remembered["qt_theme_mode"] == "dark"
+
+
+def _fake_run(monkeypatch, tmp_path, outcome):
+    """Make the window's runs end at once: with a 1600 x 1000 preview, or by raising ``outcome``."""
+    from types import SimpleNamespace
+
+    from PySide6.QtGui import QColor, QImage
+
+    def run(config, progress=None, cancel=None):
+        if outcome is not None:
+            raise outcome
+        png = str(tmp_path / "preview.png")
+        image = QImage(1600, 1000, QImage.Format.Format_RGB32)
+        image.fill(QColor(40, 80, 120))
+        assert image.save(png)
+        return SimpleNamespace(paths={"preview": png, "mosaic": str(tmp_path / MOSAIC_NAME)},
+                               elapsed_s=1.0, report={})
+
+    monkeypatch.setattr(zemosaic_gui.zemosaic_worker, "run_mosaic", run)
+    monkeypatch.setattr(zemosaic_gui, "summary_text", lambda result: "summary")
+    monkeypatch.setattr(zemosaic_gui.zemosaic_cli, "format_summary", lambda result: "summary")
+
+
+def _run_once(win, qtbot):
+    win.start_button.click()
+    qtbot.waitUntil(lambda: not win.running, timeout=RUN_TIMEOUT_MS)
+
+
+def test_last_good_preview_stays_after_failure_and_cancel(window, qtbot, tmp_path, monkeypatch):
+    from zemosaic_worker import Cancelled, PipelineError
+
+    window.input_edit.setText(str(tmp_path))
+    window.output_edit.setText(str(tmp_path / "out"))
+    _fake_run(monkeypatch, tmp_path, None)
+    _run_once(window, qtbot)
+    assert window.status_label.text().startswith("Done")
+    good = window.preview_label.pixmap().toImage()
+    assert not good.isNull() and window.preview_caption.text() == ""
+
+    _fake_run(monkeypatch, tmp_path, PipelineError("no usable frame"))
+    _run_once(window, qtbot)
+    assert window.status_label.text() == "Failed" and len(window.errors) == 1
+    assert window.preview_label.pixmap().toImage() == good
+    assert "failed" in window.preview_caption.text()
+
+    _fake_run(monkeypatch, tmp_path, Cancelled("cancelled by user"))
+    _run_once(window, qtbot)
+    assert window.status_label.text() == "Cancelled"
+    assert window.preview_label.pixmap().toImage() == good
+    assert "Cancelled" in window.preview_caption.text()
+
+
+def test_failure_without_earlier_preview_says_so(window, qtbot, tmp_path, monkeypatch):
+    from zemosaic_worker import PipelineError
+
+    window.input_edit.setText(str(tmp_path))
+    window.output_edit.setText(str(tmp_path / "out"))
+    _fake_run(monkeypatch, tmp_path, PipelineError("no usable frame"))
+    _run_once(window, qtbot)
+    assert window.preview_label.pixmap().isNull()
+    assert window.preview_label.text() == "No mosaic: the run failed."
+
+
+def test_preview_zooms_between_fit_and_100_percent(window, qtbot, tmp_path, monkeypatch):
+    window.input_edit.setText(str(tmp_path))
+    window.output_edit.setText(str(tmp_path / "out"))
+    _fake_run(monkeypatch, tmp_path, None)
+    _run_once(window, qtbot)
+    view = window.preview_view
+    fitted = window.preview_label.pixmap().size()
+    viewport = view.viewport().size()
+    assert view.fit and fitted.width() <= viewport.width() and fitted.height() <= viewport.height()
+    assert fitted.width() < 1600
+
+    window.zoom_actual_button.click()
+    assert not view.fit
+    assert (window.preview_label.pixmap().width(), window.preview_label.pixmap().height()) \
+        == (1600, 1000)
+    assert view.horizontalScrollBar().maximum() > 0  # larger than the view: it scrolls
+
+    window.zoom_fit_button.click()
+    assert view.fit and window.preview_label.pixmap().size() == fitted
+    # Fitted, the preview follows the window's size.
+    window.resize(1500, 1000)
+    qtbot.waitUntil(lambda: window.preview_label.pixmap().width() > fitted.width(), timeout=5000)

@@ -20,6 +20,7 @@ Coordinates follow NumPy/astropy: 0-based pixel ``(x, y)`` with ``x`` the column
 
 from __future__ import annotations
 
+import contextlib
 import glob
 import hashlib
 import json
@@ -28,6 +29,7 @@ import os
 import shutil
 import subprocess
 import tempfile
+import threading
 import time
 import warnings
 from dataclasses import dataclass
@@ -57,6 +59,9 @@ MIN_STARS_TO_SOLVE = 8
 # A star match is trusted when this many stars agree to within this many pixels (full frame).
 _MIN_MATCHED_STARS = 8
 _MATCH_TOLERANCE_PX = 2.0
+# Seed of astroalign's RANSAC: the same two star lists always give the same match.
+_RANSAC_SEED = 0
+_ransac_lock = threading.Lock()
 
 
 class SolveError(Exception):
@@ -450,32 +455,91 @@ def _apply(matrix, xy) -> np.ndarray:
     return xy @ matrix[:2, :2].T + matrix[:2, 2]
 
 
+class _SeededRandom:
+    """``numpy.random`` whose ``default_rng()`` without a seed is seeded with :data:`_RANSAC_SEED`."""
+
+    def default_rng(self, seed=None):
+        return np.random.default_rng(_RANSAC_SEED if seed is None else seed)
+
+    def __getattr__(self, name):
+        return getattr(np.random, name)
+
+
+class _NumpyWithSeededRandom:
+    """NumPy as astroalign sees it inside :func:`_seeded_ransac`: the same, but ``random``."""
+
+    random = _SeededRandom()
+
+    def __getattr__(self, name):
+        return getattr(np, name)
+
+
+@contextlib.contextmanager
+def _seeded_ransac(astroalign):
+    """Run astroalign with its RANSAC drawing from a seeded generator.
+
+    astroalign 2.x shuffles its candidate triangles with ``numpy.random.default_rng()`` and has no
+    seed parameter, so two runs of the same star lists may start from different (equally good)
+    transforms; the least-squares refinement then usually, not always, ends on the same stars.
+    Seeding makes the same input give the same mosaic bit for bit. astroalign's NumPy is swapped
+    for the call only (under a lock, it is module state); an astroalign that draws its numbers
+    differently is still correct, only no longer repeatable.
+    """
+    with _ransac_lock:
+        saved = astroalign._np
+        astroalign._np = _NumpyWithSeededRandom()
+        try:
+            yield
+        finally:
+            astroalign._np = saved
+
+
 def match_stars(frame_stars, reference_stars) -> tuple[np.ndarray, int, float]:
     """Return ``(affine frame -> reference pixels, matched stars, rms px)`` from two star lists.
 
     Triangle matching (astroalign) finds the transform; it is then refined by least squares on
-    every star that lands within 2 px of a reference star, which makes it precise (all stars, not
-    RANSAC's sample) and independent of RANSAC's random draw. Raises :class:`SolveError`.
+    every star that lands within 2 px of a reference star, until the set of matched stars stops
+    changing. The result is the fit to that set: precise (all stars, not RANSAC's sample).
+    astroalign's RANSAC is seeded (:func:`_seeded_ransac`): the same input gives the same match on
+    every run. Raises :class:`SolveError`.
     """
     import astroalign
-    from scipy.spatial import cKDTree
 
     if len(frame_stars) < 5 or len(reference_stars) < 5:
-        raise SolveError(f"too few stars to match ({len(frame_stars)} and {len(reference_stars)})")
+        raise SolveError(f"star matching failed: too few stars ({len(frame_stars)} and "
+                         f"{len(reference_stars)})")
     try:
-        transform, _ = astroalign.find_transform(frame_stars, reference_stars, max_control_points=50)
+        with _seeded_ransac(astroalign):
+            transform, _ = astroalign.find_transform(frame_stars, reference_stars, max_control_points=50)
     except Exception as exc:  # MaxIterError, ValueError...
         raise SolveError(f"star matching failed: {exc}") from exc
-    matrix = np.asarray(transform.params, dtype=np.float64)
+    matrix, pairs = _refine_match(np.asarray(transform.params, dtype=np.float64),
+                                  frame_stars, reference_stars)
+    residual = _apply(matrix, frame_stars[pairs[0]]) - reference_stars[pairs[1]]
+    return matrix, len(pairs[0]), float(np.sqrt(np.mean(np.sum(residual**2, axis=1))))
+
+
+def _refine_match(matrix, frame_stars, reference_stars, max_rounds: int = 10):
+    """Return ``(matrix, (frame indices, reference indices))``: the least-squares fit to its own matches.
+
+    The affine transform is refitted on the stars it matches within 2 px until they stay the same
+    (a set still changing after ``max_rounds`` keeps the last fit). Raises :class:`SolveError`
+    when too few stars agree.
+    """
+    from scipy.spatial import cKDTree
+
     tree = cKDTree(reference_stars)
-    for _ in range(3):
+    pairs = None
+    for _ in range(max_rounds):
         dist, idx = tree.query(_apply(matrix, frame_stars), distance_upper_bound=_MATCH_TOLERANCE_PX)
-        ok = np.isfinite(dist)
-        if ok.sum() < _MIN_MATCHED_STARS:
-            raise SolveError(f"star matching failed: only {int(ok.sum())} stars agree")
+        ok = np.flatnonzero(np.isfinite(dist))
+        if ok.size < _MIN_MATCHED_STARS:
+            raise SolveError(f"star matching failed: only {ok.size} stars agree")
+        if pairs is not None and np.array_equal(ok, pairs[0]) and np.array_equal(idx[ok], pairs[1]):
+            break
+        pairs = (ok, idx[ok])
         matrix = _fit_affine(frame_stars[ok], reference_stars[idx[ok]])
-    residual = _apply(matrix, frame_stars[ok]) - reference_stars[idx[ok]]
-    return matrix, int(ok.sum()), float(np.sqrt(np.mean(np.sum(residual**2, axis=1))))
+    return matrix, pairs
 
 
 def wcs_from_star_match(frame_stars, frame_shape_hw, reference_stars, reference_wcs) -> WCS:

@@ -70,17 +70,18 @@ class StackParams:
 # --------------------------------------------------------------------------------------------------
 
 
-def find_star_transform(source_stars, reference_stars) -> np.ndarray:
+def find_star_transform(source_stars, reference_stars, guess=None) -> np.ndarray:
     """Return the 3x3 affine matrix taking reference pixel ``(x, y, 1)`` to source pixel coordinates.
 
     ``source_stars``/``reference_stars`` are ``(N, 2)`` star lists ``(x, y)``
     (:func:`zemosaic_astrometry.frame_stars`), so a group's reference is detected once, not once
     per frame. Matching is :func:`zemosaic_astrometry.match_stars` (astroalign's triangles, then a
-    least-squares fit on every matched star: the same transform on every run). Raises
-    :class:`AlignmentError` with the reason when matching fails.
+    least-squares fit on every matched star: the same transform on every run); ``guess`` (source
+    -> reference, from the WCSs) is tried before the triangles. Raises :class:`AlignmentError` with
+    the reason when matching fails.
     """
     try:
-        matrix, n_matched, rms = zastro.match_stars(source_stars, reference_stars)
+        matrix, n_matched, rms = zastro.match_stars(source_stars, reference_stars, guess)
     except zastro.SolveError as exc:
         raise AlignmentError(str(exc)) from exc
     logger.debug("star alignment: %d stars, rms %.2f px", n_matched, rms)
@@ -207,9 +208,12 @@ def align_frame(image, reference, method="astroalign", wcs=None, wcs_reference=N
     if method == "astroalign":
         if reference_stars is None:
             reference_stars = zastro.frame_stars(reference)
+        # Canvas pixel (x, y) is reference pixel (x - offset_x, y - offset_y).
+        shift = np.array([[1.0, 0.0, -canvas.offset[1]], [0.0, 1.0, -canvas.offset[0]], [0, 0, 1]])
+        # Two WCSs already say roughly where the stars go: matching then needs no triangles.
+        guess = shift @ zastro.wcs_affine(wcs, image.shape[:2], canvas.wcs) if have_wcs else None
         try:
-            matrix = find_star_transform(zastro.frame_stars(image), reference_stars)
-            shift = np.array([[1.0, 0.0, -canvas.offset[1]], [0.0, 1.0, -canvas.offset[0]], [0, 0, 1]])
+            matrix = find_star_transform(zastro.frame_stars(image), reference_stars, guess)
             y_src, x_src = affine_source_coords(matrix @ shift, canvas.shape)
             return warp_image(image, y_src, x_src, propagate_mask)
         except AlignmentError as exc:

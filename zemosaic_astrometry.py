@@ -498,29 +498,53 @@ def _seeded_ransac(astroalign):
             astroalign._np = saved
 
 
-def match_stars(frame_stars, reference_stars) -> tuple[np.ndarray, int, float]:
+def match_stars(frame_stars, reference_stars, guess=None) -> tuple[np.ndarray, int, float]:
     """Return ``(affine frame -> reference pixels, matched stars, rms px)`` from two star lists.
 
     Triangle matching (astroalign) finds the transform; it is then refined by least squares on
     every star that lands within 2 px of a reference star, until the set of matched stars stops
     changing. The result is the fit to that set: precise (all stars, not RANSAC's sample).
     astroalign's RANSAC is seeded (:func:`_seeded_ransac`): the same input gives the same match on
-    every run. Raises :class:`SolveError`.
+    every run. ``guess`` (an affine matrix frame -> reference, e.g. :func:`wcs_affine` of two
+    solved frames) is refined first and saves the triangle matching when enough stars agree with
+    it. Raises :class:`SolveError`.
     """
-    import astroalign
-
     if len(frame_stars) < 5 or len(reference_stars) < 5:
         raise SolveError(f"star matching failed: too few stars ({len(frame_stars)} and "
                          f"{len(reference_stars)})")
+    matrix = pairs = None
+    if guess is not None:
+        try:
+            matrix, pairs = _refine_match(np.asarray(guess, dtype=np.float64), frame_stars, reference_stars)
+        except SolveError as exc:
+            logger.debug("the guessed transform does not fit the stars (%s); matching triangles", exc)
+    if pairs is None:
+        matrix, pairs = _refine_match(_triangle_match(frame_stars, reference_stars), frame_stars,
+                                      reference_stars)
+    residual = _apply(matrix, frame_stars[pairs[0]]) - reference_stars[pairs[1]]
+    return matrix, len(pairs[0]), float(np.sqrt(np.mean(np.sum(residual**2, axis=1))))
+
+
+def _triangle_match(frame_stars, reference_stars) -> np.ndarray:
+    """Return astroalign's similarity transform frame -> reference (3x3). Raises :class:`SolveError`."""
+    import astroalign
+
     try:
         with _seeded_ransac(astroalign):
             transform, _ = astroalign.find_transform(frame_stars, reference_stars, max_control_points=50)
     except Exception as exc:  # MaxIterError, ValueError...
         raise SolveError(f"star matching failed: {exc}") from exc
-    matrix, pairs = _refine_match(np.asarray(transform.params, dtype=np.float64),
-                                  frame_stars, reference_stars)
-    residual = _apply(matrix, frame_stars[pairs[0]]) - reference_stars[pairs[1]]
-    return matrix, len(pairs[0]), float(np.sqrt(np.mean(np.sum(residual**2, axis=1))))
+    return np.asarray(transform.params, dtype=np.float64)
+
+
+def wcs_affine(wcs_from, shape_from, wcs_to) -> np.ndarray:
+    """Return the 3x3 affine matrix that best maps pixels of ``wcs_from`` to pixels of ``wcs_to``.
+
+    A least-squares fit on a 9x9 grid spanning the ``shape_from`` frame.
+    """
+    x, y = _grid(shape_from)
+    xt, yt = wcs_to.all_world2pix(*wcs_from.all_pix2world(x, y, 0), 0)
+    return _fit_affine(np.column_stack([x, y]), np.column_stack([xt, yt]))
 
 
 def _refine_match(matrix, frame_stars, reference_stars, max_rounds: int = 10):

@@ -209,3 +209,23 @@ def test_same_input_gives_the_same_master_tile_bit_for_bit(tmp_path):
     assert tiles[0].image.tobytes() == tiles[1].image.tobytes()
     assert tiles[0].coverage.tobytes() == tiles[1].coverage.tobytes()
     assert tiles[0].coverage.max() == 4
+
+
+def test_a_guess_from_the_wcs_gives_the_triangle_match(monkeypatch):
+    """A close guess skips the triangles and ends on the same fit; a wrong one falls back to them."""
+    import zemosaic_astrometry as za
+
+    rng = np.random.default_rng(9)
+    ref = np.column_stack([rng.uniform(0, 1060, 120), rng.uniform(0, 1900, 120)])
+    angle = np.radians(-3.0)
+    true = np.array([[np.cos(angle), -np.sin(angle), -20.0], [np.sin(angle), np.cos(angle), 9.0], [0, 0, 1]])
+    frame = (ref - true[:2, 2]) @ np.linalg.inv(true[:2, :2]).T + rng.normal(0, 0.05, ref.shape)
+    by_triangles = stk.find_star_transform(frame, ref)
+    close, wrong = true.copy(), true.copy()
+    close[:2, 2] += 0.8
+    wrong[:2, 2] += 40.0
+    calls = []
+    triangle_match = za._triangle_match
+    monkeypatch.setattr(za, "_triangle_match", lambda *a: calls.append(1) or triangle_match(*a))
+    assert np.array_equal(stk.find_star_transform(frame, ref, close), by_triangles) and not calls
+    assert np.array_equal(stk.find_star_transform(frame, ref, wrong), by_triangles) and calls

@@ -321,15 +321,18 @@ def bilinear_gather(columns, shape_in, y, x, xp, nan_outside: bool = False):
     fx = (x - x0f).astype(xp.float32)[:, None]
     y0 = y0f.astype(xp.int64)
     x0 = x0f.astype(xp.int64)
+    # Clamped corners are always inside an image of at least 2x2 pixels: no bounds test needed.
+    clamped = nan_outside and h >= 2 and w >= 2
     out = None
     for dy, wy in ((0, 1 - fy), (1, fy)):
         yy = y0 + dy
-        ok_y = (yy >= 0) & (yy < h)
         for dx, wx in ((0, 1 - fx), (1, fx)):
             xx = x0 + dx
-            ok = ok_y & (xx >= 0) & (xx < w)
-            index = xp.where(ok, yy * w + xx, 0)
-            term = xp.take(columns, index, axis=0) * (wy * wx * ok[:, None])
+            if clamped:
+                term = xp.take(columns, yy * w + xx, axis=0) * (wy * wx)
+            else:
+                ok = (yy >= 0) & (yy < h) & (xx >= 0) & (xx < w)
+                term = xp.take(columns, xp.where(ok, yy * w + xx, 0), axis=0) * (wy * wx * ok[:, None])
             out = term if out is None else out + term
     if nan_outside:
         out = xp.where(inside[:, None], out, xp.float32(xp.nan))

@@ -299,9 +299,10 @@ def sigma_clipped_stats(values, xp=np, kappa: float = 3.0, iterations: int = 5):
         return float("nan"), float("nan")
     for _ in range(iterations):
         med = xp.median(v)
-        keep = xp.abs(v - med) <= kappa * mad_sigma(v, xp, med)
+        sigma = mad_sigma(v, xp, med)
+        keep = xp.abs(v - med) <= kappa * sigma
         if bool(xp.all(keep)) or int(xp.sum(keep)) < 3:
-            break
+            return float(med), float(sigma)  # v is unchanged: these are its statistics
         v = v[keep]
     med = xp.median(v)
     return float(med), float(mad_sigma(v, xp, med))

@@ -130,16 +130,16 @@ def hints_from_header(header) -> SolveHints:
 # --------------------------------------------------------------------------------------------------
 
 
-def superpixel_image(data) -> np.ndarray:
-    """Return the 2x2-binned grey image of a frame: ``(H, W)`` raw Bayer or ``(H, W, C)``.
+def superpixel_image(data, factor: int = SOLVE_BINNING) -> np.ndarray:
+    """Return the ``factor`` x ``factor``-binned grey image of a frame: ``(H, W)`` raw Bayer or ``(H, W, C)``.
 
-    A binned Bayer cell holds one pixel of each colour, so the result is a grey image at half
-    resolution. NaN stays NaN (a bin with a NaN sample is NaN).
+    A 2x2-binned Bayer cell holds one pixel of each colour, so the result is a grey image at half
+    resolution. NaN stays NaN (a bin with a NaN sample is NaN). ``factor=1``: the channels' mean.
     """
     image = np.asarray(data, dtype=np.float32)
     if image.ndim == 2:
         image = image[:, :, None]
-    b = SOLVE_BINNING
+    b = factor
     h, w = (image.shape[0] // b) * b, (image.shape[1] // b) * b
     # Sums of strided views: a mean over short axes (the 2x2 cell, the 3 colours) is several
     # times slower in NumPy, and this runs on every frame.
@@ -455,6 +455,22 @@ def _fit_affine(src, dst) -> np.ndarray:
     return np.vstack([coef.T, [0.0, 0.0, 1.0]])
 
 
+def _fit_similarity(src, dst) -> np.ndarray:
+    """Return the 3x3 least-squares similarity (rotation, scale, shift) taking ``src`` to ``dst``.
+
+    Frames of one camera differ by a field rotation and a dither (the scale only by refraction):
+    with a few dozen stars, the two parameters an affine fit adds only carry their noise.
+    """
+    x, y = src[:, 0], src[:, 1]
+    one, zero = np.ones_like(x), np.zeros_like(x)
+    design = np.vstack([np.column_stack([x, -y, one, zero]), np.column_stack([y, x, zero, one])])
+    (a, b, tx, ty), *_ = np.linalg.lstsq(design, np.concatenate([dst[:, 0], dst[:, 1]]), rcond=None)
+    return np.array([[a, -b, tx], [b, a, ty], [0.0, 0.0, 1.0]])
+
+
+_TRANSFORM_FITS = {"affine": _fit_affine, "similarity": _fit_similarity}
+
+
 def _apply(matrix, xy) -> np.ndarray:
     return xy @ matrix[:2, :2].T + matrix[:2, 2]
 
@@ -498,12 +514,13 @@ def _seeded_ransac(astroalign):
             astroalign._np = saved
 
 
-def match_stars(frame_stars, reference_stars, guess=None) -> tuple[np.ndarray, int, float]:
-    """Return ``(affine frame -> reference pixels, matched stars, rms px)`` from two star lists.
+def match_stars(frame_stars, reference_stars, guess=None, model: str = "affine") -> tuple[np.ndarray, int, float]:
+    """Return ``(3x3 matrix frame -> reference pixels, matched stars, rms px)`` from two star lists.
 
     Triangle matching (astroalign) finds the transform; it is then refined by least squares on
     every star that lands within 2 px of a reference star, until the set of matched stars stops
     changing. The result is the fit to that set: precise (all stars, not RANSAC's sample).
+    ``model`` is the fitted transform, ``"affine"`` or ``"similarity"``.
     astroalign's RANSAC is seeded (:func:`_seeded_ransac`): the same input gives the same match on
     every run. ``guess`` (an affine matrix frame -> reference, e.g. :func:`wcs_affine` of two
     solved frames) is refined first and saves the triangle matching when enough stars agree with
@@ -515,12 +532,13 @@ def match_stars(frame_stars, reference_stars, guess=None) -> tuple[np.ndarray, i
     matrix = pairs = None
     if guess is not None:
         try:
-            matrix, pairs = _refine_match(np.asarray(guess, dtype=np.float64), frame_stars, reference_stars)
+            matrix, pairs = _refine_match(np.asarray(guess, dtype=np.float64), frame_stars, reference_stars,
+                                          model)
         except SolveError as exc:
             logger.debug("the guessed transform does not fit the stars (%s); matching triangles", exc)
     if pairs is None:
         matrix, pairs = _refine_match(_triangle_match(frame_stars, reference_stars), frame_stars,
-                                      reference_stars)
+                                      reference_stars, model)
     residual = _apply(matrix, frame_stars[pairs[0]]) - reference_stars[pairs[1]]
     return matrix, len(pairs[0]), float(np.sqrt(np.mean(np.sum(residual**2, axis=1))))
 
@@ -547,10 +565,10 @@ def wcs_affine(wcs_from, shape_from, wcs_to) -> np.ndarray:
     return _fit_affine(np.column_stack([x, y]), np.column_stack([xt, yt]))
 
 
-def _refine_match(matrix, frame_stars, reference_stars, max_rounds: int = 10):
+def _refine_match(matrix, frame_stars, reference_stars, model: str = "affine", max_rounds: int = 10):
     """Return ``(matrix, (frame indices, reference indices))``: the least-squares fit to its own matches.
 
-    The affine transform is refitted on the stars it matches within 2 px until they stay the same
+    The ``model`` transform is refitted on the stars it matches within 2 px until they stay the same
     (a set still changing after ``max_rounds`` keeps the last fit). Raises :class:`SolveError`
     when too few stars agree.
     """
@@ -566,7 +584,7 @@ def _refine_match(matrix, frame_stars, reference_stars, max_rounds: int = 10):
         if pairs is not None and np.array_equal(ok, pairs[0]) and np.array_equal(idx[ok], pairs[1]):
             break
         pairs = (ok, idx[ok])
-        matrix = _fit_affine(frame_stars[ok], reference_stars[idx[ok]])
+        matrix = _TRANSFORM_FITS[model](frame_stars[ok], reference_stars[idx[ok]])
     return matrix, pairs
 
 
@@ -585,9 +603,13 @@ def wcs_from_star_match(frame_stars, frame_shape_hw, reference_stars, reference_
     return tan_wcs_from_points(x, y, ra, dec, ((w - 1) / 2.0, (h - 1) / 2.0))
 
 
-def frame_stars(data) -> np.ndarray:
-    """Return a frame's stars (full-resolution ``(x, y)``) found on its 2x2 superpixel image."""
-    return _binned_to_full(detect_stars(superpixel_image(data)))
+def frame_stars(data, binning: int = SOLVE_BINNING) -> np.ndarray:
+    """Return a frame's stars (full-resolution ``(x, y)``) found on its superpixel image.
+
+    The 2x2 default suits raw Bayer data and plate solving; ``binning=1`` finds the stars of a
+    debayered frame at full resolution, two to three times more precisely.
+    """
+    return _binned_to_full(detect_stars(superpixel_image(data, binning)), binning)
 
 
 # --------------------------------------------------------------------------------------------------

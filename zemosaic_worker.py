@@ -460,7 +460,7 @@ def _load_and_align_group(records, config, report, ctx, cache_dir, tile_label):
                 stack = _allocate_stack((len(records),) + canvas.shape + reference.shape[2:], cache_dir)
                 aligned = stk.place_reference(reference, canvas)
                 if config.align_method == "astroalign":  # detected once for the whole group
-                    reference_stars = zastro.frame_stars(reference)
+                    reference_stars = stk.alignment_stars(reference)
             else:
                 if frame.data.shape[2] != reference.shape[2]:
                     raise stk.AlignmentError("channel count differs from the reference frame")

@@ -208,8 +208,7 @@ def align_frame(image, reference, method="astroalign", wcs=None, wcs_reference=N
     ``method="astroalign"`` matches stars and falls back to the WCS when matching fails and both
     WCSs are given; ``method="wcs"`` uses the WCSs only. ``canvas`` (default: the reference grid)
     is the output grid. ``reference_stars`` (:func:`alignment_stars` of the reference) saves
-    detecting them again for every frame of a group. Raises
-    :class:`AlignmentError`.
+    detecting them again for every frame of a group. Raises :class:`AlignmentError`.
     """
     if method not in ALIGN_METHODS:
         raise ValueError(f"method = {method!r} is not allowed: expected one of {ALIGN_METHODS}")
@@ -221,7 +220,8 @@ def align_frame(image, reference, method="astroalign", wcs=None, wcs_reference=N
         # Canvas pixel (x, y) is reference pixel (x - offset_x, y - offset_y).
         shift = np.array([[1.0, 0.0, -canvas.offset[1]], [0.0, 1.0, -canvas.offset[0]], [0, 0, 1]])
         # Two WCSs already say roughly where the stars go: matching then needs no triangles.
-        guess = shift @ zastro.wcs_affine(wcs, image.shape[:2], canvas.wcs) if have_wcs else None
+        guess = zastro.wcs_affine(wcs, image.shape[:2], canvas.wcs) if have_wcs else None
+        guess = None if guess is None else shift @ guess
         try:
             matrix = find_star_transform(alignment_stars(image), reference_stars, guess)
             y_src, x_src = affine_source_coords(matrix @ shift, canvas.shape)

@@ -555,14 +555,18 @@ def _triangle_match(frame_stars, reference_stars) -> np.ndarray:
     return np.asarray(transform.params, dtype=np.float64)
 
 
-def wcs_affine(wcs_from, shape_from, wcs_to) -> np.ndarray:
+def wcs_affine(wcs_from, shape_from, wcs_to) -> np.ndarray | None:
     """Return the 3x3 affine matrix that best maps pixels of ``wcs_from`` to pixels of ``wcs_to``.
 
-    A least-squares fit on a 9x9 grid spanning the ``shape_from`` frame.
+    A least-squares fit on a 9x9 grid spanning the ``shape_from`` frame; None when fewer than
+    three grid points map to finite pixels (frames on opposite sides of the sky).
     """
     x, y = _grid(shape_from)
     xt, yt = wcs_to.all_world2pix(*wcs_from.all_pix2world(x, y, 0), 0)
-    return _fit_affine(np.column_stack([x, y]), np.column_stack([xt, yt]))
+    ok = np.isfinite(xt) & np.isfinite(yt)
+    if ok.sum() < 3:
+        return None
+    return _fit_affine(np.column_stack([x, y])[ok], np.column_stack([xt, yt])[ok])
 
 
 def _refine_match(matrix, frame_stars, reference_stars, model: str = "affine", max_rounds: int = 10):

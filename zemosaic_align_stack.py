@@ -25,10 +25,10 @@ import math
 from dataclasses import dataclass
 
 import numpy as np
-import scipy.ndimage
 from scipy.special import ndtri
 
-from zemosaic_utils import compute_pixel_mapping, mapping_coordinates, to_numpy
+import zemosaic_astrometry as zastro
+from zemosaic_utils import bilinear_gather, compute_pixel_mapping, mapping_coordinates, to_numpy
 
 logger = logging.getLogger(__name__)
 
@@ -70,27 +70,33 @@ class StackParams:
 # --------------------------------------------------------------------------------------------------
 
 
-def luminance(image: np.ndarray) -> np.ndarray:
-    """Return the mean over channels of an ``(H, W, C)`` image as float32 ``(H, W)``."""
-    return np.mean(image, axis=2, dtype=np.float32) if image.shape[2] > 1 else image[..., 0]
+def alignment_stars(image) -> np.ndarray:
+    """Return the ``(N, 2)`` star list ``(x, y)`` that aligns a debayered ``(H, W, C)`` frame.
+
+    Found at full resolution: centroids two to three times more precise than on the 2x2
+    superpixels that plate solving uses, which small or sparse frames need (a few dozen stars).
+    """
+    return zastro.frame_stars(image, binning=1)
 
 
-def find_star_transform(source_lum: np.ndarray, reference_lum: np.ndarray) -> np.ndarray:
+def find_star_transform(source_stars, reference_stars, guess=None) -> np.ndarray:
     """Return the 3x3 affine matrix taking reference pixel ``(x, y, 1)`` to source pixel coordinates.
 
-    Star matching by astroalign (triangle invariants + RANSAC); raises :class:`AlignmentError`
-    with astroalign's reason when matching fails.
+    ``source_stars``/``reference_stars`` are ``(N, 2)`` star lists ``(x, y)``
+    (:func:`alignment_stars`), so a group's reference is detected once, not once per frame.
+    Matching is :func:`zemosaic_astrometry.match_stars` (astroalign's triangles, then a
+    least-squares similarity fit on every matched star: the same transform on every run; frames of
+    one camera differ by a rotation and a shift, and an affine fit's extra terms only add noise
+    when a small frame has a few dozen stars); ``guess`` (source -> reference, from the WCSs) is
+    tried before the triangles. Raises :class:`AlignmentError` with the reason when matching fails.
     """
-    import astroalign
-
-    src = np.nan_to_num(source_lum, nan=float(np.nanmedian(source_lum)))  # detection only
-    ref = np.nan_to_num(reference_lum, nan=float(np.nanmedian(reference_lum)))
     try:
-        transform, _matches = astroalign.find_transform(src, ref, max_control_points=60)
-    except Exception as exc:  # MaxIterError, TooFewStarsError, ValueError...
-        raise AlignmentError(f"star matching failed: {exc}") from exc
-    # astroalign's transform maps source -> reference; resampling needs reference -> source.
-    return np.linalg.inv(np.asarray(transform.params, dtype=np.float64))
+        matrix, n_matched, rms = zastro.match_stars(source_stars, reference_stars, guess, "similarity")
+    except zastro.SolveError as exc:
+        raise AlignmentError(str(exc)) from exc
+    logger.debug("star alignment: %d stars, rms %.2f px", n_matched, rms)
+    # The match maps source -> reference; resampling needs reference -> source.
+    return np.linalg.inv(matrix)
 
 
 def affine_source_coords(matrix: np.ndarray, shape_hw, xp=np):
@@ -120,18 +126,30 @@ def wcs_source_coords(wcs_source, shape_source, wcs_reference, shape_reference, 
     return y_src, x_src
 
 
-def warp_image(image, y_src, x_src, propagate_mask: bool = True, xp=np, ndimage=scipy.ndimage):
+# Pixels resampled per gather: a band this size keeps the gather's temporaries in the CPU caches
+# (2.5x faster than one band of a whole frame on a 2-core laptop-class CPU).
+_WARP_BAND_PIXELS = 32_768
+
+
+def warp_image(image, y_src, x_src, propagate_mask: bool = True, xp=np,
+               band_pixels: int = _WARP_BAND_PIXELS):
     """Resample an ``(H, W, C)`` image at source coordinates with bilinear interpolation.
 
-    With ``propagate_mask`` pixels outside the source footprint (and next to source NaN) are NaN;
+    One gather per row band serves every channel (:func:`zemosaic_utils.bilinear_gather`, the
+    co-add's kernel), with ``map_coordinates``'s ``order=1``/``cval=nan`` edge rules. With
+    ``propagate_mask`` pixels outside the source footprint (and next to source NaN) are NaN;
     without it they are 0, the legacy behaviour that turns frame edges into coloured bands after
     normalisation — kept only for comparison.
     """
-    coords = xp.stack([y_src, x_src])
-    fill = np.nan if propagate_mask else 0.0
-    channels = [ndimage.map_coordinates(image[..., c], coords, order=1, mode="constant", cval=fill)
-                for c in range(image.shape[2])]
-    out = xp.stack(channels, axis=-1).astype(xp.float32)
+    h, w = y_src.shape
+    n_ch = image.shape[2]
+    rows_per_chunk = max(1, band_pixels // w)
+    columns = xp.ascontiguousarray(xp.asarray(image, dtype=xp.float32)).reshape(-1, n_ch)
+    out = xp.empty((h, w, n_ch), dtype=xp.float32)
+    for r0 in range(0, h, rows_per_chunk):
+        r1 = min(h, r0 + rows_per_chunk)
+        out[r0:r1] = bilinear_gather(columns, image.shape[:2], y_src[r0:r1], x_src[r0:r1], xp,
+                                     nan_outside=True).reshape(r1 - r0, w, n_ch)
     if not propagate_mask:
         out = xp.where(xp.isfinite(out), out, 0.0).astype(xp.float32)
     return out
@@ -184,21 +202,28 @@ def place_reference(reference, canvas: Canvas):
 
 
 def align_frame(image, reference, method="astroalign", wcs=None, wcs_reference=None,
-                propagate_mask=True, canvas: Canvas | None = None):
+                propagate_mask=True, canvas: Canvas | None = None, reference_stars=None):
     """Return one ``(H, W, C)`` frame resampled onto the reference grid, NaN outside its footprint.
 
     ``method="astroalign"`` matches stars and falls back to the WCS when matching fails and both
     WCSs are given; ``method="wcs"`` uses the WCSs only. ``canvas`` (default: the reference grid)
-    is the output grid. Raises :class:`AlignmentError`.
+    is the output grid. ``reference_stars`` (:func:`alignment_stars` of the reference) saves
+    detecting them again for every frame of a group. Raises :class:`AlignmentError`.
     """
     if method not in ALIGN_METHODS:
         raise ValueError(f"method = {method!r} is not allowed: expected one of {ALIGN_METHODS}")
     canvas = canvas or Canvas(reference.shape[:2], (0, 0), wcs_reference)
     have_wcs = wcs is not None and canvas.wcs is not None
     if method == "astroalign":
+        if reference_stars is None:
+            reference_stars = alignment_stars(reference)
+        # Canvas pixel (x, y) is reference pixel (x - offset_x, y - offset_y).
+        shift = np.array([[1.0, 0.0, -canvas.offset[1]], [0.0, 1.0, -canvas.offset[0]], [0, 0, 1]])
+        # Two WCSs already say roughly where the stars go: matching then needs no triangles.
+        guess = zastro.wcs_affine(wcs, image.shape[:2], canvas.wcs) if have_wcs else None
+        guess = None if guess is None else shift @ guess
         try:
-            matrix = find_star_transform(luminance(image), luminance(reference))
-            shift = np.array([[1.0, 0.0, -canvas.offset[1]], [0.0, 1.0, -canvas.offset[0]], [0, 0, 1]])
+            matrix = find_star_transform(alignment_stars(image), reference_stars, guess)
             y_src, x_src = affine_source_coords(matrix @ shift, canvas.shape)
             return warp_image(image, y_src, x_src, propagate_mask)
         except AlignmentError as exc:
@@ -231,6 +256,7 @@ def align_images_in_group(images, reference_index, wcs_list=None, method="astroa
     """
     reference = np.asarray(images[reference_index], dtype=np.float32)
     wcs_ref = wcs_list[reference_index] if wcs_list is not None else None
+    reference_stars = alignment_stars(reference) if method == "astroalign" else None
     aligned, failed = [], []
     for i, image in enumerate(images):
         if i == reference_index:
@@ -239,7 +265,7 @@ def align_images_in_group(images, reference_index, wcs_list=None, method="astroa
         try:
             aligned.append(align_frame(image, reference, method,
                                        wcs_list[i] if wcs_list is not None else None, wcs_ref,
-                                       propagate_mask))
+                                       propagate_mask, reference_stars=reference_stars))
         except AlignmentError as exc:
             aligned.append(None)
             failed.append((i, str(exc)))
@@ -283,9 +309,10 @@ def sigma_clipped_stats(values, xp=np, kappa: float = 3.0, iterations: int = 5):
         return float("nan"), float("nan")
     for _ in range(iterations):
         med = xp.median(v)
-        keep = xp.abs(v - med) <= kappa * mad_sigma(v, xp, med)
+        sigma = mad_sigma(v, xp, med)
+        keep = xp.abs(v - med) <= kappa * sigma
         if bool(xp.all(keep)) or int(xp.sum(keep)) < 3:
-            break
+            return float(med), float(sigma)  # v is unchanged: these are its statistics
         v = v[keep]
     med = xp.median(v)
     return float(med), float(mad_sigma(v, xp, med))
@@ -998,8 +1025,13 @@ def rows_for_budget(n_frames: int, width: int, channels: int, budget_bytes: int)
     return max(1, int(budget_bytes // max(1, per_row)))
 
 
+#: Working-set budget of one block of rows on the CPU. Small blocks stay in the CPU caches: 32 MB
+#: stacks 15-25 % faster than 512 MB (measured with 8 and 20 full-size frames), same result.
+CPU_BLOCK_BYTES = 32 * 2**20
+
+
 def stack_in_chunks(stack, gains, offsets, weights, params: StackParams, xp=np,
-                    rows_per_chunk=None, budget_bytes=512 * 2**20, to_device=None, to_host=None,
+                    rows_per_chunk=None, budget_bytes=CPU_BLOCK_BYTES, to_device=None, to_host=None,
                     progress=None, noise_sigmas=None):
     """Normalise, reject and combine an ``(N, H, W, C)`` stack in row chunks.
 

@@ -12,7 +12,8 @@ import logging
 
 import numpy as np
 
-from zemosaic_align_stack import StackParams, rows_for_budget, stack_in_chunks, winsorize_block
+from zemosaic_align_stack import (CPU_BLOCK_BYTES, StackParams, rows_for_budget, stack_in_chunks,
+                                  winsorize_block)
 from zemosaic_utils import GpuBackendError, free_gpu_memory_bytes, gpu_available, gpu_unavailable_reason
 
 logger = logging.getLogger(__name__)
@@ -51,7 +52,7 @@ def stack_in_chunks_gpu(stack, gains, offsets, weights, params: StackParams, xp=
     xp = xp or _cupy()
     on_numpy = xp is np
     if budget_bytes is None:
-        budget_bytes = 512 * 2**20 if on_numpy else int(free_gpu_memory_bytes() * _VRAM_FRACTION)
+        budget_bytes = CPU_BLOCK_BYTES if on_numpy else int(free_gpu_memory_bytes() * _VRAM_FRACTION)
     to_device = (lambda a: a) if on_numpy else xp.asarray
     to_host = (lambda a: a) if on_numpy else (lambda a: a.get())
     n, _h, w, c = stack.shape

@@ -20,6 +20,7 @@ Coordinates follow NumPy/astropy: 0-based pixel ``(x, y)`` with ``x`` the column
 
 from __future__ import annotations
 
+import contextlib
 import glob
 import hashlib
 import json
@@ -28,6 +29,7 @@ import os
 import shutil
 import subprocess
 import tempfile
+import threading
 import time
 import warnings
 from dataclasses import dataclass
@@ -57,6 +59,9 @@ MIN_STARS_TO_SOLVE = 8
 # A star match is trusted when this many stars agree to within this many pixels (full frame).
 _MIN_MATCHED_STARS = 8
 _MATCH_TOLERANCE_PX = 2.0
+# Seed of astroalign's RANSAC: the same two star lists always give the same match.
+_RANSAC_SEED = 0
+_ransac_lock = threading.Lock()
 
 
 class SolveError(Exception):
@@ -125,18 +130,22 @@ def hints_from_header(header) -> SolveHints:
 # --------------------------------------------------------------------------------------------------
 
 
-def superpixel_image(data) -> np.ndarray:
-    """Return the 2x2-binned grey image of a frame: ``(H, W)`` raw Bayer or ``(H, W, C)``.
+def superpixel_image(data, factor: int = SOLVE_BINNING) -> np.ndarray:
+    """Return the ``factor`` x ``factor``-binned grey image of a frame: ``(H, W)`` raw Bayer or ``(H, W, C)``.
 
-    A binned Bayer cell holds one pixel of each colour, so the result is a grey image at half
-    resolution. NaN stays NaN (a bin with a NaN sample is NaN).
+    A 2x2-binned Bayer cell holds one pixel of each colour, so the result is a grey image at half
+    resolution. NaN stays NaN (a bin with a NaN sample is NaN). ``factor=1``: the channels' mean.
     """
     image = np.asarray(data, dtype=np.float32)
-    if image.ndim == 3:
-        image = image.mean(axis=2, dtype=np.float32)
-    b = SOLVE_BINNING
+    if image.ndim == 2:
+        image = image[:, :, None]
+    b = factor
     h, w = (image.shape[0] // b) * b, (image.shape[1] // b) * b
-    return image[:h, :w].reshape(h // b, b, w // b, b).mean(axis=(1, 3), dtype=np.float32)
+    # Sums of strided views: a mean over short axes (the 2x2 cell, the 3 colours) is several
+    # times slower in NumPy, and this runs on every frame.
+    cells = sum(image[dy:h:b, dx:w:b] for dy in range(b) for dx in range(b))
+    grey = sum(cells[:, :, c] for c in range(image.shape[2]))
+    return (grey * np.float32(1.0 / (b * b * image.shape[2]))).astype(np.float32, copy=False)
 
 
 def detect_stars(image2d, max_stars: int = 150, threshold_sigma: float = 5.0) -> np.ndarray:
@@ -446,36 +455,141 @@ def _fit_affine(src, dst) -> np.ndarray:
     return np.vstack([coef.T, [0.0, 0.0, 1.0]])
 
 
+def _fit_similarity(src, dst) -> np.ndarray:
+    """Return the 3x3 least-squares similarity (rotation, scale, shift) taking ``src`` to ``dst``.
+
+    Frames of one camera differ by a field rotation and a dither (the scale only by refraction):
+    with a few dozen stars, the two parameters an affine fit adds only carry their noise.
+    """
+    x, y = src[:, 0], src[:, 1]
+    one, zero = np.ones_like(x), np.zeros_like(x)
+    design = np.vstack([np.column_stack([x, -y, one, zero]), np.column_stack([y, x, zero, one])])
+    (a, b, tx, ty), *_ = np.linalg.lstsq(design, np.concatenate([dst[:, 0], dst[:, 1]]), rcond=None)
+    return np.array([[a, -b, tx], [b, a, ty], [0.0, 0.0, 1.0]])
+
+
+_TRANSFORM_FITS = {"affine": _fit_affine, "similarity": _fit_similarity}
+
+
 def _apply(matrix, xy) -> np.ndarray:
     return xy @ matrix[:2, :2].T + matrix[:2, 2]
 
 
-def match_stars(frame_stars, reference_stars) -> tuple[np.ndarray, int, float]:
-    """Return ``(affine frame -> reference pixels, matched stars, rms px)`` from two star lists.
+class _SeededRandom:
+    """``numpy.random`` whose ``default_rng()`` without a seed is seeded with :data:`_RANSAC_SEED`."""
+
+    def default_rng(self, seed=None):
+        return np.random.default_rng(_RANSAC_SEED if seed is None else seed)
+
+    def __getattr__(self, name):
+        return getattr(np.random, name)
+
+
+class _NumpyWithSeededRandom:
+    """NumPy as astroalign sees it inside :func:`_seeded_ransac`: the same, but ``random``."""
+
+    random = _SeededRandom()
+
+    def __getattr__(self, name):
+        return getattr(np, name)
+
+
+@contextlib.contextmanager
+def _seeded_ransac(astroalign):
+    """Run astroalign with its RANSAC drawing from a seeded generator.
+
+    astroalign 2.x shuffles its candidate triangles with ``numpy.random.default_rng()`` and has no
+    seed parameter, so two runs of the same star lists may start from different (equally good)
+    transforms; the least-squares refinement then usually, not always, ends on the same stars.
+    Seeding makes the same input give the same mosaic bit for bit. astroalign's NumPy is swapped
+    for the call only (under a lock, it is module state); an astroalign that draws its numbers
+    differently is still correct, only no longer repeatable.
+    """
+    with _ransac_lock:
+        saved = astroalign._np
+        astroalign._np = _NumpyWithSeededRandom()
+        try:
+            yield
+        finally:
+            astroalign._np = saved
+
+
+def match_stars(frame_stars, reference_stars, guess=None, model: str = "affine") -> tuple[np.ndarray, int, float]:
+    """Return ``(3x3 matrix frame -> reference pixels, matched stars, rms px)`` from two star lists.
 
     Triangle matching (astroalign) finds the transform; it is then refined by least squares on
-    every star that lands within 2 px of a reference star, which makes it precise (all stars, not
-    RANSAC's sample) and independent of RANSAC's random draw. Raises :class:`SolveError`.
+    every star that lands within 2 px of a reference star, until the set of matched stars stops
+    changing. The result is the fit to that set: precise (all stars, not RANSAC's sample).
+    ``model`` is the fitted transform, ``"affine"`` or ``"similarity"``.
+    astroalign's RANSAC is seeded (:func:`_seeded_ransac`): the same input gives the same match on
+    every run. ``guess`` (an affine matrix frame -> reference, e.g. :func:`wcs_affine` of two
+    solved frames) is refined first and saves the triangle matching when enough stars agree with
+    it. Raises :class:`SolveError`.
     """
-    import astroalign
-    from scipy.spatial import cKDTree
-
     if len(frame_stars) < 5 or len(reference_stars) < 5:
-        raise SolveError(f"too few stars to match ({len(frame_stars)} and {len(reference_stars)})")
+        raise SolveError(f"star matching failed: too few stars ({len(frame_stars)} and "
+                         f"{len(reference_stars)})")
+    matrix = pairs = None
+    if guess is not None:
+        try:
+            matrix, pairs = _refine_match(np.asarray(guess, dtype=np.float64), frame_stars, reference_stars,
+                                          model)
+        except SolveError as exc:
+            logger.debug("the guessed transform does not fit the stars (%s); matching triangles", exc)
+    if pairs is None:
+        matrix, pairs = _refine_match(_triangle_match(frame_stars, reference_stars), frame_stars,
+                                      reference_stars, model)
+    residual = _apply(matrix, frame_stars[pairs[0]]) - reference_stars[pairs[1]]
+    return matrix, len(pairs[0]), float(np.sqrt(np.mean(np.sum(residual**2, axis=1))))
+
+
+def _triangle_match(frame_stars, reference_stars) -> np.ndarray:
+    """Return astroalign's similarity transform frame -> reference (3x3). Raises :class:`SolveError`."""
+    import astroalign
+
     try:
-        transform, _ = astroalign.find_transform(frame_stars, reference_stars, max_control_points=50)
+        with _seeded_ransac(astroalign):
+            transform, _ = astroalign.find_transform(frame_stars, reference_stars, max_control_points=50)
     except Exception as exc:  # MaxIterError, ValueError...
         raise SolveError(f"star matching failed: {exc}") from exc
-    matrix = np.asarray(transform.params, dtype=np.float64)
+    return np.asarray(transform.params, dtype=np.float64)
+
+
+def wcs_affine(wcs_from, shape_from, wcs_to) -> np.ndarray | None:
+    """Return the 3x3 affine matrix that best maps pixels of ``wcs_from`` to pixels of ``wcs_to``.
+
+    A least-squares fit on a 9x9 grid spanning the ``shape_from`` frame; None when fewer than
+    three grid points map to finite pixels (frames on opposite sides of the sky).
+    """
+    x, y = _grid(shape_from)
+    xt, yt = wcs_to.all_world2pix(*wcs_from.all_pix2world(x, y, 0), 0)
+    ok = np.isfinite(xt) & np.isfinite(yt)
+    if ok.sum() < 3:
+        return None
+    return _fit_affine(np.column_stack([x, y])[ok], np.column_stack([xt, yt])[ok])
+
+
+def _refine_match(matrix, frame_stars, reference_stars, model: str = "affine", max_rounds: int = 10):
+    """Return ``(matrix, (frame indices, reference indices))``: the least-squares fit to its own matches.
+
+    The ``model`` transform is refitted on the stars it matches within 2 px until they stay the same
+    (a set still changing after ``max_rounds`` keeps the last fit). Raises :class:`SolveError`
+    when too few stars agree.
+    """
+    from scipy.spatial import cKDTree
+
     tree = cKDTree(reference_stars)
-    for _ in range(3):
+    pairs = None
+    for _ in range(max_rounds):
         dist, idx = tree.query(_apply(matrix, frame_stars), distance_upper_bound=_MATCH_TOLERANCE_PX)
-        ok = np.isfinite(dist)
-        if ok.sum() < _MIN_MATCHED_STARS:
-            raise SolveError(f"star matching failed: only {int(ok.sum())} stars agree")
-        matrix = _fit_affine(frame_stars[ok], reference_stars[idx[ok]])
-    residual = _apply(matrix, frame_stars[ok]) - reference_stars[idx[ok]]
-    return matrix, int(ok.sum()), float(np.sqrt(np.mean(np.sum(residual**2, axis=1))))
+        ok = np.flatnonzero(np.isfinite(dist))
+        if ok.size < _MIN_MATCHED_STARS:
+            raise SolveError(f"star matching failed: only {ok.size} stars agree")
+        if pairs is not None and np.array_equal(ok, pairs[0]) and np.array_equal(idx[ok], pairs[1]):
+            break
+        pairs = (ok, idx[ok])
+        matrix = _TRANSFORM_FITS[model](frame_stars[ok], reference_stars[idx[ok]])
+    return matrix, pairs
 
 
 def wcs_from_star_match(frame_stars, frame_shape_hw, reference_stars, reference_wcs) -> WCS:
@@ -493,9 +607,13 @@ def wcs_from_star_match(frame_stars, frame_shape_hw, reference_stars, reference_
     return tan_wcs_from_points(x, y, ra, dec, ((w - 1) / 2.0, (h - 1) / 2.0))
 
 
-def frame_stars(data) -> np.ndarray:
-    """Return a frame's stars (full-resolution ``(x, y)``) found on its 2x2 superpixel image."""
-    return _binned_to_full(detect_stars(superpixel_image(data)))
+def frame_stars(data, binning: int = SOLVE_BINNING) -> np.ndarray:
+    """Return a frame's stars (full-resolution ``(x, y)``) found on its superpixel image.
+
+    The 2x2 default suits raw Bayer data and plate solving; ``binning=1`` finds the stars of a
+    debayered frame at full resolution, two to three times more precisely.
+    """
+    return _binned_to_full(detect_stars(superpixel_image(data, binning)), binning)
 
 
 # --------------------------------------------------------------------------------------------------

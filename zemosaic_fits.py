@@ -464,18 +464,42 @@ def load_frame(path: str | os.PathLike, debayer: bool = True, hot_pixels: bool =
     return Frame(path=path, data=image, header=info.header, wcs=wcs if wcs is not None else info.wcs)
 
 
-# Normalised convolution weights: only the ratio of weights matters, and
+# Bilinear weights of the 3x3 neighbourhood: only the ratio of weights matters, and
 # small integers keep the float64 sums exact.
 _KERNEL_RB = np.array([[1, 2, 1], [2, 4, 2], [1, 2, 1]], dtype=np.float64)
 _KERNEL_G = np.array([[0, 1, 0], [1, 4, 1], [0, 1, 0]], dtype=np.float64)
 
 
-def _colour_mask(shape: tuple[int, int], pattern: str, colour: str) -> np.ndarray:
-    mask = np.zeros(shape, dtype=bool)
-    for position, letter in enumerate(pattern):
-        if letter == colour:
-            mask[position // 2::2, position % 2::2] = True
-    return mask
+def _bayer_taps(pattern: str, py: int, px: int, colour: str) -> list[tuple[int, int, float]]:
+    """Return the ``(dy, dx, weight)`` neighbours of ``colour`` around Bayer cell position ``(py, px)``.
+
+    In raster order, the order in which a 3x3 correlation adds them.
+    """
+    kernel = _KERNEL_G if colour == "G" else _KERNEL_RB
+    return [(dy, dx, float(kernel[dy + 1, dx + 1]))
+            for dy in (-1, 0, 1) for dx in (-1, 0, 1)
+            if kernel[dy + 1, dx + 1] and pattern[2 * ((py + dy) % 2) + (px + dx) % 2] == colour]
+
+
+def _padded_subgrids(raw: np.ndarray) -> tuple[dict, dict]:
+    """Return the four Bayer sub-grids of ``raw`` as float64 values and 0/1 validity, padded.
+
+    Sub-grid ``(qy, qx)`` is ``raw[qy::2, qx::2]``, contiguous, with a border of "no sample"
+    (value 0, validity 0) one pixel wide all round, so that a neighbour beyond the frame edge is
+    an ordinary neighbour with weight 0. NaN samples are no sample either.
+    """
+    h, w = raw.shape
+    values, valid = {}, {}
+    for qy in (0, 1):
+        for qx in (0, 1):
+            sub = raw[qy::2, qx::2]
+            ok = np.isfinite(sub)
+            inner = (slice(1, 1 + sub.shape[0]), slice(1, 1 + sub.shape[1]))
+            values[qy, qx] = np.zeros(((h + 1) // 2 + 2, (w + 1) // 2 + 2))
+            values[qy, qx][inner] = np.where(ok, sub, 0.0)
+            valid[qy, qx] = np.zeros_like(values[qy, qx])
+            valid[qy, qx][inner] = ok
+    return values, valid
 
 
 def debayer_bilinear(raw: np.ndarray, pattern: str = "GRBG") -> np.ndarray:
@@ -486,6 +510,11 @@ def debayer_bilinear(raw: np.ndarray, pattern: str = "GRBG") -> np.ndarray:
     out exactly constant on every channel, edges included, and NaN samples
     are simply left out (a pixel with no valid neighbour becomes NaN).
     ``pattern`` gives the top-left 2x2 cell row by row: RGGB, BGGR, GRBG, GBRG.
+
+    Computed per position in the 2x2 cell on the four colour sub-grids: each
+    output pixel adds only the 1, 2 or 4 neighbours that carry the colour, not
+    a full 3x3 convolution of every channel (same sums in the same order, so
+    the same values).
     """
     key = pattern.strip().upper() if isinstance(pattern, str) else pattern
     if key not in BAYER_PATTERNS:
@@ -494,18 +523,25 @@ def debayer_bilinear(raw: np.ndarray, pattern: str = "GRBG") -> np.ndarray:
     raw = np.asarray(raw)
     if raw.ndim != 2:
         raise ValueError(f"a Bayer mosaic must be 2-D, got shape {raw.shape}")
+    h, w = raw.shape
     # float64 keeps sum(w * v) / sum(w) bit-exact for float32 / 16-bit input.
-    values = raw.astype(np.float64)
-    finite = np.isfinite(values)
-    values[~finite] = 0.0
-    rgb = np.empty(raw.shape + (3,), dtype=np.float32)
-    for channel, colour in enumerate("RGB"):
-        mask = _colour_mask(raw.shape, key, colour) & finite
-        kernel = _KERNEL_G if colour == "G" else _KERNEL_RB
-        total = ndimage.correlate(values * mask, kernel, mode="constant", cval=0.0)
-        weight = ndimage.correlate(mask.astype(np.float64), kernel, mode="constant", cval=0.0)
-        rgb[..., channel] = np.divide(total, weight, out=np.full_like(total, np.nan),
-                                      where=weight > 0)
+    values, valid = _padded_subgrids(raw)
+    rgb = np.empty((h, w, 3), dtype=np.float32)
+    for py in (0, 1):
+        for px in (0, 1):
+            ny, nx = len(range(py, h, 2)), len(range(px, w, 2))
+            if ny == 0 or nx == 0:
+                continue
+            for channel, colour in enumerate("RGB"):
+                total = weight = 0.0
+                for dy, dx, k in _bayer_taps(key, py, px, colour):
+                    # Neighbour row py + dy is row (py + dy) // 2 + i of sub-grid (py + dy) % 2.
+                    q = ((py + dy) % 2, (px + dx) % 2)
+                    oy, ox = 1 + (py + dy) // 2, 1 + (px + dx) // 2
+                    total = total + k * values[q][oy:oy + ny, ox:ox + nx]
+                    weight = weight + k * valid[q][oy:oy + ny, ox:ox + nx]
+                rgb[py::2, px::2, channel] = np.divide(total, weight, out=np.full((ny, nx), np.nan),
+                                                       where=weight > 0)
     return rgb
 
 

@@ -294,33 +294,48 @@ def _weighted_columns(data, weight, xp):
     return xp.concatenate([w, wi], axis=-1).reshape(h * w_px, 2 * c)
 
 
-def _bilinear_gather(columns, shape_in, y, x, xp):
+def bilinear_gather(columns, shape_in, y, x, xp, nan_outside: bool = False):
     """Return bilinear samples ``(n, K)`` of ``(H * W, K)`` columns at coordinates ``y``, ``x``.
 
-    Outside the image counts as 0 (with weight 0), interpolated up to half a pixel beyond the edge
-    pixel centres as astropy's reproject does, so a tile's weight falls off smoothly at its border.
-    Written with ``take`` on interleaved columns: four gathers serve every channel and the weight,
-    several times faster than one ``map_coordinates`` per quantity, on NumPy and CuPy alike.
+    Written with ``take`` on interleaved columns: four gathers serve every channel (and the
+    weight), several times faster than one ``map_coordinates`` per quantity, on NumPy and CuPy
+    alike.
+
+    Default (the co-add): outside the image counts as 0 (with weight 0), interpolated up to half a
+    pixel beyond the edge pixel centres as astropy's reproject does, so a tile's weight falls off
+    smoothly at its border. With ``nan_outside`` (alignment) it is ``scipy.ndimage.map_coordinates``
+    with ``order=1, mode="constant", cval=nan``: NaN outside ``[0, n - 1]`` on either axis, and
+    NaN wherever one of the four neighbours is NaN, even one of weight 0 (a sample on the last row
+    or column takes its neighbours from the row or column before).
     """
     h, w = shape_in
     y = y.ravel()
     x = x.ravel()
     y0f = xp.floor(y)
     x0f = xp.floor(x)
+    if nan_outside:
+        inside = (y >= 0) & (y <= h - 1) & (x >= 0) & (x <= w - 1)
+        y0f = xp.clip(y0f, 0, max(h - 2, 0))
+        x0f = xp.clip(x0f, 0, max(w - 2, 0))
     fy = (y - y0f).astype(xp.float32)[:, None]
     fx = (x - x0f).astype(xp.float32)[:, None]
     y0 = y0f.astype(xp.int64)
     x0 = x0f.astype(xp.int64)
+    # Clamped corners are always inside an image of at least 2x2 pixels: no bounds test needed.
+    clamped = nan_outside and h >= 2 and w >= 2
     out = None
     for dy, wy in ((0, 1 - fy), (1, fy)):
         yy = y0 + dy
-        ok_y = (yy >= 0) & (yy < h)
         for dx, wx in ((0, 1 - fx), (1, fx)):
             xx = x0 + dx
-            ok = ok_y & (xx >= 0) & (xx < w)
-            index = xp.where(ok, yy * w + xx, 0)
-            term = xp.take(columns, index, axis=0) * (wy * wx * ok[:, None])
+            if clamped:
+                term = xp.take(columns, yy * w + xx, axis=0) * (wy * wx)
+            else:
+                ok = (yy >= 0) & (yy < h) & (xx >= 0) & (xx < w)
+                term = xp.take(columns, xp.where(ok, yy * w + xx, 0), axis=0) * (wy * wx * ok[:, None])
             out = term if out is None else out + term
+    if nan_outside:
+        out = xp.where(inside[:, None], out, xp.float32(xp.nan))
     return out
 
 
@@ -330,7 +345,7 @@ def _accumulate_tile(sums, columns, shape_in, mapping: PixelMapping, xp, rows_pe
     for r0 in range(0, rows, rows_per_chunk):
         r1 = min(rows, r0 + rows_per_chunk)
         y_in, x_in = mapping_coordinates(mapping, r0, r1, xp)
-        sampled = _bilinear_gather(columns, shape_in, y_in, x_in, xp)
+        sampled = bilinear_gather(columns, shape_in, y_in, x_in, xp)
         out = (slice(mapping.y0 + r0, mapping.y0 + r1), slice(mapping.x0, mapping.x1))
         sums[out] += sampled.reshape(r1 - r0, cols, -1)
 

@@ -446,7 +446,7 @@ def _load_and_align_group(records, config, report, ctx, cache_dir, tile_label):
     """
     ref_i = _reference_index(records)
     order = [ref_i] + [i for i in range(len(records)) if i != ref_i]
-    reference = canvas = stack = None
+    reference = canvas = stack = reference_stars = None
     used = []
     for done, i in enumerate(order):
         ctx.check_cancel()
@@ -459,11 +459,14 @@ def _load_and_align_group(records, config, report, ctx, cache_dir, tile_label):
                                           [(r.wcs, r.info.shape_hw) for r in records])
                 stack = _allocate_stack((len(records),) + canvas.shape + reference.shape[2:], cache_dir)
                 aligned = stk.place_reference(reference, canvas)
+                if config.align_method == "astroalign":  # detected once for the whole group
+                    reference_stars = stk.alignment_stars(reference)
             else:
                 if frame.data.shape[2] != reference.shape[2]:
                     raise stk.AlignmentError("channel count differs from the reference frame")
                 aligned = stk.align_frame(frame.data, reference, config.align_method, frame.wcs,
-                                          propagate_mask=True, canvas=canvas)
+                                          propagate_mask=True, canvas=canvas,
+                                          reference_stars=reference_stars)
         except (zfits.FrameError, stk.AlignmentError) as exc:
             report.skip(rec.path, str(exc))
             continue

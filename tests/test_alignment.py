@@ -144,3 +144,88 @@ def test_disk_backed_stack_gives_the_same_tile(tmp_path, monkeypatch):
     assert np.allclose(in_ram.image, on_disk.image, equal_nan=True)
     stacks = tmp_path / "o" / zw.CACHE_DIR / zw.STACK_CACHE_DIR
     assert not stacks.exists() or not list(stacks.iterdir())
+
+
+def test_warp_is_map_coordinates_for_all_channels_at_once():
+    """One gather for every channel gives map_coordinates' values and exactly its NaN footprint."""
+    import scipy.ndimage
+
+    rng = np.random.default_rng(7)
+    image = rng.normal(100.0, 10.0, (40, 56, 3)).astype(np.float32)
+    image[rng.integers(0, 40, 25), rng.integers(0, 56, 25)] = np.nan  # isolated source NaN
+    image[:, :2] = np.nan  # a NaN border, as an aligned frame has
+    angle = np.radians(4.0)
+    matrix = np.array([[np.cos(angle), -np.sin(angle), 2.3], [np.sin(angle), np.cos(angle), -3.7], [0, 0, 1]])
+    y, x = stk.affine_source_coords(matrix, (48, 64))
+    # Whole-pixel samples, on the last row and column among them: where the edge rules bite.
+    y[:4], x[:, :4] = np.round(y[:4]), np.round(x[:, :4])
+    y[10, 5:20], x[11, 5:20] = 39.0, 55.0
+    ours = stk.warp_image(image, y, x, band_pixels=200)
+    coords = np.stack([y, x])
+    theirs = np.stack([scipy.ndimage.map_coordinates(image[..., c], coords, order=1, mode="constant",
+                                                     cval=np.nan) for c in range(3)], axis=-1)
+    assert ours.dtype == np.float32
+    assert np.array_equal(np.isnan(ours), np.isnan(theirs))
+    assert 0.1 < np.isnan(ours).mean() < 0.6
+    ok = np.isfinite(theirs)
+    assert np.max(np.abs(ours[ok] - theirs[ok]) / np.abs(theirs[ok])) < 1e-6
+    zeros = stk.warp_image(image, y, x, propagate_mask=False)
+    assert np.array_equal(zeros, np.where(np.isnan(ours), 0, ours))
+
+
+def test_star_match_is_a_repeatable_least_squares_fixed_point():
+    """The refined match is the fit to the stars it matches, and RANSAC in front of it is seeded."""
+    import zemosaic_astrometry as za
+
+    rng = np.random.default_rng(8)
+    ref = np.column_stack([rng.uniform(0, 1900, 150), rng.uniform(0, 1060, 150)])
+    angle = np.radians(2.0)
+    true = np.array([[np.cos(angle), -np.sin(angle), 12.0], [np.sin(angle), np.cos(angle), -7.5], [0, 0, 1]])
+    frame = (ref - true[:2, 2]) @ np.linalg.inv(true[:2, :2]).T + rng.normal(0, 0.05, ref.shape)
+    results = []
+    for shift in (0.0, 0.4, -0.7):  # starting transforms off by up to 0.7 px, as RANSAC's draws may be
+        start = true.copy()
+        start[:2, 2] += shift
+        results.append(za._refine_match(start, frame, ref)[0])
+    assert all(np.array_equal(results[0], r) for r in results[1:])
+    assert np.allclose(results[0], true, atol=0.02)
+    for _ in range(3):
+        assert np.array_equal(za.match_stars(frame, ref)[0], results[0])
+
+
+def test_same_input_gives_the_same_master_tile_bit_for_bit(tmp_path):
+    import zemosaic_synth
+    import zemosaic_worker as zw
+    from zemosaic_config import MosaicConfig
+
+    info = zemosaic_synth.generate_dataset(tmp_path / "d", panels=(1, 1), frames_per_panel=4, seed=6)
+    config = MosaicConfig(input_folder=info["frames_dir"], output_folder=str(tmp_path / "o"))
+    report = zw.RunReport(config={})
+    records = zw.scan_frames(config, report, zw._Context(None, None))
+    (tmp_path / "o").mkdir()
+    tiles = [zw.build_master_tile(i, records, config, report, zw._Context(None, None), str(tmp_path / "o"), False)
+             for i in range(2)]
+    assert not report.frames_skipped
+    assert tiles[0].image.tobytes() == tiles[1].image.tobytes()
+    assert tiles[0].coverage.tobytes() == tiles[1].coverage.tobytes()
+    assert tiles[0].coverage.max() == 4
+
+
+def test_a_guess_from_the_wcs_gives_the_triangle_match(monkeypatch):
+    """A close guess skips the triangles and ends on the same fit; a wrong one falls back to them."""
+    import zemosaic_astrometry as za
+
+    rng = np.random.default_rng(9)
+    ref = np.column_stack([rng.uniform(0, 1060, 120), rng.uniform(0, 1900, 120)])
+    angle = np.radians(-3.0)
+    true = np.array([[np.cos(angle), -np.sin(angle), -20.0], [np.sin(angle), np.cos(angle), 9.0], [0, 0, 1]])
+    frame = (ref - true[:2, 2]) @ np.linalg.inv(true[:2, :2]).T + rng.normal(0, 0.05, ref.shape)
+    by_triangles = stk.find_star_transform(frame, ref)
+    close, wrong = true.copy(), true.copy()
+    close[:2, 2] += 0.8
+    wrong[:2, 2] += 40.0
+    calls = []
+    triangle_match = za._triangle_match
+    monkeypatch.setattr(za, "_triangle_match", lambda *a: calls.append(1) or triangle_match(*a))
+    assert np.array_equal(stk.find_star_transform(frame, ref, close), by_triangles) and not calls
+    assert np.array_equal(stk.find_star_transform(frame, ref, wrong), by_triangles) and calls

@@ -220,6 +220,41 @@ def test_debayer_nan_sample_is_left_out():
     assert np.all(rgb[np.isfinite(rgb)] == 100.0)  # neighbours just ignore the NaN
 
 
+def _debayer_by_convolution(raw, pattern):
+    """The definition: per colour, a 3x3 normalised convolution of its samples (float64)."""
+    from scipy import ndimage
+
+    kernels = {"G": np.array([[0, 1, 0], [1, 4, 1], [0, 1, 0]], float),
+               "RB": np.array([[1, 2, 1], [2, 4, 2], [1, 2, 1]], float)}
+    values = raw.astype(np.float64)
+    finite = np.isfinite(values)
+    values[~finite] = 0.0
+    rgb = np.empty(raw.shape + (3,), np.float32)
+    for channel, colour in enumerate("RGB"):
+        mask = np.zeros(raw.shape, bool)
+        for position, letter in enumerate(pattern):
+            mask[position // 2::2, position % 2::2] |= letter == colour
+        mask &= finite
+        kernel = kernels["G" if colour == "G" else "RB"]
+        total = ndimage.correlate(values * mask, kernel, mode="constant", cval=0.0)
+        weight = ndimage.correlate(mask.astype(float), kernel, mode="constant", cval=0.0)
+        rgb[..., channel] = np.divide(total, weight, out=np.full_like(total, np.nan), where=weight > 0)
+    return rgb
+
+
+@pytest.mark.parametrize("pattern", zf.BAYER_PATTERNS)
+def test_debayer_is_the_normalised_convolution_bit_for_bit(pattern):
+    """Edges, odd sizes, NaN samples, 16-bit and float data: the same bytes as the definition."""
+    rng = np.random.default_rng(11)
+    for shape in [(1, 1), (1, 2), (2, 1), (3, 3), (5, 7), (6, 9), (33, 50)]:
+        integers = rng.integers(0, 65536, shape).astype(np.float32)
+        wide = (rng.random(shape) * 10.0 ** rng.integers(-6, 6, shape)).astype(np.float32)
+        holes = rng.normal(1000, 50, shape).astype(np.float32)
+        holes[rng.random(shape) < 0.3] = np.nan
+        for raw in (integers, wide, holes):
+            assert zf.debayer_bilinear(raw, pattern).tobytes() == _debayer_by_convolution(raw, pattern).tobytes()
+
+
 def test_debayer_rejects_unknown_pattern():
     with pytest.raises(ValueError, match="RGGB, BGGR, GRBG, GBRG"):
         zf.debayer_bilinear(np.zeros((4, 4)), "RGBG")

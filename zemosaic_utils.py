@@ -11,17 +11,12 @@ from __future__ import annotations
 
 import functools
 import logging
-import os
 from dataclasses import dataclass
 
 import numpy as np
 import scipy.ndimage
 
 logger = logging.getLogger(__name__)
-
-#: Environment variable for fault injection in tests: a comma-separated list of channel indices on
-#: which the GPU co-add engine raises :class:`GpuBackendError` (see :func:`gpu_reproject_and_coadd_impl`).
-GPU_FAIL_CHANNELS_ENV = "ZEMOSAIC_GPU_FAIL_CHANNELS"
 
 # Maximum interpolation error (pixels) tolerated for the coarse-grid pixel mapping.
 MAPPING_TOLERANCE_PX = 0.01
@@ -387,14 +382,6 @@ def _normalise_sums(sums, n_ch, xp, rows_per_chunk):
     return mosaic, coverage
 
 
-def _injected_failure(channels, fail_channels) -> bool:
-    """Return True when fault injection asks the GPU engine to fail on one of ``channels``."""
-    if fail_channels is None:
-        spec = os.environ.get(GPU_FAIL_CHANNELS_ENV, "").strip()
-        fail_channels = {int(s) for s in spec.split(",") if s.strip()} if spec else set()
-    return bool(set(channels) & set(fail_channels))
-
-
 def _squeeze_like(inputs, mosaic, coverage):
     """Return 2-D results for 2-D inputs (one channel), 3-D otherwise."""
     if np.ndim(inputs[0]) == 2:
@@ -407,10 +394,8 @@ def gpu_reproject_and_coadd_impl(data_list, wcs_list, shape_out, **kwargs):
 
     ``data_list`` holds 2-D images or ``(H, W, C)`` images (all channels in one pass, sharing the
     coordinates and gathers). Keyword arguments: ``wcs_out`` (required), ``weights_list``,
-    ``mappings`` (precomputed :class:`PixelMapping` per input), ``channels`` (the channel indices
-    of the data, for fault injection; default ``0..C-1``), ``xp`` (array module; NumPy lets tests
-    run this code path without a GPU), ``fail_channels`` (fault injection, like the
-    ``ZEMOSAIC_GPU_FAIL_CHANNELS`` environment variable).
+    ``mappings`` (precomputed :class:`PixelMapping` per input), ``xp`` (array module; NumPy lets
+    tests run this code path without a GPU).
 
     Coverage is the sum of weights (never divided by the number of inputs), non-finite values
     sanitised to 0. Rows are processed in chunks sized to free VRAM; on out-of-memory the chunk
@@ -418,9 +403,6 @@ def gpu_reproject_and_coadd_impl(data_list, wcs_list, shape_out, **kwargs):
     """
     wcs_out = kwargs["wcs_out"]
     n_ch = 1 if np.ndim(data_list[0]) == 2 else np.shape(data_list[0])[-1]
-    channels = kwargs.get("channels") or list(range(n_ch))
-    if _injected_failure(channels, kwargs.get("fail_channels")):
-        raise GpuBackendError(f"injected GPU failure on channel(s) {channels} (fault injection)")
     xp = kwargs.get("xp")
     if xp is None:
         if not gpu_available():
@@ -451,7 +433,7 @@ def _is_out_of_memory(exc: Exception) -> bool:
 
 
 def reproject_and_coadd(data_list, wcs_list, wcs_out, shape_out, weights_list=None, engine="fast",
-                        use_gpu=False, mappings=None, channels=None, gpu_xp=None):
+                        use_gpu=False, mappings=None, gpu_xp=None):
     """Co-add images onto an output grid with a weighted mean; returns ``(mosaic, coverage)``.
 
     Parameters
@@ -464,7 +446,6 @@ def reproject_and_coadd(data_list, wcs_list, wcs_out, shape_out, weights_list=No
         ``"reproject"`` (astropy reproject's ``reproject_and_coadd`` with ``reproject_interp``)
     use_gpu : run the ``fast`` engine on CuPy; raises :class:`GpuBackendError` when that fails
     mappings : precomputed :class:`PixelMapping` per image
-    channels : channel indices of the data, for fault injection
     gpu_xp : array module replacing CuPy on the GPU path (NumPy in tests without a GPU)
 
     Returns
@@ -484,7 +465,7 @@ def reproject_and_coadd(data_list, wcs_list, wcs_out, shape_out, weights_list=No
     if use_gpu:
         return gpu_reproject_and_coadd_impl(data_list, wcs_list, shape_out, wcs_out=wcs_out,
                                             weights_list=weights_list, mappings=mappings,
-                                            channels=channels, xp=gpu_xp)
+                                            xp=gpu_xp)
     n_ch = 1 if np.ndim(data_list[0]) == 2 else np.shape(data_list[0])[-1]
     # Small chunks (a few MB of temporaries) stay in cache and reuse freed memory: measured
     # faster on the CPU than large ones, whose fresh allocations cost page faults.

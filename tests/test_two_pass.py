@@ -212,7 +212,15 @@ def _channel_lines(records, label):
 def test_gpu_failure_on_one_channel_reruns_all_on_cpu(caplog, monkeypatch):
     tiles = _tiles([1.0, 1.12, 1.0, 1.0])
     cpu, cov_cpu, *_ = _assemble(tiles, two_pass_coverage_renorm=True)
-    monkeypatch.setenv(zu.GPU_FAIL_CHANNELS_ENV, "1")
+    real_gpu_coadd = zu.gpu_reproject_and_coadd_impl
+
+    def fails_on_green(data_list, *args, **kwargs):
+        # The device gives out while the channels are on it: the whole GPU pass fails.
+        if np.ndim(data_list[0]) == 3 and np.shape(data_list[0])[-1] > 1:
+            raise zu.GpuBackendError("GPU co-add failed: device lost on channel 1")
+        return real_gpu_coadd(data_list, *args, **kwargs)
+
+    monkeypatch.setattr(zu, "gpu_reproject_and_coadd_impl", fails_on_green)
     with caplog.at_level(logging.DEBUG, logger="zemosaic_worker"):
         mixed, cov_mixed, *_rest, report = _assemble(tiles, gpu_xp=np, use_gpu_phase5=True,
                                                      two_pass_coverage_renorm=True)

@@ -47,6 +47,7 @@ import numpy as np
 HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, os.path.dirname(HERE))
 sys.path.insert(0, HERE)
+sys.path.insert(0, os.path.join(os.path.dirname(HERE), "tests"))
 
 from _measure import (fmt, load_warning, print_table, report_result, rss_now_bytes, run_child,  # noqa: E402
                       run_python_worker)
@@ -319,22 +320,9 @@ def trail_residuals(ns=FIDELITY_NS, shape=(200, 300), seed=11):
 
 def _aligned_panel(out_dir, seed, size, frames):
     """Return ``(stack, true gains)`` of a synthetic panel aligned onto its first frame (WCS)."""
-    import json
+    import photometry_truth
 
-    import zemosaic_align_stack as zas
-    import zemosaic_fits as zfits
-    import zemosaic_synth as synth
-
-    info = synth.generate_dataset(out_dir, panels=(1, 1), frames_per_panel=frames, seed=seed, size=size,
-                                  transparency_range=(0.84, 1.0), pedestal_jitter=0.08)
-    meta = json.loads(open(info["truth_json"]).read())
-    loaded = [zfits.load_frame(p) for p in info["frame_paths"]]
-    ref = loaded[0]
-    canvas = zas.group_canvas(ref.wcs, ref.data.shape[:2], [(f.wcs, f.data.shape[:2]) for f in loaded])
-    stack = np.stack([zas.place_reference(ref.data, canvas)]
-                     + [zas.align_frame(f.data, ref.data, "wcs", f.wcs, canvas=canvas) for f in loaded[1:]])
-    transparency = np.array([f["transparency"] for f in meta["frames"]])
-    return stack, transparency[0] / transparency
+    return photometry_truth.aligned_panel(out_dir, frames, seed, size)
 
 
 def gain_precision(size="full", panels=2, frames=6):

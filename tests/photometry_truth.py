@@ -20,6 +20,7 @@ import numpy as np
 from scipy.ndimage import binary_dilation, binary_erosion
 
 import zemosaic_synth
+import zemosaic_fits as zfits
 from zemosaic_fits import read_image_fits
 from zemosaic_utils import reproject_and_coadd
 
@@ -136,3 +137,24 @@ def seam_step(mosaic, truth, feet, fitted, single, band_px=20):
                 levels = [np.median(resid[p]) for p in parts if p.sum() >= 200]
                 worst = max(worst, float(np.ptp(levels)) / noise)
     return worst
+
+
+def aligned_panel(out_dir, frames: int, seed: int, size: str = "small", **options):
+    """Return ``(stack (N, H, W, 3), true gains (N,))`` of one synthetic panel aligned onto its first
+    frame through the WCSs; transparency 0.84-1.0 and a drifting sky, so the gains are grey and known.
+    """
+    import json
+
+    import zemosaic_align_stack as stk
+
+    info = zemosaic_synth.generate_dataset(out_dir, panels=(1, 1), frames_per_panel=frames, seed=seed,
+                                           size=size, transparency_range=(0.84, 1.0),
+                                           pedestal_jitter=0.08, **options)
+    meta = json.loads(Path(info["truth_json"]).read_text())
+    loaded = [zfits.load_frame(p) for p in info["frame_paths"]]
+    ref = loaded[0]
+    canvas = stk.group_canvas(ref.wcs, ref.data.shape[:2], [(f.wcs, f.data.shape[:2]) for f in loaded])
+    stack = np.stack([stk.place_reference(ref.data, canvas)]
+                     + [stk.align_frame(f.data, ref.data, "wcs", f.wcs, canvas=canvas) for f in loaded[1:]])
+    transparency = np.array([f["transparency"] for f in meta["frames"]])
+    return stack, transparency[0] / transparency  # true gains onto frame 0: grey

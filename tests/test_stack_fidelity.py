@@ -4,15 +4,13 @@ Normalisation: gains measured on stars must match the synthetic frames' true tra
 per channel, without tinting. Rejection: outliers must go with 3-10 frames, clean samples must stay.
 """
 
-import json
 
 import numpy as np
 import pytest
 
+import photometry_truth as pt
 import zemosaic_align_stack as stk
 import zemosaic_align_stack_gpu as stk_gpu
-import zemosaic_fits as zfits
-import zemosaic_synth as synth
 
 ALGORITHMS = ["winsorized_sigma_clip", "kappa_sigma"]
 
@@ -137,18 +135,8 @@ def hazy_panel(tmp_path_factory):
     Star density as in a Milky Way field, so that a 270x480 frame holds about as many stars as a
     full Seestar frame of a sparse field.
     """
-    out = tmp_path_factory.mktemp("hazy")
-    info = synth.generate_dataset(out, panels=(1, 1), frames_per_panel=6, seed=0, size="small",
-                                  transparency_range=(0.84, 1.0), pedestal_jitter=0.08,
-                                  star_density=30000.0, satellite_frame=3)
-    meta = json.loads(open(info["truth_json"]).read())
-    frames = [zfits.load_frame(p) for p in info["frame_paths"]]
-    ref = frames[0]
-    canvas = stk.group_canvas(ref.wcs, ref.data.shape[:2], [(f.wcs, f.data.shape[:2]) for f in frames])
-    stack = np.stack([stk.place_reference(ref.data, canvas)]
-                     + [stk.align_frame(f.data, ref.data, "wcs", f.wcs, canvas=canvas) for f in frames[1:]])
-    transparency = np.array([f["transparency"] for f in meta["frames"]])
-    return stack, transparency[0] / transparency  # true gains onto frame 0: grey
+    return pt.aligned_panel(tmp_path_factory.mktemp("hazy"), 6, 0, star_density=30000.0,
+                            satellite_frame=3)
 
 
 def test_gains_match_truth_per_channel_without_tint(hazy_panel):

@@ -22,6 +22,7 @@ import logging
 import math
 import numbers
 import os
+import re
 import reprlib
 import uuid
 from dataclasses import dataclass, field
@@ -153,6 +154,20 @@ def _check_bool(value: Any) -> bool:
     if _is_bool(value):
         return bool(value)
     raise _Reject()
+
+
+# Scheduler addresses dask.distributed accepts: protocol://host:port, or host:port (TCP).
+_SCHEDULER_RE = re.compile(r"^((tcp|tls|inproc|ucx|ws|wss)://\S+|[\w.\-\[\]:]+:\d+)$")
+
+
+def _check_scheduler(value: Any) -> str:
+    # Empty: no cluster; "local": a LocalCluster on this machine; otherwise an address.
+    if not isinstance(value, str):
+        raise _Reject()
+    text = value.strip()
+    if text and text != "local" and not _SCHEDULER_RE.match(text):
+        raise _Reject()
+    return text
 
 
 def _as_pair(value: Any) -> tuple[float, float]:
@@ -312,6 +327,14 @@ class MosaicConfig:
     resume: str = _choice_spec(
         "auto", "Reuse the master tiles a crashed or cancelled run already finished "
         "(auto), or rebuild them all (off).", _RESUME)
+    num_processing_workers: int = _spec(
+        0, "How many master tiles are built at once, each in a process of its own "
+        "(0 = one per CPU core; 1 = in the program's own process).",
+        "an integer >= 0 (0 = one per CPU core)", _check_int_min(0))
+    dask_scheduler: str = _spec(
+        "", "Build the master tiles on a Dask cluster: the scheduler's address, 'local' for a "
+        "cluster on this computer, or empty for none.",
+        "empty, 'local', or a Dask scheduler address such as 'tcp://host:8786'", _check_scheduler)
 
     def __post_init__(self) -> None:
         for f in dataclasses.fields(self):

@@ -880,8 +880,17 @@ def wcs_as_written(wcs: WCS) -> WCS:
     Header cards hold 16 significant digits: an image used both from memory and, in a later
     run, from its file must be used with the same WCS to give the same result bit for bit.
     """
+    return wcs_from_text(wcs_to_cd_header(wcs).tostring())
+
+
+def wcs_from_text(text: str) -> WCS:
+    """Return the celestial WCS of header text (``wcs_to_cd_header(wcs).tostring()``).
+
+    Text is how a WCS travels between processes unchanged: a pickled astropy WCS is rebuilt
+    from a header of its own, with PC/CDELT cards in place of the CD matrix.
+    """
     with _quiet_astropy():
-        return _wcs_from_header(fits.Header.fromstring(wcs_to_cd_header(wcs).tostring()))
+        return _wcs_from_header(fits.Header.fromstring(text))
 
 
 def read_image_fits(path: str | os.PathLike

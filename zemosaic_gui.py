@@ -147,6 +147,8 @@ OPTION_SPECS: tuple[OptionSpec, ...] = (
                step=0.01, decimals=4, special="automatic"),
     OptionSpec("Mosaic", "max_raw_per_master_tile", "Max frames per master tile", maximum=100000,
                special="no cap"),
+    OptionSpec("Mosaic", "num_processing_workers", "Workers", maximum=256,
+               special="one per CPU core"),
     OptionSpec("Mosaic", "align_method", "Alignment"),
     OptionSpec("Mosaic", "correct_hot_pixels", "Hot pixel correction"),
     OptionSpec("Assembly", "use_gpu_phase5", "Use GPU"),

@@ -26,11 +26,13 @@ from astropy.io import fits
 
 import zemosaic_align_stack as stk
 import zemosaic_astrometry as zastro
+import zemosaic_executor as zexec
 import zemosaic_fits as zfits
 import zemosaic_photometry as zph
 import zemosaic_runstate as zrun
 import zemosaic_solve as zsolve
 from zemosaic_config import MosaicConfig, config_to_dict
+from zemosaic_executor import Cancelled  # noqa: F401  (part of this module's API)
 from zemosaic_utils import (GpuBackendError, compute_pixel_mapping, gpu_available,
                             gpu_unavailable_reason, reproject_and_coadd, unit_vectors)
 
@@ -73,10 +75,6 @@ def _stack_ram_budget() -> int:
 
 class PipelineError(Exception):
     """A run cannot go on; the message is a one-line reason for the user."""
-
-
-class Cancelled(Exception):
-    """The run was cancelled by the user."""
 
 
 @dataclass
@@ -413,10 +411,14 @@ def _reference_index(records: list[FrameRecord]) -> int:
     return int(np.argmax(vec @ centre))
 
 
-def _allocate_stack(shape, cache_dir: str):
-    """Return a float32 array of ``shape``: in RAM, or disk-backed when it is too large."""
+def _allocate_stack(shape, cache_dir: str, ram_share: int = 1):
+    """Return a float32 array of ``shape``: in RAM, or disk-backed when it is too large.
+
+    ``ram_share`` stacks may be built at once on this machine (parallel tile tasks): each gets
+    that share of the RAM budget.
+    """
     nbytes = int(np.prod(shape)) * 4
-    if nbytes <= _stack_ram_budget():
+    if nbytes <= _stack_ram_budget() // max(1, ram_share):
         return np.empty(shape, np.float32)
     os.makedirs(cache_dir, exist_ok=True)
     handle = tempfile.NamedTemporaryFile(dir=cache_dir, prefix=".stack_", suffix=".tmp", delete=False)
@@ -436,14 +438,58 @@ def _release_stack(stack) -> None:
             pass
 
 
-def _load_and_align_group(records, config, report, ctx, cache_dir, tile_label):
+@dataclass
+class TileTask:
+    """Everything one master tile needs, picklable: a task for any executor (:mod:`zemosaic_executor`).
+
+    ``ram_share``: how many tile tasks may run at once on one machine (they share its RAM budget).
+    Workers read the frames and write the tile through these paths.
+    """
+
+    index: int
+    records: list
+    config: MosaicConfig
+    tiles_dir: str
+    use_gpu: bool
+    ram_share: int = 1
+
+    @property
+    def label(self) -> str:
+        return f"tile {self.index:03d}"
+
+    @property
+    def cache_dir(self) -> str:
+        return os.path.join(self.config.output_folder, CACHE_DIR, STACK_CACHE_DIR)
+
+
+@dataclass
+class TileResult:
+    """What a tile task returns: the tile (``image`` None when no frame could be loaded), its WCS
+    as header text (it travels between processes unchanged), used frames, and the frames skipped
+    (``{"path", "reason"}``) for the caller's report."""
+
+    image: np.ndarray | None
+    coverage: np.ndarray | None
+    wcs_text: str
+    frames: list
+    reference: str
+    backend: str
+    skipped: list
+
+
+def _tile_name(index: int) -> str:
+    return f"master_tile_{index:03d}.fits"
+
+
+def _load_and_align_group(task: TileTask, ctx, skipped: list):
     """Load, debayer and align a group's frames; returns ``(stack, used records, tile WCS)``.
 
     The reference (the frame nearest the group centre) is loaded first and sits in slot 0; the
     others are aligned one at a time onto its canvas in a preallocated stack, so memory holds at
-    most one raw frame besides the stack. Frames that fail to load or align are skipped with their
-    reason.
+    most one raw frame besides the stack. Frames that fail to load or align are appended to
+    ``skipped`` with their reason.
     """
+    records, config = task.records, task.config
     ref_i = _reference_index(records)
     order = [ref_i] + [i for i in range(len(records)) if i != ref_i]
     reference = canvas = stack = reference_stars = None
@@ -457,7 +503,8 @@ def _load_and_align_group(records, config, report, ctx, cache_dir, tile_label):
                 reference = frame.data
                 canvas = stk.group_canvas(frame.wcs, reference.shape[:2],
                                           [(r.wcs, r.info.shape_hw) for r in records])
-                stack = _allocate_stack((len(records),) + canvas.shape + reference.shape[2:], cache_dir)
+                stack = _allocate_stack((len(records),) + canvas.shape + reference.shape[2:],
+                                        task.cache_dir, task.ram_share)
                 aligned = stk.place_reference(reference, canvas)
                 if config.align_method == "astroalign":  # detected once for the whole group
                     reference_stars = stk.alignment_stars(reference)
@@ -468,11 +515,12 @@ def _load_and_align_group(records, config, report, ctx, cache_dir, tile_label):
                                           propagate_mask=True, canvas=canvas,
                                           reference_stars=reference_stars)
         except (zfits.FrameError, stk.AlignmentError) as exc:
-            report.skip(rec.path, str(exc))
+            skipped.append({"path": rec.path, "reason": str(exc)})
             continue
         stack[len(used)] = aligned
         used.append(rec)
-        ctx.report("master_tiles", done + 1, len(order), f"{tile_label}: aligned {os.path.basename(rec.path)}")
+        ctx.report("master_tiles", done + 1, len(order),
+                   f"{task.label}: aligned {os.path.basename(rec.path)}")
     if not used:
         return None, [], None
     if len(used) < len(records):
@@ -563,28 +611,31 @@ def _tile_header_cards(config, used, reference, backend) -> list:
     ]
 
 
-def build_master_tile(index, records, config, report, ctx, tiles_dir, use_gpu) -> MasterTile | None:
-    """Phase 3 for one group: align, stack and write ``master_tile_NNN.fits``; None if nothing stacks."""
-    label = f"tile {index:03d}"
-    cache_dir = os.path.join(config.output_folder, CACHE_DIR, STACK_CACHE_DIR)
-    logger.debug("MT_COVERAGE: propagate_mask=True (%s, %d frames)", label, len(records))
-    stack, used, tile_wcs = _load_and_align_group(records, config, report, ctx, cache_dir, label)
+def build_master_tile(task: TileTask, ctx) -> TileResult:
+    """Phase 3 for one group, a tile task: align, stack and write ``master_tile_NNN.fits``.
+
+    ``ctx`` gives progress and cancellation (the run's context in this process, a
+    :class:`zemosaic_executor.WorkerContext` elsewhere). Frames that cannot be used are listed in
+    the result, for the caller's report.
+    """
+    config, label = task.config, task.label
+    skipped: list = []
+    logger.debug("MT_COVERAGE: propagate_mask=True (%s, %d frames)", label, len(task.records))
+    stack, used, tile_wcs = _load_and_align_group(task, ctx, skipped)
     if not used:
-        logger.warning("%s: no frame could be loaded; tile dropped", label)
-        return None
+        return TileResult(None, None, "", [], "", "", skipped)
     try:
-        image, coverage, backend = _stack_group(stack, len(used), config, use_gpu, label)
+        image, coverage, backend = _stack_group(stack, len(used), config, task.use_gpu, label)
     finally:
         _release_stack(stack)
-    path = os.path.join(tiles_dir, f"master_tile_{index:03d}.fits")
-    zfits.write_image_fits(path, image, tile_wcs, coverage=coverage,
+    zfits.write_image_fits(os.path.join(task.tiles_dir, _tile_name(task.index)), image, tile_wcs,
+                           coverage=coverage,
                            header_cards=_tile_header_cards(config, used, used[0].path, backend))
-    # The tile is used as a resumed run will read it back: same WCS, same mosaic.
-    tile_wcs = zfits.wcs_as_written(tile_wcs)
     logger.info("%s: %d frame(s) stacked (%s, %s)", label, len(used),
                 config.stacking_rejection_algorithm, backend)
-    return MasterTile(index, image, coverage, tile_wcs, path, [r.path for r in used],
-                      used[0].path, backend)
+    # The tile is used with the WCS its file holds, as a resumed run reads it: same mosaic.
+    return TileResult(image, coverage, zfits.wcs_to_cd_header(tile_wcs).tostring(),
+                      [r.path for r in used], used[0].path, backend, skipped)
 
 
 def _tile_key(members, config) -> str:
@@ -595,7 +646,7 @@ def _tile_key(members, config) -> str:
 
 def _reuse_tile(index, entry, tiles_dir, report) -> MasterTile:
     """Return a tile a previous run finished, read back from its file (its skips replayed)."""
-    path = os.path.join(tiles_dir, f"master_tile_{index:03d}.fits")
+    path = os.path.join(tiles_dir, _tile_name(index))
     image, wcs, coverage, _ = zfits.read_image_fits(path)
     for skipped in entry.get("skipped", []):
         report.skip(skipped["path"], skipped["reason"])
@@ -604,38 +655,99 @@ def _reuse_tile(index, entry, tiles_dir, report) -> MasterTile:
                       entry["backend"])
 
 
+def _finished_tile(task: TileTask, outcome, report) -> MasterTile | None:
+    """Return the tile of a finished task, or None; its skipped frames go into the report.
+
+    A task that failed (an error in a worker, a worker that died) drops its tile: every frame of
+    the group is skipped with the reason, and the run goes on with the other tiles.
+    """
+    if outcome.error is not None:
+        logger.warning("%s failed (%s); its frames are skipped", task.label, outcome.error)
+        for r in task.records:
+            report.skip(r.path, f"{task.label} failed: {outcome.error}", quiet=True)
+        return None
+    result = outcome.result
+    for skipped in result.skipped:
+        report.skip(skipped["path"], skipped["reason"])
+    if result.image is None:
+        logger.warning("%s: no frame could be loaded; tile dropped", task.label)
+        return None
+    return MasterTile(task.index, result.image, result.coverage, zfits.wcs_from_text(result.wcs_text),
+                      os.path.join(task.tiles_dir, _tile_name(task.index)), result.frames,
+                      result.reference, result.backend)
+
+
+def _run_tile_tasks(todo, config, report, ctx, manifest, progress):
+    """Run the tile tasks ``[(task, manifest key)]`` on the configured executor; returns the tiles.
+
+    Each tile is recorded in the manifest as soon as it is written, whatever order they finish in.
+    """
+    try:
+        executor = zexec.make_executor(config.dask_scheduler, config.num_processing_workers, len(todo))
+    except (OSError, TimeoutError) as exc:
+        raise PipelineError(f"cannot start the tile workers (dask_scheduler = "
+                            f"{config.dask_scheduler!r}): {exc}") from exc
+    report.backends["tile_executor"] = executor.name
+    logger.info("Master tiles: %d to build on %s (%d worker(s))", len(todo), executor.name,
+                executor.workers)
+    for task, _ in todo:
+        task.ram_share = executor.memory_share
+    flag = zexec.CancelFlag(os.path.join(todo[0][0].cache_dir, ".cancel"))
+    tiles = []
+    try:
+        for outcome in executor.run(build_master_tile, [t for t, _ in todo], ctx, flag):
+            task, key = todo[outcome.index]
+            tile = _finished_tile(task, outcome, report)
+            if tile is not None:
+                manifest.record(_tile_name(task.index), key, frames=tile.frames,
+                                reference=tile.reference, backend=tile.backend,
+                                skipped=outcome.result.skipped)
+                tiles.append(tile)
+            progress(task.label)
+    finally:
+        executor.close()
+    return tiles
+
+
 def build_master_tiles(records, groups, config, report, ctx) -> list[MasterTile]:
     """Phase 3: one master tile per group; tiles an interrupted run finished are reused.
 
-    Every tile is recorded in the manifest as soon as it is written; with ``resume = auto`` a
-    tile whose frames, WCSs and settings match its manifest entry is read back instead of
-    stacked again. Tile files of an earlier run that this run does not make are removed.
+    Tile ``k`` is group ``k``'s. Tiles to build run on the executor the configuration names
+    (:mod:`zemosaic_executor`); the result is the same bit for bit whichever runs them. Every
+    tile is recorded in the manifest as soon as it is written; with ``resume = auto`` a tile whose
+    frames, WCSs and settings match its manifest entry is read back instead of stacked again.
+    Tile files of an earlier run that this run does not make are removed.
     """
     tiles_dir = os.path.join(config.output_folder, TILES_DIR)
     os.makedirs(tiles_dir, exist_ok=True)
     manifest = zrun.TileManifest(tiles_dir)
     use_gpu = config.use_gpu_phase5 and gpu_available()
-    tiles = []
+    finished = []
+    done = Counter()
+
+    def progress(label):
+        done["tiles"] += 1
+        ctx.report("master_tiles", done["tiles"], len(groups), f"{label} done")
+
+    todo, reused = [], set()
     for gi, group in enumerate(groups):
         ctx.check_cancel()
         members = [records[i] for i in group]
-        index, key = len(tiles), _tile_key(members, config)
-        name = f"master_tile_{index:03d}.fits"
-        entry = manifest.reusable(name, key) if config.resume == "auto" else None
-        if entry is not None:
-            tile = _reuse_tile(index, entry, tiles_dir, report)
-        else:
-            n_skipped = len(report.frames_skipped)
-            tile = build_master_tile(index, members, config, report, ctx, tiles_dir, use_gpu)
-            if tile is not None:
-                manifest.record(name, key, frames=tile.frames, reference=tile.reference,
-                                backend=tile.backend, skipped=report.frames_skipped[n_skipped:])
-        if tile is not None:
-            tiles.append(tile)
-            report.tiles.append({"index": tile.index, "file": os.path.relpath(tile.path, config.output_folder),
-                                 "frames": len(tile.frames), "reference": tile.reference,
-                                 "backend": tile.backend, "reused": entry is not None})
-        ctx.report("master_tiles", gi + 1, len(groups), f"tile {gi + 1}/{len(groups)} done")
+        key = _tile_key(members, config)
+        entry = manifest.reusable(_tile_name(gi), key) if config.resume == "auto" else None
+        if entry is None:
+            todo.append((TileTask(gi, members, config, tiles_dir, use_gpu), key))
+            continue
+        finished.append(_reuse_tile(gi, entry, tiles_dir, report))
+        reused.add(gi)
+        progress(f"tile {gi:03d}")
+    if todo:
+        finished += _run_tile_tasks(todo, config, report, ctx, manifest, progress)
+    tiles = sorted(finished, key=lambda t: t.index)
+    for t in tiles:
+        report.tiles.append({"index": t.index, "file": os.path.relpath(t.path, config.output_folder),
+                             "frames": len(t.frames), "reference": t.reference,
+                             "backend": t.backend, "reused": t.index in reused})
     manifest.keep_only(os.path.basename(t.path) for t in tiles)
     report.backends["master_tiles"] = "gpu" if any(t.backend == "gpu" for t in tiles) else "cpu"
     return tiles

@@ -108,6 +108,44 @@ def rss_now_bytes() -> int | None:
         return None
 
 
+def _descendants(pid: int) -> list[int]:
+    """Return the pids of every descendant of ``pid`` (Linux /proc; [] elsewhere)."""
+    found, todo = [], [pid]
+    while todo:
+        parent = todo.pop()
+        try:
+            tasks = os.listdir(f"/proc/{parent}/task")
+        except OSError:
+            continue
+        for tid in tasks:
+            try:
+                with open(f"/proc/{parent}/task/{tid}/children") as fh:
+                    kids = [int(k) for k in fh.read().split()]
+            except OSError:
+                continue
+            found += kids
+            todo += kids
+    return found
+
+
+def rss_tree_bytes() -> int | None:
+    """Return the resident set size of this process plus its descendants (worker processes).
+
+    Pages that forked workers share with each other are counted once per process: an upper bound.
+    """
+    own = rss_now_bytes()
+    if own is None:
+        return None
+    page = os.sysconf("SC_PAGE_SIZE")
+    for pid in _descendants(os.getpid()):
+        try:
+            with open(f"/proc/{pid}/statm") as fh:
+                own += int(fh.read().split()[1]) * page
+        except OSError:
+            pass
+    return own
+
+
 def load_warning(threshold: float = 0.5) -> str | None:
     """Return a warning when other processes keep the CPUs busy (1-minute load average), else None."""
     try:

@@ -218,7 +218,8 @@ def test_sigterm_exits_143_with_one_line_and_no_partial_output(dataset, tmp_path
 def test_rerun_after_a_crash_reuses_finished_tiles_and_gives_the_same_mosaic(dataset, tmp_path,
                                                                           caplog):
     out = tmp_path / "out"
-    proc = _cli(_config_file(tmp_path, dataset["frames"], out))
+    # One tile after the other, so the crash comes after the first tile and before the second.
+    proc = _cli(_config_file(tmp_path, dataset["frames"], out, num_processing_workers=1))
     _wait_for(out / zw.TILES_DIR / "manifest.json", proc)
     proc.kill()  # like a crash or a power cut: nothing is unwound
     proc.communicate()

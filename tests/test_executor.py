@@ -1,0 +1,154 @@
+"""Tile tasks on every executor: in-process, a local process pool, a Dask cluster — same mosaic."""
+
+import threading
+import time
+
+import numpy as np
+import pytest
+
+import zemosaic_executor as zexec
+import zemosaic_synth
+import zemosaic_worker as zw
+from zemosaic_config import ConfigError, config_from_dict
+from zemosaic_fits import read_image_fits
+
+
+@pytest.fixture(scope="module")
+def frames(tmp_path_factory):
+    """Two panels of three small frames: two master tiles to build in parallel."""
+    root = tmp_path_factory.mktemp("executor")
+    info = zemosaic_synth.generate_dataset(root, panels=(1, 2), frames_per_panel=3, seed=11,
+                                           size="small")
+    return info["frames_dir"]
+
+
+def _run(frames_dir, out, **settings):
+    config = config_from_dict({"input_folder": str(frames_dir), "output_folder": str(out),
+                               **settings})
+    result = zw.run_mosaic(config)
+    image, _, coverage, _ = read_image_fits(out / zw.MOSAIC_NAME)
+    return result, image, coverage
+
+
+@pytest.fixture(scope="module")
+def in_process(frames, tmp_path_factory):
+    return _run(frames, tmp_path_factory.mktemp("one") / "out", num_processing_workers=1)
+
+
+def _assert_same_mosaic(run, reference):
+    result, image, coverage = run
+    np.testing.assert_array_equal(image, reference[1])
+    np.testing.assert_array_equal(coverage, reference[2])
+    assert result.report["frames_used"] == reference[0].report["frames_used"]
+    assert [t["frames"] for t in result.report["tiles"]] == [3, 3]
+
+
+def test_in_process_is_the_default_for_one_worker(in_process):
+    assert in_process[0].report["backends"]["tile_executor"] == "in-process"
+    assert np.isfinite(in_process[1]).any()
+
+
+def test_process_pool_gives_the_same_mosaic_bit_for_bit(frames, in_process, tmp_path):
+    run = _run(frames, tmp_path / "out", num_processing_workers=2)
+    assert run[0].report["backends"]["tile_executor"] == "process pool"
+    _assert_same_mosaic(run, in_process)
+
+
+def test_dask_local_cluster_gives_the_same_mosaic_bit_for_bit(frames, in_process, tmp_path):
+    pytest.importorskip("distributed")
+    run = _run(frames, tmp_path / "out", dask_scheduler="local", num_processing_workers=2)
+    assert run[0].report["backends"]["tile_executor"].startswith("dask (tcp://")
+    _assert_same_mosaic(run, in_process)
+
+
+def test_a_failing_tile_is_skipped_with_its_reason(frames, tmp_path, monkeypatch):
+    real = zw.build_master_tile
+
+    def broken(task, ctx):
+        if task.index == 1:
+            raise MemoryError("no room for the stack")
+        return real(task, ctx)
+
+    monkeypatch.setattr(zw, "build_master_tile", broken)
+    result, image, _ = _run(frames, tmp_path / "out", num_processing_workers=1)
+    assert [t["index"] for t in result.report["tiles"]] == [0]
+    reasons = {s["reason"] for s in result.report["frames_skipped"]}
+    assert reasons == {"tile 001 failed: MemoryError: no room for the stack"}
+    assert len(result.report["frames_skipped"]) == 3 and len(result.report["frames_used"]) == 3
+    assert np.isfinite(image).any()
+
+
+def test_stacks_share_the_ram_budget_between_parallel_tiles(tmp_path, monkeypatch):
+    monkeypatch.setattr(zw, "_stack_ram_budget", lambda: 3 * 4 * 1000)
+    in_ram = zw._allocate_stack((1000, 3), str(tmp_path), ram_share=1)
+    on_disk = zw._allocate_stack((1000, 3), str(tmp_path), ram_share=2)
+    assert not isinstance(in_ram, np.memmap) and isinstance(on_disk, np.memmap)
+    zw._release_stack(on_disk)
+    assert not list(tmp_path.iterdir())
+
+
+# Toy tasks for the executors themselves (module level: worker processes import them by name).
+
+def square_or_fail(task, ctx):
+    if task == 3:
+        raise ValueError("three is not welcome\nsecond line")
+    return task * task
+
+
+def slow_until_cancelled(task, ctx):
+    for _ in range(400):
+        ctx.check_cancel()
+        time.sleep(0.05)
+    return task
+
+
+class _Ctx:
+    def __init__(self, event=None):
+        self.event = event
+
+    def report(self, *args):
+        pass
+
+    def check_cancel(self):
+        if self.event is not None and self.event.is_set():
+            raise zexec.Cancelled("cancelled by user")
+
+
+def test_pool_returns_results_and_errors_per_task(tmp_path):
+    pool = zexec.PoolExecutor(2)
+    try:
+        flag = zexec.CancelFlag(str(tmp_path / ".cancel"))
+        outcomes = sorted(pool.run(square_or_fail, [1, 2, 3, 4], _Ctx(), flag), key=lambda o: o.index)
+    finally:
+        pool.close()
+    assert [o.result for o in outcomes] == [1, 4, None, 16]
+    assert outcomes[2].error == "ValueError: three is not welcome"
+
+
+def test_cancel_stops_running_pool_tasks_between_frames(tmp_path):
+    cancel = threading.Event()
+    pool = zexec.PoolExecutor(2)
+    flag = zexec.CancelFlag(str(tmp_path / ".cancel"))
+    threading.Timer(0.5, cancel.set).start()
+    try:
+        with pytest.raises(zexec.Cancelled):
+            list(pool.run(slow_until_cancelled, [1, 2, 3], _Ctx(cancel), flag))
+    finally:
+        pool.close()
+    assert not flag.is_set()  # lowered again for the next run
+
+
+@pytest.mark.parametrize("key, value", [("num_processing_workers", -1),
+                                        ("num_processing_workers", 2.5),
+                                        ("dask_scheduler", "my cluster"),
+                                        ("dask_scheduler", 8786)])
+def test_bad_executor_settings_name_the_key_and_what_is_allowed(key, value):
+    with pytest.raises(ConfigError) as err:
+        config_from_dict({key: value})
+    assert err.value.key == key and key in str(err.value) and "expected" in str(err.value)
+
+
+def test_worker_count_zero_means_every_core():
+    assert zexec.resolve_workers(0) >= 1 and zexec.resolve_workers(3) == 3
+    assert config_from_dict({"dask_scheduler": " tcp://10.0.0.5:8786 "}).dask_scheduler == \
+        "tcp://10.0.0.5:8786"

@@ -1,0 +1,351 @@
+"""Where tile tasks run: in this process, in a local process pool, or on a Dask cluster.
+
+A tile task (load, align and stack one group into a master tile) is a picklable task object and
+a module-level function ``fn(task, ctx)``. :func:`make_executor` picks where it runs from the
+configuration: ``dask_scheduler`` names a ``dask.distributed`` scheduler (``local`` starts a
+``LocalCluster`` on this machine), otherwise ``num_processing_workers`` processes of a local pool
+(0 = one per core), or this process when that is 1 or when a single task is to run.
+
+Every executor runs the same function on the same pickled task, so the result does not depend
+on where it ran: in this process the task goes through the same pickle round trip as on its way
+to a worker. Results come back as tasks finish; :func:`run_tasks` hands each to a callback, turns
+a worker's exception into a failed task (its reason in words) and stops between tasks on cancel.
+
+Workers in other processes cannot see the caller's ``threading.Event``: cancellation reaches them
+as a flag file in a folder they share with the caller (the output folder, which they write the
+tiles to anyway), checked between frames. Their log records are collected and re-emitted here, so
+the run log holds them whatever ran the task.
+"""
+
+from __future__ import annotations
+
+import concurrent.futures as cf
+import logging
+import multiprocessing
+import os
+import pickle
+import threading
+import time
+from dataclasses import dataclass
+
+logger = logging.getLogger(__name__)
+
+LOCAL_CLUSTER = "local"
+# How often a waiting caller looks at its cancel event while tasks run elsewhere.
+_POLL_S = 0.2
+
+
+class Cancelled(Exception):
+    """The run was cancelled by the user."""
+
+
+def resolve_workers(requested: int) -> int:
+    """Return the number of worker processes for ``num_processing_workers`` (0 = one per usable core)."""
+    if requested > 0:
+        return requested
+    try:
+        return max(1, len(os.sched_getaffinity(0)))
+    except (AttributeError, OSError):  # not Linux
+        return max(1, os.cpu_count() or 1)
+
+
+class CancelFlag:
+    """A cancellation flag visible to worker processes on any machine that shares ``path``'s folder."""
+
+    def __init__(self, path: str):
+        self.path = path
+
+    def set(self) -> None:
+        """Raise the flag (workers stop at their next check)."""
+        os.makedirs(os.path.dirname(self.path), exist_ok=True)
+        with open(self.path, "w"):
+            pass
+
+    def clear(self) -> None:
+        """Lower the flag."""
+        try:
+            os.remove(self.path)
+        except FileNotFoundError:
+            pass
+
+    def is_set(self) -> bool:
+        """Return True once the flag is raised."""
+        return os.path.exists(self.path)
+
+
+class WorkerContext:
+    """The ``ctx`` a task gets in a worker: cancellation from a :class:`CancelFlag`, no progress.
+
+    Progress of tasks run elsewhere is reported by the caller, one step per finished task.
+    """
+
+    def __init__(self, cancel_flag: str | None):
+        self._flag = CancelFlag(cancel_flag) if cancel_flag else None
+
+    def report(self, phase, done, total, message=""):
+        """Progress inside a task run elsewhere is not reported (see the class doc)."""
+
+    def check_cancel(self):
+        """Raise :class:`Cancelled` when the caller raised the cancel flag."""
+        if self._flag is not None and self._flag.is_set():
+            raise Cancelled("cancelled by user")
+
+
+class _LogCollector(logging.Handler):
+    """Keeps this project's log records, made picklable, for the caller to re-emit."""
+
+    def __init__(self, level):
+        super().__init__(level)
+        self.records: list[logging.LogRecord] = []
+
+    def emit(self, record):
+        if record.name.startswith("zemosaic"):
+            record.msg, record.args = record.getMessage(), None
+            record.exc_info = record.exc_text = None
+            self.records.append(record)
+
+
+def _call_in_worker(fn, payload: bytes, cancel_flag: str | None, caller_pid: int, log_level: int):
+    """Worker side: unpickle the task, run it; returns ``(result, log records)``.
+
+    In the caller's own process (a threaded Dask cluster) its log records already reach the
+    caller's handlers and are not collected.
+    """
+    task = pickle.loads(payload)
+    ctx = WorkerContext(cancel_flag)
+    if os.getpid() == caller_pid:
+        return fn(task, ctx), []
+    collector = _LogCollector(log_level)
+    root = logging.getLogger()
+    saved_level = root.level
+    root.addHandler(collector)
+    root.setLevel(min(saved_level or logging.WARNING, log_level))
+    try:
+        return fn(task, ctx), collector.records
+    finally:
+        root.removeHandler(collector)
+        root.setLevel(saved_level)
+
+
+@dataclass
+class TaskOutcome:
+    """One finished task: its position in the task list, its result, or why it failed."""
+
+    index: int
+    result: object = None
+    error: str | None = None
+
+
+class InProcessExecutor:
+    """Runs tasks one after the other in this process, with per-frame progress and cancel."""
+
+    name = "in-process"
+    workers = 1
+    memory_share = 1
+
+    def run(self, fn, tasks, ctx, cancel_flag=None):
+        """Yield a :class:`TaskOutcome` per task, in order; ``ctx`` (the caller's context) gives
+        the task per-frame progress and cancel, so ``cancel_flag`` is not needed here."""
+        for i, task in enumerate(tasks):
+            ctx.check_cancel()
+            # The same bytes a worker would get: the result never depends on where it ran.
+            local = pickle.loads(pickle.dumps(task))
+            try:
+                yield TaskOutcome(i, result=fn(local, ctx))
+            except Cancelled:
+                raise
+            except Exception as exc:  # one tile's failure must not end the run
+                yield TaskOutcome(i, error=_reason(exc))
+
+    def close(self):
+        """Nothing to release."""
+
+
+class _FutureExecutor:
+    """Shared part of the pool and Dask executors: submit every task, collect as they finish."""
+
+    name = "?"
+    workers = 1
+    memory_share = 1
+
+    def _submit(self, call, *args):
+        raise NotImplementedError
+
+    def _as_completed(self, futures, timeout):
+        raise NotImplementedError
+
+    def _cancel_pending(self, futures):
+        for f in futures:
+            f.cancel()
+
+    def run(self, fn, tasks, ctx, cancel_flag: CancelFlag):
+        """Yield a :class:`TaskOutcome` per task as tasks finish.
+
+        ``ctx.check_cancel`` is polled while waiting; on cancel (or any exception here, such as
+        Ctrl-C) the flag is raised, pending tasks are dropped and running ones are waited for,
+        so no worker writes into the output folder after the run has ended.
+        """
+        level = logging.getLogger("zemosaic_worker").getEffectiveLevel()
+        cancel_flag.clear()
+        futures = {self._submit(_call_in_worker, fn, pickle.dumps(task), cancel_flag.path,
+                                os.getpid(), level): i for i, task in enumerate(tasks)}
+        pending = set(futures)
+        try:
+            while pending:
+                ctx.check_cancel()
+                for future in self._as_completed(pending, _POLL_S):
+                    pending.discard(future)
+                    yield self._outcome(futures[future], future)
+        except BaseException:
+            cancel_flag.set()
+            self._cancel_pending(pending)
+            self._wait_quietly(pending)
+            raise
+        finally:
+            cancel_flag.clear()
+
+    def _outcome(self, index, future) -> TaskOutcome:
+        try:
+            result, records = future.result()
+        except Cancelled:
+            raise
+        except Exception as exc:  # a worker's error, or a worker that died
+            return TaskOutcome(index, error=_reason(exc))
+        for record in records:
+            logging.getLogger(record.name).handle(record)
+        return TaskOutcome(index, result=result)
+
+    def _wait_quietly(self, futures):
+        raise NotImplementedError
+
+
+def _is_alive(pid: int) -> bool:
+    """Return True while process ``pid`` runs (a zombie, killed but not yet reaped, is not)."""
+    try:
+        with open(f"/proc/{pid}/stat") as fh:
+            return fh.read().rsplit(")", 1)[1].split()[0] != "Z"
+    except FileNotFoundError:
+        return False
+    except OSError:  # no /proc: ask the kernel whether the pid exists
+        try:
+            os.kill(pid, 0)
+        except ProcessLookupError:
+            return False
+        except PermissionError:  # the pid now belongs to another user's process
+            return False
+        return True
+
+
+def _exit_with_caller(caller_pid: int, period_s: float = 0.5) -> None:
+    """Worker initializer: end this worker when the caller is gone.
+
+    A pool's workers wait on a queue whose write end they hold themselves, so a caller that is
+    killed (a crash, SIGKILL) would leave them running for ever, holding its terminal's pipes.
+    """
+    def watch():
+        while _is_alive(caller_pid):
+            time.sleep(period_s)
+        os._exit(1)
+
+    threading.Thread(target=watch, name="zemosaic-caller-watch", daemon=True).start()
+
+
+class PoolExecutor(_FutureExecutor):
+    """A local pool of ``workers`` processes (forkserver: workers start without the caller's
+    threads and GUI, and without re-importing the pipeline for every pool)."""
+
+    name = "process pool"
+
+    def __init__(self, workers: int, preload=("zemosaic_worker",)):
+        self.workers = self.memory_share = workers
+        method = "forkserver" if "forkserver" in multiprocessing.get_all_start_methods() else "spawn"
+        context = multiprocessing.get_context(method)
+        if method == "forkserver":
+            context.set_forkserver_preload(list(preload))
+        self._pool = cf.ProcessPoolExecutor(max_workers=workers, mp_context=context,
+                                            initializer=_exit_with_caller, initargs=(os.getpid(),))
+
+    def _submit(self, call, *args):
+        return self._pool.submit(call, *args)
+
+    def _as_completed(self, futures, timeout):
+        done, _ = cf.wait(futures, timeout=timeout, return_when=cf.FIRST_COMPLETED)
+        return done
+
+    def _wait_quietly(self, futures):
+        cf.wait(futures)
+
+    def close(self):
+        """Stop the worker processes."""
+        self._pool.shutdown(wait=True, cancel_futures=True)
+
+
+class DaskExecutor(_FutureExecutor):
+    """Tasks on a ``dask.distributed`` cluster: the scheduler at ``address``, or a ``LocalCluster``
+    of ``workers`` single-threaded processes when ``address`` is ``local``.
+
+    Workers read the frames and write the tiles through the paths in the task: on several
+    machines, the input and output folders must be shared under the same paths.
+    """
+
+    name = "dask"
+
+    def __init__(self, address: str, workers: int):
+        from distributed import Client, LocalCluster
+
+        self._cluster = None
+        if address == LOCAL_CLUSTER:
+            self._cluster = LocalCluster(n_workers=workers, threads_per_worker=1, processes=True,
+                                         dashboard_address=None)
+            self._client = Client(self._cluster)
+        else:
+            self._client = Client(address, timeout="30s")
+        info = self._client.scheduler_info()["workers"].values()
+        self.workers = max(1, sum(w.get("nthreads", 1) for w in info))
+        # Tasks on one host share its memory: the largest number that may run on one host at once.
+        per_host: dict[str, int] = {}
+        for w in info:
+            host = w.get("host") or w.get("id", "")
+            per_host[host] = per_host.get(host, 0) + w.get("nthreads", 1)
+        self.memory_share = max(per_host.values(), default=1)
+        self.name = f"dask ({self._client.scheduler.address}, {self.workers} thread(s))"
+
+    def _submit(self, call, *args):
+        return self._client.submit(call, *args, pure=False)
+
+    def _as_completed(self, futures, timeout):
+        from distributed import wait
+
+        try:
+            done, _ = wait(list(futures), timeout=timeout, return_when="FIRST_COMPLETED")
+        except TimeoutError:
+            return []
+        return [f for f in done if f in futures]
+
+    def _wait_quietly(self, futures):
+        from distributed import wait
+
+        if futures:
+            wait(list(futures))
+
+    def close(self):
+        """Disconnect; a ``LocalCluster`` started here is shut down."""
+        self._client.close()
+        if self._cluster is not None:
+            self._cluster.close()
+
+
+def _reason(exc: BaseException) -> str:
+    """Return a one-line reason for a failed task."""
+    text = str(exc).strip().splitlines()
+    return f"{type(exc).__name__}: {text[0]}" if text else type(exc).__name__
+
+
+def make_executor(dask_scheduler: str, num_processing_workers: int, n_tasks: int):
+    """Return the executor for ``n_tasks`` tile tasks (see the module doc); call ``close()`` after."""
+    if dask_scheduler:
+        return DaskExecutor(dask_scheduler, resolve_workers(num_processing_workers))
+    workers = min(resolve_workers(num_processing_workers), n_tasks)
+    if workers <= 1:
+        return InProcessExecutor()
+    return PoolExecutor(workers)

@@ -10,6 +10,7 @@ CLI (:mod:`zemosaic_cli`) and the GUI configure where it goes.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 import os
@@ -19,6 +20,7 @@ import tempfile
 import threading
 import time
 from collections import Counter
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -452,6 +454,7 @@ class TileTask:
     tiles_dir: str
     use_gpu: bool
     ram_share: int = 1
+    frame_threads: int = 1
 
     @property
     def label(self) -> str:
@@ -481,48 +484,69 @@ def _tile_name(index: int) -> str:
     return f"master_tile_{index:03d}.fits"
 
 
+def _aligned_frame(rec, config, reference, canvas, reference_stars):
+    """Return one frame loaded, debayered and aligned onto the group's canvas.
+
+    Raises :class:`zemosaic_fits.FrameError` or :class:`zemosaic_align_stack.AlignmentError`.
+    """
+    frame = zfits.load_frame(rec.path, hot_pixels=config.correct_hot_pixels, wcs=rec.wcs)
+    if frame.data.shape[2] != reference.shape[2]:
+        raise stk.AlignmentError("channel count differs from the reference frame")
+    return stk.align_frame(frame.data, reference, config.align_method, frame.wcs,
+                           propagate_mask=True, canvas=canvas, reference_stars=reference_stars)
+
+
 def _load_and_align_group(task: TileTask, ctx, skipped: list):
     """Load, debayer and align a group's frames; returns ``(stack, used records, tile WCS)``.
 
-    The reference (the frame nearest the group centre) is loaded first and sits in slot 0; the
-    others are aligned one at a time onto its canvas in a preallocated stack, so memory holds at
-    most one raw frame besides the stack. Frames that fail to load or align are appended to
-    ``skipped`` with their reason.
+    The reference (the frame nearest the group centre that loads) is loaded first and sits in
+    slot 0; the others are aligned onto its canvas in a preallocated stack, ``task.frame_threads``
+    at a time (each frame's alignment depends only on itself and the reference, so the stack is
+    the same whatever the number), so memory holds a few frames besides the stack. Frames that
+    fail to load or align are appended to ``skipped`` with their reason.
     """
     records, config = task.records, task.config
     ref_i = _reference_index(records)
     order = [ref_i] + [i for i in range(len(records)) if i != ref_i]
-    reference = canvas = stack = reference_stars = None
-    used = []
-    for done, i in enumerate(order):
+    reference = None
+    for first, i in enumerate(order):
         ctx.check_cancel()
-        rec = records[i]
         try:
-            frame = zfits.load_frame(rec.path, hot_pixels=config.correct_hot_pixels, wcs=rec.wcs)
-            if reference is None:
-                reference = frame.data
-                canvas = stk.group_canvas(frame.wcs, reference.shape[:2],
-                                          [(r.wcs, r.info.shape_hw) for r in records])
-                stack = _allocate_stack((len(records),) + canvas.shape + reference.shape[2:],
-                                        task.cache_dir, task.ram_share)
-                aligned = stk.place_reference(reference, canvas)
-                if config.align_method == "astroalign":  # detected once for the whole group
-                    reference_stars = stk.alignment_stars(reference)
-            else:
-                if frame.data.shape[2] != reference.shape[2]:
-                    raise stk.AlignmentError("channel count differs from the reference frame")
-                aligned = stk.align_frame(frame.data, reference, config.align_method, frame.wcs,
-                                          propagate_mask=True, canvas=canvas,
-                                          reference_stars=reference_stars)
-        except (zfits.FrameError, stk.AlignmentError) as exc:
-            skipped.append({"path": rec.path, "reason": str(exc)})
+            frame = zfits.load_frame(records[i].path, hot_pixels=config.correct_hot_pixels,
+                                     wcs=records[i].wcs)
+        except zfits.FrameError as exc:
+            skipped.append({"path": records[i].path, "reason": str(exc)})
             continue
-        stack[len(used)] = aligned
-        used.append(rec)
-        ctx.report("master_tiles", done + 1, len(order),
-                   f"{task.label}: aligned {os.path.basename(rec.path)}")
-    if not used:
+        reference = frame.data
+        break
+    if reference is None:
         return None, [], None
+    canvas = stk.group_canvas(frame.wcs, reference.shape[:2],
+                              [(r.wcs, r.info.shape_hw) for r in records])
+    stack = _allocate_stack((len(records),) + canvas.shape + reference.shape[2:],
+                            task.cache_dir, task.ram_share)
+    stack[0] = stk.place_reference(reference, canvas)
+    used = [records[order[first]]]
+    # Detected once for the whole group.
+    stars = stk.alignment_stars(reference) if config.align_method == "astroalign" else None
+    rest, width = order[first + 1:], max(1, task.frame_threads)
+    with ThreadPoolExecutor(width, thread_name_prefix=task.label) as pool:
+        for b in range(0, len(rest), width):
+            ctx.check_cancel()
+            batch = rest[b:b + width]
+            # A WCS of its own per thread: astropy's WCS objects are not thread-safe.
+            futures = [pool.submit(_aligned_frame, records[i], config, reference,
+                                   dataclasses.replace(canvas, wcs=canvas.wcs.deepcopy()), stars)
+                       for i in batch]
+            for k, (i, future) in enumerate(zip(batch, futures)):
+                try:
+                    stack[len(used)] = future.result()
+                except (zfits.FrameError, stk.AlignmentError) as exc:
+                    skipped.append({"path": records[i].path, "reason": str(exc)})
+                    continue
+                used.append(records[i])
+                ctx.report("master_tiles", first + b + k + 2, len(order),
+                           f"{task.label}: aligned {os.path.basename(records[i].path)}")
     if len(used) < len(records):
         stack, canvas = _crop_to_frames(stack, canvas, reference.shape[:2], used)
     return stack, used, canvas.wcs
@@ -690,8 +714,11 @@ def _run_tile_tasks(todo, config, report, ctx, manifest, progress):
     report.backends["tile_executor"] = executor.name
     logger.info("Master tiles: %d to build on %s (%d worker(s))", len(todo), executor.name,
                 executor.workers)
+    # Cores the tile workers leave idle (fewer tiles than cores) align frames in threads.
+    threads = 1 if config.dask_scheduler else \
+        max(1, zexec.resolve_workers(config.num_processing_workers) // executor.workers)
     for task, _ in todo:
-        task.ram_share = executor.memory_share
+        task.ram_share, task.frame_threads = executor.memory_share, threads
     flag = zexec.CancelFlag(os.path.join(todo[0][0].cache_dir, ".cancel"))
     tiles = []
     try:

@@ -38,7 +38,8 @@ from zemosaic_config import config_from_dict  # noqa: E402
 from zemosaic_executor import resolve_workers  # noqa: E402
 from zemosaic_worker import PHASES, run_mosaic  # noqa: E402
 
-SIRIL_PHASES = ("convert", "register", "stack")
+# Siril reports its own execution time for these commands (convert reports none).
+SIRIL_PHASES = ("register", "stack")
 
 
 class PhaseMemory:
@@ -120,7 +121,7 @@ def run_siril(exe: str, frames_dir: str, work: str) -> dict:
     for path in sorted(glob.glob(os.path.join(frames_dir, "Light_panel*_*.fits"))):
         panels.setdefault(os.path.basename(path).split("_")[1], []).append(path)
     totals = {"frames": 0, "registered": 0, "failed": 0, "wall_s": 0.0, "peak_rss_bytes": 0,
-              "phases": dict.fromkeys(SIRIL_PHASES, 0.0), "errors": []}
+              "phases": dict.fromkeys(SIRIL_PHASES, 0.0), "errors": [], "panels": len(panels)}
     for name, paths in panels.items():
         folder = os.path.join(work, name)
         os.makedirs(folder)
@@ -224,9 +225,9 @@ def main(argv=None) -> int:
         print()
         other = sr["wall_s"] - sum(sr["phases"].values())
         split = [[p, f"{s:.2f}", f"{s / sr['wall_s']:.0%}"] for p, s in sr["phases"].items()]
-        split.append(["start-up, reading, other", f"{other:.2f}", f"{other / sr['wall_s']:.0%}"])
+        split.append(["convert + debayer, start-up", f"{other:.2f}", f"{other / sr['wall_s']:.0%}"])
         print_table(["Siril phase", "s", "share"], split,
-                    title=f"Siril per phase (its own execution times, {len(glob.glob(os.path.join(frames_dir, 'Light_panel*_000.fits')))} panels)")
+                    title=f"Siril per phase (its own execution times, {sr['panels']} panels)")
         print(f"- Siril registered {sr['registered']} of {sr['frames']} frames ({sr['failed']} failed)")
         for error in sr["errors"]:
             print(f"- Siril: {error}")

@@ -116,8 +116,8 @@ def test_worker_logs_mt_coverage_and_falls_back_to_cpu(tmp_path, caplog, monkeyp
     monkeypatch.setattr(zemosaic_align_stack_gpu, "stack_in_chunks_gpu", broken)
     (tmp_path / "o" / "tiles").mkdir(parents=True)
     with caplog.at_level(logging.DEBUG, logger="zemosaic_worker"):
-        tile = zw.build_master_tile(0, records, config, report, zw._Context(None, None),
-                                    str(tmp_path / "o" / "tiles"), use_gpu=True)
+        tile = zw.build_master_tile(zw.TileTask(0, records, config, str(tmp_path / "o" / "tiles"),
+                                                use_gpu=True), zw._Context(None, None))
     assert "MT_COVERAGE: propagate_mask=True" in caplog.text
     warnings = [r for r in caplog.records if r.levelno == logging.WARNING]
     assert len(warnings) == 1 and "stacking this tile on CPU" in warnings[0].getMessage()
@@ -137,9 +137,11 @@ def test_disk_backed_stack_gives_the_same_tile(tmp_path, monkeypatch):
     report = zw.RunReport(config={})
     records = zw.scan_frames(config, report, zw._Context(None, None))
     (tmp_path / "o").mkdir()
-    in_ram = zw.build_master_tile(0, records, config, report, zw._Context(None, None), str(tmp_path / "o"), False)
+    in_ram = zw.build_master_tile(zw.TileTask(0, records, config, str(tmp_path / "o"), False),
+                                  zw._Context(None, None))
     monkeypatch.setattr(zw, "_stack_ram_budget", lambda: 1024)
-    on_disk = zw.build_master_tile(1, records, config, report, zw._Context(None, None), str(tmp_path / "o"), False)
+    on_disk = zw.build_master_tile(zw.TileTask(1, records, config, str(tmp_path / "o"), False),
+                                   zw._Context(None, None))
     assert np.array_equal(np.isnan(in_ram.image), np.isnan(on_disk.image))
     assert np.allclose(in_ram.image, on_disk.image, equal_nan=True)
     stacks = tmp_path / "o" / zw.CACHE_DIR / zw.STACK_CACHE_DIR
@@ -203,9 +205,11 @@ def test_same_input_gives_the_same_master_tile_bit_for_bit(tmp_path):
     report = zw.RunReport(config={})
     records = zw.scan_frames(config, report, zw._Context(None, None))
     (tmp_path / "o").mkdir()
-    tiles = [zw.build_master_tile(i, records, config, report, zw._Context(None, None), str(tmp_path / "o"), False)
+    # The second aligns its frames three at a time, in threads: the same tile.
+    tiles = [zw.build_master_tile(zw.TileTask(i, records, config, str(tmp_path / "o"), False,
+                                              frame_threads=1 + 2 * i), zw._Context(None, None))
              for i in range(2)]
-    assert not report.frames_skipped
+    assert not report.frames_skipped and not tiles[0].skipped and not tiles[1].skipped
     assert tiles[0].image.tobytes() == tiles[1].image.tobytes()
     assert tiles[0].coverage.tobytes() == tiles[1].coverage.tobytes()
     assert tiles[0].coverage.max() == 4

@@ -54,6 +54,12 @@ def test_process_pool_gives_the_same_mosaic_bit_for_bit(frames, in_process, tmp_
     _assert_same_mosaic(run, in_process)
 
 
+def test_spare_workers_align_frames_in_threads_to_the_same_mosaic(frames, in_process, tmp_path):
+    # Four workers, two tiles: a pool of two, each aligning its frames two at a time.
+    run = _run(frames, tmp_path / "out", num_processing_workers=4)
+    _assert_same_mosaic(run, in_process)
+
+
 def test_dask_local_cluster_gives_the_same_mosaic_bit_for_bit(frames, in_process, tmp_path):
     pytest.importorskip("distributed")
     run = _run(frames, tmp_path / "out", dask_scheduler="local", num_processing_workers=2)

@@ -28,12 +28,13 @@ def _random_stack(rng, n=9, h=24, w=20, c=3, nan_borders=True, outliers=True):
     return stack
 
 
-def _slow_winsorized(stack, weights, kl, kh, limits, combine, noise):
+def _slow_winsorized(stack, weights, kl, kh, limits, combine, noise, signal):
     """Per-pixel reference with plain loops (the specification, written out).
 
     Each round: centre = median of the kept samples; every sample is tested against the winsorized
     standard deviation (ddof=1, unbiased for Gaussian noise) of the *other* kept samples, raised to
-    its frame's noise sigma; pixels with fewer than three kept samples are left alone.
+    its frame's noise sigma combined with SIGNAL_SPREAD times the reference's local contrast;
+    pixels with fewer than three kept samples are left alone.
     """
     n, h, w, c = stack.shape
     out = np.full((h, w, c), np.nan)
@@ -54,7 +55,8 @@ def _slow_winsorized(stack, weights, kl, kh, limits, combine, noise):
                     centre = np.median(v)
                     wins = np.clip(v, lo, hi)
                     sigma = np.array([np.std(np.delete(wins, j), ddof=1) for j in range(v.size)]) / np.sqrt(var)
-                    sigma = np.maximum(sigma, floor)
+                    spread = stk.SIGNAL_SPREAD * signal[y, x, ch]
+                    sigma = np.maximum(sigma, np.sqrt(floor**2 + spread**2))
                     keep = (v >= centre - kl * sigma) & (v <= centre + kh * sigma)
                     if keep.all():
                         break
@@ -88,13 +90,15 @@ def test_seed_nan_borders_three_frames():
 @pytest.mark.parametrize("combine", ["mean", "median"])
 def test_winsorized_matches_slow_reference(rng, combine):
     stack = _random_stack(rng)
+    # A star whose core differs by +-20 % between frames: its floor is set by the signal term.
+    stack[:, 9:13, 6:10] += 2000.0 * rng.uniform(0.8, 1.2, (stack.shape[0], 1, 1, 1)).astype(np.float32)
     weights = rng.uniform(0.3, 1.0, (stack.shape[0], 3))
     params = stk.StackParams("winsorized_sigma_clip", 2.5, 3.0, (0.1, 0.05), combine)
     noise = rng.uniform(2.0, 4.0, (stack.shape[0], 3))  # below the stack's noise (5): both sigmas act
     img, _ = stk.stack_in_chunks(stack, None, None, weights if combine == "mean" else None, params,
                                  rows_per_chunk=7, noise_sigmas=noise)
     ref = _slow_winsorized(stack, weights if combine == "mean" else None, 2.5, 3.0, (0.1, 0.05), combine,
-                           noise)
+                           noise, stk.reference_signal_map(stack))
     assert np.array_equal(np.isnan(img), np.isnan(ref))
     ok = np.isfinite(ref)
     assert np.max(np.abs(img[ok] - ref[ok]) / np.abs(ref[ok])) < 1e-5

@@ -237,3 +237,40 @@ def test_colour_terms_at_their_noise_stay_grey():
     grey = 1.0
     assert stk._channel_gains(grey * np.array([1.02, 1.0, 0.97]), np.array([0.02, 0.01, 0.03]), grey) is None
     assert stk._channel_gains(grey * np.array([1.004, 1.0, 0.995]), np.array([0.001, 0.001, 0.001]), grey) is None
+
+
+def _star_field(rng, n_frames, size=96, spacing=16, sky=1000.0, sigma=10.0):
+    """Frames of one star field whose stars change between frames as real ones do.
+
+    Each frame has its own seeing (PSF width +-12 %) and alignment error (0.15 px rms); the flux is
+    the same in every frame. Returns ``(stack (N, H, W, 1), star centres, aperture mask)``.
+    """
+    yy, xx = np.mgrid[:size, :size].astype(np.float64)
+    centres = [(y, x) for y in range(spacing // 2, size, spacing) for x in range(spacing // 2, size, spacing)]
+    frames = []
+    for _ in range(n_frames):
+        width = 1.06 * rng.uniform(0.88, 1.12)
+        dy, dx = rng.normal(0, 0.15, 2)
+        image = np.full((size, size), sky)
+        for y, x in centres:
+            r2 = (yy - y - dy) ** 2 + (xx - x - dx) ** 2
+            image += 30000.0 / (2 * np.pi * width**2) * np.exp(-0.5 * r2 / width**2)
+        frames.append(image + rng.normal(0, sigma, image.shape))
+    return np.stack(frames)[..., None].astype(np.float32), centres
+
+
+@pytest.mark.parametrize("n_frames", [3, 4, 6])
+@pytest.mark.parametrize("algorithm", ALGORITHMS)
+def test_star_cores_not_clipped_when_seeing_changes(rng, n_frames, algorithm):
+    """Stars keep their flux through the rejection: their cores differ between frames by design.
+
+    Without the signal term of the floor the sharpest frame's core and the broadest frame's wings
+    are clipped and the stars lose up to 4 % of their flux (more in R and B, whose Bayer sampling
+    varies more: a colour shift).
+    """
+    stack, centres = _star_field(rng, n_frames)
+    img, _ = stk.stack_in_chunks(stack, None, None, None, stk.StackParams(algorithm))
+    plain, _ = stk.stack_in_chunks(stack, None, None, None, stk.StackParams("none"))
+    flux = [img[y - 6:y + 7, x - 6:x + 7, 0].sum() - 169 * 1000.0 for y, x in centres]
+    plain_flux = [plain[y - 6:y + 7, x - 6:x + 7, 0].sum() - 169 * 1000.0 for y, x in centres]
+    assert np.sum(flux) / np.sum(plain_flux) == pytest.approx(1.0, abs=0.002)

@@ -399,8 +399,9 @@ class GainFit:
     not measured); ``grey`` says one gain serves every channel; ``n_stars`` stars were used (0:
     bright pixels, or no signal); ``method`` is ``"stars"``, ``"pixels"`` or ``"sky"`` (gain 1).
     A star fit keeps what it was made from: the frame's ``flux`` and ``noise`` ``(n, C)`` at the
-    reference's stars (NaN where unusable) and its ``sky`` ``(C,)``, so the gain can be measured
-    again against other frames and the offsets follow (:func:`refine_star_gains`).
+    reference's stars (NaN where unusable), its ``sky`` ``(C,)``, the ``measured`` per-channel
+    ratios and the ``grey_gain``, so the gain can be measured again against other frames, the
+    colour shared with frames of the same balance and the offsets follow (:func:`refine_star_gains`).
     """
 
     gains: np.ndarray
@@ -412,6 +413,8 @@ class GainFit:
     flux: np.ndarray | None = None
     noise: np.ndarray | None = None
     sky: np.ndarray | None = None
+    measured: np.ndarray | None = None
+    grey_gain: float = float("nan")
 
 
 def _disc_offsets(r_in: float, r_out: float):
@@ -646,9 +649,9 @@ def fit_star_fluxes(ref, ref_noise, flux, noise):
         return None
     grey, grey_sigma = _grey_gain(gains, np.array([f[3] for f in fits]))
     channel_gains = _channel_gains(gains, sigmas, grey)
-    if channel_gains is not None:
-        return GainFit(channel_gains, sigmas, grey_sigma, False, n_used, "stars", flux, noise)
-    return GainFit(np.full(gains.size, grey), sigmas, grey_sigma, True, n_used, "stars", flux, noise)
+    applied = np.full(gains.size, grey) if channel_gains is None else channel_gains
+    return GainFit(applied, sigmas, grey_sigma, channel_gains is None, n_used, "stars", flux, noise,
+                   measured=gains, grey_gain=grey)
 
 
 def _bright_pixel_gain(f, r, sky_f, sig_f, sky_r, sig_r, xp):
@@ -759,16 +762,59 @@ def refine_star_gains(gains, offsets, fits: dict, stars: ReferenceStars, referen
         return gains, offsets
     fluxes = {reference_index: to_numpy(stars.flux), **{i: f.flux for i, f in star_fits.items()}}
     noises = {reference_index: to_numpy(stars.noise), **{i: f.noise for i, f in star_fits.items()}}
-    gains, offsets = gains.copy(), offsets.copy()
+    refits = {}
     for i, fit in star_fits.items():
-        ref, ref_noise = _averaged_fluxes(fluxes, noises, gains, [k for k in balance if k != i])
-        again = fit_star_fluxes(ref, ref_noise, fit.flux, fit.noise)
-        if again is None or not np.all((again.gains >= _GAIN_LIMITS[0]) & (again.gains <= _GAIN_LIMITS[1])):
+        against = [k for k in balance if k != i]
+        again = fit_star_fluxes(*_averaged_fluxes(fluxes, noises, gains, against), fit.flux, fit.noise)
+        if again is not None:
+            _log_fit(f"linear_fit (frame {i} against {len(against)} frames)", again)
+            refits[i] = again
+    new_gains = gains.copy()
+    for i, again in refits.items():
+        new_gains[i] = again.gains
+    for members, colour in _shared_colours(refits):
+        for i in members:
+            new_gains[i] = refits[i].grey_gain * colour
+    logger.debug("linear_fit: gains after the second pass %s", np.round(new_gains, 5).tolist())
+    keep = np.all((new_gains >= _GAIN_LIMITS[0]) & (new_gains <= _GAIN_LIMITS[1]), axis=1)
+    offsets = offsets.copy()
+    for i in refits:
+        if keep[i]:
+            offsets[i] = offsets[i] + (gains[i] - new_gains[i]) * star_fits[i].sky
+    return np.where(keep[:, None], new_gains, gains), offsets
+
+
+def _shared_colours(refits: dict):
+    """Yield ``(frames, colour (C,))``: one colour balance for frames that measure the same one.
+
+    A colour balance belongs to a night (altitude, sky, instrument), not to a frame, and each
+    frame measures it with the colour noise of its own stars. Frames whose colour terms (each
+    channel's measured gain over the grey gain, in log) agree within ``_COLOUR_CHI2`` are grouped,
+    greedily in frame order; a group of two or more gets the weighted mean of its terms, shrunk
+    and tested like a single frame's (:func:`_channel_gains` with the mean's uncertainty).
+    """
+    groups = []  # [frames, sum of w * term, sum of w]
+    for i in sorted(refits):
+        fit = refits[i]
+        if fit.grey or fit.measured is None:
             continue
-        _log_fit(f"linear_fit (frame {i} against {len(balance) - (i in balance)} frames)", again)
-        offsets[i] = offsets[i] + (fits[i].gains - again.gains) * fit.sky
-        gains[i] = again.gains
-    return gains, offsets
+        term, weight = np.log(fit.measured / fit.grey_gain), 1.0 / np.maximum(fit.sigmas, 1e-6) ** 2
+        for group in groups:
+            mean, mean_sigma = group[1] / group[2], 1.0 / np.sqrt(group[2])
+            if np.sum((term - mean) ** 2 / (1.0 / weight + mean_sigma**2)) <= _COLOUR_CHI2:
+                group[0].append(i)
+                group[1] = group[1] + weight * term
+                group[2] = group[2] + weight
+                break
+        else:
+            groups.append([[i], weight * term, weight])
+    for frames, sum_wt, sum_w in groups:
+        if len(frames) < 2:
+            continue
+        colour = _channel_gains(np.exp(sum_wt / sum_w), 1.0 / np.sqrt(sum_w), 1.0)
+        logger.debug("linear_fit: frames %s share one colour balance %s", frames,
+                     None if colour is None else np.round(colour, 4).tolist())
+        yield frames, (np.ones(sum_w.size) if colour is None else colour)
 
 
 def sky_mean_coefficients(frame, reference, xp=np):

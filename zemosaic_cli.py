@@ -19,8 +19,8 @@ import sys
 import threading
 
 from zemosaic_config import ConfigError, MosaicConfig, load_config
-from zemosaic_worker import (LOG_NAME, Cancelled, PipelineError, RunResult, __version__,
-                             run_mosaic)
+from zemosaic_worker import (LOG_NAME, Cancelled, PipelineError, RunReport, RunResult,
+                             __version__, run_mosaic)
 
 logger = logging.getLogger(__name__)
 
@@ -97,9 +97,9 @@ def detach_run_log(handler: logging.Handler | None) -> None:
         handler.close()
 
 
-def wcs_summary(report: dict) -> str:
+def wcs_summary(report: RunReport) -> str:
     """Return how the used frames got their WCS, e.g. ``"4 from headers, 1 solved, 1 matched"``."""
-    sources = [e["wcs"] for e in report.get("frame_wcs", [])]
+    sources = [e["wcs"] for e in report.used_frame_wcs()]
     counts = [(sum(s == "header" for s in sources), "from headers"),
               (sum(s == "solved" for s in sources), "solved"),
               (sum(s.startswith("matched") for s in sources), "matched"),
@@ -111,19 +111,19 @@ def format_summary(result: RunResult) -> str:
     """Return the human-readable end-of-run summary."""
     rep = result.report
     lines = [
-        f"ZeMosaic {rep['version']}: mosaic done in {result.elapsed_s:.1f} s",
-        f"  frames used:    {len(rep['frames_used'])}",
-        f"  frames skipped: {len(rep['frames_skipped'])}",
+        f"ZeMosaic {rep.version}: mosaic done in {result.elapsed_s:.1f} s",
+        f"  frames used:    {len(rep.frames_used)}",
+        f"  frames skipped: {len(rep.frames_skipped)}",
     ]
-    for s in rep["frames_skipped"]:
+    for s in rep.frames_skipped:
         lines.append(f"    - {os.path.basename(s['path'])}: {s['reason']}")
     lines.append(f"  frame WCS:      {wcs_summary(rep)}")
-    lines.append(f"  master tiles:   {len(rep['tiles'])}")
-    lines.append(f"  size:           {rep['mosaic_shape'][2]} x {rep['mosaic_shape'][1]} px, "
-                 f"{rep['mosaic_shape'][0]} channel(s), assembly on {rep['backends'].get('assembly')}")
+    lines.append(f"  master tiles:   {len(rep.tiles)}")
+    lines.append(f"  size:           {rep.mosaic_shape[2]} x {rep.mosaic_shape[1]} px, "
+                 f"{rep.mosaic_shape[0]} channel(s), assembly on {rep.backends.get('assembly')}")
     for key, path in result.paths.items():
         lines.append(f"  {key + ':':<15} {path}")
-    phases = ", ".join(f"{k} {v:.1f}s" for k, v in rep["timings_s"].items() if k != "total")
+    phases = ", ".join(f"{k} {v:.1f}s" for k, v in rep.timings_s.items() if k != "total")
     lines.append(f"  timings:        {phases}")
     return "\n".join(lines)
 

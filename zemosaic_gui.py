@@ -330,16 +330,16 @@ def phase_title(phase: str) -> str:
 def summary_text(result) -> str:
     """Return the short end-of-run summary shown in the window (frames, tiles, size, time)."""
     rep = result.report
-    used, skipped = len(rep["frames_used"]), len(rep["frames_skipped"])
+    used, skipped = len(rep.frames_used), len(rep.frames_skipped)
     lines = [f"{used} frames used, {skipped} skipped",
              f"WCS: {zemosaic_cli.wcs_summary(rep)}",
-             f"{len(rep['tiles'])} master tiles"]
-    if rep.get("mosaic_shape"):
-        _c, height, width = rep["mosaic_shape"]
+             f"{len(rep.tiles)} master tiles"]
+    if rep.mosaic_shape:
+        _c, height, width = rep.mosaic_shape
         lines[-1] += f", mosaic {width} x {height} px"
     lines.append(f"Done in {result.elapsed_s:.1f} s "
-                 f"(assembly on {rep.get('backends', {}).get('assembly', 'cpu')})")
-    for item in rep["frames_skipped"][:5]:
+                 f"(assembly on {rep.backends.get('assembly', 'cpu')})")
+    for item in rep.frames_skipped[:5]:
         lines.append(f"skipped {os.path.basename(item['path'])}: {item['reason']}")
     return "\n".join(lines)
 

@@ -29,7 +29,7 @@ def _run(root, panel_gain_rgb):
     truth = pt.truth_on_grid(root, wcs, mosaic.shape[:2])
     feet = pt.master_tile_footprints(out, wcs, mosaic.shape[:2])
     return {"mosaic": mosaic, "truth": truth, "feet": feet, "wcs": wcs, "header": header,
-            "report": result.report, "out": out, "root": root,
+            "report": result.report.to_dict(), "out": out, "root": root,
             "figures": pt.panel_figures(mosaic, truth, feet)}
 
 
@@ -54,11 +54,10 @@ def _load_tiles(out):
 def _two_pass(scene, **changes):
     tiles = _load_tiles(scene["out"])
     config = config_from_dict({"two_pass_coverage_renorm": True, **changes})
-    report = zw.RunReport(config={})
-    report.tiles = [{} for _ in tiles]
+    run = zw.Run(config)
     shape = scene["mosaic"].shape[:2]
-    mosaic, _cov = zw.assemble_mosaic(tiles, scene["wcs"], shape, config, report, zw._Context(None, None))
-    return mosaic, [e["two_pass_gain"] for e in report.tiles]
+    mosaic, _cov = zw.assemble_mosaic(run, tiles, scene["wcs"], shape)
+    return mosaic, [run.report.tile_entry(t.index)["two_pass_gain"] for t in tiles]
 
 
 def test_panel_twelve_percent_off_brought_within_one_percent(bright_panel):

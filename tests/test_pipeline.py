@@ -126,7 +126,7 @@ def test_progress_reports_every_phase(run):
 
 def test_bad_inputs_skipped_with_reason_and_one_warning(run):
     report = run["result"].report
-    skipped = {Path(s["path"]).name: s["reason"] for s in report["frames_skipped"]}
+    skipped = {Path(s["path"]).name: s["reason"] for s in report.frames_skipped}
     assert set(skipped) == set(BAD_FILES)
     for name, words in BAD_FILES.items():
         assert words.lower() in skipped[name].lower(), (name, skipped[name])
@@ -134,7 +134,7 @@ def test_bad_inputs_skipped_with_reason_and_one_warning(run):
             assert "plate" in skipped[name], skipped[name]
         warnings = [r for r in run["records"] if r.levelno == logging.WARNING and name in r.getMessage()]
         assert len(warnings) == 1, name
-    assert not any("master_tile_999" in p for p in report["frames_used"])
+    assert not any("master_tile_999" in p for p in report.frames_used)
 
 
 def test_inputs_never_modified(run):

@@ -86,10 +86,9 @@ def _tiles(gain_errors, seed=0, noise=1.0):
 def _assemble(tiles, gpu_xp=None, **changes):
     config = MosaicConfig(**changes)
     wcs, shape = zw.mosaic_grid(tiles)
-    report = zw.RunReport(config={})
-    report.tiles = [{} for _ in tiles]
-    mosaic, coverage = zw.assemble_mosaic(tiles, wcs, shape, config, report, zw._Context(None, None), gpu_xp)
-    return mosaic, coverage, wcs, shape, report
+    run = zw.Run(config)
+    mosaic, coverage = zw.assemble_mosaic(run, tiles, wcs, shape, gpu_xp)
+    return mosaic, coverage, wcs, shape, run.report
 
 
 def _tile_footprints(tiles, wcs, shape):

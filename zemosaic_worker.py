@@ -735,20 +735,19 @@ def low_res_tiles(tiles: list[MasterTile], wcs_out, shape_out, max_side: int = 8
 
 
 def coadd_channels(tile_images, wcs_list, wcs_out, shape_out, weights, mappings, engine,
-                   use_gpu, label="Assembly", gpu_xp=None):
+                   use_gpu, label="Assembly"):
     """Co-add ``(H, W, C)`` tiles with one backend for all channels.
 
     Returns ``(mosaic (H, W, C), coverage (H, W, C), gpu_all)``. With the GPU asked for, every
     channel runs on the GPU (one pass: the channels share coordinates and gathers); if that fails,
     one WARNING and every channel is re-run on the CPU, so a result never mixes backends across
-    channels. ``gpu_xp`` replaces CuPy (tests pass NumPy to run the GPU code path without a GPU).
+    channels.
     """
     gpu_all = bool(use_gpu and engine == "fast")
     if gpu_all:
         try:
             mosaic, coverage = reproject_and_coadd(tile_images, wcs_list, wcs_out, shape_out,
-                                                   weights, engine, use_gpu=True, mappings=mappings,
-                                                   gpu_xp=gpu_xp)
+                                                   weights, engine, use_gpu=True, mappings=mappings)
         except GpuBackendError as exc:
             logger.warning("%s GPU reprojection failed on one or more channels; rerunning all "
                            "channels on CPU to avoid mixed backend (%s)", label, exc)
@@ -772,7 +771,6 @@ class AssemblyInputs:
     mappings: list
     engine: str
     use_gpu: bool
-    gpu_xp: object = None
 
     def coadd(self, gains, offsets, label):
         """Co-add ``gain * tile - offset`` (per tile, per channel); returns ``(mosaic, coverage (H,W,C), gpu_all)``."""
@@ -780,7 +778,7 @@ class AssemblyInputs:
                   for k, t in enumerate(self.tiles)]
         return coadd_channels(images, [t.wcs for t in self.tiles], self.wcs_out,
                               self.shape_out, [t.coverage for t in self.tiles], self.mappings,
-                              self.engine, self.use_gpu, label, self.gpu_xp)
+                              self.engine, self.use_gpu, label)
 
 
 def run_second_pass_coverage_renorm(inputs: AssemblyInputs, low: zph.LowResTiles,
@@ -819,7 +817,7 @@ def _record_match(report, tiles, match: zph.TileMatch) -> None:
         entry["gain_per_channel"] = bool(colour)
 
 
-def assemble_mosaic(run, tiles, wcs_out, shape_out, gpu_xp=None):
+def assemble_mosaic(run, tiles, wcs_out, shape_out):
     """Phase 5: tile gains and offsets from the overlaps, the co-add of every channel, optionally Two-Pass.
 
     Returns ``(mosaic (H, W, C), coverage (H, W))``; each tile's corrections go into its entry
@@ -839,10 +837,10 @@ def assemble_mosaic(run, tiles, wcs_out, shape_out, gpu_xp=None):
                         if config.assembly_engine == "fast" else None)
         run.advance("assembly", k + 1, n + 2, "pixel mapping")
     use_gpu = config.use_gpu_phase5
-    if use_gpu and gpu_xp is None and not gpu_available():
+    if use_gpu and not gpu_available():
         logger.warning("GPU asked for assembly but not usable (%s); using CPU", gpu_unavailable_reason())
         use_gpu = False
-    inputs = AssemblyInputs(tiles, wcs_out, shape_out, mappings, config.assembly_engine, use_gpu, gpu_xp)
+    inputs = AssemblyInputs(tiles, wcs_out, shape_out, mappings, config.assembly_engine, use_gpu)
     mosaic, coverage, gpu_all = inputs.coadd(match.gains, match.offsets, "Assembly")
     coverage = np.min(coverage, axis=-1)  # channels share tile weights: their coverages agree
     run.advance("assembly", n + 1, n + 2, "pass 1 done")

@@ -28,15 +28,13 @@ import numpy as np
 from scipy.special import ndtri
 
 import zemosaic_astrometry as zastro
-from zemosaic_utils import bilinear_gather, compute_pixel_mapping, mapping_coordinates, to_numpy
+from zemosaic_config import (ALIGN_METHODS, COMBINE_METHODS, NORMALIZE_METHODS, REJECTION_ALGORITHMS,
+                             require_choice)
+from zemosaic_utils import (bilinear_gather, compute_pixel_mapping, mad_sigma, mapping_coordinates,
+                            subsample, to_numpy)
 
 logger = logging.getLogger(__name__)
 
-REJECTION_ALGORITHMS = ("winsorized_sigma_clip", "kappa_sigma", "none")
-COMBINE_METHODS = ("mean", "median")
-NORMALIZE_METHODS = ("linear_fit", "sky_mean", "none")
-WEIGHTING_METHODS = ("noise_variance", "none")
-ALIGN_METHODS = ("astroalign", "wcs")
 
 # A fitted gain outside this range means the fit latched on something other than the sky
 # (clouds, a satellite, a nearly empty overlap): identity is the safer answer.
@@ -59,10 +57,8 @@ class StackParams:
     max_iterations: int = 5
 
     def __post_init__(self):
-        if self.rejection not in REJECTION_ALGORITHMS:
-            raise ValueError(f"rejection = {self.rejection!r} is not allowed: expected one of {REJECTION_ALGORITHMS}")
-        if self.combine not in COMBINE_METHODS:
-            raise ValueError(f"combine = {self.combine!r} is not allowed: expected one of {COMBINE_METHODS}")
+        require_choice("rejection", self.rejection, REJECTION_ALGORITHMS)
+        require_choice("combine", self.combine, COMBINE_METHODS)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -210,8 +206,7 @@ def align_frame(image, reference, method="astroalign", wcs=None, wcs_reference=N
     is the output grid. ``reference_stars`` (:func:`alignment_stars` of the reference) saves
     detecting them again for every frame of a group. Raises :class:`AlignmentError`.
     """
-    if method not in ALIGN_METHODS:
-        raise ValueError(f"method = {method!r} is not allowed: expected one of {ALIGN_METHODS}")
+    require_choice("method", method, ALIGN_METHODS)
     canvas = canvas or Canvas(reference.shape[:2], (0, 0), wcs_reference)
     have_wcs = wcs is not None and canvas.wcs is not None
     if method == "astroalign":
@@ -284,19 +279,8 @@ _FLOOR_SUBSAMPLE = 10_000
 
 
 def _subsample(array, n_max: int = 120_000):
-    """Return a strided view holding at most about ``n_max`` pixels of an ``(H, W, ...)`` array."""
-    stride = max(1, int(math.sqrt(array.shape[0] * array.shape[1] / n_max)))
-    return array[::stride, ::stride]
-
-
-def mad_sigma(values, xp=np, centre=None, axis=None):
-    """Return the MAD-sigma ``1.4826 * median(|values - centre|)`` (centre: the median) along ``axis``.
-
-    The Gaussian-equivalent sigma that a few outliers barely move.
-    """
-    if centre is None:
-        centre = xp.median(values, axis=axis, keepdims=axis is not None)
-    return 1.4826 * xp.median(xp.abs(values - centre), axis=axis)
+    """Return the subsample of a frame that its statistics are measured on (:func:`subsample`)."""
+    return subsample(array, n_max)
 
 
 def sigma_clipped_stats(values, xp=np, kappa: float = 3.0, iterations: int = 5):
@@ -707,8 +691,7 @@ def sky_mean_coefficients(frame, reference, xp=np):
 
 def normalization_coefficients(stack, reference_index, method="linear_fit", xp=np):
     """Return ``(gains, offsets)``, each ``(N, C)``, normalising every frame of a stack to the reference."""
-    if method not in NORMALIZE_METHODS:
-        raise ValueError(f"method = {method!r} is not allowed: expected one of {NORMALIZE_METHODS}")
+    require_choice("method", method, NORMALIZE_METHODS)
     n, n_ch = stack.shape[0], stack.shape[-1]
     gains, offsets = np.ones((n, n_ch)), np.zeros((n, n_ch))
     if method == "none":

@@ -23,7 +23,6 @@ import math
 import numbers
 import os
 import reprlib
-import uuid
 from dataclasses import dataclass, field
 from typing import Any, Callable, Mapping
 
@@ -190,18 +189,25 @@ def _check_gain_clip(value: Any) -> tuple[float, float]:
 # The field table.
 # --------------------------------------------------------------------------
 
-_NORMALIZE = ("linear_fit", "sky_mean", "none")
-_WEIGHTING = ("noise_variance", "none")
-_REJECTION = ("winsorized_sigma_clip", "kappa_sigma", "none")
-_COMBINE = ("mean", "median")
-_ALIGN = ("astroalign", "wcs")
-_ENGINE = ("fast", "reproject")
+# The vocabularies of the choice settings; the stacking code checks its arguments against them.
+NORMALIZE_METHODS = ("linear_fit", "sky_mean", "none")
+WEIGHTING_METHODS = ("noise_variance", "none")
+REJECTION_ALGORITHMS = ("winsorized_sigma_clip", "kappa_sigma", "none")
+COMBINE_METHODS = ("mean", "median")
+ALIGN_METHODS = ("astroalign", "wcs")
+ASSEMBLY_ENGINES = ("fast", "reproject")
 _LOG_LEVELS = ("ERROR", "WARNING", "INFO", "DEBUG")
 _RESUME = ("auto", "off")
 
 
 def _one_of(choices: tuple[str, ...]) -> str:
     return "one of " + ", ".join(repr(c) for c in choices)
+
+
+def require_choice(name: str, value: str, choices: tuple[str, ...]) -> None:
+    """Raise ValueError naming ``name``, ``value`` and the allowed ``choices`` when ``value`` is not one."""
+    if value not in choices:
+        raise ValueError(f"{name} = {value!r} is not allowed: expected {_one_of(choices)}")
 
 
 def _spec(default: Any, help_text: str, expected: str,
@@ -234,13 +240,13 @@ class MosaicConfig:
         "a folder path (text)", _check_path)
     stacking_normalize_method: str = _choice_spec(
         "linear_fit", "How frames are brought to a common brightness before stacking.",
-        _NORMALIZE)
+        NORMALIZE_METHODS)
     stacking_weighting_method: str = _choice_spec(
         "noise_variance", "How much each frame counts in the stack (less noise, more weight).",
-        _WEIGHTING)
+        WEIGHTING_METHODS)
     stacking_rejection_algorithm: str = _choice_spec(
         "winsorized_sigma_clip", "How outlier pixels (satellites, hot pixels) are rejected.",
-        _REJECTION)
+        REJECTION_ALGORITHMS)
     stacking_kappa_low: float = _spec(
         3.0, "Reject pixels darker than this many standard deviations below the stack.",
         "a number > 0", _check_float(0.0, inclusive=False))
@@ -251,12 +257,12 @@ class MosaicConfig:
         (0.05, 0.05), "Fractions of lowest and highest values clamped before measuring spread.",
         "two numbers, each >= 0 and < 0.5 (a list or the text 'low,high')", _check_winsor)
     stacking_final_combine_method: str = _choice_spec(
-        "mean", "How the kept pixel values of a stack are combined.", _COMBINE)
+        "mean", "How the kept pixel values of a stack are combined.", COMBINE_METHODS)
     stacking_kappa_max_iterations: int = _spec(
         5, "Maximum rounds of outlier rejection.", "an integer >= 1", _check_int_min(1))
     align_method: str = _choice_spec(
         "astroalign", "How frames are aligned: star matching or the plate solution only.",
-        _ALIGN)
+        ALIGN_METHODS)
     correct_hot_pixels: bool = _spec(
         True, "Replace isolated hot pixels in raw colour frames before debayering.",
         "true or false", _check_bool)
@@ -282,7 +288,7 @@ class MosaicConfig:
         0, "Largest number of frames stacked into one master tile (0 = no cap).",
         "0 (no cap) or an integer >= 2", _check_raw_cap)
     assembly_engine: str = _choice_spec(
-        "fast", "How master tiles are reprojected onto the mosaic grid.", _ENGINE)
+        "fast", "How master tiles are reprojected onto the mosaic grid.", ASSEMBLY_ENGINES)
     match_background: bool = _spec(
         True, "Even out sky brightness between overlapping tiles.", "true or false",
         _check_bool)
@@ -510,8 +516,8 @@ def save_config(config: MosaicConfig, path: str | os.PathLike,
     it would contradict the field on the next load.
 
     The text goes to a hidden temporary file in the destination folder which
-    then replaces ``path`` in one step, so a crash never leaves a half-written
-    configuration behind.
+    then replaces ``path`` in one step (:func:`zemosaic_fits.write_text_atomic`),
+    so a crash never leaves a half-written configuration behind.
     """
     if not isinstance(config, MosaicConfig):
         raise TypeError(f"expected a MosaicConfig, got {type(config).__name__}")
@@ -519,22 +525,6 @@ def save_config(config: MosaicConfig, path: str | os.PathLike,
     clashing = sorted(k for k in unknown if k in _FIELD_NAMES or k in ALIASES)
     if clashing:
         raise ValueError(f"unknown entries must not carry known keys: {', '.join(clashing)}")
-    path = os.fspath(path)
-    text = json.dumps({**config_to_dict(config), **unknown}, indent=2) + "\n"
-    folder, name = os.path.split(os.path.abspath(path))
-    tmp = os.path.join(folder, f".{name}.{uuid.uuid4().hex}.tmp")
-    # Mode "x": never clobber anything; a name clash raises before we own a file.
-    fh = open(tmp, "x", encoding="utf-8")
-    try:
-        with fh:
-            fh.write(text)
-            fh.flush()
-            os.fsync(fh.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        # Leave no stray temp file; the previous configuration stays untouched.
-        try:
-            os.remove(tmp)
-        except FileNotFoundError:
-            pass
-        raise
+    from zemosaic_fits import write_text_atomic  # astropy is loaded only to save
+
+    write_text_atomic(path, json.dumps({**config_to_dict(config), **unknown}, indent=2) + "\n")

@@ -12,10 +12,13 @@ from __future__ import annotations
 import functools
 import importlib
 import logging
+import math
 from dataclasses import dataclass
 
 import numpy as np
 import scipy.ndimage
+
+from zemosaic_config import ASSEMBLY_ENGINES, require_choice
 
 logger = logging.getLogger(__name__)
 
@@ -151,6 +154,32 @@ def _percentiles_gpu(arr2d, p_low: float, p_high: float, xp=None) -> tuple[float
             return float("nan"), float("nan")
     lo, hi = xp.percentile(flat, [p_low, p_high])
     return float(lo), float(hi)
+
+
+# --------------------------------------------------------------------------------------------------
+# Robust statistics
+# --------------------------------------------------------------------------------------------------
+
+
+def mad_sigma(values, xp=np, centre=None, axis=None):
+    """Return the MAD-sigma ``1.4826 * median(|values - centre|)`` (centre: the median) along ``axis``.
+
+    The Gaussian-equivalent sigma that a few outliers barely move.
+    """
+    if centre is None:
+        centre = xp.median(values, axis=axis, keepdims=axis is not None)
+    return 1.4826 * xp.median(xp.abs(values - centre), axis=axis)
+
+
+def subsample(array, n_max: int):
+    """Return a strided view of about ``n_max`` values at most, for statistics that need no more.
+
+    A 1-D array keeps every k-th value; an ``(H, W, ...)`` image every k-th row and column.
+    """
+    if array.ndim == 1:
+        return array[::max(1, array.size // n_max)]
+    stride = max(1, int(math.sqrt(array.shape[0] * array.shape[1] / n_max)))
+    return array[::stride, ::stride]
 
 
 # --------------------------------------------------------------------------------------------------
@@ -488,8 +517,7 @@ def reproject_and_coadd(data_list, wcs_list, wcs_out, shape_out, weights_list=No
     weights_list = list(weights_list) if weights_list is not None else [None] * n
     if engine == "reproject":
         return _coadd_with_reproject(data_list, wcs_list, wcs_out, shape_out, weights_list)
-    if engine != "fast":
-        raise ValueError(f"engine = {engine!r} is not allowed: expected 'fast' or 'reproject'")
+    require_choice("engine", engine, ASSEMBLY_ENGINES)
     if mappings is None:
         mappings = [compute_pixel_mapping(w, np.shape(d)[:2], wcs_out, shape_out)
                     for d, w in zip(data_list, wcs_list)]

@@ -127,15 +127,14 @@ def wcs_source_coords(wcs_source, shape_source, wcs_reference, shape_reference, 
 _WARP_BAND_PIXELS = 32_768
 
 
-def warp_image(image, y_src, x_src, propagate_mask: bool = True, xp=np,
-               band_pixels: int = _WARP_BAND_PIXELS):
+def warp_image(image, y_src, x_src, xp=np, band_pixels: int = _WARP_BAND_PIXELS):
     """Resample an ``(H, W, C)`` image at source coordinates with bilinear interpolation.
 
     One gather per row band serves every channel (:func:`zemosaic_utils.bilinear_gather`, the
-    co-add's kernel), with ``map_coordinates``'s ``order=1``/``cval=nan`` edge rules. With
-    ``propagate_mask`` pixels outside the source footprint (and next to source NaN) are NaN;
-    without it they are 0, the legacy behaviour that turns frame edges into coloured bands after
-    normalisation — kept only for comparison.
+    co-add's kernel), with ``map_coordinates``'s ``order=1``/``cval=nan`` edge rules: pixels
+    outside the source footprint (and next to source NaN) are NaN — the footprint propagates
+    (``propagate_mask=True`` in the seeds' words); zeros there became coloured bands after
+    normalisation.
     """
     h, w = y_src.shape
     n_ch = image.shape[2]
@@ -146,8 +145,6 @@ def warp_image(image, y_src, x_src, propagate_mask: bool = True, xp=np,
         r1 = min(h, r0 + rows_per_chunk)
         out[r0:r1] = bilinear_gather(columns, image.shape[:2], y_src[r0:r1], x_src[r0:r1], xp,
                                      nan_outside=True).reshape(r1 - r0, w, n_ch)
-    if not propagate_mask:
-        out = xp.where(xp.isfinite(out), out, 0.0).astype(xp.float32)
     return out
 
 
@@ -198,7 +195,7 @@ def place_reference(reference, canvas: Canvas):
 
 
 def align_frame(image, reference, method="astroalign", wcs=None, wcs_reference=None,
-                propagate_mask=True, canvas: Canvas | None = None, reference_stars=None):
+                canvas: Canvas | None = None, reference_stars=None):
     """Return one ``(H, W, C)`` frame resampled onto the reference grid, NaN outside its footprint.
 
     ``method="astroalign"`` matches stars and falls back to the WCS when matching fails and both
@@ -220,7 +217,7 @@ def align_frame(image, reference, method="astroalign", wcs=None, wcs_reference=N
         try:
             matrix = find_star_transform(alignment_stars(image), reference_stars, guess)
             y_src, x_src = affine_source_coords(matrix @ shift, canvas.shape)
-            return warp_image(image, y_src, x_src, propagate_mask)
+            return warp_image(image, y_src, x_src)
         except AlignmentError as exc:
             if not have_wcs:
                 raise
@@ -228,11 +225,10 @@ def align_frame(image, reference, method="astroalign", wcs=None, wcs_reference=N
     if not have_wcs:
         raise AlignmentError("WCS alignment needs the WCS of the frame and of the reference")
     y_src, x_src = wcs_source_coords(wcs, image.shape[:2], canvas.wcs, canvas.shape)
-    return warp_image(image, y_src, x_src, propagate_mask)
+    return warp_image(image, y_src, x_src)
 
 
-def align_images_in_group(images, reference_index, wcs_list=None, method="astroalign",
-                          propagate_mask=True):
+def align_images_in_group(images, reference_index, wcs_list=None, method="astroalign"):
     """Align a group of ``(H, W, C)`` frames onto the frame at ``reference_index``.
 
     Parameters
@@ -242,7 +238,6 @@ def align_images_in_group(images, reference_index, wcs_list=None, method="astroa
     wcs_list : optional celestial WCS per frame; used by ``method="wcs"`` and as the per-frame
         fallback when star matching fails
     method : ``"astroalign"`` (star matching) or ``"wcs"`` (reprojection through the WCSs)
-    propagate_mask : NaN outside each frame's footprint (True, the pipeline's setting) or 0
 
     Returns
     -------
@@ -260,7 +255,7 @@ def align_images_in_group(images, reference_index, wcs_list=None, method="astroa
         try:
             aligned.append(align_frame(image, reference, method,
                                        wcs_list[i] if wcs_list is not None else None, wcs_ref,
-                                       propagate_mask, reference_stars=reference_stars))
+                                       reference_stars=reference_stars))
         except AlignmentError as exc:
             aligned.append(None)
             failed.append((i, str(exc)))
@@ -731,7 +726,7 @@ def frame_noise_sigmas(stack, gains=None, xp=np, n_max: int = 120_000):
     return sigmas
 
 
-def noise_variance_weights(stack, gains=None, offsets=None, xp=np, sigmas=None):
+def noise_variance_weights(stack, gains=None, xp=np, sigmas=None):
     """Return ``(N, C)`` weights ``1 / sigma^2`` of the normalised frames, the best frame = 1 per channel.
 
     Sigma is the clipped MAD-sigma of each frame's valid pixels after normalisation

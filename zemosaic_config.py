@@ -217,6 +217,15 @@ def _spec(default: Any, help_text: str, expected: str,
     return field(default=default, metadata=meta)
 
 
+def _bool_spec(default: bool, help_text: str) -> Any:
+    return _spec(default, help_text, "true or false", _check_bool)
+
+
+def _number_spec(default: float, help_text: str, zero_allowed: bool = False) -> Any:
+    expected = "a number >= 0" if zero_allowed else "a number > 0"
+    return _spec(default, help_text, expected, _check_float(0.0, inclusive=zero_allowed))
+
+
 def _choice_spec(default: str, help_text: str, choices: tuple[str, ...],
                  upper: bool = False) -> Any:
     expected = _one_of(choices) + (" (case-insensitive)" if upper else "")
@@ -247,12 +256,10 @@ class MosaicConfig:
     stacking_rejection_algorithm: str = _choice_spec(
         "winsorized_sigma_clip", "How outlier pixels (satellites, hot pixels) are rejected.",
         REJECTION_ALGORITHMS)
-    stacking_kappa_low: float = _spec(
-        3.0, "Reject pixels darker than this many standard deviations below the stack.",
-        "a number > 0", _check_float(0.0, inclusive=False))
-    stacking_kappa_high: float = _spec(
-        3.0, "Reject pixels brighter than this many standard deviations above the stack.",
-        "a number > 0", _check_float(0.0, inclusive=False))
+    stacking_kappa_low: float = _number_spec(
+        3.0, "Reject pixels darker than this many standard deviations below the stack.")
+    stacking_kappa_high: float = _number_spec(
+        3.0, "Reject pixels brighter than this many standard deviations above the stack.")
     stacking_winsor_limits: tuple[float, float] = _spec(
         (0.05, 0.05), "Fractions of lowest and highest values clamped before measuring spread.",
         "two numbers, each >= 0 and < 0.5 (a list or the text 'low,high')", _check_winsor)
@@ -263,58 +270,47 @@ class MosaicConfig:
     align_method: str = _choice_spec(
         "astroalign", "How frames are aligned: star matching or the plate solution only.",
         ALIGN_METHODS)
-    correct_hot_pixels: bool = _spec(
-        True, "Replace isolated hot pixels in raw colour frames before debayering.",
-        "true or false", _check_bool)
-    force_resolve_existing_wcs: bool = _spec(
-        False, "Plate-solve every frame again, even those whose file already holds a WCS.",
-        "true or false", _check_bool)
+    correct_hot_pixels: bool = _bool_spec(
+        True, "Replace isolated hot pixels in raw colour frames before debayering.")
+    force_resolve_existing_wcs: bool = _bool_spec(
+        False, "Plate-solve every frame again, even those whose file already holds a WCS.")
     astap_executable_path: str = _spec(
         "", "ASTAP program used for plate solving (empty: astrometry.net's solve-field).",
         "a file path (text), or empty", _check_path)
     astap_data_directory_path: str = _spec(
         "", "Folder of ASTAP's star database (empty: ASTAP's own default).",
         "a folder path (text), or empty", _check_path)
-    astap_default_search_radius: float = _spec(
-        3.0, "How far (degrees) from the telescope's pointing the plate solver searches.",
-        "a number > 0", _check_float(0.0, inclusive=False))
-    plate_solve_timeout_s: float = _spec(
-        60.0, "Time limit in seconds for plate-solving one frame.",
-        "a number > 0", _check_float(0.0, inclusive=False))
-    cluster_panel_threshold: float = _spec(
-        0.0, "Distance in degrees that separates mosaic panels (0 = automatic).",
-        "a number >= 0", _check_float(0.0, inclusive=True))
+    astap_default_search_radius: float = _number_spec(
+        3.0, "How far (degrees) from the telescope's pointing the plate solver searches.")
+    plate_solve_timeout_s: float = _number_spec(
+        60.0, "Time limit in seconds for plate-solving one frame.")
+    cluster_panel_threshold: float = _number_spec(
+        0.0, "Distance in degrees that separates mosaic panels (0 = automatic).", zero_allowed=True)
     max_raw_per_master_tile: int = _spec(
         0, "Largest number of frames stacked into one master tile (0 = no cap).",
         "0 (no cap) or an integer >= 2", _check_raw_cap)
     assembly_engine: str = _choice_spec(
         "fast", "How master tiles are reprojected onto the mosaic grid.", ASSEMBLY_ENGINES)
-    match_background: bool = _spec(
-        True, "Even out sky brightness between overlapping tiles.", "true or false",
-        _check_bool)
-    intertile_photometric_match: bool = _spec(
-        True, "Even out brightness and colour between overlapping tiles (gains from their stars).",
-        "true or false", _check_bool)
-    use_gpu_phase5: bool = _spec(
-        False, "Use the graphics card (CUDA) for the final assembly when available.",
-        "true or false", _check_bool)
-    two_pass_coverage_renorm: bool = _spec(
-        False, "Run a second pass that evens out brightness where coverage changes.",
-        "true or false", _check_bool)
-    two_pass_cov_sigma_px: float = _spec(
-        50.0, "Smoothing radius in pixels of the second-pass brightness correction.",
-        "a number >= 0", _check_float(0.0, inclusive=True))
+    match_background: bool = _bool_spec(
+        True, "Even out sky brightness between overlapping tiles.")
+    intertile_photometric_match: bool = _bool_spec(
+        True, "Even out brightness and colour between overlapping tiles (gains from their stars).")
+    use_gpu_phase5: bool = _bool_spec(
+        False, "Use the graphics card (CUDA) for the final assembly when available.")
+    two_pass_coverage_renorm: bool = _bool_spec(
+        False, "Run a second pass that evens out brightness where coverage changes.")
+    two_pass_cov_sigma_px: float = _number_spec(
+        50.0, "Smoothing radius in pixels of the second-pass brightness correction.", zero_allowed=True)
     two_pass_cov_gain_clip: tuple[float, float] = _spec(
         (0.85, 1.18), "Lowest and highest brightness gain the second pass may apply.",
         "two numbers low, high with 0 < low <= 1 <= high", _check_gain_clip)
     logging_level: str = _choice_spec(
         "INFO", "How much detail the log shows.", _LOG_LEVELS, upper=True)
-    save_channel_files: bool = _spec(
-        False, "Also write each colour as its own plain FITS (for SWarp and Montage).",
-        "true or false", _check_bool)
-    save_final_as_uint16: bool = _spec(
+    save_channel_files: bool = _bool_spec(
+        False, "Also write each colour as its own plain FITS (for SWarp and Montage).")
+    save_final_as_uint16: bool = _bool_spec(
         False, "Also write a 16-bit integer copy of the mosaic (0 = no data) for viewers "
-        "that cannot read floating point or blank pixels.", "true or false", _check_bool)
+        "that cannot read floating point or blank pixels.")
     resume: str = _choice_spec(
         "auto", "Reuse the master tiles a crashed or cancelled run already finished "
         "(auto), or rebuild them all (off).", _RESUME)

@@ -242,7 +242,7 @@ def _connect_changed(widget: QWidget, slot) -> None:
 def config_dir() -> str:
     """Return the folder holding the remembered configuration.
 
-    ``$ZEMOSAIC_CONFIG_DIR`` when set (tests use it to keep away from the real home), else the
+    ``$ZEMOSAIC_CONFIG_DIR`` when set (settings kept elsewhere: a portable install, a test), else the
     user's configuration folder plus ``zemosaic`` (``~/.config/zemosaic`` on Linux).
     """
     override = os.environ.get(CONFIG_DIR_ENV)

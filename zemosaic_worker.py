@@ -734,33 +734,6 @@ def low_res_tiles(tiles: list[MasterTile], wcs_out, shape_out, max_side: int = 8
     return zph.LowResTiles(images, weights, factor)
 
 
-def coadd_channels(tile_images, wcs_list, wcs_out, shape_out, weights, mappings, engine,
-                   use_gpu, label="Assembly"):
-    """Co-add ``(H, W, C)`` tiles with one backend for all channels.
-
-    Returns ``(mosaic (H, W, C), coverage (H, W, C), gpu_all)``. With the GPU asked for, every
-    channel runs on the GPU (one pass: the channels share coordinates and gathers); if that fails,
-    one WARNING and every channel is re-run on the CPU, so a result never mixes backends across
-    channels.
-    """
-    gpu_all = bool(use_gpu and engine == "fast")
-    if gpu_all:
-        try:
-            mosaic, coverage = reproject_and_coadd(tile_images, wcs_list, wcs_out, shape_out,
-                                                   weights, engine, use_gpu=True, mappings=mappings)
-        except GpuBackendError as exc:
-            logger.warning("%s GPU reprojection failed on one or more channels; rerunning all "
-                           "channels on CPU to avoid mixed backend (%s)", label, exc)
-            gpu_all = False
-    if not gpu_all:
-        mosaic, coverage = reproject_and_coadd(tile_images, wcs_list, wcs_out, shape_out, weights,
-                                               engine, use_gpu=False, mappings=mappings)
-    for c in range(coverage.shape[-1]):
-        logger.debug("%s channel %d gpu=%s cov_stats(min,max)=(%.3g,%.3g)", label, c, gpu_all,
-                     float(coverage[..., c].min()), float(coverage[..., c].max()))
-    return mosaic, coverage, gpu_all
-
-
 @dataclass
 class AssemblyInputs:
     """What both assembly passes share: tiles, output grid, pixel mappings and backend choice."""
@@ -776,9 +749,36 @@ class AssemblyInputs:
         """Co-add ``gain * tile - offset`` (per tile, per channel); returns ``(mosaic, coverage (H,W,C), gpu_all)``."""
         images = [t.image * np.asarray(gains[k], np.float32) - np.asarray(offsets[k], np.float32)
                   for k, t in enumerate(self.tiles)]
-        return coadd_channels(images, [t.wcs for t in self.tiles], self.wcs_out,
-                              self.shape_out, [t.coverage for t in self.tiles], self.mappings,
-                              self.engine, self.use_gpu, label)
+        return coadd_channels(self, images, label)
+
+
+def coadd_channels(inputs: AssemblyInputs, tile_images, label="Assembly"):
+    """Co-add ``(H, W, C)`` images, one per tile of ``inputs``, with one backend for all channels.
+
+    Returns ``(mosaic (H, W, C), coverage (H, W, C), gpu_all)``. With the GPU asked for, every
+    channel runs on the GPU (one pass: the channels share coordinates and gathers); if that fails,
+    one WARNING and every channel is re-run on the CPU, so a result never mixes backends across
+    channels.
+    """
+    def coadd(use_gpu):
+        return reproject_and_coadd(tile_images, [t.wcs for t in inputs.tiles], inputs.wcs_out,
+                                   inputs.shape_out, [t.coverage for t in inputs.tiles],
+                                   engine=inputs.engine, use_gpu=use_gpu, mappings=inputs.mappings)
+
+    gpu_all = bool(inputs.use_gpu and inputs.engine == "fast")
+    if gpu_all:
+        try:
+            mosaic, coverage = coadd(True)
+        except GpuBackendError as exc:
+            logger.warning("%s GPU reprojection failed on one or more channels; rerunning all "
+                           "channels on CPU to avoid mixed backend (%s)", label, exc)
+            gpu_all = False
+    if not gpu_all:
+        mosaic, coverage = coadd(False)
+    for c in range(coverage.shape[-1]):
+        logger.debug("%s channel %d gpu=%s cov_stats(min,max)=(%.3g,%.3g)", label, c, gpu_all,
+                     float(coverage[..., c].min()), float(coverage[..., c].max()))
+    return mosaic, coverage, gpu_all
 
 
 def run_second_pass_coverage_renorm(inputs: AssemblyInputs, low: zph.LowResTiles,

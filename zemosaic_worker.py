@@ -498,8 +498,7 @@ def _load_and_align_group(run, records, cache_dir, tile_label):
                 if frame.data.shape[2] != reference.shape[2]:
                     raise stk.AlignmentError("channel count differs from the reference frame")
                 aligned = stk.align_frame(frame.data, reference, config.align_method, frame.wcs,
-                                          canvas=canvas,
-                                          reference_stars=reference_stars)
+                                          canvas=canvas, reference_stars=reference_stars)
         except (zfits.FrameError, stk.AlignmentError) as exc:
             report.skip(rec.path, str(exc))
             continue

@@ -86,9 +86,10 @@ def device_errors() -> tuple[type, ...]:
     """Return the exception types of a failing device: out of memory, CUDA runtime and driver
     errors, kernel compilation. Anything else raised on a GPU path is a bug and propagates."""
     types = [MemoryError]  # CuPy's OutOfMemoryError is one
-    for module, name in (("cupy.cuda.runtime", "CUDARuntimeError"),
-                         ("cupy.cuda.driver", "CUDADriverError"),
+    for module, name in (("cupy_backends.cuda.api.runtime", "CUDARuntimeError"),
+                         ("cupy_backends.cuda.api.driver", "CUDADriverError"),
                          ("cupy.cuda.compiler", "CompileException"),
+                         ("cupy_backends.cuda.libs.nvrtc", "NVRTCError"),
                          ("cupy_backends.cuda.libs.cublas", "CUBLASError")):
         try:
             types.append(getattr(importlib.import_module(module), name))

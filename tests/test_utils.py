@@ -101,6 +101,16 @@ def test_device_error_in_the_gpu_engine_is_a_backend_error(monkeypatch, numpy_as
         _coadd_with(monkeypatch, device_lost)
 
 
+def test_device_errors_are_cuda_and_memory_errors_only():
+    cupy = pytest.importorskip("cupy")
+    errors = zu.device_errors()
+    for kind in (MemoryError, cupy.cuda.memory.OutOfMemoryError, cupy.cuda.runtime.CUDARuntimeError,
+                 cupy.cuda.driver.CUDADriverError):
+        assert issubclass(kind, errors), kind
+    for bug in (TypeError, ValueError, IndexError, AttributeError, RuntimeError, NotImplementedError):
+        assert not issubclass(bug, errors), bug
+
+
 def test_a_bug_on_the_gpu_engine_path_propagates(monkeypatch, numpy_as_gpu):
     def bug(*args, **kwargs):
         raise TypeError("unsupported operand type(s)")

@@ -3,9 +3,11 @@
 ``run_mosaic(config, progress=None, cancel=None)`` runs it; ``python -m zemosaic_worker
 CONFIG.json`` is the command line. See DESIGN.md section 3 for the phases and outputs.
 
-Progress goes through one callback ``progress(phase, done, total, message)``; cancellation through
-a ``threading.Event`` checked between frames and tiles. Logging uses this module's logger only; the
-CLI (:mod:`zemosaic_cli`) and the GUI configure where it goes.
+Each phase takes the run's :class:`Run`: its settings, its :class:`RunReport` (what the run did,
+returned to the caller as such and written as ``zemosaic_run.json``), the progress callback
+``progress(phase, done, total, message)`` and the cancellation ``threading.Event``, checked between
+frames and tiles. Logging uses this module's logger only; the CLI (:mod:`zemosaic_cli`) and the GUI
+configure where it goes.
 """
 
 from __future__ import annotations

@@ -3,7 +3,6 @@
 import logging
 
 import numpy as np
-import pytest
 
 import zemosaic_align_stack as stk
 from conftest import make_tan_wcs

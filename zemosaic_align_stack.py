@@ -28,15 +28,13 @@ import numpy as np
 from scipy.special import ndtri
 
 import zemosaic_astrometry as zastro
-from zemosaic_utils import bilinear_gather, compute_pixel_mapping, mapping_coordinates, to_numpy
+from zemosaic_config import (ALIGN_METHODS, COMBINE_METHODS, NORMALIZE_METHODS, REJECTION_ALGORITHMS,
+                             require_choice)
+from zemosaic_utils import (bilinear_gather, compute_pixel_mapping, mad_sigma, mapping_coordinates,
+                            subsample, to_numpy)
 
 logger = logging.getLogger(__name__)
 
-REJECTION_ALGORITHMS = ("winsorized_sigma_clip", "kappa_sigma", "none")
-COMBINE_METHODS = ("mean", "median")
-NORMALIZE_METHODS = ("linear_fit", "sky_mean", "none")
-WEIGHTING_METHODS = ("noise_variance", "none")
-ALIGN_METHODS = ("astroalign", "wcs")
 
 # A fitted gain outside this range means the fit latched on something other than the sky
 # (clouds, a satellite, a nearly empty overlap): identity is the safer answer.
@@ -59,10 +57,8 @@ class StackParams:
     max_iterations: int = 5
 
     def __post_init__(self):
-        if self.rejection not in REJECTION_ALGORITHMS:
-            raise ValueError(f"rejection = {self.rejection!r} is not allowed: expected one of {REJECTION_ALGORITHMS}")
-        if self.combine not in COMBINE_METHODS:
-            raise ValueError(f"combine = {self.combine!r} is not allowed: expected one of {COMBINE_METHODS}")
+        require_choice("rejection", self.rejection, REJECTION_ALGORITHMS)
+        require_choice("combine", self.combine, COMBINE_METHODS)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -131,15 +127,14 @@ def wcs_source_coords(wcs_source, shape_source, wcs_reference, shape_reference, 
 _WARP_BAND_PIXELS = 32_768
 
 
-def warp_image(image, y_src, x_src, propagate_mask: bool = True, xp=np,
-               band_pixels: int = _WARP_BAND_PIXELS):
+def warp_image(image, y_src, x_src, xp=np, band_pixels: int = _WARP_BAND_PIXELS):
     """Resample an ``(H, W, C)`` image at source coordinates with bilinear interpolation.
 
     One gather per row band serves every channel (:func:`zemosaic_utils.bilinear_gather`, the
-    co-add's kernel), with ``map_coordinates``'s ``order=1``/``cval=nan`` edge rules. With
-    ``propagate_mask`` pixels outside the source footprint (and next to source NaN) are NaN;
-    without it they are 0, the legacy behaviour that turns frame edges into coloured bands after
-    normalisation — kept only for comparison.
+    co-add's kernel), with ``map_coordinates``'s ``order=1``/``cval=nan`` edge rules: pixels
+    outside the source footprint (and next to source NaN) are NaN — the footprint propagates
+    (``propagate_mask=True`` in the seeds' words); zeros there became coloured bands after
+    normalisation.
     """
     h, w = y_src.shape
     n_ch = image.shape[2]
@@ -150,8 +145,6 @@ def warp_image(image, y_src, x_src, propagate_mask: bool = True, xp=np,
         r1 = min(h, r0 + rows_per_chunk)
         out[r0:r1] = bilinear_gather(columns, image.shape[:2], y_src[r0:r1], x_src[r0:r1], xp,
                                      nan_outside=True).reshape(r1 - r0, w, n_ch)
-    if not propagate_mask:
-        out = xp.where(xp.isfinite(out), out, 0.0).astype(xp.float32)
     return out
 
 
@@ -202,7 +195,7 @@ def place_reference(reference, canvas: Canvas):
 
 
 def align_frame(image, reference, method="astroalign", wcs=None, wcs_reference=None,
-                propagate_mask=True, canvas: Canvas | None = None, reference_stars=None):
+                canvas: Canvas | None = None, reference_stars=None):
     """Return one ``(H, W, C)`` frame resampled onto the reference grid, NaN outside its footprint.
 
     ``method="astroalign"`` matches stars and falls back to the WCS when matching fails and both
@@ -210,8 +203,7 @@ def align_frame(image, reference, method="astroalign", wcs=None, wcs_reference=N
     is the output grid. ``reference_stars`` (:func:`alignment_stars` of the reference) saves
     detecting them again for every frame of a group. Raises :class:`AlignmentError`.
     """
-    if method not in ALIGN_METHODS:
-        raise ValueError(f"method = {method!r} is not allowed: expected one of {ALIGN_METHODS}")
+    require_choice("method", method, ALIGN_METHODS)
     canvas = canvas or Canvas(reference.shape[:2], (0, 0), wcs_reference)
     have_wcs = wcs is not None and canvas.wcs is not None
     if method == "astroalign":
@@ -225,7 +217,7 @@ def align_frame(image, reference, method="astroalign", wcs=None, wcs_reference=N
         try:
             matrix = find_star_transform(alignment_stars(image), reference_stars, guess)
             y_src, x_src = affine_source_coords(matrix @ shift, canvas.shape)
-            return warp_image(image, y_src, x_src, propagate_mask)
+            return warp_image(image, y_src, x_src)
         except AlignmentError as exc:
             if not have_wcs:
                 raise
@@ -233,11 +225,10 @@ def align_frame(image, reference, method="astroalign", wcs=None, wcs_reference=N
     if not have_wcs:
         raise AlignmentError("WCS alignment needs the WCS of the frame and of the reference")
     y_src, x_src = wcs_source_coords(wcs, image.shape[:2], canvas.wcs, canvas.shape)
-    return warp_image(image, y_src, x_src, propagate_mask)
+    return warp_image(image, y_src, x_src)
 
 
-def align_images_in_group(images, reference_index, wcs_list=None, method="astroalign",
-                          propagate_mask=True):
+def align_images_in_group(images, reference_index, wcs_list=None, method="astroalign"):
     """Align a group of ``(H, W, C)`` frames onto the frame at ``reference_index``.
 
     Parameters
@@ -247,7 +238,6 @@ def align_images_in_group(images, reference_index, wcs_list=None, method="astroa
     wcs_list : optional celestial WCS per frame; used by ``method="wcs"`` and as the per-frame
         fallback when star matching fails
     method : ``"astroalign"`` (star matching) or ``"wcs"`` (reprojection through the WCSs)
-    propagate_mask : NaN outside each frame's footprint (True, the pipeline's setting) or 0
 
     Returns
     -------
@@ -265,7 +255,7 @@ def align_images_in_group(images, reference_index, wcs_list=None, method="astroa
         try:
             aligned.append(align_frame(image, reference, method,
                                        wcs_list[i] if wcs_list is not None else None, wcs_ref,
-                                       propagate_mask, reference_stars=reference_stars))
+                                       reference_stars=reference_stars))
         except AlignmentError as exc:
             aligned.append(None)
             failed.append((i, str(exc)))
@@ -296,19 +286,8 @@ SIGNAL_RADIUS_PX = 3
 
 
 def _subsample(array, n_max: int = 120_000):
-    """Return a strided view holding at most about ``n_max`` pixels of an ``(H, W, ...)`` array."""
-    stride = max(1, int(math.sqrt(array.shape[0] * array.shape[1] / n_max)))
-    return array[::stride, ::stride]
-
-
-def mad_sigma(values, xp=np, centre=None, axis=None):
-    """Return the MAD-sigma ``1.4826 * median(|values - centre|)`` (centre: the median) along ``axis``.
-
-    The Gaussian-equivalent sigma that a few outliers barely move.
-    """
-    if centre is None:
-        centre = xp.median(values, axis=axis, keepdims=axis is not None)
-    return 1.4826 * xp.median(xp.abs(values - centre), axis=axis)
+    """Return the subsample of a frame that its statistics are measured on (:func:`subsample`)."""
+    return subsample(array, n_max)
 
 
 def sigma_clipped_stats(values, xp=np, kappa: float = 3.0, iterations: int = 5):
@@ -838,8 +817,7 @@ def normalization_coefficients(stack, reference_index, method="linear_fit", xp=n
     measured again against the average of the frames of the reference's colour balance
     (:func:`refine_star_gains`); ``sky_mean``: sky offsets only; ``none``: identity.
     """
-    if method not in NORMALIZE_METHODS:
-        raise ValueError(f"method = {method!r} is not allowed: expected one of {NORMALIZE_METHODS}")
+    require_choice("method", method, NORMALIZE_METHODS)
     n, n_ch = stack.shape[0], stack.shape[-1]
     gains, offsets = np.ones((n, n_ch)), np.zeros((n, n_ch))
     if method == "none":
@@ -908,7 +886,7 @@ def reference_signal_map(stack, gains=None, offsets=None) -> np.ndarray:
     return signal_map(frame, noise)
 
 
-def noise_variance_weights(stack, gains=None, offsets=None, xp=np, sigmas=None):
+def noise_variance_weights(stack, gains=None, xp=np, sigmas=None):
     """Return ``(N, C)`` weights ``1 / sigma^2`` of the normalised frames, the best frame = 1 per channel.
 
     Sigma is the clipped MAD-sigma of each frame's valid pixels after normalisation

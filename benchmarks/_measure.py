@@ -154,3 +154,11 @@ if __name__ == "__main__":  # launcher: python _measure.py --launch MEASURE.json
     if len(sys.argv) > 4 and sys.argv[1] == "--launch" and sys.argv[3] == "--":
         sys.exit(_launch(sys.argv[2], sys.argv[4:]))
     sys.exit("usage: _measure.py --launch MEASURE.json -- CMD...")
+
+
+def numpy_as_gpu() -> None:
+    """Make this worker process run the GPU code paths with NumPy standing in for CuPy."""
+    import numpy
+    import zemosaic_utils
+
+    zemosaic_utils.get_xp = lambda use_gpu=False: numpy

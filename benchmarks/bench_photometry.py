@@ -62,10 +62,9 @@ def load_master_tiles(out_dir):
 def zemosaic_two_pass(tiles, wcs, shape):
     """Assemble the tiles with Two-Pass on; returns ``(mosaic, tile gains)``."""
     config = config_from_dict({"two_pass_coverage_renorm": True})
-    report = zw.RunReport(config={})
-    report.tiles = [{} for _ in tiles]
-    mosaic, _cov = zw.assemble_mosaic(tiles, wcs, shape, config, report, zw._Context(None, None))
-    return mosaic, [e["two_pass_gain"] for e in report.tiles]
+    run = zw.Run(config)
+    mosaic, _cov = zw.assemble_mosaic(run, tiles, wcs, shape)
+    return mosaic, [run.report.tile_entry(t.index)["two_pass_gain"] for t in tiles]
 
 
 def reproject_mean(tiles, wcs, shape):

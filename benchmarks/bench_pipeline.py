@@ -70,9 +70,9 @@ def main(argv=None) -> int:
             t0 = time.perf_counter()
             result = run_mosaic(config, progress=mem.progress)
             total = time.perf_counter() - t0
-    timings = result.report["timings_s"]
+    timings = result.report.timings_s
     print(f"\nZeMosaic pipeline on {n_frames} frames ({args.size}), "
-          f"{len(result.report['tiles'])} tiles, mosaic {result.report['mosaic_shape']}")
+          f"{len(result.report.tiles)} tiles, mosaic {result.report.mosaic_shape}")
     print(f"{'phase':<14}{'wall s':>9}{'share':>8}{'peak RSS MB':>13}")
     for phase in PHASES:
         t = timings.get(phase, 0.0)

@@ -59,7 +59,7 @@ def _frames(out, report):
     """Return ``(night, wcs, debayered data)`` of every frame the run used."""
     cache = za.WcsCache(str(out / zw.CACHE_DIR / zw.WCS_CACHE_DIR))
     frames = []
-    for entry in report["frame_wcs"]:
+    for entry in report.used_frame_wcs():
         info = zf.read_frame_info(entry["path"], require_wcs=False)
         wcs = info.wcs if entry["wcs"] == "header" else cache.get(za.file_sha256(entry["path"])).wcs
         data = zf.load_frame(entry["path"], wcs=wcs).data
@@ -132,7 +132,7 @@ def _bootstrap_sigma(rows, draws=200):
 def colour_transfer(tmp_path_factory):
     out = tmp_path_factory.mktemp("real") / "out"
     result = zw.run_mosaic(MosaicConfig(input_folder=str(REALDATA), output_folder=str(out)))
-    assert len(result.report["frames_used"]) == 6
+    assert len(result.report.frames_used) == 6
     mosaic, wcs, _coverage, _header = zf.read_image_fits(out / zw.MOSAIC_NAME)
     rows = _bright(_star_rows(mosaic, wcs, _frames(out, result.report)))
     figures = _figures(rows)

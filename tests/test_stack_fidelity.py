@@ -110,14 +110,14 @@ def test_kappa_low_and_high_are_honoured(algorithm):
 
 
 @pytest.mark.parametrize("algorithm", ALGORITHMS)
-def test_gpu_code_path_with_numpy_matches_cpu_few_frames(rng, algorithm):
+def test_gpu_code_path_with_numpy_matches_cpu_few_frames(rng, numpy_as_gpu, algorithm):
     stack = _noise_stack(rng, 4, 30, 20)
     stack[2, 5:9] += 900.0
     stack[0, :, :6] = np.nan
     noise = rng.uniform(3.0, 6.0, (4, 3))
     params = stk.StackParams(algorithm)
     cpu = stk.stack_in_chunks(stack, None, None, None, params, noise_sigmas=noise)
-    gpu = stk_gpu.stack_in_chunks_gpu(stack, None, None, None, params, xp=np, budget_bytes=50_000,
+    gpu = stk_gpu.stack_in_chunks_gpu(stack, None, None, None, params, budget_bytes=50_000,
                                       noise_sigmas=noise)
     for a, b in zip(cpu, gpu):
         assert np.array_equal(a, b, equal_nan=True)

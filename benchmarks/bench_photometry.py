@@ -9,7 +9,8 @@ transparency 0.84-1.00, sky pedestal jitter +-6 %):
 * ``panel +12 %``: panel 1's signal 12 % brighter (another night's extinction);
 * ``two nights``: panels 2 and 3 with R and B gains 0.9 / 1.1 against G.
 
-Rows: ZeMosaic pass 1 (default settings), ZeMosaic with Two-Pass, reproject's
+Rows: a perfect mosaic (the truth, scaled, with noise like ZeMosaic's: the figures' own floor),
+ZeMosaic pass 1 (default settings), ZeMosaic with Two-Pass, reproject's
 ``reproject_and_coadd`` mean co-add of the same master tiles without any matching, and Siril
 (``stack ... -norm=addscale`` of the master tiles registered on the mosaic grid) when
 ``siril-cli`` is installed (Siril 1.0 has no "no data" value: the tiles' outsides are written as
@@ -135,7 +136,8 @@ def scene(name, options, frames_per_panel, work):
     feet = pt.master_tile_footprints(out, wcs, shape)
     tiles = load_master_tiles(out)
     two_pass, gains = zemosaic_two_pass(tiles, wcs, shape)
-    methods = [("ZeMosaic", mosaic), ("ZeMosaic Two-Pass", two_pass),
+    methods = [("perfect (floor)", pt.perfect_mosaic(mosaic, truth, 0)),
+               ("ZeMosaic", mosaic), ("ZeMosaic Two-Pass", two_pass),
                ("reproject mean", reproject_mean(tiles, wcs, shape))]
     siril = siril_addscale(tiles, wcs, shape, root / "siril")
     if siril is not None:

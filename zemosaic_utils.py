@@ -183,6 +183,25 @@ def subsample(array, n_max: int):
     return array[::stride, ::stride]
 
 
+def sigma_clipped_stats(values, xp=np, kappa: float = 3.0, iterations: int = 5):
+    """Return ``(median, sigma)`` of the finite values after iterative kappa-sigma clipping.
+
+    Sigma comes from the MAD (scaled to a Gaussian sigma) so stars barely move it.
+    """
+    v = values[xp.isfinite(values)]
+    if v.size < 3:
+        return float("nan"), float("nan")
+    for _ in range(iterations):
+        med = xp.median(v)
+        sigma = mad_sigma(v, xp, med)
+        keep = xp.abs(v - med) <= kappa * sigma
+        if bool(xp.all(keep)) or int(xp.sum(keep)) < 3:
+            return float(med), float(sigma)  # v is unchanged: these are its statistics
+        v = v[keep]
+    med = xp.median(v)
+    return float(med), float(mad_sigma(v, xp, med))
+
+
 # --------------------------------------------------------------------------------------------------
 # Pixel mapping between two celestial WCSs
 # --------------------------------------------------------------------------------------------------

@@ -95,7 +95,8 @@ def test_log_level_dropdown_filters_panel(window):
 
     window.log_level_combo.setCurrentText("DEBUG")
     assert logging.getLogger("zemosaic_worker").level == logging.DEBUG
-    assert logging.getLogger("zemosaic_align_stack").level == logging.DEBUG
+    for module in ("zemosaic_align_stack", "zemosaic_photometry", "zemosaic_astrometry", "zemosaic_solve"):
+        assert logging.getLogger(module).level == logging.DEBUG, module
     _emit_three("B")
     lines = _log_lines(window)
     assert [any(f"{kind} B" in line for line in lines) for kind in ("debug", "info", "error")] \

@@ -63,6 +63,15 @@ def _launch(measure_path, cmd) -> int:
     return 0
 
 
+def siril_env(work_dir) -> dict:
+    """Return the environment for a Siril run with a configuration of its own under ``work_dir``.
+
+    Siril keeps settings across runs in the user's configuration (``setext`` changes the extension
+    of every later run's files): a benchmark must neither depend on nor change them.
+    """
+    return {**os.environ, "XDG_CONFIG_HOME": os.path.join(str(work_dir), "siril-config")}
+
+
 def run_child(cmd, cwd=None, env=None) -> ChildRun:
     """Run ``cmd`` to completion; return its wall time, its own peak RSS and its output.
 

@@ -35,7 +35,9 @@ import numpy as np
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 sys.path.insert(0, os.path.join(ROOT, "tests"))
+sys.path.insert(0, os.path.join(ROOT, "benchmarks"))
 
+from _measure import siril_env  # noqa: E402
 import photometry_truth as pt  # noqa: E402
 import zemosaic_fits as zfits  # noqa: E402
 import zemosaic_synth  # noqa: E402
@@ -109,7 +111,7 @@ def siril_addscale(tiles, wcs, shape, work):
     script.write_text("requires 1.0.0\nconvert tile -out=.\n"
                       "stack tile_ rej n -norm=addscale -out=siril_result\n")
     subprocess.run([exe, "-d", str(work), "-s", str(script)], capture_output=True, text=True,
-                   timeout=600, check=False)
+                   timeout=600, check=False, env=siril_env(work))
     result = work / "siril_result.fit"
     if not result.exists():
         return None

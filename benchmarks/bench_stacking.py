@@ -50,7 +50,7 @@ sys.path.insert(0, HERE)
 sys.path.insert(0, os.path.join(os.path.dirname(HERE), "tests"))
 
 from _measure import (fmt, load_warning, numpy_as_gpu, print_table, report_result, rss_now_bytes, run_child,  # noqa: E402
-                      run_python_worker)
+                      run_python_worker, siril_env)
 
 FULL_SHAPE = (1920, 1080)  # numpy (rows, cols) of a Seestar S50 frame (portrait)
 QUICK_SHAPE = (480, 270)
@@ -274,7 +274,7 @@ def run_siril(exe, seq_dir):
     script = os.path.join(seq_dir, "stack.ssf")
     with open(script, "w") as fh:
         fh.write("requires 1.0.0\nstack frame_ rej w 3 3 -nonorm -out=result\n")
-    run = run_child([exe, "-d", seq_dir, "-s", script])
+    run = run_child([exe, "-d", seq_dir, "-s", script], env=siril_env(seq_dir))
     result = os.path.join(seq_dir, "result.fit")
     if not run.ok or not os.path.exists(result):
         return None, None, f"siril-cli failed (exit {run.returncode}): {run.tail(5)}"

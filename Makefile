@@ -41,6 +41,7 @@ bench: peers $(VENV)/.installed-test
 	$(PY) benchmarks/bench_coadd.py
 	$(PY) benchmarks/bench_solve.py
 	$(PY) benchmarks/bench_photometry.py
+	$(PY) benchmarks/bench_debayer.py
 
 clean:
 	rm -rf $(DEMO) .pytest_cache

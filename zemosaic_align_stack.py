@@ -28,19 +28,13 @@ import numpy as np
 from scipy.special import ndtri
 
 import zemosaic_astrometry as zastro
-from zemosaic_utils import bilinear_gather, compute_pixel_mapping, mapping_coordinates, to_numpy
+from zemosaic_config import (ALIGN_METHODS, COMBINE_METHODS, NORMALIZE_METHODS, REJECTION_ALGORITHMS,
+                             require_choice)
+import zemosaic_photometry as zph
+from zemosaic_utils import (bilinear_gather, compute_pixel_mapping, mapping_coordinates, sigma_clipped_stats,
+                            subsample)
 
 logger = logging.getLogger(__name__)
-
-REJECTION_ALGORITHMS = ("winsorized_sigma_clip", "kappa_sigma", "none")
-COMBINE_METHODS = ("mean", "median")
-NORMALIZE_METHODS = ("linear_fit", "sky_mean", "none")
-WEIGHTING_METHODS = ("noise_variance", "none")
-ALIGN_METHODS = ("astroalign", "wcs")
-
-# A fitted gain outside this range means the fit latched on something other than the sky
-# (clouds, a satellite, a nearly empty overlap): identity is the safer answer.
-_GAIN_LIMITS = (0.2, 5.0)
 
 
 class AlignmentError(Exception):
@@ -59,10 +53,8 @@ class StackParams:
     max_iterations: int = 5
 
     def __post_init__(self):
-        if self.rejection not in REJECTION_ALGORITHMS:
-            raise ValueError(f"rejection = {self.rejection!r} is not allowed: expected one of {REJECTION_ALGORITHMS}")
-        if self.combine not in COMBINE_METHODS:
-            raise ValueError(f"combine = {self.combine!r} is not allowed: expected one of {COMBINE_METHODS}")
+        require_choice("rejection", self.rejection, REJECTION_ALGORITHMS)
+        require_choice("combine", self.combine, COMBINE_METHODS)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -131,15 +123,14 @@ def wcs_source_coords(wcs_source, shape_source, wcs_reference, shape_reference, 
 _WARP_BAND_PIXELS = 32_768
 
 
-def warp_image(image, y_src, x_src, propagate_mask: bool = True, xp=np,
-               band_pixels: int = _WARP_BAND_PIXELS):
+def warp_image(image, y_src, x_src, xp=np, band_pixels: int = _WARP_BAND_PIXELS):
     """Resample an ``(H, W, C)`` image at source coordinates with bilinear interpolation.
 
     One gather per row band serves every channel (:func:`zemosaic_utils.bilinear_gather`, the
-    co-add's kernel), with ``map_coordinates``'s ``order=1``/``cval=nan`` edge rules. With
-    ``propagate_mask`` pixels outside the source footprint (and next to source NaN) are NaN;
-    without it they are 0, the legacy behaviour that turns frame edges into coloured bands after
-    normalisation — kept only for comparison.
+    co-add's kernel), with ``map_coordinates``'s ``order=1``/``cval=nan`` edge rules: pixels
+    outside the source footprint (and next to source NaN) are NaN — the footprint propagates
+    (``propagate_mask=True`` in the seeds' words); zeros there became coloured bands after
+    normalisation.
     """
     h, w = y_src.shape
     n_ch = image.shape[2]
@@ -150,8 +141,6 @@ def warp_image(image, y_src, x_src, propagate_mask: bool = True, xp=np,
         r1 = min(h, r0 + rows_per_chunk)
         out[r0:r1] = bilinear_gather(columns, image.shape[:2], y_src[r0:r1], x_src[r0:r1], xp,
                                      nan_outside=True).reshape(r1 - r0, w, n_ch)
-    if not propagate_mask:
-        out = xp.where(xp.isfinite(out), out, 0.0).astype(xp.float32)
     return out
 
 
@@ -202,7 +191,7 @@ def place_reference(reference, canvas: Canvas):
 
 
 def align_frame(image, reference, method="astroalign", wcs=None, wcs_reference=None,
-                propagate_mask=True, canvas: Canvas | None = None, reference_stars=None):
+                canvas: Canvas | None = None, reference_stars=None):
     """Return one ``(H, W, C)`` frame resampled onto the reference grid, NaN outside its footprint.
 
     ``method="astroalign"`` matches stars and falls back to the WCS when matching fails and both
@@ -210,8 +199,7 @@ def align_frame(image, reference, method="astroalign", wcs=None, wcs_reference=N
     is the output grid. ``reference_stars`` (:func:`alignment_stars` of the reference) saves
     detecting them again for every frame of a group. Raises :class:`AlignmentError`.
     """
-    if method not in ALIGN_METHODS:
-        raise ValueError(f"method = {method!r} is not allowed: expected one of {ALIGN_METHODS}")
+    require_choice("method", method, ALIGN_METHODS)
     canvas = canvas or Canvas(reference.shape[:2], (0, 0), wcs_reference)
     have_wcs = wcs is not None and canvas.wcs is not None
     if method == "astroalign":
@@ -225,7 +213,7 @@ def align_frame(image, reference, method="astroalign", wcs=None, wcs_reference=N
         try:
             matrix = find_star_transform(alignment_stars(image), reference_stars, guess)
             y_src, x_src = affine_source_coords(matrix @ shift, canvas.shape)
-            return warp_image(image, y_src, x_src, propagate_mask)
+            return warp_image(image, y_src, x_src)
         except AlignmentError as exc:
             if not have_wcs:
                 raise
@@ -233,11 +221,10 @@ def align_frame(image, reference, method="astroalign", wcs=None, wcs_reference=N
     if not have_wcs:
         raise AlignmentError("WCS alignment needs the WCS of the frame and of the reference")
     y_src, x_src = wcs_source_coords(wcs, image.shape[:2], canvas.wcs, canvas.shape)
-    return warp_image(image, y_src, x_src, propagate_mask)
+    return warp_image(image, y_src, x_src)
 
 
-def align_images_in_group(images, reference_index, wcs_list=None, method="astroalign",
-                          propagate_mask=True):
+def align_images_in_group(images, reference_index, wcs_list=None, method="astroalign"):
     """Align a group of ``(H, W, C)`` frames onto the frame at ``reference_index``.
 
     Parameters
@@ -247,7 +234,6 @@ def align_images_in_group(images, reference_index, wcs_list=None, method="astroa
     wcs_list : optional celestial WCS per frame; used by ``method="wcs"`` and as the per-frame
         fallback when star matching fails
     method : ``"astroalign"`` (star matching) or ``"wcs"`` (reprojection through the WCSs)
-    propagate_mask : NaN outside each frame's footprint (True, the pipeline's setting) or 0
 
     Returns
     -------
@@ -265,7 +251,7 @@ def align_images_in_group(images, reference_index, wcs_list=None, method="astroa
         try:
             aligned.append(align_frame(image, reference, method,
                                        wcs_list[i] if wcs_list is not None else None, wcs_ref,
-                                       propagate_mask, reference_stars=reference_stars))
+                                       reference_stars=reference_stars))
         except AlignmentError as exc:
             aligned.append(None)
             failed.append((i, str(exc)))
@@ -281,449 +267,35 @@ def align_images_in_group(images, reference_index, wcs_list=None, method="astroa
 # MAD-sigma of 10 000 sky pixels is good to ~2 %, and measuring it must stay cheap next to
 # stacking 50 full frames.
 _FLOOR_SUBSAMPLE = 10_000
-
-
-def _subsample(array, n_max: int = 120_000):
-    """Return a strided view holding at most about ``n_max`` pixels of an ``(H, W, ...)`` array."""
-    stride = max(1, int(math.sqrt(array.shape[0] * array.shape[1] / n_max)))
-    return array[::stride, ::stride]
-
-
-def mad_sigma(values, xp=np, centre=None, axis=None):
-    """Return the MAD-sigma ``1.4826 * median(|values - centre|)`` (centre: the median) along ``axis``.
-
-    The Gaussian-equivalent sigma that a few outliers barely move.
-    """
-    if centre is None:
-        centre = xp.median(values, axis=axis, keepdims=axis is not None)
-    return 1.4826 * xp.median(xp.abs(values - centre), axis=axis)
-
-
-def sigma_clipped_stats(values, xp=np, kappa: float = 3.0, iterations: int = 5):
-    """Return ``(median, sigma)`` of the finite values after iterative kappa-sigma clipping.
-
-    Sigma comes from the MAD (scaled to a Gaussian sigma) so stars barely move it.
-    """
-    v = values[xp.isfinite(values)]
-    if v.size < 3:
-        return float("nan"), float("nan")
-    for _ in range(iterations):
-        med = xp.median(v)
-        sigma = mad_sigma(v, xp, med)
-        keep = xp.abs(v - med) <= kappa * sigma
-        if bool(xp.all(keep)) or int(xp.sum(keep)) < 3:
-            return float(med), float(sigma)  # v is unchanged: these are its statistics
-        v = v[keep]
-    med = xp.median(v)
-    return float(med), float(mad_sigma(v, xp, med))
-
-
-# Photometric normalisation from stars. The scale between two frames is measured on the signal:
-# bright unsaturated stars found on the reference and measured at the same (aligned) positions in
-# the frame. A median of per-pixel ratios of excess over sky is biased differently in every
-# channel by the noise of its denominator (a colour cast of several per cent on sky-dominated
-# frames); a ratio of sums of star fluxes is not.
-
-#: Full-well level of the raw frames (ADU): Seestar subs are 16-bit.
-SATURATION_ADU = 65535.0
-# A star is left out when any aperture pixel, in any channel of either frame, exceeds this fraction
-# of the saturation level: debayering and resampling spread a clipped core over its neighbours, so
-# the pixels around it are wrong before they reach the level themselves.
-_SATURATION_FRACTION = 0.8
-# ... or when its top is flat: at least this many aperture pixels within 1 % of the brightest
-# (an unsaturated PSF has at most four, when it is centred between four pixels).
-_FLAT_TOP_PIXELS = 5
-_DETECT_SNR = 10.0  # reference stars: luminance peak this many noise sigmas above the sky
-_MAX_STARS = 300  # the brightest ones; more add little precision and cost a gather per frame
-_MIN_STARS = 8  # fewer matched stars: the gain comes from bright pixels instead
-# Aperture radius in FWHM of the reference's stars: the fraction of a star's flux outside the
-# aperture must not change with the seeing of the frame (2.5 FWHM holds 99.5 % of a Moffat-4 PSF,
-# and 10 % worse seeing moves that by 0.3 %); a larger one only adds sky noise.
-_APERTURE_FWHM = 2.5
-_APERTURE_LIMITS_PX = (4, 12)
-# Local sky annulus, inner and outer distance beyond the aperture: wide, because the noise of its
-# median enters the flux multiplied by the aperture area.
-_ANNULUS_PX = (3, 15)
-# Relative error of a star's flux that no sky noise explains: bilinear debayering of an undersampled
-# star gives R and B fluxes that depend on where the star falls on the Bayer grid (~0.5 % at FWHM
-# 2.7 px), plus flat-field and PSF differences. It keeps the brightest star from taking all the weight.
-_STAR_SYSTEMATIC = 0.005
-_STAR_CLIP = 5.0  # per-star ratio outliers (hot pixel, trail, variable star), in robust sigmas
-#: Relative uncertainty below which a channel's own gain is used as measured (see _channel_gains).
-GAIN_PRECISION = 0.005
-# Per-channel gains are used only when the channels differ significantly (chi^2 of their spread
-# about the grey gain, 2 degrees of freedom for RGB, p = 0.001) and by more than 1 %: star
-# photometry on debayered, resampled frames is not trusted below that (flux moves between channels
-# with a star's position on the Bayer grid), and clouds and haze are grey anyway.
-_COLOUR_CHI2 = 13.8
-_COLOUR_MIN = 0.01
-
-
-@dataclass(frozen=True)
-class ReferenceStars:
-    """Stars of a reference frame and their apertures (computed once per group).
-
-    ``ys``/``xs``: integer peak positions; ``aperture``/``annulus``: ``(dy, dx)`` offset arrays of
-    the aperture disc and the local-sky annulus; ``flux``/``noise``: ``(n, C)`` reference fluxes
-    and their sky noise (:func:`aperture_fluxes`); ``fwhm``: the median FWHM (px) the aperture
-    was sized from.
-    """
-
-    ys: np.ndarray
-    xs: np.ndarray
-    aperture: tuple
-    annulus: tuple
-    flux: np.ndarray
-    noise: np.ndarray
-    fwhm: float
-
-
-@dataclass(frozen=True)
-class GainFit:
-    """Photometric scale of a frame against the reference.
-
-    ``gains`` ``(C,)`` multiply the frame; ``sigmas`` ``(C,)`` are the relative 1-sigma
-    uncertainties of the per-channel estimates and ``grey_sigma`` that of the grey gain (NaN when
-    not measured); ``grey`` says one gain serves every channel; ``n_stars`` stars were used (0:
-    bright pixels, or no signal); ``method`` is ``"stars"``, ``"pixels"`` or ``"sky"`` (gain 1).
-    """
-
-    gains: np.ndarray
-    sigmas: np.ndarray
-    grey_sigma: float
-    grey: bool
-    n_stars: int
-    method: str
-
-
-def _disc_offsets(r_in: float, r_out: float):
-    """Return the ``(dy, dx)`` integer offsets with ``r_in <= distance < r_out`` (r_in < 0: a disc)."""
-    r = int(math.ceil(r_out))
-    dy, dx = np.mgrid[-r:r + 1, -r:r + 1]
-    dist = np.hypot(dy, dx)
-    sel = (dist >= r_in) & (dist < r_out) if r_in >= 0 else dist < r_out
-    return dy[sel], dx[sel]
-
-
-def _local_maxima(snr, threshold: float, margin: int, xp):
-    """Return ``(ys, xs, values)`` of the pixels above ``threshold`` that beat their 8 neighbours.
-
-    Ties go to the first pixel in raster order, so a flat top yields one peak. ``margin`` pixels
-    along the edges are skipped (their apertures would leave the image).
-    """
-    h, w = snr.shape
-    inner = snr[margin:h - margin, margin:w - margin] > threshold  # NaN compares False
-    ys, xs = xp.nonzero(inner)
-    ys, xs = ys + margin, xs + margin
-    v = snr[ys, xs]
-    peak = xp.ones(v.shape, dtype=bool)
-    for dy, dx in ((-1, -1), (-1, 0), (-1, 1), (0, -1), (0, 1), (1, -1), (1, 0), (1, 1)):
-        n = snr[ys + dy, xs + dx]
-        earlier = dy < 0 or (dy == 0 and dx < 0)
-        peak &= (v > n) if earlier else (v >= n)
-    return ys[peak], xs[peak], v[peak]
-
-
-def _half_max_area(excess, ys, xs, xp, radius: int = 6):
-    """Return, per peak, the number of pixels within ``radius`` at or above half its maximum.
-
-    ``pi (FWHM / 2)^2`` for a round PSF: a size that needs no fit and that noise barely moves on
-    bright stars.
-    """
-    dy, dx = _disc_offsets(-1, radius + 0.5)
-    box = excess[ys[:, None] + xp.asarray(dy)[None], xs[:, None] + xp.asarray(dx)[None]]
-    return xp.sum(box >= 0.5 * excess[ys, xs][:, None], axis=1)
-
-
-def aperture_fluxes(image, stars: ReferenceStars, xp=np, saturation: float = SATURATION_ADU):
-    """Return ``(flux, noise)``, each ``(n, C)``: aperture fluxes over the local sky and their sky noise.
-
-    The local sky is the median of the annulus (neighbouring stars barely move it, a sky gradient
-    cancels); ``noise`` is the annulus MAD-sigma times the square root of the aperture area — the
-    relative sky noise of each flux, which sets how far a star's ratio may stray. A star's flux is
-    NaN (unusable) when its aperture or annulus holds no-data pixels, when any aperture pixel is
-    near ``saturation`` in any channel, or when its top is flat.
-    """
-    ys, xs = xp.asarray(stars.ys)[:, None], xp.asarray(stars.xs)[:, None]
-    ap = image[ys + xp.asarray(stars.aperture[0])[None], xs + xp.asarray(stars.aperture[1])[None]]
-    an = image[ys + xp.asarray(stars.annulus[0])[None], xs + xp.asarray(stars.annulus[1])[None]]
-    sky = xp.median(an, axis=1)  # (n, C); NaN when the annulus leaves the footprint
-    noise = mad_sigma(an, xp, sky[:, None], axis=1) * math.sqrt(ap.shape[1])
-    excess = ap - sky[:, None]
-    flux = xp.sum(excess, axis=1)
-    top = xp.max(excess, axis=1)
-    flat = xp.sum(excess >= 0.99 * top[:, None], axis=1) >= _FLAT_TOP_PIXELS
-    bad = flat | (xp.max(ap, axis=1) > _SATURATION_FRACTION * saturation)
-    bad = xp.any(bad, axis=1, keepdims=True) | ~xp.isfinite(flux) | (top <= 0)
-    return xp.where(bad, xp.nan, flux), noise
-
-
-def _star_like(excess, ys, xs, xp):
-    """Return which peaks are star-like: a 3x3 core well above every part of the ring 4-6 px out.
-
-    Noise peaks on nebulosity pass the detection threshold but are as bright as their
-    surroundings, and a satellite trail crosses the ring twice at its own brightness; a star (FWHM
-    up to ~6 px) leaves at most a quarter of its core signal on the ring's brighter tenth.
-    """
-    cy, cx = _disc_offsets(-1, 1.5)
-    ry, rx = _disc_offsets(4, 6)
-    core = xp.mean(excess[ys[:, None] + xp.asarray(cy)[None], xs[:, None] + xp.asarray(cx)[None]], axis=1)
-    ring = excess[ys[:, None] + xp.asarray(ry)[None], xs[:, None] + xp.asarray(rx)[None]]
-    return xp.percentile(ring, 90, axis=1) < 0.25 * core
-
-
-def find_reference_stars(reference, xp=np, saturation: float = SATURATION_ADU,
-                         max_stars: int = _MAX_STARS) -> ReferenceStars:
-    """Return the :class:`ReferenceStars` of an ``(H, W, C)`` frame: its brightest usable stars.
-
-    Star-like peaks of the mean over channels of the sky-subtracted signal-to-noise, above
-    ``_DETECT_SNR``, of about the size of the brightest unsaturated ones; the aperture radius is
-    ``_APERTURE_FWHM`` times their median FWHM. Stars whose reference flux is unusable
-    (saturated, flat-topped, at a footprint edge) are dropped.
-    """
-    n_ch = reference.shape[-1]
-    sub = _subsample(reference)
-    snr = xp.zeros(reference.shape[:2], dtype=xp.float32)
-    excess = xp.zeros(reference.shape[:2], dtype=xp.float32)
-    for c in range(n_ch):
-        sky, sigma = sigma_clipped_stats(sub[..., c], xp)
-        if not (np.isfinite(sky) and np.isfinite(sigma) and sigma > 0):
-            return _no_stars(n_ch)
-        excess += reference[..., c] - sky
-        snr += (reference[..., c] - sky) / (sigma * n_ch)
-    margin = _APERTURE_LIMITS_PX[1] + _ANNULUS_PX[1] + 1
-    ys, xs, peak = _local_maxima(snr, _DETECT_SNR, margin, xp)
-    order = xp.argsort(-peak)
-    ys, xs = ys[order], xs[order]
-    star_like = xp.nonzero(_star_like(excess, ys, xs, xp))[0]
-    ys, xs = ys[star_like], xs[star_like]
-    unclipped = xp.max(reference[ys, xs], axis=-1) < _SATURATION_FRACTION * saturation
-    if not bool(xp.any(unclipped)):
-        return _no_stars(n_ch)
-    # Every star has the frame's PSF: peaks much sharper (hot pixels, cosmic rays) or broader
-    # (blends, galaxies) than the brightest unsaturated ones are not measured.
-    area = _half_max_area(excess, ys, xs, xp)
-    typical = float(xp.median(area[xp.nonzero(unclipped)[0][:50]]))
-    same_psf = xp.nonzero((area >= 0.5 * typical) & (area <= 2.5 * typical))[0]
-    ys, xs = ys[same_psf], xs[same_psf]
-    fwhm = 2.0 * math.sqrt(typical / math.pi)
-    r_ap = min(max(_APERTURE_FWHM * fwhm, _APERTURE_LIMITS_PX[0]), _APERTURE_LIMITS_PX[1])
-    aperture = _disc_offsets(-1, r_ap)
-    annulus = _disc_offsets(r_ap + _ANNULUS_PX[0], r_ap + _ANNULUS_PX[1])
-    stars = ReferenceStars(ys, xs, aperture, annulus, None, None, fwhm)
-    flux, noise = aperture_fluxes(reference, stars, xp, saturation)
-    usable = xp.nonzero(xp.all(xp.isfinite(flux), axis=1))[0][:max_stars]
-    return ReferenceStars(ys[usable], xs[usable], aperture, annulus, flux[usable], noise[usable], fwhm)
-
-
-def _no_stars(n_ch: int) -> ReferenceStars:
-    """Return an empty :class:`ReferenceStars` (no signal to measure)."""
-    empty = np.zeros(0, dtype=np.int64)
-    none = np.zeros((0, n_ch))
-    return ReferenceStars(empty, empty, (empty, empty), (empty, empty), none, none, float("nan"))
-
-
-def ratio_of_sums(num, den, num_noise, den_noise):
-    """Return ``(ratio, relative sigma, n_used, influence)`` of a weighted ``sum(w num) / sum(w den)``.
-
-    ``num``/``den`` are matched fluxes (1-D, finite, ``den > 0``), ``num_noise``/``den_noise``
-    their sky noise. A ratio of sums has no errors-in-variables bias: the noise of ``den`` enters
-    linearly, not through a division per star as in a median of ratios. The weights
-    ``w = F / V`` (``F`` the star's mean brightness, ``V`` the variance of ``num - ratio * den``)
-    are the optimal ones for sky-limited stars, so a crowd of faint stars does not drown the
-    bright ones; ``F`` averages both frames, so its noise correlates with ``num`` and ``den``
-    alike and the bias it leaves is ~(1 - ratio) / SNR^2, far below the precision.
-
-    Stars whose residual is more than ``_STAR_CLIP`` robust sigmas off in units of its noise (a hot
-    pixel taken for a star, a trail across one) are dropped until the set is stable, starting from
-    the median of the stars' own ratios, which contaminated stars cannot move while they are fewer
-    than half. The uncertainty is the sandwich estimate from the residuals: ``influence`` holds each
-    star's relative contribution to the error (0 for dropped stars; sigma = its norm), so the
-    covariance of two estimates from the same stars is the dot product of their influences.
-    NaN with fewer than 3 stars.
-    """
-    num, den = np.asarray(num, np.float64), np.asarray(den, np.float64)
-    ratio = float(np.median(num / den))
-    keep = np.ones(num.size, dtype=bool)
-    for _ in range(10):
-        var = np.asarray(num_noise, np.float64) ** 2 + (ratio * np.asarray(den_noise)) ** 2 \
-            + (_STAR_SYSTEMATIC * num) ** 2
-        var = np.maximum(var, np.finfo(np.float64).tiny)  # noiseless data
-        z = (num - ratio * den) / np.sqrt(var)
-        new_keep = np.abs(z) <= _STAR_CLIP * mad_sigma(z[keep], np, 0.0)
-        if new_keep.sum() < 3:
-            return float("nan"), float("nan"), int(new_keep.sum()), np.zeros(num.size)
-        w = np.where(new_keep, 0.5 * (num / ratio + den) / var, 0.0)
-        ratio = float(np.sum(w * num) / np.sum(w * den))
-        stable = np.array_equal(new_keep, keep)
-        keep = new_keep
-        if stable:
-            break
-    n = int(keep.sum())
-    influence = w * (num - ratio * den) / float(np.sum(w * den)) / ratio * math.sqrt(n / max(n - 1, 1))
-    return ratio, float(np.sqrt(np.sum(influence**2))), n, influence
-
-
-def _channel_gains(gains, sigmas, grey: float):
-    """Return the per-channel gains to apply, or None when the grey gain serves every channel.
-
-    Clouds and haze are grey, so the channels get their own gains only when they differ from the
-    grey gain significantly (``_COLOUR_CHI2``) and by more than ``_COLOUR_MIN``: a frame taken
-    through another colour balance (another night, another altitude). A channel measured to
-    ``GAIN_PRECISION`` keeps its gain as measured; a less precise one has its colour term shrunk
-    towards grey by ``c^2 / (c^2 + sigma^2)``, so that a term near its noise cannot tint the frame
-    while a large one (15-25 % between the two nights of the shared real subs, measured to 1-4 %)
-    is still corrected.
-    """
-    if gains.size < 2 or not np.all(np.isfinite(sigmas)):
-        return None
-    colour = gains / grey - 1
-    chi2 = float(np.sum((colour / np.maximum(sigmas, 1e-12)) ** 2))
-    if chi2 <= _COLOUR_CHI2 or float(np.max(np.abs(colour))) <= _COLOUR_MIN:
-        return None
-    shrink = np.where(sigmas <= GAIN_PRECISION, 1.0, colour**2 / (colour**2 + sigmas**2))
-    return grey * (1 + colour * shrink)
-
-
-def _grey_gain(gains, influences):
-    """Return ``(grey gain, relative sigma)``: the least-variance mean of correlated channel gains.
-
-    The channel estimates share their stars, and bilinear debayering of undersampled stars moves
-    flux between R and B with a star's position on the Bayer grid (by tens of per cent per star on
-    real Seestar subs): their errors are strongly correlated. The covariance from the stars'
-    influences gives the weights ``C^-1 1 / (1' C^-1 1)`` that cancel what the channels share.
-    """
-    cov = influences @ influences.T
-    cov += np.eye(gains.size) * 1e-9 * max(float(np.trace(cov)), 1e-30)  # a channel may be exact
-    weights = np.linalg.solve(cov, np.ones(gains.size))
-    weights /= weights.sum()
-    return float(weights @ gains), float(np.sqrt(max(weights @ cov @ weights, 0.0)))
-
-
-def star_gain_fit(frame, stars: ReferenceStars, xp=np, saturation: float = SATURATION_ADU):
-    """Return the :class:`GainFit` of ``frame`` from the stars of the reference, or None (< _MIN_STARS)."""
-    if stars.ys.size < _MIN_STARS:
-        return None
-    ref, ref_noise = to_numpy(stars.flux), to_numpy(stars.noise)
-    flux, noise = (to_numpy(a) for a in aperture_fluxes(frame, stars, xp, saturation))
-    matched = np.all(np.isfinite(flux) & (flux > 0) & np.isfinite(noise), axis=1)
-    if int(matched.sum()) < _MIN_STARS:
-        return None
-    fits = [ratio_of_sums(ref[matched, c], flux[matched, c], ref_noise[matched, c], noise[matched, c])
-            for c in range(ref.shape[1])]
-    gains = np.array([f[0] for f in fits])
-    sigmas = np.array([f[1] for f in fits])
-    n_used = min(f[2] for f in fits)
-    if n_used < _MIN_STARS or not np.all(np.isfinite(gains) & np.isfinite(sigmas)):
-        return None
-    grey, grey_sigma = _grey_gain(gains, np.array([f[3] for f in fits]))
-    channel_gains = _channel_gains(gains, sigmas, grey)
-    if channel_gains is not None:
-        return GainFit(channel_gains, sigmas, grey_sigma, False, n_used, "stars")
-    return GainFit(np.full(gains.size, grey), sigmas, grey_sigma, True, n_used, "stars")
-
-
-def _bright_pixel_gain(f, r, sky_f, sig_f, sky_r, sig_r, xp):
-    """Return one grey gain from the pixels well above the sky in both frames, or None (< 25 pixels).
-
-    The fallback when too few stars match (nebula-only fields): a ratio of sums of the excess
-    luminance, on pixels selected by both frames' signal-to-noise alike, so the selection favours
-    neither frame's noise.
-    """
-    ef, er = f - xp.asarray(sky_f), r - xp.asarray(sky_r)
-    snr_f, snr_r = xp.mean(ef / xp.asarray(sig_f), axis=-1), xp.mean(er / xp.asarray(sig_r), axis=-1)
-    # Bright in both (a trail or hot pixel is bright in one frame only), and on average well
-    # above the threshold so that noise hardly decides which pixels count.
-    bright = (snr_f > 5.0) & (snr_r > 5.0) & (snr_f + snr_r > 20.0)
-    if int(xp.sum(bright)) < 25:
-        return None
-    return float(xp.sum(er[bright]) / xp.sum(ef[bright]))
-
-
-def photometric_gain(frame, reference, xp=np, stars: ReferenceStars | None = None,
-                     saturation: float = SATURATION_ADU):
-    """Return ``(GainFit, offsets (C,))`` so that ``gains * frame + offsets`` ~ reference, or ``(None, reason)``.
-
-    The gain comes from the stars of the reference (:func:`find_reference_stars`, pass ``stars``
-    to reuse them across frames), or from bright pixels when fewer than ``_MIN_STARS`` match, or is
-    1 when neither has signal. The offsets match the sky levels (clipped medians of the jointly
-    valid pixels) per channel. ``(None, reason)`` for degenerate data: flat or non-finite
-    statistics, or a gain outside ``_GAIN_LIMITS``.
-    """
-    n_ch = frame.shape[-1]
-    f_sub, r_sub = _subsample(frame), _subsample(reference)
-    joint = xp.all(xp.isfinite(f_sub) & xp.isfinite(r_sub), axis=-1)
-    f, r = f_sub[joint], r_sub[joint]
-    if f.shape[0] < 100:
-        return None, "fewer than 100 jointly valid pixels"
-    stats = np.array([sigma_clipped_stats(a[:, c], xp) for a in (f, r) for c in range(n_ch)])
-    sky_f, sig_f, sky_r, sig_r = stats[:n_ch, 0], stats[:n_ch, 1], stats[n_ch:, 0], stats[n_ch:, 1]
-    if not np.all(np.isfinite(stats)) or np.any(stats[:, 1] <= 0):
-        return None, "flat or non-finite statistics"
-    stars = find_reference_stars(reference, xp, saturation) if stars is None else stars
-    fit = star_gain_fit(frame, stars, xp, saturation)
-    if fit is None:
-        gain = _bright_pixel_gain(f, r, sky_f, sig_f, sky_r, sig_r, xp)
-        nan = np.full(n_ch, np.nan)
-        fit = GainFit(np.full(n_ch, 1.0 if gain is None else gain), nan, float("nan"), True, 0,
-                      "sky" if gain is None else "pixels")
-    if not np.all(np.isfinite(fit.gains) & (fit.gains >= _GAIN_LIMITS[0]) & (fit.gains <= _GAIN_LIMITS[1])):
-        return None, f"gain {fit.gains} outside {_GAIN_LIMITS}"
-    return fit, sky_r - fit.gains * sky_f
-
-
-def linear_fit_coefficients(frame, reference, xp=np, stars: ReferenceStars | None = None,
-                            saturation: float = SATURATION_ADU):
-    """Return per-channel ``(gain, offset)`` arrays so that ``gain * frame + offset`` ~ reference.
-
-    See :func:`photometric_gain`: the gain is measured on stars (one grey gain unless the channels
-    are precise and really differ), the offsets on the sky. Degenerate fits fall back to identity
-    with a DEBUG line.
-    """
-    n_ch = frame.shape[-1]
-    fit, offsets = photometric_gain(frame, reference, xp, stars, saturation)
-    if fit is None:
-        logger.debug("linear_fit: degenerate fit (%s); using identity", offsets)
-        return np.ones(n_ch), np.zeros(n_ch)
-    logger.debug("linear_fit: gains %s from %s (%d stars, sigma grey %.4f, per channel %s, %s)",
-                 np.round(fit.gains, 5), fit.method, fit.n_stars, fit.grey_sigma, np.round(fit.sigmas, 4),
-                 "grey" if fit.grey else "per channel")
-    return fit.gains, offsets
-
-
-def sky_mean_coefficients(frame, reference, xp=np):
-    """Return per-channel ``(gain=1, offset)`` matching the frame's sky level to the reference's."""
-    n_ch = frame.shape[-1]
-    offsets = np.zeros(n_ch)
-    f_sub, r_sub = _subsample(frame), _subsample(reference)
-    for c in range(n_ch):
-        joint = xp.isfinite(f_sub[..., c]) & xp.isfinite(r_sub[..., c])
-        sky_f, _ = sigma_clipped_stats(f_sub[..., c][joint], xp)
-        sky_r, _ = sigma_clipped_stats(r_sub[..., c][joint], xp)
-        if np.isfinite(sky_f) and np.isfinite(sky_r):
-            offsets[c] = sky_r - sky_f
-    return np.ones(n_ch), offsets
+#: Spread expected between aligned frames of a pixel near a star, as a fraction of the star's
+#: contrast (see :func:`signal_map`): seeing, sub-pixel alignment and the Bayer sampling of
+#: undersampled stars change a star's core and wings by tens of per cent of its peak from frame
+#: to frame (a FWHM 12 % smaller raises the peak by 25 %), more in R and B (one pixel in four,
+#: whose interpolated peak depends on where the star falls on the Bayer grid) than in G. Without
+#: it the rejection clips the sharpest frames' cores and the broadest frames' wings: up to 4 % of
+#: the stars' flux with 3-6 synthetic frames (tests); on the shared real subs a 4-frame region's
+#: stars lost 3 % in R and B against G with no term, 1.3 % with 0.25 and nothing with 0.5.
+SIGNAL_SPREAD = 0.5
+#: Radius (pixels) of the neighbourhood whose contrast sets a pixel's expected spread: a star's
+#: wings, out to ~3 FWHM of a Seestar star.
+SIGNAL_RADIUS_PX = 3
 
 
 def normalization_coefficients(stack, reference_index, method="linear_fit", xp=np):
-    """Return ``(gains, offsets)``, each ``(N, C)``, normalising every frame of a stack to the reference."""
-    if method not in NORMALIZE_METHODS:
-        raise ValueError(f"method = {method!r} is not allowed: expected one of {NORMALIZE_METHODS}")
+    """Return ``(gains, offsets)``, each ``(N, C)``, normalising every frame of a stack to the reference.
+
+    ``linear_fit``: gains from the stars (:func:`zemosaic_photometry.star_normalisation`);
+    ``sky_mean``: sky offsets only; ``none``: identity.
+    """
+    require_choice("method", method, NORMALIZE_METHODS)
     n, n_ch = stack.shape[0], stack.shape[-1]
-    gains, offsets = np.ones((n, n_ch)), np.zeros((n, n_ch))
-    if method == "none":
-        return gains, offsets
-    reference = stack[reference_index]
     if method == "linear_fit":
-        stars = find_reference_stars(reference, xp)  # once for the group, measured in every frame
-        logger.debug("linear_fit: %d reference stars, FWHM %.2f px", stars.ys.size, stars.fwhm)
-    for i in range(n):
-        if i == reference_index:
-            continue
-        if method == "linear_fit":
-            gains[i], offsets[i] = linear_fit_coefficients(stack[i], reference, xp, stars)
-        else:
-            gains[i], offsets[i] = sky_mean_coefficients(stack[i], reference, xp)
+        return zph.star_normalisation(stack, reference_index, xp)
+    gains, offsets = np.ones((n, n_ch)), np.zeros((n, n_ch))
+    if method == "sky_mean":
+        for i in range(n):
+            if i != reference_index:
+                gains[i], offsets[i] = zph.sky_mean_coefficients(stack[i], stack[reference_index], xp)
     return gains, offsets
 
 
@@ -739,7 +311,7 @@ def frame_noise_sigmas(stack, gains=None, xp=np, n_max: int = 120_000):
     gains = np.ones((n, n_ch)) if gains is None else np.asarray(gains, dtype=np.float64)
     sigmas = np.full((n, n_ch), np.nan)
     for i in range(n):
-        sub = xp.asarray(_subsample(stack[i], n_max))
+        sub = xp.asarray(subsample(stack[i], n_max))
         for c in range(n_ch):
             sigmas[i, c] = sigma_clipped_stats(sub[..., c], xp)[1] * gains[i, c]
     for c in range(n_ch):
@@ -748,7 +320,31 @@ def frame_noise_sigmas(stack, gains=None, xp=np, n_max: int = 120_000):
     return sigmas
 
 
-def noise_variance_weights(stack, gains=None, offsets=None, xp=np, sigmas=None):
+def reference_signal_map(stack, gains=None, offsets=None) -> np.ndarray:
+    """Return the :func:`signal_map` of the stack's first frame (the reference), normalised.
+
+    Where the reference has no data, the first other frame that has some stands in (a region seen
+    only by other frames has stars too). The noise is the reference's clipped sigma, measured on a
+    subsample of its valid pixels.
+    """
+    n, n_ch = stack.shape[0], stack.shape[-1]
+    g = np.ones((n, n_ch)) if gains is None else np.asarray(gains, np.float64)
+    o = np.zeros((n, n_ch)) if offsets is None else np.asarray(offsets, np.float64)
+
+    def normalised(i):
+        return np.asarray(stack[i], np.float32) * g[i].astype(np.float32) + o[i].astype(np.float32)
+
+    frame = normalised(0)
+    noise = [sigma_clipped_stats(subsample(frame, _FLOOR_SUBSAMPLE)[..., c])[1] for c in range(n_ch)]
+    for i in range(1, n):
+        missing = ~np.isfinite(frame)
+        if not missing.any():
+            break
+        frame[missing] = normalised(i)[missing]
+    return signal_map(frame, noise)
+
+
+def noise_variance_weights(stack, gains=None, xp=np, sigmas=None):
     """Return ``(N, C)`` weights ``1 / sigma^2`` of the normalised frames, the best frame = 1 per channel.
 
     Sigma is the clipped MAD-sigma of each frame's valid pixels after normalisation
@@ -866,20 +462,21 @@ def _clip_test(values, keep, centre, wdev, n_kept, scale, floor, params, xp):
     """Return the keep mask after testing every kept sample against the *other* samples' spread.
 
     A sample is rejected when it lies below ``centre - kappa_low * s`` or above
-    ``centre + kappa_high * s``, where ``s`` is the larger of its frame's noise ``floor``
-    (broadcastable to ``values``; None for 0) and ``scale`` times the standard deviation of the
-    pixel's other kept samples, computed from their (winsorized) deviations ``wdev``. With 3-10
-    frames an outlier inflates a standard deviation that includes it so much that it can never lie
-    beyond 3 sigma of it; with 3 frames the two others' spread alone is a poor sigma (one degree of
-    freedom), hence the floor. Pixels with fewer than three kept samples keep them all.
+    ``centre + kappa_high * s``, where ``s`` is the larger of its frame's expected spread (the
+    :class:`NoiseFloor`: the frame's noise, plus :data:`SIGNAL_SPREAD` of the pixel's signal above
+    the sky; None for 0) and ``scale`` times the standard deviation of the pixel's other kept
+    samples, computed from their (winsorized) deviations ``wdev``. With 3-10 frames an outlier
+    inflates a standard deviation that includes it so much that it can never lie beyond 3 sigma
+    of it; with 3 frames the two others' spread alone is a poor sigma (one degree of freedom),
+    hence the floor. Pixels with fewer than three kept samples keep them all.
 
     Only samples beyond kappa times the floor can fail, so the spread is computed for those alone:
     with the floor near the noise they are a few per thousand and the round costs what the
     plain sigma test did.
     """
     dev = values - centre[None]
-    floor = 0 if floor is None else floor
-    candidate = (dev < -params.kappa_low * floor) | (dev > params.kappa_high * floor)
+    noise = 0 if floor is None else floor.sigma
+    candidate = (dev < -params.kappa_low * noise) | (dev > params.kappa_high * noise)
     candidate &= keep
     index = xp.nonzero(candidate)
     if not isinstance(n_kept, int):
@@ -897,8 +494,8 @@ def _clip_test(values, keep, centre, wdev, n_kept, scale, floor, params, xp):
         s1, s2 = (t[pixel] for t in _moment_sums(wdev, valid, xp))
     n = n_kept if isinstance(n_kept, int) else n_kept[pixel].astype(values.dtype)
     sigma = scale * xp.sqrt(_leave_one_out_variance(wdev[index], s1, s2, n))
-    if not isinstance(floor, int):
-        sigma = xp.maximum(sigma, xp.broadcast_to(floor, values.shape)[index])
+    if floor is not None:
+        sigma = xp.maximum(sigma, floor.at(index, values.shape, xp))
     d = dev[index]
     rejected = (d < -params.kappa_low * sigma) | (d > params.kappa_high * sigma)
     keep = keep.copy()
@@ -955,8 +552,8 @@ def _iterative_keep(block, params, xp, one_round, floor=None):
     Repeating the clip on the survivors matters: two outliers in one pixel (a trail crossing a hot
     pixel) inflate the first round's sigma enough to hide the smaller one. Only pixels whose mask
     changed in the previous round are recomputed — the others would give the same answer — so
-    later rounds cost a tiny fraction of the first. ``floor`` is the per-frame noise, shaped
-    ``(N, 1, W, C)`` (:func:`_noise_floor`), or None.
+    later rounds cost a tiny fraction of the first. ``floor`` is the :class:`NoiseFloor` of the
+    block (:func:`_noise_floor`), or None.
     """
     keep = xp.isfinite(block)
     new_keep = one_round(block, keep, params, xp, masked=False, floor=floor)
@@ -967,7 +564,7 @@ def _iterative_keep(block, params, xp, one_round, floor=None):
             break
         index = (slice(None),) + active
         old = keep[index]
-        sub_floor = None if floor is None else floor[:, 0, 0, :][:, active[2]]
+        sub_floor = None if floor is None else floor.columns(active)
         new = one_round(block[index], old, params, xp, masked=True, floor=sub_floor)
         keep[index] = new
         changed = xp.any(new != old, axis=0)
@@ -975,32 +572,85 @@ def _iterative_keep(block, params, xp, one_round, floor=None):
     return keep
 
 
-def _noise_floor(noise_sigmas, shape, dtype, xp):
-    """Return the per-frame noise as an ``(N, 1, W, C)`` device array, or None when not given.
+@dataclass(frozen=True)
+class NoiseFloor:
+    """The least spread each sample of a block is tested against: ``sqrt(sigma^2 + (k S)^2)``.
 
-    A full row per frame rather than ``(N, 1, 1, C)``: comparing a block with the latter makes
-    NumPy loop over runs of C = 3 elements, several times slower than over whole rows.
+    ``sigma`` is the noise of the sample's frame, broadcastable to the block (``(N, 1, W, C)``,
+    or ``(N, n)`` for a flat selection of pixels); ``signal`` the local contrast around the pixel
+    (:func:`signal_map`; ``(h, W, C)`` or ``(n,)``), or None; ``k`` is :data:`SIGNAL_SPREAD`.
+    """
+
+    sigma: object
+    signal: object = None
+
+    def at(self, index, shape, xp):
+        """Return the floor of the samples ``index`` (a tuple of index arrays into ``shape``)."""
+        sigma = xp.broadcast_to(self.sigma, shape)[index]
+        if self.signal is None:
+            return sigma
+        spread = SIGNAL_SPREAD * self.signal[index[1:]]
+        return xp.sqrt(sigma * sigma + spread * spread)
+
+    def columns(self, active):
+        """Return the floor of the pixels ``active`` (index arrays ``(h, w, c)``), flattened."""
+        signal = None if self.signal is None else self.signal[active]
+        return NoiseFloor(self.sigma[:, 0, 0, :][:, active[2]], signal)
+
+
+def signal_map(frame, noise, radius: int = SIGNAL_RADIUS_PX) -> np.ndarray:
+    """Return ``(H, W, C)`` float32: the local contrast around each pixel, from the reference.
+
+    The contrast is the range (maximum minus minimum) of the 3x3-smoothed ``frame`` within
+    ``radius`` pixels, lowered by twice the ``(C,)`` noise sigma, the range smoothed noise alone
+    reaches: about 0 on the sky and on smooth nebulosity, where nothing but noise is expected and
+    the rejection keeps its full strength; a star's peak above its surroundings on and near a star.
+    No data counts as 0, and so does a channel whose noise is not finite.
+    """
+    from scipy.ndimage import maximum_filter, minimum_filter, uniform_filter
+
+    out = np.zeros(frame.shape, np.float32)
+    size = 2 * radius + 1
+    for c in range(frame.shape[-1]):
+        if not np.isfinite(noise[c]):
+            continue
+        plane = np.asarray(frame[..., c], np.float32)
+        smooth = uniform_filter(np.where(np.isfinite(plane), plane, np.nanmedian(plane)), 3)
+        contrast = maximum_filter(smooth, size) - minimum_filter(smooth, size) - np.float32(2.0 * noise[c])
+        out[..., c] = np.where(np.isfinite(plane), np.maximum(contrast, 0.0), 0.0)
+    return out
+
+
+def _noise_floor(noise_sigmas, shape, dtype, xp, signal=None):
+    """Return the :class:`NoiseFloor` of a block of ``shape``, or None without ``noise_sigmas``.
+
+    The noise is a full ``(N, 1, W, C)`` row per frame rather than ``(N, 1, 1, C)``: comparing a
+    block with the latter makes NumPy loop over runs of C = 3 elements, several times slower than
+    over whole rows. ``signal`` is the block's rows of the :func:`signal_map` (None: no signal term).
     """
     if noise_sigmas is None:
         return None
     n, _h, w, c = shape
     floor = xp.asarray(noise_sigmas, dtype=dtype).reshape(n, 1, 1, c)
-    return xp.ascontiguousarray(xp.broadcast_to(floor, (n, 1, w, c)))
+    signal = None if signal is None else xp.asarray(signal, dtype=dtype)
+    return NoiseFloor(xp.ascontiguousarray(xp.broadcast_to(floor, (n, 1, w, c))), signal)
 
 
-def stack_block(block, weights, params: StackParams, xp=np, noise_sigmas=None):
+def stack_block(block, weights, params: StackParams, xp=np, noise_sigmas=None, signal=None):
     """Reject and combine one ``(N, h, W, C)`` block; returns ``(image (h, W, C), coverage (h, W))``.
 
     ``weights`` is ``(N, C)`` (per frame and channel) or None. ``noise_sigmas`` ``(N, C)`` is each
     frame's noise sigma in the block's units (:func:`frame_noise_sigmas`): the least spread a sample
-    is tested against, which makes rejection work with 3-10 frames. Pixels with fewer than three
+    is tested against, which makes rejection work with 3-10 frames; ``signal``, the block's rows of
+    the :func:`signal_map`, adds the spread expected near stars (:class:`NoiseFloor`), so their
+    cores and wings are not clipped. Pixels with fewer than three
     valid samples are the combination of what they have (no rejection); no valid sample gives NaN.
     Coverage counts the frames valid in every channel.
     """
     n = block.shape[0]
     w = xp.ones((n, 1, 1, block.shape[-1]), block.dtype) if weights is None else \
         xp.asarray(weights, dtype=block.dtype).reshape(n, 1, 1, -1)
-    floor = _noise_floor(noise_sigmas, block.shape, block.dtype, xp)
+    floor = _noise_floor(noise_sigmas, block.shape, block.dtype, xp, signal)
     valid = xp.isfinite(block)
     if params.rejection == "winsorized_sigma_clip":
         keep = _iterative_keep(block, params, xp, _winsorized_round, floor)
@@ -1042,8 +692,11 @@ def stack_in_chunks(stack, gains, offsets, weights, params: StackParams, xp=np,
     and back (identity on the CPU). ``progress(done_rows, total)`` is called after each chunk.
     Returns host float32 ``(image (H, W, C), coverage (H, W))``.
     """
-    if noise_sigmas is None and params.rejection != "none":
-        noise_sigmas = frame_noise_sigmas(stack, gains, n_max=_FLOOR_SUBSAMPLE)
+    signal = None
+    if params.rejection != "none":
+        if noise_sigmas is None:
+            noise_sigmas = frame_noise_sigmas(stack, gains, n_max=_FLOOR_SUBSAMPLE)
+        signal = reference_signal_map(stack, gains, offsets)
     to_device = to_device or (lambda a: a)
     to_host = to_host or (lambda a: a)
     n, h, w, c = stack.shape
@@ -1057,7 +710,8 @@ def stack_in_chunks(stack, gains, offsets, weights, params: StackParams, xp=np,
         block = to_device(np.ascontiguousarray(stack[:, r0:r1], dtype=np.float32))
         if g is not None:
             block = block * g + o  # NaN stays NaN
-        img, cov = stack_block(block, weights, params, xp, noise_sigmas)
+        img, cov = stack_block(block, weights, params, xp, noise_sigmas,
+                               None if signal is None else to_device(signal[r0:r1]))
         image[r0:r1], coverage[r0:r1] = to_host(img), to_host(cov)
         if progress is not None:
             progress(r1, h)

@@ -17,10 +17,11 @@ import shutil
 import signal
 import sys
 import threading
+import time
 
 from zemosaic_config import ConfigError, MosaicConfig, load_config
-from zemosaic_worker import (LOG_NAME, Cancelled, PipelineError, RunResult, __version__,
-                             run_mosaic)
+from zemosaic_worker import (LOG_NAME, Cancelled, PipelineError, RunReport, RunResult,
+                             __version__, run_mosaic)
 
 logger = logging.getLogger(__name__)
 
@@ -30,17 +31,38 @@ PHASE_UNITS = {"scan": "frames", "solve": "frames", "group": "steps", "master_ti
                "grid": "steps", "assembly": "steps", "write": "steps"}
 
 
+def estimate_eta(elapsed_s: float, done: int, total: int) -> float | None:
+    """Return the seconds left in a phase from its elapsed time and progress, None if unknown."""
+    if total <= 0 or done <= 0 or done >= total:
+        return None
+    return elapsed_s * (total - done) / done
+
+
+def format_eta(seconds: float | None) -> str:
+    """Return ``"ETA 1 min 05 s"``-style text, or an empty string when unknown."""
+    if seconds is None:
+        return ""
+    seconds = int(round(seconds))
+    if seconds >= 60:
+        return f"ETA {seconds // 60} min {seconds % 60:02d} s"
+    return f"ETA {seconds} s"
+
+
 class _TerminalProgress:
     """Turns progress callbacks into tqdm bars on a terminal: one per phase, 80 columns at most.
 
     The master-tile phase also reports each aligned frame of the tile in progress (same phase,
     the frames of one tile as total); those updates go into the bar's text so the bar counts tiles.
+    The time left is :func:`estimate_eta`'s, as in the window.
     """
 
     def __init__(self, stream=sys.stderr, width=80):
         self.stream, self.width = stream, width
         self.enabled = stream.isatty()
-        self._phase, self._bar = None, None
+        self._phase, self._bar, self._t0 = None, None, 0.0
+
+    def _eta(self) -> str:
+        return format_eta(estimate_eta(time.monotonic() - self._t0, self._bar.n, self._bar.total))
 
     def __call__(self, phase, done, total, message=""):
         if not self.enabled:
@@ -49,17 +71,18 @@ class _TerminalProgress:
 
         if phase != self._phase:
             self.close()
-            self._phase = phase
+            self._phase, self._t0 = phase, time.monotonic()
             self._bar = tqdm(total=total, desc=f"{phase:<12}", unit=PHASE_UNITS.get(phase, "steps"),
                              file=self.stream, ncols=min(self.width, shutil.get_terminal_size().columns),
-                             bar_format="{desc} {bar} {n_fmt}/{total_fmt} {unit} {elapsed}<{remaining}{postfix}",
+                             bar_format="{desc} {bar} {n_fmt}/{total_fmt} {unit} {elapsed}{postfix}",
                              leave=True)
         if phase == "master_tiles" and ": aligned " in message:
-            self._bar.set_postfix_str(message.split(": aligned ")[0] + f" {done}/{total}", refresh=True)
+            tile = message.split(": aligned ")[0]
+            self._bar.set_postfix_str(f"{self._eta()} {tile} {done}/{total}".strip(), refresh=True)
             return
         self._bar.total = total
         self._bar.n = done
-        self._bar.set_postfix_str(message[:20], refresh=True)
+        self._bar.set_postfix_str(f"{self._eta()} {message[:20]}".strip(), refresh=True)
 
     def close(self):
         """Finish the current bar (it stays on screen)."""
@@ -97,9 +120,9 @@ def detach_run_log(handler: logging.Handler | None) -> None:
         handler.close()
 
 
-def wcs_summary(report: dict) -> str:
+def wcs_summary(report: RunReport) -> str:
     """Return how the used frames got their WCS, e.g. ``"4 from headers, 1 solved, 1 matched"``."""
-    sources = [e["wcs"] for e in report.get("frame_wcs", [])]
+    sources = [e["wcs"] for e in report.used_frame_wcs()]
     counts = [(sum(s == "header" for s in sources), "from headers"),
               (sum(s == "solved" for s in sources), "solved"),
               (sum(s.startswith("matched") for s in sources), "matched"),
@@ -107,23 +130,29 @@ def wcs_summary(report: dict) -> str:
     return ", ".join(f"{n} {what}" for n, what in counts if n) or "none"
 
 
-def format_summary(result: RunResult) -> str:
-    """Return the human-readable end-of-run summary."""
+def format_summary(result: RunResult, brief: bool = False) -> str:
+    """Return the end-of-run summary: frames used and skipped, WCS sources, tiles, size, time.
+
+    The full form (terminal, run log) lists every skipped frame with its reason, the outputs and
+    the phase timings; the ``brief`` one (the window) the first five skipped frames.
+    """
     rep = result.report
-    lines = [
-        f"ZeMosaic {rep['version']}: mosaic done in {result.elapsed_s:.1f} s",
-        f"  frames used:    {len(rep['frames_used'])}",
-        f"  frames skipped: {len(rep['frames_skipped'])}",
-    ]
-    for s in rep["frames_skipped"]:
-        lines.append(f"    - {os.path.basename(s['path'])}: {s['reason']}")
-    lines.append(f"  frame WCS:      {wcs_summary(rep)}")
-    lines.append(f"  master tiles:   {len(rep['tiles'])}")
-    lines.append(f"  size:           {rep['mosaic_shape'][2]} x {rep['mosaic_shape'][1]} px, "
-                 f"{rep['mosaic_shape'][0]} channel(s), assembly on {rep['backends'].get('assembly')}")
-    for key, path in result.paths.items():
-        lines.append(f"  {key + ':':<15} {path}")
-    phases = ", ".join(f"{k} {v:.1f}s" for k, v in rep["timings_s"].items() if k != "total")
+    channels, height, width = rep.mosaic_shape or (0, 0, 0)
+    skipped = [f"{os.path.basename(s['path'])}: {s['reason']}" for s in rep.frames_skipped]
+    facts = [("frames used", len(rep.frames_used)), ("frames skipped", len(skipped)),
+             ("frame WCS", wcs_summary(rep)), ("master tiles", len(rep.tiles)),
+             ("size", f"{width} x {height} px, {channels} channel(s), "
+                      f"assembly on {rep.backends.get('assembly', 'cpu')}")]
+    if brief:
+        return "\n".join([f"Done in {result.elapsed_s:.1f} s", *(f"{k}: {v}" for k, v in facts),
+                          *(f"skipped {s}" for s in skipped[:5])])
+    lines = [f"ZeMosaic {rep.version}: mosaic done in {result.elapsed_s:.1f} s"]
+    for key, value in facts:
+        lines.append(f"  {key + ':':<15} {value}")
+        if key == "frames skipped":
+            lines += [f"    - {s}" for s in skipped]
+    lines += [f"  {key + ':':<15} {path}" for key, path in result.paths.items()]
+    phases = ", ".join(f"{k} {v:.1f}s" for k, v in rep.timings_s.items() if k != "total")
     lines.append(f"  timings:        {phases}")
     return "\n".join(lines)
 

@@ -24,7 +24,6 @@ import numbers
 import os
 import re
 import reprlib
-import uuid
 from dataclasses import dataclass, field
 from typing import Any, Callable, Mapping
 
@@ -156,6 +155,14 @@ def _check_bool(value: Any) -> bool:
     raise _Reject()
 
 
+def _check_workers(value: Any) -> int:
+    # Upstream ZeMosaic writes -1 for "automatic", which 0 means here.
+    result = _as_int(value)
+    if result < -1:
+        raise _Reject()
+    return max(result, 0)
+
+
 # Scheduler addresses dask.distributed accepts: protocol://host:port, or host:port (TCP).
 _SCHEDULER_RE = re.compile(r"^((tcp|tls|inproc|ucx|ws|wss)://\S+|[\w.\-\[\]:]+:\d+)$")
 
@@ -205,12 +212,13 @@ def _check_gain_clip(value: Any) -> tuple[float, float]:
 # The field table.
 # --------------------------------------------------------------------------
 
-_NORMALIZE = ("linear_fit", "sky_mean", "none")
-_WEIGHTING = ("noise_variance", "none")
-_REJECTION = ("winsorized_sigma_clip", "kappa_sigma", "none")
-_COMBINE = ("mean", "median")
-_ALIGN = ("astroalign", "wcs")
-_ENGINE = ("fast", "reproject")
+# The vocabularies of the choice settings; the stacking code checks its arguments against them.
+NORMALIZE_METHODS = ("linear_fit", "sky_mean", "none")
+WEIGHTING_METHODS = ("noise_variance", "none")
+REJECTION_ALGORITHMS = ("winsorized_sigma_clip", "kappa_sigma", "none")
+COMBINE_METHODS = ("mean", "median")
+ALIGN_METHODS = ("astroalign", "wcs")
+ASSEMBLY_ENGINES = ("fast", "reproject")
 _LOG_LEVELS = ("ERROR", "WARNING", "INFO", "DEBUG")
 _RESUME = ("auto", "off")
 
@@ -219,11 +227,26 @@ def _one_of(choices: tuple[str, ...]) -> str:
     return "one of " + ", ".join(repr(c) for c in choices)
 
 
+def require_choice(name: str, value: str, choices: tuple[str, ...]) -> None:
+    """Raise ValueError naming ``name``, ``value`` and the allowed ``choices`` when ``value`` is not one."""
+    if value not in choices:
+        raise ValueError(f"{name} = {value!r} is not allowed: expected {_one_of(choices)}")
+
+
 def _spec(default: Any, help_text: str, expected: str,
           check: Callable[[Any], Any], choices: tuple[str, ...] | None = None) -> Any:
     """A dataclass field whose metadata holds its help, rule and checker."""
     meta = {"help": help_text, "expected": expected, "check": check, "choices": choices}
     return field(default=default, metadata=meta)
+
+
+def _bool_spec(default: bool, help_text: str) -> Any:
+    return _spec(default, help_text, "true or false", _check_bool)
+
+
+def _number_spec(default: float, help_text: str, zero_allowed: bool = False) -> Any:
+    expected = "a number >= 0" if zero_allowed else "a number > 0"
+    return _spec(default, help_text, expected, _check_float(0.0, inclusive=zero_allowed))
 
 
 def _choice_spec(default: str, help_text: str, choices: tuple[str, ...],
@@ -249,88 +272,75 @@ class MosaicConfig:
         "a folder path (text)", _check_path)
     stacking_normalize_method: str = _choice_spec(
         "linear_fit", "How frames are brought to a common brightness before stacking.",
-        _NORMALIZE)
+        NORMALIZE_METHODS)
     stacking_weighting_method: str = _choice_spec(
         "noise_variance", "How much each frame counts in the stack (less noise, more weight).",
-        _WEIGHTING)
+        WEIGHTING_METHODS)
     stacking_rejection_algorithm: str = _choice_spec(
         "winsorized_sigma_clip", "How outlier pixels (satellites, hot pixels) are rejected.",
-        _REJECTION)
-    stacking_kappa_low: float = _spec(
-        3.0, "Reject pixels darker than this many standard deviations below the stack.",
-        "a number > 0", _check_float(0.0, inclusive=False))
-    stacking_kappa_high: float = _spec(
-        3.0, "Reject pixels brighter than this many standard deviations above the stack.",
-        "a number > 0", _check_float(0.0, inclusive=False))
+        REJECTION_ALGORITHMS)
+    stacking_kappa_low: float = _number_spec(
+        3.0, "Reject pixels darker than this many standard deviations below the stack.")
+    stacking_kappa_high: float = _number_spec(
+        3.0, "Reject pixels brighter than this many standard deviations above the stack.")
     stacking_winsor_limits: tuple[float, float] = _spec(
         (0.05, 0.05), "Fractions of lowest and highest values clamped before measuring spread.",
         "two numbers, each >= 0 and < 0.5 (a list or the text 'low,high')", _check_winsor)
     stacking_final_combine_method: str = _choice_spec(
-        "mean", "How the kept pixel values of a stack are combined.", _COMBINE)
+        "mean", "How the kept pixel values of a stack are combined.", COMBINE_METHODS)
     stacking_kappa_max_iterations: int = _spec(
         5, "Maximum rounds of outlier rejection.", "an integer >= 1", _check_int_min(1))
     align_method: str = _choice_spec(
         "astroalign", "How frames are aligned: star matching or the plate solution only.",
-        _ALIGN)
-    correct_hot_pixels: bool = _spec(
-        True, "Replace isolated hot pixels in raw colour frames before debayering.",
-        "true or false", _check_bool)
-    force_resolve_existing_wcs: bool = _spec(
-        False, "Plate-solve every frame again, even those whose file already holds a WCS.",
-        "true or false", _check_bool)
+        ALIGN_METHODS)
+    correct_hot_pixels: bool = _bool_spec(
+        True, "Replace isolated hot pixels in raw colour frames before debayering.")
+    force_resolve_existing_wcs: bool = _bool_spec(
+        False, "Plate-solve every frame again, even those whose file already holds a WCS.")
     astap_executable_path: str = _spec(
         "", "ASTAP program used for plate solving (empty: astrometry.net's solve-field).",
         "a file path (text), or empty", _check_path)
     astap_data_directory_path: str = _spec(
         "", "Folder of ASTAP's star database (empty: ASTAP's own default).",
         "a folder path (text), or empty", _check_path)
-    astap_default_search_radius: float = _spec(
-        3.0, "How far (degrees) from the telescope's pointing the plate solver searches.",
-        "a number > 0", _check_float(0.0, inclusive=False))
-    plate_solve_timeout_s: float = _spec(
-        60.0, "Time limit in seconds for plate-solving one frame.",
-        "a number > 0", _check_float(0.0, inclusive=False))
-    cluster_panel_threshold: float = _spec(
-        0.0, "Distance in degrees that separates mosaic panels (0 = automatic).",
-        "a number >= 0", _check_float(0.0, inclusive=True))
+    astap_default_search_radius: float = _number_spec(
+        3.0, "How far (degrees) from the telescope's pointing the plate solver searches.")
+    plate_solve_timeout_s: float = _number_spec(
+        60.0, "Time limit in seconds for plate-solving one frame.")
+    cluster_panel_threshold: float = _number_spec(
+        0.0, "Distance in degrees that separates mosaic panels (0 = automatic).", zero_allowed=True)
     max_raw_per_master_tile: int = _spec(
         0, "Largest number of frames stacked into one master tile (0 = no cap).",
         "0 (no cap) or an integer >= 2", _check_raw_cap)
     assembly_engine: str = _choice_spec(
-        "fast", "How master tiles are reprojected onto the mosaic grid.", _ENGINE)
-    match_background: bool = _spec(
-        True, "Even out sky brightness between overlapping tiles.", "true or false",
-        _check_bool)
-    intertile_photometric_match: bool = _spec(
-        True, "Even out brightness and colour between overlapping tiles (gains from their stars).",
-        "true or false", _check_bool)
-    use_gpu_phase5: bool = _spec(
-        False, "Use the graphics card (CUDA) for the final assembly when available.",
-        "true or false", _check_bool)
-    two_pass_coverage_renorm: bool = _spec(
-        False, "Run a second pass that evens out brightness where coverage changes.",
-        "true or false", _check_bool)
-    two_pass_cov_sigma_px: float = _spec(
-        50.0, "Smoothing radius in pixels of the second-pass brightness correction.",
-        "a number >= 0", _check_float(0.0, inclusive=True))
+        "fast", "How master tiles are reprojected onto the mosaic grid.", ASSEMBLY_ENGINES)
+    match_background: bool = _bool_spec(
+        True, "Even out sky brightness between overlapping tiles.")
+    intertile_photometric_match: bool = _bool_spec(
+        True, "Even out brightness and colour between overlapping tiles (gains from their stars).")
+    use_gpu_phase5: bool = _bool_spec(
+        False, "Use the graphics card (CUDA) for the final assembly when available.")
+    two_pass_coverage_renorm: bool = _bool_spec(
+        False, "Run a second pass that evens out brightness where coverage changes.")
+    two_pass_cov_sigma_px: float = _number_spec(
+        50.0, "Smoothing radius in pixels of the second-pass brightness correction.", zero_allowed=True)
     two_pass_cov_gain_clip: tuple[float, float] = _spec(
         (0.85, 1.18), "Lowest and highest brightness gain the second pass may apply.",
         "two numbers low, high with 0 < low <= 1 <= high", _check_gain_clip)
     logging_level: str = _choice_spec(
         "INFO", "How much detail the log shows.", _LOG_LEVELS, upper=True)
-    save_channel_files: bool = _spec(
-        False, "Also write each colour as its own plain FITS (for SWarp and Montage).",
-        "true or false", _check_bool)
-    save_final_as_uint16: bool = _spec(
+    save_channel_files: bool = _bool_spec(
+        False, "Also write each colour as its own plain FITS (for SWarp and Montage).")
+    save_final_as_uint16: bool = _bool_spec(
         False, "Also write a 16-bit integer copy of the mosaic (0 = no data) for viewers "
-        "that cannot read floating point or blank pixels.", "true or false", _check_bool)
+        "that cannot read floating point or blank pixels.")
     resume: str = _choice_spec(
         "auto", "Reuse the master tiles a crashed or cancelled run already finished "
         "(auto), or rebuild them all (off).", _RESUME)
     num_processing_workers: int = _spec(
         0, "How many master tiles are built at once, each in a process of its own "
         "(0 = one per CPU core; 1 = in the program's own process).",
-        "an integer >= 0 (0 = one per CPU core)", _check_int_min(0))
+        "an integer >= 0 (0 = one per CPU core; upstream's -1 means the same)", _check_workers)
     dask_scheduler: str = _spec(
         "", "Build the master tiles on a Dask cluster: the scheduler's address, 'local' for a "
         "cluster on this computer, or empty for none.",
@@ -533,8 +543,8 @@ def save_config(config: MosaicConfig, path: str | os.PathLike,
     it would contradict the field on the next load.
 
     The text goes to a hidden temporary file in the destination folder which
-    then replaces ``path`` in one step, so a crash never leaves a half-written
-    configuration behind.
+    then replaces ``path`` in one step (:func:`zemosaic_fits.write_text_atomic`),
+    so a crash never leaves a half-written configuration behind.
     """
     if not isinstance(config, MosaicConfig):
         raise TypeError(f"expected a MosaicConfig, got {type(config).__name__}")
@@ -542,22 +552,6 @@ def save_config(config: MosaicConfig, path: str | os.PathLike,
     clashing = sorted(k for k in unknown if k in _FIELD_NAMES or k in ALIASES)
     if clashing:
         raise ValueError(f"unknown entries must not carry known keys: {', '.join(clashing)}")
-    path = os.fspath(path)
-    text = json.dumps({**config_to_dict(config), **unknown}, indent=2) + "\n"
-    folder, name = os.path.split(os.path.abspath(path))
-    tmp = os.path.join(folder, f".{name}.{uuid.uuid4().hex}.tmp")
-    # Mode "x": never clobber anything; a name clash raises before we own a file.
-    fh = open(tmp, "x", encoding="utf-8")
-    try:
-        with fh:
-            fh.write(text)
-            fh.flush()
-            os.fsync(fh.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        # Leave no stray temp file; the previous configuration stays untouched.
-        try:
-            os.remove(tmp)
-        except FileNotFoundError:
-            pass
-        raise
+    from zemosaic_fits import write_text_atomic  # astropy is loaded only to save
+
+    write_text_atomic(path, json.dumps({**config_to_dict(config), **unknown}, indent=2) + "\n")

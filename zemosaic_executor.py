@@ -82,7 +82,7 @@ class WorkerContext:
     def __init__(self, cancel_flag: str | None):
         self._flag = CancelFlag(cancel_flag) if cancel_flag else None
 
-    def report(self, phase, done, total, message=""):
+    def advance(self, phase, done, total, message=""):
         """Progress inside a task run elsewhere is not reported (see the class doc)."""
 
     def check_cancel(self):

@@ -34,6 +34,8 @@ from astropy.utils.exceptions import AstropyWarning
 from astropy.wcs import WCS, SingularMatrixError
 from scipy import ndimage
 
+from zemosaic_utils import mad_sigma, subsample
+
 logger = logging.getLogger(__name__)
 
 __all__ = [
@@ -404,7 +406,7 @@ def correct_hot_pixels(raw: np.ndarray, kappa: float = 8.0, neighbour_fraction: 
     if sample.size == 0:
         return data, 0
     # Noise of (pixel - mean of 4) is sigma * sqrt(1 + 1/4): recover the pixel sigma from it.
-    sigma = 1.4826 * float(np.median(np.abs(sample - np.median(sample)))) / math.sqrt(1.25)
+    sigma = float(mad_sigma(sample)) / math.sqrt(1.25)
     if sigma <= 0:
         return data, 0
     # Cheap pre-selection: only pixels well above their same-colour cross can be hot (stars too);
@@ -937,19 +939,14 @@ def _asinh_softness(background: float, target: float = 0.25) -> float:
     return math.exp(0.5 * (low + high))
 
 
-def _sample(values: np.ndarray, limit: int = 1_000_000) -> np.ndarray:
-    # Percentiles of a regular subsample are plenty for a display stretch.
-    step = max(1, values.size // limit)
-    return values[::step]
-
-
 def _display_levels(luminance: np.ndarray) -> tuple[float, float, float] | None:
     """(black, white, background) of the finite luminance values, or None if none."""
-    samples = _sample(luminance[np.isfinite(luminance)]).astype(np.float64)
+    # Percentiles of a regular subsample are plenty for a display stretch.
+    samples = subsample(luminance[np.isfinite(luminance)], 1_000_000).astype(np.float64)
     if samples.size == 0:
         return None
     background = float(np.median(samples))
-    sigma = 1.4826 * float(np.median(np.abs(samples - background)))
+    sigma = float(mad_sigma(samples, np, background))
     # Black just under the sky so noise stays visible instead of clipping half of it.
     black = max(float(samples.min()), background - 2.8 * sigma)
     white = float(np.percentile(samples, 99.8))

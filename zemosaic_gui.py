@@ -56,6 +56,7 @@ logger = logging.getLogger(__name__)
 
 #: Loggers whose level the log drop-down controls (the pipeline modules and this window).
 PIPELINE_LOGGERS = ("zemosaic_worker", "zemosaic_align_stack", "zemosaic_align_stack_gpu",
+                    "zemosaic_photometry", "zemosaic_astrometry", "zemosaic_solve", "zemosaic_runstate",
                     "zemosaic_utils", "zemosaic_fits", "zemosaic_config", __name__)
 LOG_LEVELS = CHOICES["logging_level"]
 LOG_FORMAT = "%(asctime)s %(levelname)-7s %(name)s: %(message)s"
@@ -244,7 +245,7 @@ def _connect_changed(widget: QWidget, slot) -> None:
 def config_dir() -> str:
     """Return the folder holding the remembered configuration.
 
-    ``$ZEMOSAIC_CONFIG_DIR`` when set (tests use it to keep away from the real home), else the
+    ``$ZEMOSAIC_CONFIG_DIR`` when set (settings kept elsewhere: a portable install, a test), else the
     user's configuration folder plus ``zemosaic`` (``~/.config/zemosaic`` on Linux).
     """
     override = os.environ.get(CONFIG_DIR_ENV)
@@ -307,43 +308,9 @@ def output_folder_problem(text: str) -> str | None:
     return None
 
 
-def estimate_eta(elapsed_s: float, done: int, total: int) -> float | None:
-    """Return the seconds left in a phase from its elapsed time and progress, None if unknown."""
-    if total <= 0 or done <= 0 or done >= total:
-        return None
-    return elapsed_s * (total - done) / done
-
-
-def format_eta(seconds: float | None) -> str:
-    """Return ``"ETA 1 min 05 s"``-style text, or an empty string when unknown."""
-    if seconds is None:
-        return ""
-    seconds = int(round(seconds))
-    if seconds >= 60:
-        return f"ETA {seconds // 60} min {seconds % 60:02d} s"
-    return f"ETA {seconds} s"
-
-
 def phase_title(phase: str) -> str:
     """Return the display name of a pipeline phase ("master_tiles" -> "Master tiles")."""
     return "Plate solving" if phase == "solve" else phase.replace("_", " ").capitalize()
-
-
-def summary_text(result) -> str:
-    """Return the short end-of-run summary shown in the window (frames, tiles, size, time)."""
-    rep = result.report
-    used, skipped = len(rep["frames_used"]), len(rep["frames_skipped"])
-    lines = [f"{used} frames used, {skipped} skipped",
-             f"WCS: {zemosaic_cli.wcs_summary(rep)}",
-             f"{len(rep['tiles'])} master tiles"]
-    if rep.get("mosaic_shape"):
-        _c, height, width = rep["mosaic_shape"]
-        lines[-1] += f", mosaic {width} x {height} px"
-    lines.append(f"Done in {result.elapsed_s:.1f} s "
-                 f"(assembly on {rep.get('backends', {}).get('assembly', 'cpu')})")
-    for item in rep["frames_skipped"][:5]:
-        lines.append(f"skipped {os.path.basename(item['path'])}: {item['reason']}")
-    return "\n".join(lines)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -913,13 +880,14 @@ class MainWindow(QMainWindow):
         number = zemosaic_worker.PHASES.index(phase) + 1 if phase in zemosaic_worker.PHASES else 0
         self.phase_label.setText(f"Phase {number}/{len(zemosaic_worker.PHASES)}: "
                                  f"{phase_title(phase)} — {message}")
-        self.eta_label.setText(format_eta(estimate_eta(now - self._phase_t0, done, total)))
+        self.eta_label.setText(zemosaic_cli.format_eta(
+            zemosaic_cli.estimate_eta(now - self._phase_t0, done, total)))
 
     def _on_succeeded(self, result) -> None:
         self.preview_caption.clear()
         self._show_preview(result.paths["preview"])
         self.output_path_label.setText(f"Mosaic: {result.paths['mosaic']}")
-        self.summary_label.setText(summary_text(result))
+        self.summary_label.setText(zemosaic_cli.format_summary(result, brief=True))
         self.open_folder_button.setEnabled(True)
         self.status_label.setText(f"Done in {result.elapsed_s:.1f} s")
         self._finish_progress("Finished")

@@ -10,8 +10,8 @@ nothing. The solvers, star lists, matching and cache are :mod:`zemosaic_astromet
 module decides which frame gets which.
 
 Frames are the pipeline's records (``path``, ``info``, ``ra``/``dec``, ``wcs``, ``wcs_source``,
-``set_wcs``...); the report and the progress context are the run's
-(:func:`zemosaic_worker.run_mosaic`).
+``set_wcs``...); ``run`` is the run's :class:`zemosaic_worker.Run` (settings, report, progress,
+cancellation).
 """
 
 from __future__ import annotations
@@ -36,10 +36,10 @@ _ANCHOR_ATTEMPTS = 3
 
 
 class _Solving:
-    """What the solve phase shares: solver, cache, report, progress and the frames' star lists."""
+    """What the solve phase shares: solver, cache, the run and the frames' star lists."""
 
-    def __init__(self, solver, config, ctx, total, cache_folder):
-        self.solver, self.config, self.ctx = solver, config, ctx
+    def __init__(self, solver, run, total, cache_folder):
+        self.solver, self.run, self.config = solver, run, run.config
         self.cache = zastro.WcsCache(cache_folder)
         self._stars: dict[str, np.ndarray] = {}
         self._advanced: set[str] = set()
@@ -64,7 +64,7 @@ class _Solving:
 
     def solve(self, record) -> bool:
         """Plate-solve one frame; True when it got a WCS (the reason is logged otherwise)."""
-        self.ctx.check_cancel()
+        self.run.check_cancel()
         if self.solver is None:
             record.solve_error = NO_SOLVER
             return False
@@ -86,7 +86,7 @@ class _Solving:
 
     def match(self, record, anchor) -> bool:
         """Give a frame the WCS of its star match to a solved anchor; True on success."""
-        self.ctx.check_cancel()
+        self.run.check_cancel()
         try:
             wcs = zastro.wcs_from_star_match(self.stars(record), record.info.shape_hw,
                                              self.stars(anchor), anchor.wcs)
@@ -104,11 +104,11 @@ class _Solving:
     def advance(self, record):
         """Count a frame as done (once) and report progress."""
         self._advanced.add(record.path)
-        self.ctx.report("solve", len(self._advanced), self.total,
+        self.run.advance("solve", len(self._advanced), self.total,
                         f"{os.path.basename(record.path)}: {record.wcs_source or 'failed'}")
 
 
-def solve_frames(records, config, report, ctx, cache_folder, group_by_pointing):
+def solve_frames(run, records, cache_folder, group_by_pointing):
     """Phase 1b: give every frame without a usable WCS one; returns the frames that have one.
 
     WCSs come from the cache first (keyed by file content). The others are grouped by their
@@ -116,12 +116,13 @@ def solve_frames(records, config, report, ctx, cache_folder, group_by_pointing):
     and the rest get the WCS their star match to it implies, with one more frame solved as a
     check. A frame whose match fails is solved on its own; one that cannot be solved is skipped.
     """
+    config, report = run.config, run.report
     pending = [r for r in records if r.wcs is None]
     if not pending:
         _record_wcs_sources(records, report)
         return records
     solver, reason = zastro.solver_from_config(config)
-    state = _Solving(solver, config, ctx, len(pending), cache_folder)
+    state = _Solving(solver, run, len(pending), cache_folder)
     pending = [r for r in pending if not _from_cache(r, state)]
     if pending:
         logger.info("Plate solving: %d frame(s) without WCS, %s", len(pending),

@@ -10,11 +10,15 @@ Conventions (see DESIGN.md): images are float32, NaN means "no data", coverage i
 from __future__ import annotations
 
 import functools
+import importlib
 import logging
+import math
 from dataclasses import dataclass
 
 import numpy as np
 import scipy.ndimage
+
+from zemosaic_config import ASSEMBLY_ENGINES, require_choice
 
 logger = logging.getLogger(__name__)
 
@@ -61,12 +65,61 @@ def gpu_available() -> bool:
 
 
 def get_xp(use_gpu: bool = False):
-    """Return the array namespace for a backend: CuPy when ``use_gpu`` and a GPU is usable, else NumPy."""
-    if use_gpu and gpu_available():
-        import cupy
+    """Return the array namespace of a backend: NumPy, or CuPy when ``use_gpu``.
 
-        return cupy
-    return np
+    Raises :class:`GpuBackendError` naming the reason when the GPU is asked for and none is
+    usable: a caller that asked for the GPU must know it did not get it. Every GPU code path
+    takes its namespace from here (tests monkeypatch it to run those paths with NumPy).
+    """
+    if not use_gpu:
+        return np
+    reason = gpu_unavailable_reason()
+    if reason is not None:
+        raise GpuBackendError(f"GPU not available: {reason}")
+    import cupy
+
+    return cupy
+
+
+@functools.lru_cache(maxsize=1)
+def device_errors() -> tuple[type, ...]:
+    """Return the exception types of a failing device: out of memory, CUDA runtime and driver
+    errors, kernel compilation. Anything else raised on a GPU path is a bug and propagates."""
+    types = [MemoryError]  # CuPy's OutOfMemoryError is one
+    for module, name in (("cupy_backends.cuda.api.runtime", "CUDARuntimeError"),
+                         ("cupy_backends.cuda.api.driver", "CUDADriverError"),
+                         ("cupy.cuda.compiler", "CompileException"),
+                         ("cupy_backends.cuda.libs.nvrtc", "NVRTCError"),
+                         ("cupy_backends.cuda.libs.cublas", "CUBLASError")):
+        try:
+            types.append(getattr(importlib.import_module(module), name))
+        except Exception:  # CuPy or one of its CUDA libraries is not installed
+            continue
+    return tuple(types)
+
+
+def _is_out_of_memory(exc: BaseException) -> bool:
+    """Return True for an out-of-memory error of the host or the device."""
+    return isinstance(exc, MemoryError) or "out of memory" in str(exc).lower()
+
+
+def halving_rows_on_oom(compute, rows: int, xp, what: str):
+    """Return ``compute(rows)``, halving ``rows`` (down to 16) while the device runs out of memory.
+
+    Any other device error, or out of memory at 16 rows, raises :class:`GpuBackendError`
+    (``"GPU <what> failed: ..."``); an error that is not a device error propagates unchanged.
+    """
+    while True:
+        try:
+            return compute(rows)
+        except device_errors() as exc:
+            if _is_out_of_memory(exc) and rows > 16:
+                rows //= 2
+                if hasattr(xp, "get_default_memory_pool"):
+                    xp.get_default_memory_pool().free_all_blocks()
+                logger.debug("GPU out of memory during %s; retrying with %d-row chunks", what, rows)
+                continue
+            raise GpuBackendError(f"GPU {what} failed: {exc}") from exc
 
 
 def to_numpy(array) -> np.ndarray:
@@ -102,6 +155,51 @@ def _percentiles_gpu(arr2d, p_low: float, p_high: float, xp=None) -> tuple[float
             return float("nan"), float("nan")
     lo, hi = xp.percentile(flat, [p_low, p_high])
     return float(lo), float(hi)
+
+
+# --------------------------------------------------------------------------------------------------
+# Robust statistics
+# --------------------------------------------------------------------------------------------------
+
+
+def mad_sigma(values, xp=np, centre=None, axis=None):
+    """Return the MAD-sigma ``1.4826 * median(|values - centre|)`` (centre: the median) along ``axis``.
+
+    The Gaussian-equivalent sigma that a few outliers barely move.
+    """
+    if centre is None:
+        centre = xp.median(values, axis=axis, keepdims=axis is not None)
+    return 1.4826 * xp.median(xp.abs(values - centre), axis=axis)
+
+
+def subsample(array, n_max: int):
+    """Return a strided view of about ``n_max`` values at most, for statistics that need no more.
+
+    A 1-D array keeps every k-th value; an ``(H, W, ...)`` image every k-th row and column.
+    """
+    if array.ndim == 1:
+        return array[::max(1, array.size // n_max)]
+    stride = max(1, int(math.sqrt(array.shape[0] * array.shape[1] / n_max)))
+    return array[::stride, ::stride]
+
+
+def sigma_clipped_stats(values, xp=np, kappa: float = 3.0, iterations: int = 5):
+    """Return ``(median, sigma)`` of the finite values after iterative kappa-sigma clipping.
+
+    Sigma comes from the MAD (scaled to a Gaussian sigma) so stars barely move it.
+    """
+    v = values[xp.isfinite(values)]
+    if v.size < 3:
+        return float("nan"), float("nan")
+    for _ in range(iterations):
+        med = xp.median(v)
+        sigma = mad_sigma(v, xp, med)
+        keep = xp.abs(v - med) <= kappa * sigma
+        if bool(xp.all(keep)) or int(xp.sum(keep)) < 3:
+            return float(med), float(sigma)  # v is unchanged: these are its statistics
+        v = v[keep]
+    med = xp.median(v)
+    return float(med), float(mad_sigma(v, xp, med))
 
 
 # --------------------------------------------------------------------------------------------------
@@ -389,51 +487,34 @@ def _squeeze_like(inputs, mosaic, coverage):
     return mosaic, coverage
 
 
-def gpu_reproject_and_coadd_impl(data_list, wcs_list, shape_out, **kwargs):
+def gpu_reproject_and_coadd_impl(data_list, wcs_list, wcs_out, shape_out, weights_list=None,
+                                 mappings=None):
     """Run the ``fast`` co-add engine on the GPU; returns host float32 ``(mosaic, coverage)``.
 
     ``data_list`` holds 2-D images or ``(H, W, C)`` images (all channels in one pass, sharing the
-    coordinates and gathers). Keyword arguments: ``wcs_out`` (required), ``weights_list``,
-    ``mappings`` (precomputed :class:`PixelMapping` per input), ``xp`` (array module; NumPy lets
-    tests run this code path without a GPU).
+    coordinates and gathers); ``weights_list`` a weight map per image (None: unit weights);
+    ``mappings`` a precomputed :class:`PixelMapping` per image.
 
     Coverage is the sum of weights (never divided by the number of inputs), non-finite values
     sanitised to 0. Rows are processed in chunks sized to free VRAM; on out-of-memory the chunk
-    size is halved and retried; any device error ends as :class:`GpuBackendError`.
+    size is halved and retried; a device error ends as :class:`GpuBackendError`.
     """
-    wcs_out = kwargs["wcs_out"]
+    xp = get_xp(use_gpu=True)
     n_ch = 1 if np.ndim(data_list[0]) == 2 else np.shape(data_list[0])[-1]
-    xp = kwargs.get("xp")
-    if xp is None:
-        if not gpu_available():
-            raise GpuBackendError(f"GPU not available: {gpu_unavailable_reason()}")
-        import cupy as xp
-    weights_list = kwargs.get("weights_list") or [None] * len(data_list)
-    mappings = kwargs.get("mappings") or [
+    weights_list = weights_list or [None] * len(data_list)
+    mappings = mappings or [
         compute_pixel_mapping(w, np.shape(d)[:2], wcs_out, shape_out) for d, w in zip(data_list, wcs_list)
     ]
     # NumPy standing in for CuPy uses the CPU engine's small chunks (see reproject_and_coadd).
     budget = free_gpu_memory_bytes() // 4 if xp is not np else 16 * 2**20
     rows = _rows_per_chunk(shape_out[1], budget, 32 * (2 * n_ch + 2))
-    while True:
-        try:
-            mosaic, coverage = _coadd_fast(data_list, weights_list, mappings, shape_out, xp, rows)
-            return _squeeze_like(data_list, to_numpy(mosaic), to_numpy(coverage))
-        except Exception as exc:
-            if _is_out_of_memory(exc) and rows > 16:
-                rows //= 2
-                logger.debug("GPU out of memory; retrying co-add with %d-row chunks", rows)
-                continue
-            raise GpuBackendError(f"GPU co-add failed: {exc}") from exc
-
-
-def _is_out_of_memory(exc: Exception) -> bool:
-    """Return True for a CuPy/CUDA out-of-memory error."""
-    return "OutOfMemory" in type(exc).__name__ or "out of memory" in str(exc).lower()
+    mosaic, coverage = halving_rows_on_oom(
+        lambda r: _coadd_fast(data_list, weights_list, mappings, shape_out, xp, r), rows, xp, "co-add")
+    return _squeeze_like(data_list, to_numpy(mosaic), to_numpy(coverage))
 
 
 def reproject_and_coadd(data_list, wcs_list, wcs_out, shape_out, weights_list=None, engine="fast",
-                        use_gpu=False, mappings=None, gpu_xp=None):
+                        use_gpu=False, mappings=None):
     """Co-add images onto an output grid with a weighted mean; returns ``(mosaic, coverage)``.
 
     Parameters
@@ -446,7 +527,6 @@ def reproject_and_coadd(data_list, wcs_list, wcs_out, shape_out, weights_list=No
         ``"reproject"`` (astropy reproject's ``reproject_and_coadd`` with ``reproject_interp``)
     use_gpu : run the ``fast`` engine on CuPy; raises :class:`GpuBackendError` when that fails
     mappings : precomputed :class:`PixelMapping` per image
-    gpu_xp : array module replacing CuPy on the GPU path (NumPy in tests without a GPU)
 
     Returns
     -------
@@ -457,15 +537,13 @@ def reproject_and_coadd(data_list, wcs_list, wcs_out, shape_out, weights_list=No
     weights_list = list(weights_list) if weights_list is not None else [None] * n
     if engine == "reproject":
         return _coadd_with_reproject(data_list, wcs_list, wcs_out, shape_out, weights_list)
-    if engine != "fast":
-        raise ValueError(f"engine = {engine!r} is not allowed: expected 'fast' or 'reproject'")
+    require_choice("engine", engine, ASSEMBLY_ENGINES)
     if mappings is None:
         mappings = [compute_pixel_mapping(w, np.shape(d)[:2], wcs_out, shape_out)
                     for d, w in zip(data_list, wcs_list)]
     if use_gpu:
-        return gpu_reproject_and_coadd_impl(data_list, wcs_list, shape_out, wcs_out=wcs_out,
-                                            weights_list=weights_list, mappings=mappings,
-                                            xp=gpu_xp)
+        return gpu_reproject_and_coadd_impl(data_list, wcs_list, wcs_out, shape_out, weights_list,
+                                            mappings)
     n_ch = 1 if np.ndim(data_list[0]) == 2 else np.shape(data_list[0])[-1]
     # Small chunks (a few MB of temporaries) stay in cache and reuse freed memory: measured
     # faster on the CPU than large ones, whose fresh allocations cost page faults.

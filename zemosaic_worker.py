@@ -3,9 +3,11 @@
 ``run_mosaic(config, progress=None, cancel=None)`` runs it; ``python -m zemosaic_worker
 CONFIG.json`` is the command line. See DESIGN.md section 3 for the phases and outputs.
 
-Progress goes through one callback ``progress(phase, done, total, message)``; cancellation through
-a ``threading.Event`` checked between frames and tiles. Logging uses this module's logger only; the
-CLI (:mod:`zemosaic_cli`) and the GUI configure where it goes.
+Each phase takes the run's :class:`Run`: its settings, its :class:`RunReport` (what the run did,
+returned to the caller as such and written as ``zemosaic_run.json``), the progress callback
+``progress(phase, done, total, message)`` and the cancellation ``threading.Event``, checked between
+frames and tiles. Logging uses this module's logger only; the CLI (:mod:`zemosaic_cli`) and the GUI
+configure where it goes.
 """
 
 from __future__ import annotations
@@ -140,7 +142,8 @@ class MasterTile:
 
 @dataclass
 class RunReport:
-    """What a run did; saved as ``zemosaic_run.json``."""
+    """What a run did: frames used and skipped (with reasons), how each frame got its WCS, the
+    tiles and their corrections, backends, timings and outputs; saved as ``zemosaic_run.json``."""
 
     config: dict
     frames_used: list = field(default_factory=list)
@@ -162,15 +165,26 @@ class RunReport:
         if path in self.frames_used:
             self.frames_used.remove(path)
 
+    def tile_entry(self, index: int) -> dict:
+        """Return the report entry of master tile ``index``, a new one when it has none yet."""
+        for entry in self.tiles:
+            if entry.get("index") == index:
+                return entry
+        self.tiles.append({"index": index})
+        return self.tiles[-1]
+
+    def used_frame_wcs(self) -> list[dict]:
+        """Return how each used frame got its WCS: ``[{"path", "wcs", "solve_s", ...}]``."""
+        return [dict(path=p, **self.frame_wcs[p]) for p in self.frames_used if p in self.frame_wcs]
+
     def to_dict(self) -> dict:
-        """Return the report as a JSON-able dict."""
+        """Return the report as a JSON-able dict (written as ``zemosaic_run.json``)."""
         return {
             "version": self.version,
             "config": self.config,
             "frames_used": self.frames_used,
             "frames_skipped": self.frames_skipped,
-            "frame_wcs": [dict(path=p, **self.frame_wcs[p]) for p in self.frames_used
-                          if p in self.frame_wcs],
+            "frame_wcs": self.used_frame_wcs(),
             "tiles": self.tiles,
             "mosaic_shape": self.mosaic_shape,
             "backends": self.backends,
@@ -180,20 +194,36 @@ class RunReport:
         }
 
 
-class _Context:
-    """Per-run plumbing: progress callback, cancellation and phase timing."""
+class Run:
+    """One run's state, handed to every phase: settings, report, progress and cancellation.
 
-    def __init__(self, progress, cancel):
-        self._progress = progress
-        self._cancel = cancel
+    ``progress(phase, done, total, message)`` is the caller's callback (None: nobody listens);
+    ``cancel`` a :class:`threading.Event` that stops the run at the next frame or tile.
+    """
 
-    def report(self, phase, done, total, message=""):
-        if self._progress is not None:
-            self._progress(phase, done, total, message)
+    def __init__(self, config: MosaicConfig, report: RunReport | None = None, progress=None,
+                 cancel: threading.Event | None = None):
+        self.config = config
+        self.report = report if report is not None else RunReport(config=config_to_dict(config))
+        self.progress, self.cancel = progress, cancel
 
-    def check_cancel(self):
-        if self._cancel is not None and self._cancel.is_set():
+    def advance(self, phase: str, done: int, total: int, message: str = "") -> None:
+        """Tell the progress callback how far ``phase`` is."""
+        if self.progress is not None:
+            self.progress(phase, done, total, message)
+
+    def check_cancel(self) -> None:
+        """Raise :class:`Cancelled` when the user asked the run to stop."""
+        if self.cancel is not None and self.cancel.is_set():
             raise Cancelled("cancelled by user")
+
+    def timed(self, phase: str, fn, *args):
+        """Return ``fn(*args)``, its duration recorded as the phase's timing."""
+        self.advance(phase, 0, 1, "starting")
+        t0 = time.perf_counter()
+        result = fn(*args)
+        self.report.timings_s[phase] = time.perf_counter() - t0
+        return result
 
 
 # --------------------------------------------------------------------------------------------------
@@ -229,12 +259,13 @@ def list_input_files(input_folder: str, output_folder: str) -> list[str]:
     return sorted(found)
 
 
-def scan_frames(config: MosaicConfig, report: RunReport, ctx: _Context) -> list[FrameRecord]:
+def scan_frames(run: Run) -> list[FrameRecord]:
     """Phase 1: read every candidate file's header and WCS; bad files are skipped with a reason."""
+    config, report = run.config, run.report
     paths = list_input_files(config.input_folder, config.output_folder)
     records = []
     for i, path in enumerate(paths):
-        ctx.check_cancel()
+        run.check_cancel()
         try:
             info = zfits.read_frame_info(path, require_wcs=False)
             if "ZMVERS" in info.header:
@@ -244,7 +275,7 @@ def scan_frames(config: MosaicConfig, report: RunReport, ctx: _Context) -> list[
         else:
             records.append(_new_record(info, config.force_resolve_existing_wcs))
             report.frames_used.append(path)
-        ctx.report("scan", i + 1, len(paths), os.path.basename(path))
+        run.advance("scan", i + 1, len(paths), os.path.basename(path))
     records = _skip_odd_geometry(records, report)
     logger.info("Scan: %d usable frame(s), %d skipped, %d to plate-solve", len(records),
                 len(report.frames_skipped), sum(r.wcs is None for r in records))
@@ -284,11 +315,11 @@ def _new_record(info: zfits.FrameInfo, force_resolve: bool) -> FrameRecord:
     return record
 
 
-def solve_frames(records: list[FrameRecord], config, report, ctx) -> list[FrameRecord]:
+def solve_frames(run: Run, records: list[FrameRecord]) -> list[FrameRecord]:
     """Phase 1b: give every frame without a usable WCS one (:mod:`zemosaic_solve`); returns the
     frames that have one. Frames are grouped by pointing with the grouping rule of phase 2."""
     threshold = automatic_panel_threshold(records)
-    return zsolve.solve_frames(records, config, report, ctx, wcs_cache_folder(config),
+    return zsolve.solve_frames(run, records, wcs_cache_folder(run.config),
                                lambda placed: group_by_position(placed, threshold))
 
 
@@ -305,7 +336,7 @@ def wcs_cache_folder(config) -> str:
 _SCALE_TOLERANCE = 0.10
 
 
-def leave_out_misfits(records: list[FrameRecord], report: RunReport) -> list[FrameRecord]:
+def leave_out_misfits(run: Run, records: list[FrameRecord]) -> list[FrameRecord]:
     """Return the frames fit to size a tile: the others are skipped with their reason.
 
     Runs once every frame has its WCS and before anything is sized: a frame with another pixel
@@ -314,6 +345,7 @@ def leave_out_misfits(records: list[FrameRecord], report: RunReport) -> list[Fra
     """
     if len(records) < 2:
         return records
+    report = run.report
     scales = np.array([r.pixel_scale_deg() for r in records])
     median = float(np.median(scales))
     kept = []
@@ -391,13 +423,15 @@ def split_group(group: list[int], max_per_tile: int) -> list[list[int]]:
     return [group[i:i + max_per_tile] for i in range(0, len(group), max_per_tile)]
 
 
-def group_frames(records, config: MosaicConfig) -> list[list[int]]:
+def group_frames(run: Run, records: list[FrameRecord]) -> list[list[int]]:
     """Phase 2: panels by sky position, then the ``max_raw_per_master_tile`` cap."""
+    config = run.config
     threshold = config.cluster_panel_threshold or automatic_panel_threshold(records)
     panels = group_by_position(records, threshold)
     groups = [chunk for g in panels for chunk in split_group(g, config.max_raw_per_master_tile)]
     logger.info("Grouping: %d panel(s) -> %d master tile(s) (threshold %.3f deg)",
                 len(panels), len(groups), threshold)
+    run.advance("group", 1, 1, f"{len(groups)} group(s)")
     return groups
 
 
@@ -493,7 +527,7 @@ def _aligned_frame(rec, config, reference, canvas, reference_stars):
     if frame.data.shape[2] != reference.shape[2]:
         raise stk.AlignmentError("channel count differs from the reference frame")
     return stk.align_frame(frame.data, reference, config.align_method, frame.wcs,
-                           propagate_mask=True, canvas=canvas, reference_stars=reference_stars)
+                           canvas=canvas, reference_stars=reference_stars)
 
 
 def _load_and_align_group(task: TileTask, ctx, skipped: list):
@@ -545,7 +579,7 @@ def _load_and_align_group(task: TileTask, ctx, skipped: list):
                     skipped.append({"path": records[i].path, "reason": str(exc)})
                     continue
                 used.append(records[i])
-                ctx.report("master_tiles", first + b + k + 2, len(order),
+                ctx.advance("master_tiles", first + b + k + 2, len(order),
                            f"{task.label}: aligned {os.path.basename(records[i].path)}")
     if len(used) < len(records):
         stack, canvas = _crop_to_frames(stack, canvas, reference.shape[:2], used)
@@ -638,7 +672,7 @@ def _tile_header_cards(config, used, reference, backend) -> list:
 def build_master_tile(task: TileTask, ctx) -> TileResult:
     """Phase 3 for one group, a tile task: align, stack and write ``master_tile_NNN.fits``.
 
-    ``ctx`` gives progress and cancellation (the run's context in this process, a
+    ``ctx`` gives progress and cancellation (the :class:`Run` in this process, a
     :class:`zemosaic_executor.WorkerContext` elsewhere). Frames that cannot be used are listed in
     the result, for the caller's report.
     """
@@ -701,11 +735,12 @@ def _finished_tile(task: TileTask, outcome, report) -> MasterTile | None:
                       result.reference, result.backend)
 
 
-def _run_tile_tasks(todo, config, report, ctx, manifest, progress):
+def _run_tile_tasks(run, todo, manifest, progress):
     """Run the tile tasks ``[(task, manifest key)]`` on the configured executor; returns the tiles.
 
     Each tile is recorded in the manifest as soon as it is written, whatever order they finish in.
     """
+    config, report = run.config, run.report
     try:
         executor = zexec.make_executor(config.dask_scheduler, config.num_processing_workers, len(todo))
     except (OSError, TimeoutError) as exc:
@@ -722,7 +757,7 @@ def _run_tile_tasks(todo, config, report, ctx, manifest, progress):
     flag = zexec.CancelFlag(os.path.join(todo[0][0].cache_dir, ".cancel"))
     tiles = []
     try:
-        for outcome in executor.run(build_master_tile, [t for t, _ in todo], ctx, flag):
+        for outcome in executor.run(build_master_tile, [t for t, _ in todo], run, flag):
             task, key = todo[outcome.index]
             tile = _finished_tile(task, outcome, report)
             if tile is not None:
@@ -736,7 +771,7 @@ def _run_tile_tasks(todo, config, report, ctx, manifest, progress):
     return tiles
 
 
-def build_master_tiles(records, groups, config, report, ctx) -> list[MasterTile]:
+def build_master_tiles(run, records, groups) -> list[MasterTile]:
     """Phase 3: one master tile per group; tiles an interrupted run finished are reused.
 
     Tile ``k`` is group ``k``'s. Tiles to build run on the executor the configuration names
@@ -745,6 +780,7 @@ def build_master_tiles(records, groups, config, report, ctx) -> list[MasterTile]
     frames, WCSs and settings match its manifest entry is read back instead of stacked again.
     Tile files of an earlier run that this run does not make are removed.
     """
+    config, report = run.config, run.report
     tiles_dir = os.path.join(config.output_folder, TILES_DIR)
     os.makedirs(tiles_dir, exist_ok=True)
     manifest = zrun.TileManifest(tiles_dir)
@@ -754,11 +790,11 @@ def build_master_tiles(records, groups, config, report, ctx) -> list[MasterTile]
 
     def progress(label):
         done["tiles"] += 1
-        ctx.report("master_tiles", done["tiles"], len(groups), f"{label} done")
+        run.advance("master_tiles", done["tiles"], len(groups), f"{label} done")
 
     todo, reused = [], set()
     for gi, group in enumerate(groups):
-        ctx.check_cancel()
+        run.check_cancel()
         members = [records[i] for i in group]
         key = _tile_key(members, config)
         entry = manifest.reusable(_tile_name(gi), key) if config.resume == "auto" else None
@@ -769,7 +805,7 @@ def build_master_tiles(records, groups, config, report, ctx) -> list[MasterTile]
         reused.add(gi)
         progress(f"tile {gi:03d}")
     if todo:
-        finished += _run_tile_tasks(todo, config, report, ctx, manifest, progress)
+        finished += _run_tile_tasks(run, todo, manifest, progress)
     tiles = sorted(finished, key=lambda t: t.index)
     for t in tiles:
         report.tiles.append({"index": t.index, "file": os.path.relpath(t.path, config.output_folder),
@@ -838,33 +874,6 @@ def low_res_tiles(tiles: list[MasterTile], wcs_out, shape_out, max_side: int = 8
     return zph.LowResTiles(images, weights, factor)
 
 
-def coadd_channels(tile_images, wcs_list, wcs_out, shape_out, weights, mappings, engine,
-                   use_gpu, label="Assembly", gpu_xp=None):
-    """Co-add ``(H, W, C)`` tiles with one backend for all channels.
-
-    Returns ``(mosaic (H, W, C), coverage (H, W, C), gpu_all)``. With the GPU asked for, every
-    channel runs on the GPU (one pass: the channels share coordinates and gathers); if that fails,
-    one WARNING and every channel is re-run on the CPU, so a result never mixes backends across
-    channels. ``gpu_xp`` replaces CuPy (tests pass NumPy to run the GPU code path without a GPU).
-    """
-    gpu_all = bool(use_gpu and engine == "fast")
-    if gpu_all:
-        try:
-            mosaic, coverage = reproject_and_coadd(tile_images, wcs_list, wcs_out, shape_out,
-                                                   weights, engine, True, mappings, gpu_xp=gpu_xp)
-        except GpuBackendError as exc:
-            logger.warning("%s GPU reprojection failed on one or more channels; rerunning all "
-                           "channels on CPU to avoid mixed backend (%s)", label, exc)
-            gpu_all = False
-    if not gpu_all:
-        mosaic, coverage = reproject_and_coadd(tile_images, wcs_list, wcs_out, shape_out, weights,
-                                               engine, False, mappings)
-    for c in range(coverage.shape[-1]):
-        logger.debug("%s channel %d gpu=%s cov_stats(min,max)=(%.3g,%.3g)", label, c, gpu_all,
-                     float(coverage[..., c].min()), float(coverage[..., c].max()))
-    return mosaic, coverage, gpu_all
-
-
 @dataclass
 class AssemblyInputs:
     """What both assembly passes share: tiles, output grid, pixel mappings and backend choice."""
@@ -875,15 +884,41 @@ class AssemblyInputs:
     mappings: list
     engine: str
     use_gpu: bool
-    gpu_xp: object = None
 
     def coadd(self, gains, offsets, label):
         """Co-add ``gain * tile - offset`` (per tile, per channel); returns ``(mosaic, coverage (H,W,C), gpu_all)``."""
         images = [t.image * np.asarray(gains[k], np.float32) - np.asarray(offsets[k], np.float32)
                   for k, t in enumerate(self.tiles)]
-        return coadd_channels(images, [t.wcs for t in self.tiles], self.wcs_out,
-                              self.shape_out, [t.coverage for t in self.tiles], self.mappings,
-                              self.engine, self.use_gpu, label, self.gpu_xp)
+        return coadd_channels(self, images, label)
+
+
+def coadd_channels(inputs: AssemblyInputs, tile_images, label="Assembly"):
+    """Co-add ``(H, W, C)`` images, one per tile of ``inputs``, with one backend for all channels.
+
+    Returns ``(mosaic (H, W, C), coverage (H, W, C), gpu_all)``. With the GPU asked for, every
+    channel runs on the GPU (one pass: the channels share coordinates and gathers); if that fails,
+    one WARNING and every channel is re-run on the CPU, so a result never mixes backends across
+    channels.
+    """
+    def coadd(use_gpu):
+        return reproject_and_coadd(tile_images, [t.wcs for t in inputs.tiles], inputs.wcs_out,
+                                   inputs.shape_out, [t.coverage for t in inputs.tiles],
+                                   engine=inputs.engine, use_gpu=use_gpu, mappings=inputs.mappings)
+
+    gpu_all = bool(inputs.use_gpu and inputs.engine == "fast")
+    if gpu_all:
+        try:
+            mosaic, coverage = coadd(True)
+        except GpuBackendError as exc:
+            logger.warning("%s GPU reprojection failed on one or more channels; rerunning all "
+                           "channels on CPU to avoid mixed backend (%s)", label, exc)
+            gpu_all = False
+    if not gpu_all:
+        mosaic, coverage = coadd(False)
+    for c in range(coverage.shape[-1]):
+        logger.debug("%s channel %d gpu=%s cov_stats(min,max)=(%.3g,%.3g)", label, c, gpu_all,
+                     float(coverage[..., c].min()), float(coverage[..., c].max()))
+    return mosaic, coverage, gpu_all
 
 
 def run_second_pass_coverage_renorm(inputs: AssemblyInputs, low: zph.LowResTiles,
@@ -913,48 +948,50 @@ def _tile_match(tiles, low, config) -> zph.TileMatch:
     return zph.match_tiles(low, config.intertile_photometric_match, config.match_background)
 
 
-def _record_match(report, match: zph.TileMatch) -> None:
-    """Write each tile's pass-1 gains and offsets into the run report."""
-    for entry, gains, offsets, colour in zip(report.tiles, match.gains, match.offsets,
-                                             match.colour_applied):
+def _record_match(report, tiles, match: zph.TileMatch) -> None:
+    """Write each tile's pass-1 gains and offsets into its entry of the run report."""
+    for tile, gains, offsets, colour in zip(tiles, match.gains, match.offsets, match.colour_applied):
+        entry = report.tile_entry(tile.index)
         entry["gain_rgb"] = [round(float(g), 5) for g in gains]
         entry["offset_rgb"] = [round(float(o), 3) for o in offsets]
         entry["gain_per_channel"] = bool(colour)
 
 
-def assemble_mosaic(tiles, wcs_out, shape_out, config, report, ctx, gpu_xp=None):
+def assemble_mosaic(run, tiles, wcs_out, shape_out):
     """Phase 5: tile gains and offsets from the overlaps, the co-add of every channel, optionally Two-Pass.
 
-    Returns ``(mosaic (H, W, C), coverage (H, W))``.
+    Returns ``(mosaic (H, W, C), coverage (H, W))``; each tile's corrections go into its entry
+    of the run report.
     """
+    config, report = run.config, run.report
     n = len(tiles)
     need_low = config.match_background or config.intertile_photometric_match \
         or config.two_pass_coverage_renorm
     low = low_res_tiles(tiles, wcs_out, shape_out) if need_low and n > 1 else None
     match = _tile_match(tiles, low, config)
-    _record_match(report, match)
-    ctx.check_cancel()
+    _record_match(report, tiles, match)
+    run.check_cancel()
     mappings = []
     for k, t in enumerate(tiles):
         mappings.append(compute_pixel_mapping(t.wcs, t.image.shape[:2], wcs_out, shape_out)
                         if config.assembly_engine == "fast" else None)
-        ctx.report("assembly", k + 1, n + 2, "pixel mapping")
+        run.advance("assembly", k + 1, n + 2, "pixel mapping")
     use_gpu = config.use_gpu_phase5
-    if use_gpu and gpu_xp is None and not gpu_available():
+    if use_gpu and not gpu_available():
         logger.warning("GPU asked for assembly but not usable (%s); using CPU", gpu_unavailable_reason())
         use_gpu = False
-    inputs = AssemblyInputs(tiles, wcs_out, shape_out, mappings, config.assembly_engine, use_gpu, gpu_xp)
+    inputs = AssemblyInputs(tiles, wcs_out, shape_out, mappings, config.assembly_engine, use_gpu)
     mosaic, coverage, gpu_all = inputs.coadd(match.gains, match.offsets, "Assembly")
     coverage = np.min(coverage, axis=-1)  # channels share tile weights: their coverages agree
-    ctx.report("assembly", n + 1, n + 2, "pass 1 done")
+    run.advance("assembly", n + 1, n + 2, "pass 1 done")
     report.backends["assembly"] = "gpu" if gpu_all else "cpu"
     if config.two_pass_coverage_renorm and low is not None:
-        ctx.check_cancel()
+        run.check_cancel()
         mosaic, coverage, gains, gpu_all = run_second_pass_coverage_renorm(inputs, low, match, config)
         report.backends["two_pass"] = "gpu" if gpu_all else "cpu"
-        for entry, gain in zip(report.tiles, gains):
-            entry["two_pass_gain"] = round(float(gain), 5)
-    ctx.report("assembly", n + 2, n + 2, "co-add done")
+        for tile, gain in zip(tiles, gains):
+            report.tile_entry(tile.index)["two_pass_gain"] = round(float(gain), 5)
+    run.advance("assembly", n + 2, n + 2, "co-add done")
     return mosaic, coverage
 
 
@@ -1011,12 +1048,14 @@ def _uint16_copy(mosaic) -> tuple[np.ndarray, list]:
     return scaled.astype(np.uint16), cards
 
 
-def write_outputs(mosaic, coverage, wcs_out, config, report, tiles) -> dict:
-    """Write the mosaic FITS (linear, sensor colours), its coverage, display products and report.
+def write_outputs(run, mosaic, coverage, wcs_out, tiles) -> dict:
+    """Phase 6: write the mosaic FITS (linear, sensor colours), its coverage and display products.
 
     Display products (preview PNG, 16-bit TIFF) are white balanced and turned north up; the FITS
-    files keep the mosaic grid and its WCS.
+    files keep the mosaic grid and its WCS. Returns ``{output key: path}`` (the report's path
+    included; :func:`run_mosaic` writes it last) and names the outputs in the report.
     """
+    config, report = run.config, run.report
     out = config.output_folder
     paths = {key: os.path.join(out, name) for key, name in OUTPUT_NAMES.items()}
     cards = _mosaic_cards(config, report, tiles)
@@ -1097,10 +1136,11 @@ def _take_output_folder(config: MosaicConfig) -> zrun.OutputLock:
 
 @dataclass
 class RunResult:
-    """What :func:`run_mosaic` returns: output paths, the report and the mosaic's shape."""
+    """What :func:`run_mosaic` returns: ``{output key: path}``, the run's :class:`RunReport`
+    and the run's duration in seconds."""
 
     paths: dict
-    report: dict
+    report: RunReport
     elapsed_s: float
 
 
@@ -1114,46 +1154,35 @@ def run_mosaic(config: MosaicConfig, progress=None, cancel: threading.Event | No
     t_start = time.perf_counter()
     _check_folders(config)
     lock = _take_output_folder(config)
-    ctx = _Context(progress, cancel)
-    report = RunReport(config=config_to_dict(config))
-    timings = report.timings_s
-
-    def timed(name, fn, *args):
-        ctx.report(name, 0, 1, "starting")
-        t0 = time.perf_counter()
-        result = fn(*args)
-        timings[name] = time.perf_counter() - t0
-        return result
-
+    run = Run(config, progress=progress, cancel=cancel)
+    report = run.report
     try:
-        records = timed("scan", scan_frames, config, report, ctx)
-        records = timed("solve", solve_frames, records, config, report, ctx)
-        records = leave_out_misfits(records, report)
+        records = run.timed("scan", scan_frames, run)
+        records = run.timed("solve", solve_frames, run, records)
+        records = leave_out_misfits(run, records)
         if not records:
             raise PipelineError(f"no usable frame in {config.input_folder} "
                                 f"({len(report.frames_skipped)} skipped)")
-        groups = timed("group", group_frames, records, config)
-        ctx.report("group", 1, 1, f"{len(groups)} group(s)")
-        tiles = timed("master_tiles", build_master_tiles, records, groups, config, report, ctx)
+        groups = run.timed("group", group_frames, run, records)
+        tiles = run.timed("master_tiles", build_master_tiles, run, records, groups)
         if not tiles:
             raise PipelineError("no master tile could be built: every frame was skipped")
-        ctx.check_cancel()
-        wcs_out, shape_out = timed("grid", mosaic_grid, tiles)
-        ctx.report("grid", 1, 1, f"{shape_out[1]} x {shape_out[0]} px")
+        run.check_cancel()
+        wcs_out, shape_out = run.timed("grid", mosaic_grid, tiles)
+        run.advance("grid", 1, 1, f"{shape_out[1]} x {shape_out[0]} px")
         report.mosaic_shape = [tiles[0].image.shape[2], *shape_out]
-        mosaic, coverage = timed("assembly", assemble_mosaic, tiles, wcs_out, shape_out, config,
-                                 report, ctx)
-        ctx.check_cancel()
-        paths = timed("write", write_outputs, mosaic, coverage, wcs_out, config, report, tiles)
-        ctx.report("write", 1, 1, "outputs written")
-        timings["total"] = time.perf_counter() - t_start
+        mosaic, coverage = run.timed("assembly", assemble_mosaic, run, tiles, wcs_out, shape_out)
+        run.check_cancel()
+        paths = run.timed("write", write_outputs, run, mosaic, coverage, wcs_out, tiles)
+        run.advance("write", 1, 1, "outputs written")
+        report.timings_s["total"] = time.perf_counter() - t_start
         _write_json_atomic(paths["report"], report.to_dict())
     finally:
         # Disk-backed stacks are scratch; the WCS cache beside them is kept for the next run.
         shutil.rmtree(os.path.join(config.output_folder, CACHE_DIR, STACK_CACHE_DIR),
                       ignore_errors=True)
         lock.release()
-    return RunResult(paths, report.to_dict(), timings["total"])
+    return RunResult(paths, report, report.timings_s["total"])
 
 
 # --------------------------------------------------------------------------------------------------

@@ -63,6 +63,15 @@ def _launch(measure_path, cmd) -> int:
     return 0
 
 
+def siril_env(work_dir) -> dict:
+    """Return the environment for a Siril run with a configuration of its own under ``work_dir``.
+
+    Siril keeps settings across runs in the user's configuration (``setext`` changes the extension
+    of every later run's files): a benchmark must neither depend on nor change them.
+    """
+    return {**os.environ, "XDG_CONFIG_HOME": os.path.join(str(work_dir), "siril-config")}
+
+
 def run_child(cmd, cwd=None, env=None) -> ChildRun:
     """Run ``cmd`` to completion; return its wall time, its own peak RSS and its output.
 
@@ -192,3 +201,11 @@ if __name__ == "__main__":  # launcher: python _measure.py --launch MEASURE.json
     if len(sys.argv) > 4 and sys.argv[1] == "--launch" and sys.argv[3] == "--":
         sys.exit(_launch(sys.argv[2], sys.argv[4:]))
     sys.exit("usage: _measure.py --launch MEASURE.json -- CMD...")
+
+
+def numpy_as_gpu() -> None:
+    """Make this worker process run the GPU code paths with NumPy standing in for CuPy."""
+    import numpy
+    import zemosaic_utils
+
+    zemosaic_utils.get_xp = lambda use_gpu=False: numpy

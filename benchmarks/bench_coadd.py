@@ -8,8 +8,9 @@ optimal grid (``reproject.mosaicking.find_optimal_celestial_wcs``, TAN, auto-rot
 pipeline does), first as one channel (2-D frames, as the peers take them), then as RGB (3 channels):
 
 * ZeMosaic ``reproject_and_coadd(engine="fast")`` on the CPU (RGB: one ``compute_pixel_mapping``
-  per frame shared by the channels, included in the time), the GPU code path run with NumPy
-  (``gpu_reproject_and_coadd_impl(..., xp=numpy)``) and, when a CUDA GPU is usable, CuPy;
+  per frame shared by the channels, included in the time), the GPU code path
+  (``gpu_reproject_and_coadd_impl``) run with NumPy standing in for CuPy and, when a CUDA GPU
+  is usable, CuPy;
 * reproject ``reproject_and_coadd`` + ``reproject_interp`` (default ``roundtrip_coords=True``, and
   ``roundtrip_coords=False``), once per channel;
 * SWarp (when installed): FITS frames with their WCS, BILINEAR resampling, COMBINE_TYPE AVERAGE, no
@@ -41,7 +42,8 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, os.path.dirname(HERE))
 sys.path.insert(0, HERE)
 
-from _measure import fmt, load_warning, print_table, report_result, run_child, run_python_worker  # noqa: E402
+from _measure import (fmt, load_warning, numpy_as_gpu, print_table, report_result, run_child,  # noqa: E402
+                      run_python_worker)
 
 FULL_SHAPE = (1920, 1080)  # numpy (rows, cols): the Seestar S50 sensor in portrait
 QUICK_SHAPE = (480, 270)
@@ -159,8 +161,9 @@ def _coadd_zemosaic(method, data, wcs_list, wcs_out, shape_out):
     frames = [np.stack([channel[k] for channel in data], axis=-1) for k in range(len(wcs_list))]
     mappings = [zu.compute_pixel_mapping(w, f.shape[:2], wcs_out, shape_out) for f, w in zip(frames, wcs_list)]
     if method == "zm-gpupath-numpy":
-        mosaic, coverage = zu.gpu_reproject_and_coadd_impl(frames, wcs_list, shape_out, wcs_out=wcs_out,
-                                                           mappings=mappings, xp=np)
+        numpy_as_gpu()
+        mosaic, coverage = zu.gpu_reproject_and_coadd_impl(frames, wcs_list, wcs_out, shape_out,
+                                                           mappings=mappings)
     else:
         mosaic, coverage = zu.reproject_and_coadd(frames, wcs_list, wcs_out, shape_out, engine="fast",
                                                   use_gpu=method == "zm-cupy", mappings=mappings)

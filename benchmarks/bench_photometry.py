@@ -9,7 +9,8 @@ transparency 0.84-1.00, sky pedestal jitter +-6 %):
 * ``panel +12 %``: panel 1's signal 12 % brighter (another night's extinction);
 * ``two nights``: panels 2 and 3 with R and B gains 0.9 / 1.1 against G.
 
-Rows: ZeMosaic pass 1 (default settings), ZeMosaic with Two-Pass, reproject's
+Rows: a perfect mosaic (the truth, scaled, with noise like ZeMosaic's: the figures' own floor),
+ZeMosaic pass 1 (default settings), ZeMosaic with Two-Pass, reproject's
 ``reproject_and_coadd`` mean co-add of the same master tiles without any matching, and Siril
 (``stack ... -norm=addscale`` of the master tiles registered on the mosaic grid) when
 ``siril-cli`` is installed (Siril 1.0 has no "no data" value: the tiles' outsides are written as
@@ -34,7 +35,9 @@ import numpy as np
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 sys.path.insert(0, os.path.join(ROOT, "tests"))
+sys.path.insert(0, os.path.join(ROOT, "benchmarks"))
 
+from _measure import siril_env  # noqa: E402
 import photometry_truth as pt  # noqa: E402
 import zemosaic_fits as zfits  # noqa: E402
 import zemosaic_synth  # noqa: E402
@@ -62,10 +65,9 @@ def load_master_tiles(out_dir):
 def zemosaic_two_pass(tiles, wcs, shape):
     """Assemble the tiles with Two-Pass on; returns ``(mosaic, tile gains)``."""
     config = config_from_dict({"two_pass_coverage_renorm": True})
-    report = zw.RunReport(config={})
-    report.tiles = [{} for _ in tiles]
-    mosaic, _cov = zw.assemble_mosaic(tiles, wcs, shape, config, report, zw._Context(None, None))
-    return mosaic, [e["two_pass_gain"] for e in report.tiles]
+    run = zw.Run(config)
+    mosaic, _cov = zw.assemble_mosaic(run, tiles, wcs, shape)
+    return mosaic, [run.report.tile_entry(t.index)["two_pass_gain"] for t in tiles]
 
 
 def reproject_mean(tiles, wcs, shape):
@@ -109,7 +111,7 @@ def siril_addscale(tiles, wcs, shape, work):
     script.write_text("requires 1.0.0\nconvert tile -out=.\n"
                       "stack tile_ rej n -norm=addscale -out=siril_result\n")
     subprocess.run([exe, "-d", str(work), "-s", str(script)], capture_output=True, text=True,
-                   timeout=600, check=False)
+                   timeout=600, check=False, env=siril_env(work))
     result = work / "siril_result.fit"
     if not result.exists():
         return None
@@ -136,7 +138,8 @@ def scene(name, options, frames_per_panel, work):
     feet = pt.master_tile_footprints(out, wcs, shape)
     tiles = load_master_tiles(out)
     two_pass, gains = zemosaic_two_pass(tiles, wcs, shape)
-    methods = [("ZeMosaic", mosaic), ("ZeMosaic Two-Pass", two_pass),
+    methods = [("perfect (floor)", pt.perfect_mosaic(mosaic, truth, 0)),
+               ("ZeMosaic", mosaic), ("ZeMosaic Two-Pass", two_pass),
                ("reproject mean", reproject_mean(tiles, wcs, shape))]
     siril = siril_addscale(tiles, wcs, shape, root / "siril")
     if siril is not None:

@@ -79,9 +79,10 @@ def zemosaic_worker(frames_dir: str, workers: int) -> int:
             t0 = time.perf_counter()
             result = run_mosaic(config, progress=mem.progress)
             total = time.perf_counter() - t0
-    report_result(wall_s=total, timings=result.report["timings_s"], peaks=mem.peak,
-                  frames_used=len(result.report["frames_used"]), tiles=len(result.report["tiles"]),
-                  executor=result.report["backends"].get("tile_executor", "?"))
+    report = result.report
+    report_result(wall_s=total, timings=report.timings_s, peaks=mem.peak,
+                  frames_used=len(report.frames_used), tiles=len(report.tiles),
+                  executor=report.backends.get("tile_executor", "?"))
     return 0
 
 

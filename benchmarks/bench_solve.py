@@ -73,18 +73,17 @@ def solve_phase(frames_dir, truths, force_solve_all: bool):
     """Run the solve phase; return ``(seconds, solver runs, offsets px)``."""
     with tempfile.TemporaryDirectory(prefix="zm_bench_solve_") as out:
         config = MosaicConfig(input_folder=frames_dir, output_folder=out)
-        report = zw.RunReport(config={})
-        ctx = zw._Context(None, None)
-        records = zw.scan_frames(config, report, ctx)
+        run = zw.Run(config)
+        records = zw.scan_frames(run)
         t0 = time.perf_counter()
         if force_solve_all:
-            state = zsolve._Solving(za.solver_from_config(config)[0], config, ctx, len(records),
+            state = zsolve._Solving(za.solver_from_config(config)[0], run, len(records),
                                    zw.wcs_cache_folder(config))
             for r in records:
                 state.solve(r)
             runs = state.solves
         else:
-            records = zw.solve_frames(records, config, report, ctx)
+            records = zw.solve_frames(run, records)
             runs = sum(r.wcs_source == "solved" for r in records)
         seconds = time.perf_counter() - t0
     offsets = [za.wcs_pixel_offset(r.wcs, truths[r.path], r.info.shape_hw) for r in records

@@ -8,8 +8,8 @@ trail in one frame and hot pixels in every frame, are stacked with N = 20 and 50
 (``--quick``: 10 and 20) by:
 
 * ZeMosaic ``stack_in_chunks`` with each rejection (winsorized_sigma_clip, kappa_sigma, none;
-  combine mean), the GPU code path run with NumPy (``stack_in_chunks_gpu(..., xp=numpy)``) and, when
-  a CUDA GPU is usable, with CuPy;
+  combine mean), the GPU code path (``stack_in_chunks_gpu``) run with NumPy standing in for
+  CuPy and, when a CUDA GPU is usable, with CuPy;
 * astropy ``sigma_clip(axis=0, sigma=3, maxiters=5, masked=True)`` + mean on the same stack;
 * Siril (``siril-cli``, when installed): ``stack frame_ rej w 3 3 -nonorm`` on the same frames
   written as FITS (NaN written as 0: Siril 1.0 has no "no data" value and turns NaN into garbage).
@@ -49,8 +49,8 @@ sys.path.insert(0, os.path.dirname(HERE))
 sys.path.insert(0, HERE)
 sys.path.insert(0, os.path.join(os.path.dirname(HERE), "tests"))
 
-from _measure import (fmt, load_warning, print_table, report_result, rss_now_bytes, run_child,  # noqa: E402
-                      run_python_worker)
+from _measure import (fmt, load_warning, numpy_as_gpu, print_table, report_result, rss_now_bytes, run_child,  # noqa: E402
+                      run_python_worker, siril_env)
 
 FULL_SHAPE = (1920, 1080)  # numpy (rows, cols) of a Seestar S50 frame (portrait)
 QUICK_SHAPE = (480, 270)
@@ -186,7 +186,8 @@ def _stack_zemosaic(method, stack):
     if method == "zm-gpupath-numpy":
         from zemosaic_align_stack_gpu import stack_in_chunks_gpu
 
-        return stack_in_chunks_gpu(stack, None, None, None, params, xp=np)[0]
+        numpy_as_gpu()
+        return stack_in_chunks_gpu(stack, None, None, None, params)[0]
     if method == "zm-cupy":
         from zemosaic_align_stack_gpu import stack_in_chunks_gpu
 
@@ -273,7 +274,7 @@ def run_siril(exe, seq_dir):
     script = os.path.join(seq_dir, "stack.ssf")
     with open(script, "w") as fh:
         fh.write("requires 1.0.0\nstack frame_ rej w 3 3 -nonorm -out=result\n")
-    run = run_child([exe, "-d", seq_dir, "-s", script])
+    run = run_child([exe, "-d", seq_dir, "-s", script], env=siril_env(seq_dir))
     result = os.path.join(seq_dir, "result.fit")
     if not run.ok or not os.path.exists(result):
         return None, None, f"siril-cli failed (exit {run.returncode}): {run.tail(5)}"

@@ -35,3 +35,14 @@ def make_tan_wcs(ra, dec, shape_hw, rotation_deg=0.0, scale_deg=SEESTAR_SCALE_DE
 @pytest.fixture
 def rng():
     return np.random.default_rng(20261122)
+
+
+@pytest.fixture
+def numpy_as_gpu(monkeypatch):
+    """Run the GPU code paths with NumPy standing in for CuPy (no GPU needed)."""
+    import zemosaic_utils
+    import zemosaic_worker
+
+    monkeypatch.setattr(zemosaic_utils, "get_xp", lambda use_gpu=False: np)
+    monkeypatch.setattr(zemosaic_worker, "gpu_available", lambda: True)
+    return np

@@ -8,6 +8,9 @@ with the same ``a_c`` in every panel. The figures here say how far it is from th
 * seam step: the largest jump of the residual (mosaic minus the fitted truth) across a tile edge,
   in units of the sky noise of one pixel.
 
+:func:`perfect_mosaic` gives what a flawless pipeline would make of the same scene (the truth,
+scaled, with noise like the mosaic's): its figures are the precision of these measurements.
+
 Scales are fitted on 16x16 block means, which conserve flux whatever the PSF, so resampling blur
 does not bias them.
 """
@@ -17,7 +20,7 @@ from __future__ import annotations
 from pathlib import Path
 
 import numpy as np
-from scipy.ndimage import binary_dilation, binary_erosion
+from scipy.ndimage import binary_dilation, binary_erosion, gaussian_filter
 
 import zemosaic_synth
 import zemosaic_fits as zfits
@@ -116,27 +119,62 @@ def panel_figures(mosaic, truth, feet):
     }
 
 
-def seam_step(mosaic, truth, feet, fitted, single, band_px=20):
+def _clipped_mean(values, kappa=3.0, rounds=5):
+    """Mean after kappa-sigma clipping: on noise, 1.25x more precise than the median."""
+    for _ in range(rounds):
+        mean, sigma = values.mean(), values.std()
+        keep = np.abs(values - mean) <= kappa * sigma
+        if keep.all():
+            break
+        values = values[keep]
+    return float(values.mean())
+
+
+def _star_pixels(truth):
+    """Pixels on or next to a star of the truth: its luminance above a 6 px Gaussian background."""
+    lum = np.nan_to_num(truth.mean(axis=-1))
+    return binary_dilation(lum - gaussian_filter(lum, 6) > 2.0, iterations=2)
+
+
+def seam_step(mosaic, truth, feet, fitted, single, band_px=40, min_pixels=2000):
     """Largest residual jump across a tile edge, in sky-noise units (per pixel, per channel).
 
-    For each overlapping pair of tiles, the median residual of the overlap and of each tile's own
-    area within ``band_px`` of it are compared; the truth fitted on the whole mosaic is removed
-    first, so only the mismatch between tiles is left.
+    For each overlapping pair of tiles, the mean residual (clipped) of the overlap and of each
+    tile's own area within ``band_px`` of it are compared; the truth fitted on the whole mosaic is
+    removed first, so only the mismatch between tiles is left. Star pixels are left out (their
+    residuals measure PSF differences, not levels), and so are pairs with less than
+    ``min_pixels`` in any part (corner overlaps): there the noise, not the seam, sets the figure.
+    A perfect mosaic scores 0.07-0.12 on the test scenes (``test_figures_resolve_the_targets``).
     """
+    stars = _star_pixels(truth)
     worst = 0.0
     for c in range(mosaic.shape[-1]):
         resid = mosaic[..., c] - (fitted[c, 0] * truth[..., c] + fitted[c, 1])
-        noise = _robust_sigma(resid[single])
+        noise = _robust_sigma(resid[single & ~stars])
+        clean = np.isfinite(resid) & ~stars
         for i in range(len(feet)):
             for j in range(i + 1, len(feet)):
-                both = feet[i] & feet[j] & np.isfinite(resid)
-                if both.sum() < 500:
+                near = binary_dilation(feet[i] & feet[j], iterations=band_px)
+                parts = [feet[i] & feet[j] & clean] + [near & single & feet[k] & clean for k in (i, j)]
+                if min(int(p.sum()) for p in parts) < min_pixels:
                     continue
-                near = binary_dilation(both, iterations=band_px)
-                parts = [both] + [near & single & feet[k] for k in (i, j)]
-                levels = [np.median(resid[p]) for p in parts if p.sum() >= 200]
+                levels = [_clipped_mean(resid[p]) for p in parts]
                 worst = max(worst, float(np.ptp(levels)) / noise)
     return worst
+
+
+def perfect_mosaic(mosaic, truth, seed, scale=0.95, offset=2500.0):
+    """Return ``scale * truth + offset`` plus noise like the mosaic's, where the mosaic has data.
+
+    The noise has the mosaic's per-channel sigma (robust, of mosaic minus truth) and its pixel-scale
+    correlation (white noise smoothed by a 0.7 px Gaussian, as two bilinear resamplings leave it).
+    """
+    rng = np.random.default_rng(seed)
+    ok = np.all(np.isfinite(mosaic), axis=-1) & np.all(np.isfinite(truth), axis=-1)
+    noise = np.stack([gaussian_filter(rng.normal(0, 1, ok.shape), 0.7) for _ in range(mosaic.shape[-1])], -1)
+    sigma = [_robust_sigma((mosaic[..., c] - truth[..., c])[ok]) for c in range(mosaic.shape[-1])]
+    noise *= np.array(sigma) / noise[ok].std(axis=0)
+    return np.where(ok[..., None], scale * truth + offset + noise, np.nan).astype(np.float32)
 
 
 def aligned_panel(out_dir, frames: int, seed: int, size: str = "small", **options):

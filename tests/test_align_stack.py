@@ -7,6 +7,7 @@ import numpy as np
 import pytest
 
 import zemosaic_align_stack as stk
+import zemosaic_photometry as zph
 import zemosaic_align_stack_gpu as stk_gpu
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -28,12 +29,13 @@ def _random_stack(rng, n=9, h=24, w=20, c=3, nan_borders=True, outliers=True):
     return stack
 
 
-def _slow_winsorized(stack, weights, kl, kh, limits, combine, noise):
+def _slow_winsorized(stack, weights, kl, kh, limits, combine, noise, signal):
     """Per-pixel reference with plain loops (the specification, written out).
 
     Each round: centre = median of the kept samples; every sample is tested against the winsorized
     standard deviation (ddof=1, unbiased for Gaussian noise) of the *other* kept samples, raised to
-    its frame's noise sigma; pixels with fewer than three kept samples are left alone.
+    its frame's noise sigma combined with SIGNAL_SPREAD times the reference's local contrast;
+    pixels with fewer than three kept samples are left alone.
     """
     n, h, w, c = stack.shape
     out = np.full((h, w, c), np.nan)
@@ -54,7 +56,8 @@ def _slow_winsorized(stack, weights, kl, kh, limits, combine, noise):
                     centre = np.median(v)
                     wins = np.clip(v, lo, hi)
                     sigma = np.array([np.std(np.delete(wins, j), ddof=1) for j in range(v.size)]) / np.sqrt(var)
-                    sigma = np.maximum(sigma, floor)
+                    spread = stk.SIGNAL_SPREAD * signal[y, x, ch]
+                    sigma = np.maximum(sigma, np.sqrt(floor**2 + spread**2))
                     keep = (v >= centre - kl * sigma) & (v <= centre + kh * sigma)
                     if keep.all():
                         break
@@ -88,13 +91,15 @@ def test_seed_nan_borders_three_frames():
 @pytest.mark.parametrize("combine", ["mean", "median"])
 def test_winsorized_matches_slow_reference(rng, combine):
     stack = _random_stack(rng)
+    # A star whose core differs by +-20 % between frames: its floor is set by the signal term.
+    stack[:, 9:13, 6:10] += 2000.0 * rng.uniform(0.8, 1.2, (stack.shape[0], 1, 1, 1)).astype(np.float32)
     weights = rng.uniform(0.3, 1.0, (stack.shape[0], 3))
     params = stk.StackParams("winsorized_sigma_clip", 2.5, 3.0, (0.1, 0.05), combine)
     noise = rng.uniform(2.0, 4.0, (stack.shape[0], 3))  # below the stack's noise (5): both sigmas act
     img, _ = stk.stack_in_chunks(stack, None, None, weights if combine == "mean" else None, params,
                                  rows_per_chunk=7, noise_sigmas=noise)
     ref = _slow_winsorized(stack, weights if combine == "mean" else None, 2.5, 3.0, (0.1, 0.05), combine,
-                           noise)
+                           noise, stk.reference_signal_map(stack))
     assert np.array_equal(np.isnan(img), np.isnan(ref))
     ok = np.isfinite(ref)
     assert np.max(np.abs(img[ok] - ref[ok]) / np.abs(ref[ok])) < 1e-5
@@ -112,27 +117,47 @@ def test_sorted_quantile_matches_nanquantile(rng):
 
 @pytest.mark.parametrize("algorithm", ALGORITHMS)
 @pytest.mark.parametrize("combine", ["mean", "median"])
-def test_gpu_code_path_with_numpy_matches_cpu(rng, algorithm, combine):
-    stack = _random_stack(rng, n=12, h=40, w=33)
-    gains = rng.uniform(0.9, 1.1, (12, 3))
-    offsets = rng.normal(0, 3, (12, 3))
-    weights = rng.uniform(0.2, 1.0, (12, 3))
-    params = stk.StackParams(algorithm, 2.0, 2.5, (0.05, 0.1), combine)
-    cpu = stk.stack_in_chunks(stack, gains, offsets, weights, params)
-    gpu = stk_gpu.stack_in_chunks_gpu(stack, gains, offsets, weights, params, xp=np, budget_bytes=200_000)
-    for a, b in zip(cpu, gpu):
-        assert np.array_equal(np.isnan(a), np.isnan(b))
-        ok = np.isfinite(a)
-        assert np.max(np.abs(a[ok] - b[ok]) / np.maximum(np.abs(a[ok]), 1e-6)) < 1e-5
+def test_gpu_code_path_with_numpy_recovers_the_truth(rng, numpy_as_gpu, algorithm, combine):
+    n, h, w = 12, 40, 33
+    truth = rng.uniform(100.0, 200.0, (h, w, 3)).astype(np.float32)
+    gains = rng.uniform(0.9, 1.1, (n, 3))
+    offsets = rng.normal(0, 3, (n, 3))
+    weights = rng.uniform(0.2, 1.0, (n, 3))
+    # Raw frames that normalise exactly to the truth, with footprint edges and a corner no frame sees.
+    stack = ((truth[None] - offsets[:, None, None]) / gains[:, None, None]).astype(np.float32)
+    stack[:3, :, :5] = np.nan
+    stack[:, :2, -2:] = np.nan
+    if algorithm != "none":  # one cosmic ray or trail sample in 40 pixels: rejection must drop it
+        ys, xs = rng.integers(2, h, 33), rng.integers(5, w - 2, 33)
+        stack[rng.integers(0, n, 33), ys, xs] += 5000.0
+    params = stk.StackParams(algorithm, 3.0, 3.0, (0.05, 0.05), combine)
+    image, coverage = stk_gpu.stack_in_chunks_gpu(stack, gains, offsets, weights, params,
+                                                  budget_bytes=200_000, noise_sigmas=np.ones((n, 3)))
+    expected_coverage = np.full((h, w), n, np.float32)
+    expected_coverage[:, :5] = n - 3
+    expected_coverage[:2, -2:] = 0
+    np.testing.assert_array_equal(coverage, expected_coverage)
+    seen = expected_coverage > 0
+    assert np.all(np.isnan(image[~seen]))
+    np.testing.assert_allclose(image[seen], truth[seen], rtol=2e-6)
 
 
-def test_winsorize_chunk_plain_and_nan_paths_agree(rng):
+def test_a_bug_on_the_gpu_stacking_path_propagates(rng, numpy_as_gpu, monkeypatch):
+    def bug(*args, **kwargs):
+        raise TypeError("unsupported operand type(s)")
+
+    monkeypatch.setattr(stk_gpu, "stack_in_chunks", bug)
+    with pytest.raises(TypeError, match="unsupported operand"):
+        stk_gpu.stack_in_chunks_gpu(_random_stack(rng, n=5), None, None, None, stk.StackParams())
+
+
+def test_winsorize_chunk_plain_and_nan_paths_agree(rng, numpy_as_gpu):
     block = rng.normal(0, 1, (15, 10, 10, 1)).astype(np.float32)
-    plain = stk_gpu._winsorize_chunk(block, (0.1, 0.1), xp=np)
+    plain = stk_gpu._winsorize_chunk(block, (0.1, 0.1))
     assert np.allclose(plain, stk._winsorize_block_numpy(block, (0.1, 0.1)))
     holed = block.copy()
     holed[0, 0, 0, 0] = np.nan
-    out = stk_gpu._winsorize_chunk(holed, (0.1, 0.1), xp=np)
+    out = stk_gpu._winsorize_chunk(holed, (0.1, 0.1))
     assert np.isnan(out[0, 0, 0, 0])
     assert np.allclose(out[:, 1:], plain[:, 1:])
 
@@ -179,7 +204,7 @@ def test_linear_fit_recovers_transparency(rng):
     ref = (truth + sky_ref + rng.normal(0, 3, (h, w, 3))).astype(np.float32)
     frame = (0.8 * truth + sky_frame + rng.normal(0, 3, (h, w, 3))).astype(np.float32)
     frame[:, :20] = np.nan  # outside the footprint
-    gains, offsets = stk.linear_fit_coefficients(frame, ref)
+    gains, offsets = zph.linear_fit_coefficients(frame, ref)
     assert np.allclose(gains, 1 / 0.8, rtol=0.02)
     normalised = frame * gains + offsets
     assert np.allclose(np.nanmedian(normalised - ref, axis=(0, 1)), 0, atol=1.0)
@@ -187,8 +212,8 @@ def test_linear_fit_recovers_transparency(rng):
 
 def test_linear_fit_degenerate_falls_back_to_identity(caplog):
     flat = np.full((50, 50, 3), 7.0, np.float32)
-    with caplog.at_level("DEBUG", logger="zemosaic_align_stack"):
-        gains, offsets = stk.linear_fit_coefficients(flat, flat * 2)
+    with caplog.at_level("DEBUG", logger="zemosaic_photometry"):
+        gains, offsets = zph.linear_fit_coefficients(flat, flat * 2)
     assert np.all(gains == 1) and np.all(offsets == 0)
     assert "degenerate" in caplog.text
 
@@ -241,13 +266,11 @@ def test_real_cupy_parity(rng):
 
     if not zu.gpu_available():
         pytest.skip(f"no usable GPU: {zu.gpu_unavailable_reason()}")
-    import cupy
-
     stack = _random_stack(rng, n=12, h=64, w=48)
     for algorithm in ALGORITHMS:
         params = stk.StackParams(algorithm)
         cpu = stk.stack_in_chunks(stack, None, None, None, params)
-        gpu = stk_gpu.stack_in_chunks_gpu(stack, None, None, None, params, xp=cupy)
+        gpu = stk_gpu.stack_in_chunks_gpu(stack, None, None, None, params)
         ok = np.isfinite(cpu[0])
         assert np.array_equal(ok, np.isfinite(gpu[0]))
         assert np.max(np.abs(cpu[0][ok] - gpu[0][ok]) / np.abs(cpu[0][ok])) < 1e-5

@@ -229,11 +229,10 @@ def unsolved_small(tmp_path_factory):
 def _solve_phase(info, out, solver, monkeypatch):
     monkeypatch.setattr(za, "solver_from_config", lambda config: (solver, None))
     config = MosaicConfig(input_folder=info["frames_dir"], output_folder=str(out))
-    report = zw.RunReport(config={})
     progress = []
-    ctx = zw._Context(lambda *a: progress.append(a), None)
-    records = zw.solve_frames(zw.scan_frames(config, report, ctx), config, report, ctx)
-    return records, report, progress
+    run = zw.Run(config, zw.RunReport(config={}), progress=lambda *a: progress.append(a))
+    records = zw.solve_frames(run, zw.scan_frames(run))
+    return records, run.report, progress
 
 
 def test_solve_few_match_many(unsolved_small, tmp_path, monkeypatch):
@@ -303,10 +302,10 @@ def test_synthetic_real_sky_frames_solved_and_mosaic_astrometry_true(tmp_path):
     config = MosaicConfig(input_folder=info["frames_dir"], output_folder=str(out))
     result = zw.run_mosaic(config)
     report = result.report
-    assert len(report["frames_used"]) == 6 and not report["frames_skipped"]
-    sources = [e["wcs"] for e in report["frame_wcs"]]
+    assert len(report.frames_used) == 6 and not report.frames_skipped
+    sources = [e["wcs"] for e in report.used_frame_wcs()]
     assert sources.count("solved") >= 2 and any(s.startswith("matched to") for s in sources)
-    assert all(e["solve_s"] is not None for e in report["frame_wcs"] if e["wcs"] == "solved")
+    assert all(e["solve_s"] is not None for e in report.used_frame_wcs() if e["wcs"] == "solved")
     # Every frame's WCS against the truth, from the cache the run left.
     meta = json.loads(Path(info["truth_json"]).read_text())
     cache = za.WcsCache(str(out / zw.CACHE_DIR / zw.WCS_CACHE_DIR))
@@ -326,7 +325,7 @@ def test_synthetic_real_sky_frames_solved_and_mosaic_astrometry_true(tmp_path):
 
     with unittest.mock.patch.object(subprocess, "run", no_process):
         again = zw.run_mosaic(config)
-    assert {e["wcs"] for e in again.report["frame_wcs"]} == {"cache"}
+    assert {e["wcs"] for e in again.report.used_frame_wcs()} == {"cache"}
 
 
 def _star_offsets(mosaic, wcs, coverage, truth_fits):
@@ -364,7 +363,7 @@ def test_real_seestar_subs_of_two_nights_all_reach_the_mosaic(tmp_path):
     config = MosaicConfig(input_folder=str(REALDATA), output_folder=str(out),
                           force_resolve_existing_wcs=True)
     result = zw.run_mosaic(config)
-    assert len(result.report["frames_used"]) == 6 and not result.report["frames_skipped"]
+    assert len(result.report.frames_used) == 6 and not result.report.frames_skipped
     cache = za.WcsCache(str(out / zw.CACHE_DIR / zw.WCS_CACHE_DIR))
     for name, entry in reference.items():
         path = REALDATA / name
@@ -374,5 +373,5 @@ def test_real_seestar_subs_of_two_nights_all_reach_the_mosaic(tmp_path):
         centre_wcs = wcs.pixel_to_world(539.5, 959.5)
         assert centre_wcs.separation(truth.pixel_to_world(539.5, 959.5)).arcsec < 1.0, name
         assert za.wcs_pixel_offset(wcs, truth, (1920, 1080)) < 0.3, name
-    sources = [e["wcs"] for e in result.report["frame_wcs"]]
+    sources = [e["wcs"] for e in result.report.used_frame_wcs()]
     assert sources.count("solved") <= 3  # solve few, match many

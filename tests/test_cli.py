@@ -4,7 +4,6 @@ import io
 import json
 import logging
 import re
-from pathlib import Path
 
 import pytest
 
@@ -42,6 +41,13 @@ def test_far_unknown_key_warns_with_nearest(caplog):
         config_from_dict({"stacking_kappa_lowest": 2.0, "final_assembly_method": "x"})
     assert "stacking_kappa_lowest (did you mean stacking_kappa_low?)" in caplog.text
     assert "final_assembly_method" in caplog.text
+
+
+def test_eta_helpers():
+    assert zemosaic_cli.estimate_eta(10.0, 1, 3) == pytest.approx(20.0)
+    assert zemosaic_cli.estimate_eta(10.0, 0, 3) is None
+    assert zemosaic_cli.format_eta(None) == ""
+    assert zemosaic_cli.format_eta(65) == "ETA 1 min 05 s"
 
 
 class _Tty(io.StringIO):

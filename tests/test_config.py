@@ -58,6 +58,8 @@ EXPECTED_DEFAULTS = {
     "save_channel_files": False,
     "save_final_as_uint16": False,
     "resume": "auto",
+    "num_processing_workers": 0,
+    "dask_scheduler": "",
 }
 
 
@@ -126,10 +128,10 @@ def test_upstream_keys_with_an_equivalent_are_mapped(caplog):
     with caplog.at_level(logging.WARNING, logger="zemosaic_config"):
         config = config_from_dict(upstream)
     assert config.match_background is False and config.save_final_as_uint16 is True
+    assert config.num_processing_workers == 0  # upstream's -1: automatic, one per core
     # Upstream keys with no equivalent here stay unknown: named in the one warning.
     (record,) = [r for r in caplog.records if r.levelno == logging.WARNING]
-    assert record.getMessage() == ("Ignoring unknown configuration keys: final_assembly_method, "
-                                   "num_processing_workers")
+    assert record.getMessage() == "Ignoring unknown configuration keys: final_assembly_method"
 
 
 def test_unknown_entries_come_back_and_are_saved_untouched(tmp_path):

@@ -39,18 +39,18 @@ def _assert_same_mosaic(run, reference):
     result, image, coverage = run
     np.testing.assert_array_equal(image, reference[1])
     np.testing.assert_array_equal(coverage, reference[2])
-    assert result.report["frames_used"] == reference[0].report["frames_used"]
-    assert [t["frames"] for t in result.report["tiles"]] == [3, 3]
+    assert result.report.frames_used == reference[0].report.frames_used
+    assert [t["frames"] for t in result.report.tiles] == [3, 3]
 
 
 def test_in_process_is_the_default_for_one_worker(in_process):
-    assert in_process[0].report["backends"]["tile_executor"] == "in-process"
+    assert in_process[0].report.backends["tile_executor"] == "in-process"
     assert np.isfinite(in_process[1]).any()
 
 
 def test_process_pool_gives_the_same_mosaic_bit_for_bit(frames, in_process, tmp_path):
     run = _run(frames, tmp_path / "out", num_processing_workers=2)
-    assert run[0].report["backends"]["tile_executor"] == "process pool"
+    assert run[0].report.backends["tile_executor"] == "process pool"
     _assert_same_mosaic(run, in_process)
 
 
@@ -63,7 +63,7 @@ def test_spare_workers_align_frames_in_threads_to_the_same_mosaic(frames, in_pro
 def test_dask_local_cluster_gives_the_same_mosaic_bit_for_bit(frames, in_process, tmp_path):
     pytest.importorskip("distributed")
     run = _run(frames, tmp_path / "out", dask_scheduler="local", num_processing_workers=2)
-    assert run[0].report["backends"]["tile_executor"].startswith("dask (tcp://")
+    assert run[0].report.backends["tile_executor"].startswith("dask (tcp://")
     _assert_same_mosaic(run, in_process)
 
 
@@ -77,10 +77,10 @@ def test_a_failing_tile_is_skipped_with_its_reason(frames, tmp_path, monkeypatch
 
     monkeypatch.setattr(zw, "build_master_tile", broken)
     result, image, _ = _run(frames, tmp_path / "out", num_processing_workers=1)
-    assert [t["index"] for t in result.report["tiles"]] == [0]
-    reasons = {s["reason"] for s in result.report["frames_skipped"]}
+    assert [t["index"] for t in result.report.tiles] == [0]
+    reasons = {s["reason"] for s in result.report.frames_skipped}
     assert reasons == {"tile 001 failed: MemoryError: no room for the stack"}
-    assert len(result.report["frames_skipped"]) == 3 and len(result.report["frames_used"]) == 3
+    assert len(result.report.frames_skipped) == 3 and len(result.report.frames_used) == 3
     assert np.isfinite(image).any()
 
 
@@ -144,7 +144,7 @@ def test_cancel_stops_running_pool_tasks_between_frames(tmp_path):
     assert not flag.is_set()  # lowered again for the next run
 
 
-@pytest.mark.parametrize("key, value", [("num_processing_workers", -1),
+@pytest.mark.parametrize("key, value", [("num_processing_workers", -2),
                                         ("num_processing_workers", 2.5),
                                         ("dask_scheduler", "my cluster"),
                                         ("dask_scheduler", 8786)])

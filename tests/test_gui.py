@@ -95,7 +95,8 @@ def test_log_level_dropdown_filters_panel(window):
 
     window.log_level_combo.setCurrentText("DEBUG")
     assert logging.getLogger("zemosaic_worker").level == logging.DEBUG
-    assert logging.getLogger("zemosaic_align_stack").level == logging.DEBUG
+    for module in ("zemosaic_align_stack", "zemosaic_photometry", "zemosaic_astrometry", "zemosaic_solve"):
+        assert logging.getLogger(module).level == logging.DEBUG, module
     _emit_three("B")
     lines = _log_lines(window)
     assert [any(f"{kind} B" in line for line in lines) for kind in ("debug", "info", "error")] \
@@ -155,7 +156,7 @@ def test_whole_run_shows_preview_and_summary(window, qtbot, tiny_frames, tmp_pat
     assert window.errors == []
     assert window.status_label.text().startswith("Done")
     assert not window.preview_label.pixmap().isNull()
-    assert "6 frames used" in window.summary_label.text()
+    assert "frames used: 6" in window.summary_label.text()
     assert str(out / MOSAIC_NAME) in window.output_path_label.text()
     assert window.open_folder_button.isEnabled()
     assert window.start_button.isEnabled() and not window.cancel_button.isEnabled()
@@ -325,13 +326,6 @@ def test_module_imports_without_display():
     subprocess.run([sys.executable, "-c", code], cwd=root, env=env, check=True, timeout=60)
 
 
-def test_eta_helpers():
-    assert zemosaic_gui.estimate_eta(10.0, 1, 3) == pytest.approx(20.0)
-    assert zemosaic_gui.estimate_eta(10.0, 0, 3) is None
-    assert zemosaic_gui.format_eta(None) == ""
-    assert zemosaic_gui.format_eta(65) == "ETA 1 min 05 s"
-
-
 def test_drop_downs_show_plain_words_and_keep_json_values(window):
     rejection = window.option_widgets[("stacking_rejection_algorithm", None)]
     assert rejection.currentText() == "Winsorized sigma clip"
@@ -428,8 +422,7 @@ def _fake_run(monkeypatch, tmp_path, outcome):
                                elapsed_s=1.0, report={})
 
     monkeypatch.setattr(zemosaic_gui.zemosaic_worker, "run_mosaic", run)
-    monkeypatch.setattr(zemosaic_gui, "summary_text", lambda result: "summary")
-    monkeypatch.setattr(zemosaic_gui.zemosaic_cli, "format_summary", lambda result: "summary")
+    monkeypatch.setattr(zemosaic_gui.zemosaic_cli, "format_summary", lambda result, brief=False: "summary")
 
 
 def _run_once(win, qtbot):

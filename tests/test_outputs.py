@@ -2,6 +2,7 @@
 provenance, the coverage and per-channel files, and what Siril, SWarp and Montage read."""
 
 import json
+import os
 import shutil
 import subprocess
 import warnings
@@ -187,8 +188,10 @@ def test_siril_reads_three_layers_and_keeps_the_sky_coordinates(outputs, tmp_pat
     script = tmp_path / "check.ssf"
     script.write_text(f"requires 1.0.0\nload {zw.MOSAIC_NAME}\nsave {tmp_path}/resaved\n"
                       f"load {zw.UINT16_NAME}\nstat\n")
+    # A configuration of its own: Siril keeps settings (the FITS extension, for one) across runs.
     proc = subprocess.run([siril, "-d", str(out), "-s", str(script)], capture_output=True,
-                          text=True, timeout=120)
+                          text=True, timeout=120,
+                          env={**os.environ, "XDG_CONFIG_HOME": str(tmp_path / "config")})
     log = proc.stdout + proc.stderr
     assert "3 layer(s)" in log, log
     with fits.open(out / zw.MOSAIC_NAME) as hdul:

@@ -5,6 +5,8 @@ pedestal jitter +-6 %; panel 1's signal 12 % too bright; panels 2 and 3 from a s
 R and B gains 0.9 / 1.1 against G. Figures from ``photometry_truth``.
 """
 
+import json
+
 import numpy as np
 import pytest
 
@@ -29,7 +31,7 @@ def _run(root, panel_gain_rgb):
     truth = pt.truth_on_grid(root, wcs, mosaic.shape[:2])
     feet = pt.master_tile_footprints(out, wcs, mosaic.shape[:2])
     return {"mosaic": mosaic, "truth": truth, "feet": feet, "wcs": wcs, "header": header,
-            "report": result.report, "out": out, "root": root,
+            "report": result.report.to_dict(), "out": out, "root": root,
             "figures": pt.panel_figures(mosaic, truth, feet)}
 
 
@@ -54,21 +56,26 @@ def _load_tiles(out):
 def _two_pass(scene, **changes):
     tiles = _load_tiles(scene["out"])
     config = config_from_dict({"two_pass_coverage_renorm": True, **changes})
-    report = zw.RunReport(config={})
-    report.tiles = [{} for _ in tiles]
+    run = zw.Run(config)
     shape = scene["mosaic"].shape[:2]
-    mosaic, _cov = zw.assemble_mosaic(tiles, scene["wcs"], shape, config, report, zw._Context(None, None))
-    return mosaic, [e["two_pass_gain"] for e in report.tiles]
+    mosaic, _cov = zw.assemble_mosaic(run, tiles, scene["wcs"], shape)
+    return mosaic, [run.report.tile_entry(t.index)["two_pass_gain"] for t in tiles]
 
 
 def test_panel_twelve_percent_off_brought_within_one_percent(bright_panel):
     figures = bright_panel["figures"]
     assert figures["gain_spread"] < 0.01, figures["panel_scale"]
-    gains = [t["gain_rgb"] for t in bright_panel["report"]["tiles"]]
-    # Panel 1's tile is dimmed by about 1/1.12 relative to the others (their clearest frames differ
-    # by a few per cent, which the gains also even out).
-    ratio = np.mean(gains[1]) / np.median([np.mean(g) for k, g in enumerate(gains) if k != 1])
-    assert 0.85 < ratio < 0.93, gains
+    gains = np.array([np.mean(t["gain_rgb"]) for t in bright_panel["report"]["tiles"]])
+    # Every tile sits at the level of its clearest frame, and panel 1 is 12 % too bright: the gains
+    # must undo both, tile by tile (the tiles are in panel order), to the precision of the frame
+    # gains that set each tile's level (about 1 % for these small frames).
+    meta = json.loads((bright_panel["root"] / "truth" / "truth.json").read_text())
+    clearest = np.zeros(4)
+    for frame in meta["frames"]:
+        clearest[frame["panel"]] = max(clearest[frame["panel"]], frame["transparency"])
+    expected = 1.0 / (clearest * np.array([1.0, 1.12, 1.0, 1.0]))
+    assert np.allclose(gains / np.median(gains), expected / np.median(expected), rtol=0.02), \
+        (gains, expected)
 
 
 def test_two_nights_panel_brightness_and_colour(two_nights):
@@ -80,25 +87,26 @@ def test_two_nights_panel_brightness_and_colour(two_nights):
     assert figures["colour_spread"] < 0.09, figures["panel_ratios"]
 
 
-@pytest.mark.xfail(reason="per-panel colour ratios scatter by 1.2-1.4 % (one night) and 5.5 % (two "
-                          "nights) on these sky-dominated 4-frame tiles: the tiles' colour terms "
-                          "are off by 2-3 %, more than their measured uncertainty (0.6-0.9 %)",
-                   strict=False)
+@pytest.mark.xfail(reason="the colour figure cannot resolve 1 % on these small scenes: a perfect mosaic "
+                          "(the truth with the same noise) scores 0.9-2.4 % on it; ZeMosaic scores "
+                          "1.1 % (one night) and 5.3 % (two nights)", strict=False)
 def test_colour_ratios_equal_within_one_percent(bright_panel, two_nights):
     for scene in (bright_panel, two_nights):
         assert scene["figures"]["colour_spread"] <= 0.01, scene["figures"]["panel_ratios"]
 
 
-@pytest.mark.xfail(reason="a seam of ~0.5 sky sigma remains on these small frames, whose grey gains "
-                          "are measured to only ~1.5 % (about 15 stars each): where the mix of "
-                          "frames changes near a tile's edge, so does the gain error", strict=False)
-def test_seams_below_three_tenths_of_sky_noise(bright_panel):
-    assert bright_panel["figures"]["seam_step"] <= 0.3
-
-
-def test_seams_small(bright_panel, two_nights):
+def test_seams_below_three_tenths_of_sky_noise(bright_panel, two_nights):
     for scene in (bright_panel, two_nights):
-        assert scene["figures"]["seam_step"] < 0.8
+        assert scene["figures"]["seam_step"] <= 0.3
+
+
+def test_figures_resolve_the_targets(bright_panel):
+    """The seam and brightness figures are precise enough to test 0.3 sigma and 1 %: a perfect
+    mosaic of the same scene, with the same noise, scores far below both."""
+    for seed in range(3):
+        perfect = pt.perfect_mosaic(bright_panel["mosaic"], bright_panel["truth"], seed)
+        figures = pt.panel_figures(perfect, bright_panel["truth"], bright_panel["feet"])
+        assert figures["seam_step"] < 0.15 and figures["gain_spread"] < 0.006, figures
 
 
 def test_two_pass_never_worse_than_pass_one_and_deterministic(bright_panel):

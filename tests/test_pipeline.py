@@ -4,7 +4,6 @@ import hashlib
 import json
 import logging
 import os
-import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -12,7 +11,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 from astropy.io import fits
-from scipy.ndimage import binary_erosion, gaussian_filter
+from scipy.ndimage import binary_erosion
 
 import zemosaic_synth
 import zemosaic_worker as zw
@@ -126,7 +125,7 @@ def test_progress_reports_every_phase(run):
 
 def test_bad_inputs_skipped_with_reason_and_one_warning(run):
     report = run["result"].report
-    skipped = {Path(s["path"]).name: s["reason"] for s in report["frames_skipped"]}
+    skipped = {Path(s["path"]).name: s["reason"] for s in report.frames_skipped}
     assert set(skipped) == set(BAD_FILES)
     for name, words in BAD_FILES.items():
         assert words.lower() in skipped[name].lower(), (name, skipped[name])
@@ -134,7 +133,7 @@ def test_bad_inputs_skipped_with_reason_and_one_warning(run):
             assert "plate" in skipped[name], skipped[name]
         warnings = [r for r in run["records"] if r.levelno == logging.WARNING and name in r.getMessage()]
         assert len(warnings) == 1, name
-    assert not any("master_tile_999" in p for p in report["frames_used"])
+    assert not any("master_tile_999" in p for p in report.frames_used)
 
 
 def test_inputs_never_modified(run):
@@ -297,8 +296,19 @@ def test_cli_failures_one_line_no_traceback(tmp_path, case, code, words):
     assert len([l for l in proc.stderr.splitlines() if l.startswith("zemosaic: error")]) == 1
 
 
-def test_cli_debug_shows_traceback_and_mt_coverage(run, tmp_path):
+def test_cli_debug_shows_traceback_and_mt_coverage(tmp_path):
+    info = zemosaic_synth.generate_dataset(tmp_path / "d", panels=(1, 1), frames_per_panel=3, seed=7,
+                                           size="small")
     cfg = tmp_path / "c.json"
-    cfg.write_text(json.dumps({"input_folder": str(tmp_path / "missing"), "output_folder": str(tmp_path / "o")}))
+    cfg.write_text(json.dumps({"input_folder": info["frames_dir"], "output_folder": str(tmp_path / "o")}))
     proc = _cli(cfg, "--log-level", "DEBUG")
-    assert proc.returncode == 1 and "Traceback" in proc.stderr
+    assert proc.returncode == 0, proc.stderr
+    assert "DEBUG zemosaic_worker: MT_COVERAGE: propagate_mask=True (tile 000, 3 frames)" in proc.stderr
+    assert "Traceback" not in proc.stderr
+    missing = tmp_path / "missing"
+    cfg.write_text(json.dumps({"input_folder": str(missing), "output_folder": str(tmp_path / "o2")}))
+    proc = _cli(cfg, "--log-level", "DEBUG")
+    assert proc.returncode == 1
+    assert "Traceback (most recent call last)" in proc.stderr
+    assert f"zemosaic_worker.PipelineError: input folder not found: {missing}" in proc.stderr
+    assert proc.stderr.splitlines()[-1] == f"zemosaic: error: input folder not found: {missing}"

@@ -10,6 +10,12 @@ fluxes in the mosaic (aperture photometry, R, G, B) against their fluxes in the 
 night give a colour transfer (R/G, B/G) that must be the same wherever the stars are; for stars
 covered by night 2 only it is taken against night 2's fluxes carried to night 1's balance by the
 ratio of the two nights' fluxes on the stars both nights cover.
+
+Single subs measure a star's colour to 5-20 % (where an undersampled star falls on the Bayer grid
+changes its R and B), so each figure is a median over the stars bright in every frame that
+covers them: a ratio of sums is carried by the few brightest stars and scatters by 4-6 %
+(bootstrap over the stars), a median over all stars is biased by the faint ones' noise. The
+medians' own bootstrap sigma, 2-4 %, is the precision of these figures.
 """
 
 import json
@@ -27,6 +33,7 @@ from realdata import NGC7023 as REALDATA
 pytestmark = pytest.mark.skipif(not REALDATA.is_dir(), reason="shared real Seestar frames not present")
 
 R_AP, R_IN, R_OUT = 5, 8, 12
+BRIGHT_ADU = 2000.0  # G aperture flux a star needs in every raw frame that covers it
 _YY, _XX = np.mgrid[-R_OUT:R_OUT + 1, -R_OUT:R_OUT + 1]
 _RR = np.hypot(_XX, _YY)
 
@@ -52,7 +59,7 @@ def _frames(out, report):
     """Return ``(night, wcs, debayered data)`` of every frame the run used."""
     cache = za.WcsCache(str(out / zw.CACHE_DIR / zw.WCS_CACHE_DIR))
     frames = []
-    for entry in report["frame_wcs"]:
+    for entry in report.used_frame_wcs():
         info = zf.read_frame_info(entry["path"], require_wcs=False)
         wcs = info.wcs if entry["wcs"] == "header" else cache.get(za.file_sha256(entry["path"])).wcs
         data = zf.load_frame(entry["path"], wcs=wcs).data
@@ -81,35 +88,56 @@ def _star_rows(mosaic, wcs, frames):
     return rows
 
 
+def _bright(rows):
+    """The rows of stars bright in every night that covers them (see BRIGHT_ADU)."""
+    return [(m, c) for m, c in rows if min(flux[1] for flux in c.values()) >= BRIGHT_ADU]
+
+
+def _night_ratio(rows):
+    """Per channel, the median over stars both nights cover of night 1's raw flux over night 2's."""
+    return np.median([c[1] / c[2] for _m, c in rows if len(c) == 2], axis=0)
+
+
 def _transfer(rows, region, scale=None):
     """Return a region's colour transfer ``(R/G, B/G)`` of mosaic fluxes over raw-night fluxes.
 
-    Ratios of sums over the region's stars (the same estimator as the frame gains): a median of
-    per-star ratios is biased by the noise of the faint stars' raw fluxes in single subs.
+    The median over the region's stars of each star's transfer (see the module docstring).
     """
     night = 2 if region == {2} else 1
     picked = [(m, c) for m, c in rows if set(c) == region]
-    mosaic = np.sum([m for m, _c in picked], axis=0)
-    raw = np.sum([c[night] * (1 if scale is None else scale) for _m, c in picked], axis=0)
-    ratio = mosaic / raw
-    return np.array([ratio[0] / ratio[1], ratio[2] / ratio[1]]), len(picked)
+    ratio = np.array([m / (c[night] * (1 if scale is None else scale)) for m, c in picked])
+    colour = np.stack([ratio[:, 0] / ratio[:, 1], ratio[:, 2] / ratio[:, 1]], axis=1)
+    return np.median(colour, axis=0), len(picked)
+
+
+def _figures(rows):
+    """Return the night ratio's colour and the three regions' transfers, with their star counts."""
+    night2_to_1 = _night_ratio(rows)
+    t1, n1 = _transfer(rows, {1})
+    t2, n2 = _transfer(rows, {2}, night2_to_1)
+    tb, nb = _transfer(rows, {1, 2})
+    return {"nights": np.array([night2_to_1[0] / night2_to_1[1], night2_to_1[2] / night2_to_1[1]]),
+            "night1_only": t1, "night2_only": t2, "both": tb, "counts": [n1, n2, nb]}
+
+
+def _bootstrap_sigma(rows, draws=200):
+    """Bootstrap sigma (resampling the stars) of the steps between the regions."""
+    rng = np.random.default_rng(0)
+    steps = [_steps(_figures([rows[i] for i in rng.integers(0, len(rows), len(rows))]))
+             for _ in range(draws)]
+    return {region: np.std([s[region] for s in steps], axis=0) for region in steps[0]}
 
 
 @pytest.fixture(scope="module")
 def colour_transfer(tmp_path_factory):
     out = tmp_path_factory.mktemp("real") / "out"
     result = zw.run_mosaic(MosaicConfig(input_folder=str(REALDATA), output_folder=str(out)))
-    assert len(result.report["frames_used"]) == 6
+    assert len(result.report.frames_used) == 6
     mosaic, wcs, _coverage, _header = zf.read_image_fits(out / zw.MOSAIC_NAME)
-    rows = _star_rows(mosaic, wcs, _frames(out, result.report))
-    both = [c for _m, c in rows if len(c) == 2]
-    # Night 2's raw fluxes carried to night 1's balance: per channel, from the stars both cover.
-    night2_to_1 = np.sum([c[1] for c in both], axis=0) / np.sum([c[2] for c in both], axis=0)
-    t1, n1 = _transfer(rows, {1})
-    t2, n2 = _transfer(rows, {2}, night2_to_1)
-    tb, nb = _transfer(rows, {1, 2})
-    return {"nights": np.array([night2_to_1[0] / night2_to_1[1], night2_to_1[2] / night2_to_1[1]]),
-            "night1_only": t1, "night2_only": t2, "both": tb, "counts": [n1, n2, nb]}
+    rows = _bright(_star_rows(mosaic, wcs, _frames(out, result.report)))
+    figures = _figures(rows)
+    figures["sigma"] = _bootstrap_sigma(rows)
+    return figures
 
 
 def _steps(colour_transfer):
@@ -118,7 +146,9 @@ def _steps(colour_transfer):
 
 
 def _describe(colour_transfer):
-    return json.dumps({k: np.round(v, 4).tolist() for k, v in colour_transfer.items()})
+    return json.dumps({k: (np.round(v, 4).tolist() if k != "sigma" else
+                           {r: np.round(x, 4).tolist() for r, x in v.items()})
+                       for k, v in colour_transfer.items()})
 
 
 def test_the_two_nights_really_differ_in_colour(colour_transfer):
@@ -127,18 +157,20 @@ def test_the_two_nights_really_differ_in_colour(colour_transfer):
     assert np.max(np.abs(colour_transfer["nights"] - 1)) > 0.1, _describe(colour_transfer)
 
 
-def test_star_colours_follow_one_balance_within_twelve_percent(colour_transfer):
+def test_star_colours_follow_one_balance_within_six_percent(colour_transfer):
     """Frames of the other night get per-channel gains: the regions' colours stay together.
 
-    With one grey gain per frame the night-2-only region was 26 % redder and 40 % bluer.
+    With one grey gain per frame the night-2-only region was 26 % redder and 40 % bluer; with
+    per-channel gains against the reference frame alone, and star cores clipped by the rejection,
+    up to 7 % apart.
     """
     for region, step in _steps(colour_transfer).items():
-        assert np.all(np.abs(step) < 0.12), (region, step, _describe(colour_transfer))
+        assert np.all(np.abs(step) < 0.06), (region, step, _describe(colour_transfer))
 
 
-@pytest.mark.xfail(reason="measured steps of up to 7-8 % in R/G or B/G between the regions: the "
-                          "frame gains of the two 20 s subs are measured to only 1-4 % per channel "
-                          "and per-star colours scatter widely on single subs", strict=False)
+@pytest.mark.xfail(reason="measured steps of 0.0 % and -1.3 % (night 2 only) and -2.2 % and -4.3 % "
+                          "(both nights) in R/G and B/G, each with a bootstrap sigma of 2-4 %: six "
+                          "single subs cannot confirm 3 %, and the largest is above it", strict=False)
 def test_star_colours_agree_within_three_percent(colour_transfer):
     for region, step in _steps(colour_transfer).items():
         assert np.all(np.abs(step) < 0.03), (region, step, _describe(colour_transfer))

@@ -7,7 +7,6 @@ import shutil
 import signal
 import subprocess
 import sys
-import threading
 import time
 from pathlib import Path
 
@@ -105,11 +104,11 @@ def bad_run(dataset):
 
 
 def test_every_bad_frame_skipped_with_its_reason(bad_run):
-    skipped = {Path(s["path"]).name: s["reason"] for s in bad_run["result"].report["frames_skipped"]}
+    skipped = {Path(s["path"]).name: s["reason"] for s in bad_run["result"].report.frames_skipped}
     assert set(skipped) == set(bad_run["expected"])
     for name, words in bad_run["expected"].items():
         assert words in skipped[name], (name, skipped[name])
-    assert len(bad_run["result"].report["frames_used"]) == 6
+    assert len(bad_run["result"].report.frames_used) == 6
 
 
 def test_bad_frames_leave_the_mosaic_as_without_them(dataset, bad_run):
@@ -133,10 +132,10 @@ def test_output_folder_equal_to_input_folder_scans_subfolders(dataset, tmp_path)
     folder = tmp_path / "both"
     shutil.copytree(dataset["frames"], folder / "night1")
     result = _run(folder, folder)
-    assert len(result.report["frames_used"]) == 6
+    assert len(result.report.frames_used) == 6
     # A second run there skips the first run's tiles as products, not as frames to stack.
     again = _run(folder, folder)
-    assert len(again.report["frames_used"]) == 6
+    assert len(again.report.frames_used) == 6
 
 
 def test_frame_failing_at_load_leaves_no_empty_footprint(dataset, tmp_path):
@@ -149,7 +148,7 @@ def test_frame_failing_at_load_leaves_no_empty_footprint(dataset, tmp_path):
     header["CRVAL2"] = header["CRVAL2"] + 0.04
     fits.PrimaryHDU(np.zeros_like(data), header).writeto(frames / "zero_shifted.fits")
     result = _run(frames, tmp_path / "out")
-    assert {Path(s["path"]).name: s["reason"] for s in result.report["frames_skipped"]} == \
+    assert {Path(s["path"]).name: s["reason"] for s in result.report.frames_skipped} == \
         {"zero_shifted.fits": "all pixels are zero"}
     _, _, coverage, _ = read_image_fits(tmp_path / "out" / zw.TILES_DIR / "master_tile_000.fits")
     _, _, clean_coverage, _ = read_image_fits(dataset["clean_out"] / zw.TILES_DIR / "master_tile_000.fits")
@@ -233,26 +232,26 @@ def test_rerun_after_a_crash_reuses_finished_tiles_and_gives_the_same_mosaic(dat
         result = _run(dataset["frames"], out)
     assert "Taking over the output folder from an earlier run" in caplog.text
     assert not leftover.exists() and not (out / ".zemosaic.lock").exists()
-    assert [t["reused"] for t in result.report["tiles"]] == [True, False]
+    assert [t["reused"] for t in result.report.tiles] == [True, False]
     report = json.loads((out / zw.REPORT_NAME).read_text())
     assert [t["reused"] for t in report["tiles"]] == [True, False]
     image, coverage = _mosaic(out)
     clean_image, clean_coverage = _mosaic(dataset["clean_out"])
     np.testing.assert_array_equal(image, clean_image)
     np.testing.assert_array_equal(coverage, clean_coverage)
-    assert result.report["frames_used"] == dataset["clean"].report["frames_used"]
+    assert result.report.frames_used == dataset["clean"].report.frames_used
     # resume = off rebuilds every tile, to the same mosaic.
     again = _run(dataset["frames"], out, resume="off")
-    assert [t["reused"] for t in again.report["tiles"]] == [False, False]
+    assert [t["reused"] for t in again.report.tiles] == [False, False]
     np.testing.assert_array_equal(_mosaic(out)[0], clean_image)
 
 
 def test_outputs_of_an_earlier_run_are_removed(dataset, tmp_path):
     out = tmp_path / "out"
     first = _run(dataset["frames"], out, max_raw_per_master_tile=2)
-    assert len(first.report["tiles"]) == 4
+    assert len(first.report.tiles) == 4
     second = _run(dataset["frames"], out)
-    assert len(second.report["tiles"]) == 2
+    assert len(second.report.tiles) == 2
     names = sorted(p.name for p in (out / zw.TILES_DIR).iterdir())
     assert names == ["manifest.json", "master_tile_000.fits", "master_tile_001.fits"]
     # A rerun that fails leaves no mosaic of the run before beside it.

@@ -83,13 +83,12 @@ def _tiles(gain_errors, seed=0, noise=1.0):
     return tiles
 
 
-def _assemble(tiles, gpu_xp=None, **changes):
+def _assemble(tiles, **changes):
     config = MosaicConfig(**changes)
     wcs, shape = zw.mosaic_grid(tiles)
-    report = zw.RunReport(config={})
-    report.tiles = [{} for _ in tiles]
-    mosaic, coverage = zw.assemble_mosaic(tiles, wcs, shape, config, report, zw._Context(None, None), gpu_xp)
-    return mosaic, coverage, wcs, shape, report
+    run = zw.Run(config)
+    mosaic, coverage = zw.assemble_mosaic(run, tiles, wcs, shape)
+    return mosaic, coverage, wcs, shape, run.report
 
 
 def _tile_footprints(tiles, wcs, shape):
@@ -209,7 +208,7 @@ def _channel_lines(records, label):
     return [pattern.search(r.getMessage()).groups() for r in records if pattern.search(r.getMessage())]
 
 
-def test_gpu_failure_on_one_channel_reruns_all_on_cpu(caplog, monkeypatch):
+def test_gpu_failure_on_one_channel_reruns_all_on_cpu(caplog, monkeypatch, numpy_as_gpu):
     tiles = _tiles([1.0, 1.12, 1.0, 1.0])
     cpu, cov_cpu, *_ = _assemble(tiles, two_pass_coverage_renorm=True)
     real_gpu_coadd = zu.gpu_reproject_and_coadd_impl
@@ -222,7 +221,7 @@ def test_gpu_failure_on_one_channel_reruns_all_on_cpu(caplog, monkeypatch):
 
     monkeypatch.setattr(zu, "gpu_reproject_and_coadd_impl", fails_on_green)
     with caplog.at_level(logging.DEBUG, logger="zemosaic_worker"):
-        mixed, cov_mixed, *_rest, report = _assemble(tiles, gpu_xp=np, use_gpu_phase5=True,
+        mixed, cov_mixed, *_rest, report = _assemble(tiles, use_gpu_phase5=True,
                                                      two_pass_coverage_renorm=True)
     warnings = [r for r in caplog.records if r.levelno == logging.WARNING]
     assert [r.getMessage().startswith("[TwoPass] GPU reprojection failed on one or more channels; "
@@ -240,11 +239,11 @@ def test_gpu_failure_on_one_channel_reruns_all_on_cpu(caplog, monkeypatch):
     assert max(maxima) > 10  # a sum of weights: overlaps add tile coverages
 
 
-def test_gpu_code_path_with_numpy_matches_cpu(caplog):
+def test_gpu_code_path_with_numpy_matches_cpu(caplog, numpy_as_gpu):
     tiles = _tiles([1.0, 1.0, 1.0, 1.0])
     cpu, cov_cpu, *_ = _assemble(tiles)
     with caplog.at_level(logging.DEBUG, logger="zemosaic_worker"):
-        gpu, cov_gpu, *_rest, report = _assemble(tiles, gpu_xp=np, use_gpu_phase5=True)
+        gpu, cov_gpu, *_rest, report = _assemble(tiles, use_gpu_phase5=True)
     assert report.backends["assembly"] == "gpu"
     assert [g for _c, g, *_ in _channel_lines(caplog.records, "Assembly")] == ["True"] * 3
     ok = np.isfinite(cpu)

@@ -64,28 +64,92 @@ def test_fast_engine_matches_reproject(sip):
     assert np.all(c_fast[outside] == 0) and np.all(np.isnan(m_fast[outside]))
 
 
-def test_gpu_engine_with_numpy_matches_cpu():
+def test_gpu_engine_with_numpy_matches_reproject(numpy_as_gpu):
     data, wcs_list, weights, wcs_out, out_shape = _two_tiles()
-    data[0][50:80, 40:90] = np.nan  # NaN holes carry no weight on either path
-    m_cpu, c_cpu = zu.reproject_and_coadd(data, wcs_list, wcs_out, out_shape, weights)
-    m_gpu, c_gpu = zu.gpu_reproject_and_coadd_impl(data, wcs_list, out_shape, wcs_out=wcs_out,
-                                                   weights_list=weights, xp=np)
-    both = np.isfinite(m_cpu)
-    assert np.array_equal(both, np.isfinite(m_gpu))
-    assert np.max(np.abs(m_gpu[both] - m_cpu[both]) / np.abs(m_cpu[both])) < 1e-5
-    assert np.allclose(c_gpu, c_cpu, rtol=1e-5, atol=1e-6)
-    assert c_gpu.max() > 1.0  # coverage is not divided by the number of inputs
+    m_ref, c_ref = zu.reproject_and_coadd(data, wcs_list, wcs_out, out_shape, weights, engine="reproject")
+    data[0][50:80, 40:90] = np.nan  # a hole in tile 0: no weight there, tile 1 alone
+    m_gpu, c_gpu = zu.gpu_reproject_and_coadd_impl(data, wcs_list, wcs_out, out_shape, weights)
+    hole = np.nan_to_num(zu.reproject_and_coadd([np.isnan(data[0]).astype(np.float32)], wcs_list[:1],
+                                                wcs_out, out_shape, engine="reproject")[0]) > 0
+    for level in (2.0, 3.0, 5.0):  # interiors of each coverage level, away from the hole
+        inner = binary_erosion(np.isclose(c_ref, level) & ~hole, iterations=3)
+        assert inner.sum() > 1000
+        assert np.max(np.abs(m_gpu[inner] - m_ref[inner]) / np.abs(m_ref[inner])) < 1e-3
+        assert np.allclose(c_gpu[inner], level, atol=1e-4)
+    levels = [binary_erosion(np.isclose(c_ref, level), iterations=2) for level in (3.0, 5.0)]
+    inside_hole = binary_erosion(hole, iterations=3) & (levels[0] | levels[1])
+    assert inside_hole.sum() > 500
+    assert np.allclose(c_gpu[inside_hole], c_ref[inside_hole] - 3.0, atol=1e-4)  # tile 0 weighs 0
+    assert np.all(np.isnan(m_gpu[inside_hole & (c_ref < 4)]))  # where tile 0 was alone: no data
+    assert c_gpu.max() == pytest.approx(5.0, abs=1e-4)  # coverage is a sum of weights
 
 
-def test_device_error_in_the_gpu_engine_is_a_backend_error(monkeypatch):
+def _coadd_with(monkeypatch, kernel):
+    """Run the GPU co-add (NumPy standing in) with ``_coadd_fast`` replaced by ``kernel``."""
     data, wcs_list, weights, wcs_out, out_shape = _two_tiles()
+    monkeypatch.setattr(zu, "_coadd_fast", kernel)
+    return zu.gpu_reproject_and_coadd_impl(data, wcs_list, wcs_out, out_shape, weights)
+
+
+def test_device_error_in_the_gpu_engine_is_a_backend_error(monkeypatch, numpy_as_gpu):
+    runtime = pytest.importorskip("cupy.cuda.runtime")
 
     def device_lost(*args, **kwargs):
-        raise RuntimeError("cudaErrorLaunchFailure: unspecified launch failure")
+        raise runtime.CUDARuntimeError(719)  # cudaErrorLaunchFailure
 
-    monkeypatch.setattr(zu, "_coadd_fast", device_lost)
-    with pytest.raises(zu.GpuBackendError, match="launch failure"):
-        zu.gpu_reproject_and_coadd_impl(data, wcs_list, out_shape, wcs_out=wcs_out, xp=np)
+    with pytest.raises(zu.GpuBackendError, match="GPU co-add failed: cudaErrorLaunchFailure"):
+        _coadd_with(monkeypatch, device_lost)
+
+
+def test_device_errors_are_cuda_and_memory_errors_only():
+    cupy = pytest.importorskip("cupy")
+    errors = zu.device_errors()
+    for kind in (MemoryError, cupy.cuda.memory.OutOfMemoryError, cupy.cuda.runtime.CUDARuntimeError,
+                 cupy.cuda.driver.CUDADriverError):
+        assert issubclass(kind, errors), kind
+    for bug in (TypeError, ValueError, IndexError, AttributeError, RuntimeError, NotImplementedError):
+        assert not issubclass(bug, errors), bug
+
+
+def test_a_bug_on_the_gpu_engine_path_propagates(monkeypatch, numpy_as_gpu):
+    def bug(*args, **kwargs):
+        raise TypeError("unsupported operand type(s)")
+
+    with pytest.raises(TypeError, match="unsupported operand"):
+        _coadd_with(monkeypatch, bug)
+
+
+def test_out_of_memory_halves_the_gpu_chunk_and_retries(monkeypatch, numpy_as_gpu):
+    data, wcs_list, weights, wcs_out, out_shape = _two_tiles()
+    expected = zu.reproject_and_coadd(data, wcs_list, wcs_out, out_shape, weights)
+    real, rows_tried = zu._coadd_fast, []
+
+    def tight(data_list, weights_list, mappings, shape_out, xp, rows):
+        rows_tried.append(rows)
+        if rows > 40:
+            raise MemoryError("out of memory")
+        return real(data_list, weights_list, mappings, shape_out, xp, rows)
+
+    mosaic, coverage = _coadd_with(monkeypatch, tight)
+    assert rows_tried == [rows_tried[0] // 2**k for k in range(len(rows_tried))]
+    assert rows_tried[-1] <= 40 < rows_tried[-2]
+    np.testing.assert_array_equal(mosaic, expected[0])
+    np.testing.assert_array_equal(coverage, expected[1])
+
+
+@pytest.mark.gpu
+def test_real_cupy_coadd_matches_cpu():
+    if not zu.gpu_available():
+        pytest.skip(f"no usable GPU: {zu.gpu_unavailable_reason()}")
+    data, wcs_list, weights, wcs_out, out_shape = _two_tiles(sip=1e-5)
+    data[0][50:80, 40:90] = np.nan
+    m_cpu, c_cpu = zu.reproject_and_coadd(data, wcs_list, wcs_out, out_shape, weights)
+    m_gpu, c_gpu = zu.reproject_and_coadd(data, wcs_list, wcs_out, out_shape, weights, use_gpu=True)
+    ok = np.isfinite(m_cpu)
+    assert np.array_equal(ok, np.isfinite(m_gpu))
+    assert np.max(np.abs(m_gpu[ok] - m_cpu[ok]) / np.abs(m_cpu[ok])) < 1e-5
+    assert np.allclose(c_gpu, c_cpu, rtol=1e-5, atol=1e-6)
+    assert c_gpu.max() == pytest.approx(5.0, abs=1e-4)
 
 
 def test_percentiles_gpu_nan_safe():
@@ -100,8 +164,10 @@ def test_percentiles_gpu_nan_safe():
     assert all(np.isnan(zu._percentiles_gpu(np.full((3, 3), np.nan), 5, 95, xp=np)))
 
 
-def test_get_xp_without_gpu_is_numpy():
+def test_get_xp_without_gpu_says_why():
+    assert zu.get_xp(False) is np
     if zu.gpu_available():
         pytest.skip("a GPU is present")
-    assert zu.get_xp(True) is np
+    with pytest.raises(zu.GpuBackendError, match="GPU not available: "):
+        zu.get_xp(True)
     assert isinstance(zu.gpu_unavailable_reason(), str)

@@ -735,7 +735,7 @@ def _finished_tile(task: TileTask, outcome, report) -> MasterTile | None:
                       result.reference, result.backend)
 
 
-def _run_tile_tasks(run, todo, manifest, progress):
+def _run_tile_tasks(run, todo, manifest, n_groups: int):
     """Run the tile tasks ``[(task, manifest key)]`` on the configured executor; returns the tiles.
 
     Each tile is recorded in the manifest as soon as it is written, whatever order they finish in.
@@ -757,7 +757,7 @@ def _run_tile_tasks(run, todo, manifest, progress):
     flag = zexec.CancelFlag(os.path.join(todo[0][0].cache_dir, ".cancel"))
     tiles = []
     try:
-        for outcome in executor.run(build_master_tile, [t for t, _ in todo], run, flag):
+        for k, outcome in enumerate(executor.run(build_master_tile, [t for t, _ in todo], run, flag)):
             task, key = todo[outcome.index]
             tile = _finished_tile(task, outcome, report)
             if tile is not None:
@@ -765,7 +765,7 @@ def _run_tile_tasks(run, todo, manifest, progress):
                                 reference=tile.reference, backend=tile.backend,
                                 skipped=outcome.result.skipped)
                 tiles.append(tile)
-            progress(task.label)
+            run.advance("master_tiles", n_groups - len(todo) + k + 1, n_groups, f"{task.label} done")
     finally:
         executor.close()
     return tiles
@@ -785,14 +785,7 @@ def build_master_tiles(run, records, groups) -> list[MasterTile]:
     os.makedirs(tiles_dir, exist_ok=True)
     manifest = zrun.TileManifest(tiles_dir)
     use_gpu = config.use_gpu_phase5 and gpu_available()
-    finished = []
-    done = Counter()
-
-    def progress(label):
-        done["tiles"] += 1
-        run.advance("master_tiles", done["tiles"], len(groups), f"{label} done")
-
-    todo, reused = [], set()
+    finished, todo, reused = [], [], set()
     for gi, group in enumerate(groups):
         run.check_cancel()
         members = [records[i] for i in group]
@@ -803,9 +796,9 @@ def build_master_tiles(run, records, groups) -> list[MasterTile]:
             continue
         finished.append(_reuse_tile(gi, entry, tiles_dir, report))
         reused.add(gi)
-        progress(f"tile {gi:03d}")
+        run.advance("master_tiles", len(finished), len(groups), f"tile {gi:03d} reused")
     if todo:
-        finished += _run_tile_tasks(run, todo, manifest, progress)
+        finished += _run_tile_tasks(run, todo, manifest, len(groups))
     tiles = sorted(finished, key=lambda t: t.index)
     for t in tiles:
         report.tiles.append({"index": t.index, "file": os.path.relpath(t.path, config.output_folder),

@@ -1,5 +1,6 @@
 """Tile tasks on every executor: in-process, a local process pool, a Dask cluster — same mosaic."""
 
+import logging
 import threading
 import time
 
@@ -158,3 +159,28 @@ def test_worker_count_zero_means_every_core():
     assert zexec.resolve_workers(0) >= 1 and zexec.resolve_workers(3) == 3
     assert config_from_dict({"dask_scheduler": " tcp://10.0.0.5:8786 "}).dask_scheduler == \
         "tcp://10.0.0.5:8786"
+
+
+def test_cancel_during_parallel_tiles_writes_no_mosaic_and_leaves_no_scratch(frames, tmp_path):
+    cancel = threading.Event()
+    handler = logging.Handler()
+    # Cancel once the tiles are handed to the pool: the workers are stopped between frames.
+    handler.emit = lambda record: "on process pool" in record.getMessage() and cancel.set()
+    out = tmp_path / "out"
+    config = config_from_dict({"input_folder": str(frames), "output_folder": str(out),
+                               "num_processing_workers": 2})
+    logger = logging.getLogger("zemosaic_worker")
+    level = logger.level
+    logger.addHandler(handler)
+    logger.setLevel(logging.INFO)
+    try:
+        with pytest.raises(zw.Cancelled):
+            zw.run_mosaic(config, cancel=cancel)
+    finally:
+        logger.removeHandler(handler)
+        logger.setLevel(level)
+    assert cancel.is_set()
+    assert not list((out / zw.TILES_DIR).glob("master_tile_*.fits"))  # stopped before stacking
+    assert not (out / zw.MOSAIC_NAME).exists() and not (out / zw.REPORT_NAME).exists()
+    assert not list(out.rglob("*.tmp")) and not list(out.rglob(".cancel"))
+    assert not (out / zw.CACHE_DIR / zw.STACK_CACHE_DIR).exists()

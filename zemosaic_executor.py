@@ -24,6 +24,7 @@ import logging
 import multiprocessing
 import os
 import pickle
+import sys
 import threading
 import time
 from dataclasses import dataclass
@@ -236,8 +237,31 @@ def _is_alive(pid: int) -> bool:
         return True
 
 
+def _use_callers_modules(sys_path: list, modules: dict) -> None:
+    """Make this worker import the project's modules from where the caller imported them.
+
+    Python 3.11's forkserver preloads modules with its own default ``sys.path`` (it ignores the
+    caller's), so a caller that found the modules through a path it added at run time (a source
+    checkout beside an installed copy) would get workers running the other copy's code.
+    """
+    sys.path[:] = sys_path
+    stale = [name for name, path in modules.items()
+             if name in sys.modules and getattr(sys.modules[name], "__file__", None) != path]
+    if stale:  # forgotten, so the task imports them again from the caller's path
+        for name in list(sys.modules):
+            if name in modules or name.startswith("zemosaic"):
+                sys.modules.pop(name)
+
+
+def _start_worker(caller_pid: int, sys_path: list, modules: dict) -> None:
+    """Pool worker initializer: the caller's modules (:func:`_use_callers_modules`), and an end
+    when the caller is gone (:func:`_exit_with_caller`)."""
+    _use_callers_modules(sys_path, modules)
+    _exit_with_caller(caller_pid)
+
+
 def _exit_with_caller(caller_pid: int, period_s: float = 0.5) -> None:
-    """Worker initializer: end this worker when the caller is gone.
+    """End this worker when the caller is gone.
 
     A pool's workers wait on a queue whose write end they hold themselves, so a caller that is
     killed (a crash, SIGKILL) would leave them running for ever, holding its terminal's pipes.
@@ -262,8 +286,11 @@ class PoolExecutor(_FutureExecutor):
         context = multiprocessing.get_context(method)
         if method == "forkserver":
             context.set_forkserver_preload(list(preload))
+        modules = {name: getattr(module, "__file__", None) for name, module in list(sys.modules.items())
+                   if name.startswith("zemosaic")}
         self._pool = cf.ProcessPoolExecutor(max_workers=workers, mp_context=context,
-                                            initializer=_exit_with_caller, initargs=(os.getpid(),))
+                                            initializer=_start_worker,
+                                            initargs=(os.getpid(), list(sys.path), modules))
 
     def _submit(self, call, *args):
         return self._pool.submit(call, *args)

@@ -8,8 +8,8 @@ configuration: ``dask_scheduler`` names a ``dask.distributed`` scheduler (``loca
 
 Every executor runs the same function on the same pickled task, so the result does not depend
 on where it ran: in this process the task goes through the same pickle round trip as on its way
-to a worker. Results come back as tasks finish; :func:`run_tasks` hands each to a callback, turns
-a worker's exception into a failed task (its reason in words) and stops between tasks on cancel.
+to a worker. An executor's ``run`` yields a :class:`TaskOutcome` per task as tasks finish, turns a
+worker's exception into a failed task (its reason in words) and stops between tasks on cancel.
 
 Workers in other processes cannot see the caller's ``threading.Event``: cancellation reaches them
 as a flag file in a folder they share with the caller (the output folder, which they write the

@@ -173,6 +173,8 @@ HELP_EPILOG = """main configuration keys (JSON file; all optional except the fol
   cluster_panel_threshold, max_raw_per_master_tile
   use_gpu_phase5, two_pass_coverage_renorm
   save_channel_files, save_final_as_uint16, logging_level
+  num_processing_workers               master tiles at once (0 = one per core, 1 = no workers)
+  dask_scheduler                       "" | local | tcp://host:8786 (master tiles on Dask)
   (every key with its default and allowed values: README.md, "Configuration keys")
 
 example:

@@ -933,12 +933,30 @@ def run_second_pass_coverage_renorm(inputs: AssemblyInputs, low: zph.LowResTiles
     return mosaic, np.min(coverage, axis=-1), gains, gpu_all
 
 
-def _tile_match(tiles, low, config) -> zph.TileMatch:
+def overlap_images(tiles: list[MasterTile], low: zph.LowResTiles, wcs_out, shape_out):
+    """Return a function of ``(i, j, coarse overlap mask)`` giving tiles i and j at full resolution.
+
+    Both are resampled alone onto the box of the output grid that holds their overlap (NaN where a
+    tile has no data), for :func:`zemosaic_photometry.block_pair_slopes`.
+    """
+    def images(i, j, both):
+        rows, cols = np.nonzero(both)
+        f = low.factor
+        y0, y1 = rows.min() * f, min((rows.max() + 1) * f, shape_out[0])
+        x0, x1 = cols.min() * f, min((cols.max() + 1) * f, shape_out[1])
+        box_wcs = wcs_out.slice((slice(y0, y1), slice(x0, x1)))
+        return tuple(reproject_and_coadd([tiles[k].image], [tiles[k].wcs], box_wcs, (y1 - y0, x1 - x0))[0]
+                     for k in (i, j))
+    return images
+
+
+def _tile_match(tiles, low, config, wcs_out, shape_out) -> zph.TileMatch:
     """Pass-1 photometric corrections: gains and offsets solved from the overlaps, or none."""
     n, n_ch = len(tiles), tiles[0].image.shape[2]
     if low is None:
         return zph.TileMatch(np.ones((n, n_ch)), np.zeros((n, n_ch)), np.zeros(n, bool))
-    return zph.match_tiles(low, config.intertile_photometric_match, config.match_background)
+    return zph.match_tiles(low, config.intertile_photometric_match, config.match_background,
+                           overlap_images(tiles, low, wcs_out, shape_out))
 
 
 def _record_match(report, tiles, match: zph.TileMatch) -> None:
@@ -961,7 +979,7 @@ def assemble_mosaic(run, tiles, wcs_out, shape_out):
     need_low = config.match_background or config.intertile_photometric_match \
         or config.two_pass_coverage_renorm
     low = low_res_tiles(tiles, wcs_out, shape_out) if need_low and n > 1 else None
-    match = _tile_match(tiles, low, config)
+    match = _tile_match(tiles, low, config, wcs_out, shape_out)
     _record_match(report, tiles, match)
     run.check_cancel()
     mappings = []

@@ -11,6 +11,9 @@ on where it ran: in this process the task goes through the same pickle round tri
 to a worker. An executor's ``run`` yields a :class:`TaskOutcome` per task as tasks finish, turns a
 worker's exception into a failed task (its reason in words) and stops between tasks on cancel.
 
+Tile tasks running at once on one machine share its RAM budget for their aligned stacks
+(:func:`allocate_stack`): a stack beyond its share goes to a disk-backed cache.
+
 Workers in other processes cannot see the caller's ``threading.Event``: cancellation reaches them
 as a flag file in a folder they share with the caller (the output folder, which they write the
 tiles to anyway), checked between frames. Their log records are collected and re-emitted here, so
@@ -25,9 +28,12 @@ import multiprocessing
 import os
 import pickle
 import sys
+import tempfile
 import threading
 import time
 from dataclasses import dataclass
+
+import numpy as np
 
 logger = logging.getLogger(__name__)
 
@@ -48,6 +54,48 @@ def resolve_workers(requested: int) -> int:
         return max(1, len(os.sched_getaffinity(0)))
     except (AttributeError, OSError):  # not Linux
         return max(1, os.cpu_count() or 1)
+
+
+def stack_ram_budget() -> int:
+    """Return the bytes an aligned stack may take in RAM: 40 % of the memory available now.
+
+    Larger stacks go to a disk-backed cache in the output folder; 4 GB when /proc is unreadable.
+    """
+    try:
+        with open("/proc/meminfo") as fh:
+            for line in fh:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024 * 2 // 5
+    except OSError:
+        pass
+    return 4 * 2**30
+
+
+def allocate_stack(shape, cache_dir: str, ram_share: int = 1):
+    """Return a float32 array of ``shape``: in RAM, or disk-backed (in ``cache_dir``) when too large.
+
+    ``ram_share`` stacks may be built at once on this machine (parallel tile tasks): each gets
+    that share of the RAM budget.
+    """
+    nbytes = int(np.prod(shape)) * 4
+    if nbytes <= stack_ram_budget() // max(1, ram_share):
+        return np.empty(shape, np.float32)
+    os.makedirs(cache_dir, exist_ok=True)
+    handle = tempfile.NamedTemporaryFile(dir=cache_dir, prefix=".stack_", suffix=".tmp", delete=False)
+    handle.close()
+    logger.info("Aligned stack of %.1f GB goes to a disk cache in %s", nbytes / 2**30, cache_dir)
+    return np.memmap(handle.name, dtype=np.float32, mode="w+", shape=shape)
+
+
+def release_stack(stack) -> None:
+    """Delete the file behind a disk-backed stack."""
+    if isinstance(stack, np.memmap):
+        name = stack.filename
+        del stack
+        try:
+            os.remove(name)
+        except OSError:
+            pass
 
 
 class CancelFlag:

@@ -62,21 +62,6 @@ STACK_CACHE_DIR = "stacks"
 
 PHASES = ("scan", "solve", "group", "master_tiles", "grid", "assembly", "write")
 
-def _stack_ram_budget() -> int:
-    """Return the bytes an aligned stack may take in RAM: 40 % of the memory available now.
-
-    Larger stacks go to a disk-backed cache in the output folder; 4 GB when /proc is unreadable.
-    """
-    try:
-        with open("/proc/meminfo") as fh:
-            for line in fh:
-                if line.startswith("MemAvailable:"):
-                    return int(line.split()[1]) * 1024 * 2 // 5
-    except OSError:
-        pass
-    return 4 * 2**30
-
-
 class PipelineError(Exception):
     """A run cannot go on; the message is a one-line reason for the user."""
 
@@ -447,33 +432,6 @@ def _reference_index(records: list[FrameRecord]) -> int:
     return int(np.argmax(vec @ centre))
 
 
-def _allocate_stack(shape, cache_dir: str, ram_share: int = 1):
-    """Return a float32 array of ``shape``: in RAM, or disk-backed when it is too large.
-
-    ``ram_share`` stacks may be built at once on this machine (parallel tile tasks): each gets
-    that share of the RAM budget.
-    """
-    nbytes = int(np.prod(shape)) * 4
-    if nbytes <= _stack_ram_budget() // max(1, ram_share):
-        return np.empty(shape, np.float32)
-    os.makedirs(cache_dir, exist_ok=True)
-    handle = tempfile.NamedTemporaryFile(dir=cache_dir, prefix=".stack_", suffix=".tmp", delete=False)
-    handle.close()
-    logger.info("Aligned stack of %.1f GB goes to a disk cache in %s", nbytes / 2**30, cache_dir)
-    return np.memmap(handle.name, dtype=np.float32, mode="w+", shape=shape)
-
-
-def _release_stack(stack) -> None:
-    """Delete the file behind a disk-backed stack."""
-    if isinstance(stack, np.memmap):
-        name = stack.filename
-        del stack
-        try:
-            os.remove(name)
-        except OSError:
-            pass
-
-
 @dataclass
 class TileTask:
     """Everything one master tile needs, picklable: a task for any executor (:mod:`zemosaic_executor`).
@@ -557,8 +515,8 @@ def _load_and_align_group(task: TileTask, ctx, skipped: list):
         return None, [], None
     canvas = stk.group_canvas(frame.wcs, reference.shape[:2],
                               [(r.wcs, r.info.shape_hw) for r in records])
-    stack = _allocate_stack((len(records),) + canvas.shape + reference.shape[2:],
-                            task.cache_dir, task.ram_share)
+    stack = zexec.allocate_stack((len(records),) + canvas.shape + reference.shape[2:],
+                                 task.cache_dir, task.ram_share)
     stack[0] = stk.place_reference(reference, canvas)
     used = [records[order[first]]]
     # Detected once for the whole group.
@@ -685,7 +643,7 @@ def build_master_tile(task: TileTask, ctx) -> TileResult:
     try:
         image, coverage, backend = _stack_group(stack, len(used), config, task.use_gpu, label)
     finally:
-        _release_stack(stack)
+        zexec.release_stack(stack)
     zfits.write_image_fits(os.path.join(task.tiles_dir, _tile_name(task.index)), image, tile_wcs,
                            coverage=coverage,
                            header_cards=_tile_header_cards(config, used, used[0].path, backend))

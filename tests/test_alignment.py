@@ -127,6 +127,7 @@ def test_worker_logs_mt_coverage_and_falls_back_to_cpu(tmp_path, caplog, monkeyp
 
 
 def test_disk_backed_stack_gives_the_same_tile(tmp_path, monkeypatch):
+    import zemosaic_executor as zexec
     import zemosaic_synth
     import zemosaic_worker as zw
     from zemosaic_config import MosaicConfig
@@ -138,7 +139,7 @@ def test_disk_backed_stack_gives_the_same_tile(tmp_path, monkeypatch):
     (tmp_path / "o").mkdir()
     in_ram = zw.build_master_tile(zw.TileTask(0, records, config, str(tmp_path / "o"), False),
                                   run)
-    monkeypatch.setattr(zw, "_stack_ram_budget", lambda: 1024)
+    monkeypatch.setattr(zexec, "stack_ram_budget", lambda: 1024)
     on_disk = zw.build_master_tile(zw.TileTask(1, records, config, str(tmp_path / "o"), False),
                                    run)
     assert np.array_equal(np.isnan(in_ram.image), np.isnan(on_disk.image))

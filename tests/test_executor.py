@@ -86,11 +86,11 @@ def test_a_failing_tile_is_skipped_with_its_reason(frames, tmp_path, monkeypatch
 
 
 def test_stacks_share_the_ram_budget_between_parallel_tiles(tmp_path, monkeypatch):
-    monkeypatch.setattr(zw, "_stack_ram_budget", lambda: 3 * 4 * 1000)
-    in_ram = zw._allocate_stack((1000, 3), str(tmp_path), ram_share=1)
-    on_disk = zw._allocate_stack((1000, 3), str(tmp_path), ram_share=2)
+    monkeypatch.setattr(zexec, "stack_ram_budget", lambda: 3 * 4 * 1000)
+    in_ram = zexec.allocate_stack((1000, 3), str(tmp_path), ram_share=1)
+    on_disk = zexec.allocate_stack((1000, 3), str(tmp_path), ram_share=2)
     assert not isinstance(in_ram, np.memmap) and isinstance(on_disk, np.memmap)
-    zw._release_stack(on_disk)
+    zexec.release_stack(on_disk)
     assert not list(tmp_path.iterdir())
 
 

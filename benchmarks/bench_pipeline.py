@@ -33,7 +33,7 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
 import zemosaic_synth  # noqa: E402
 from _measure import (fmt, load_warning, print_table, report_result, rss_tree_bytes,  # noqa: E402
-                      run_child, run_python_worker)
+                      run_child, run_python_worker, siril_env)
 from zemosaic_config import config_from_dict  # noqa: E402
 from zemosaic_executor import resolve_workers  # noqa: E402
 from zemosaic_worker import PHASES, run_mosaic  # noqa: E402
@@ -130,7 +130,7 @@ def run_siril(exe: str, frames_dir: str, work: str) -> dict:
             os.symlink(path, os.path.join(folder, os.path.basename(path)))
         with open(os.path.join(folder, "run.ssf"), "w") as fh:
             fh.write(SIRIL_SCRIPT)
-        run = run_child([exe, "-d", folder, "-s", os.path.join(folder, "run.ssf")])
+        run = run_child([exe, "-d", folder, "-s", os.path.join(folder, "run.ssf")], env=siril_env(folder))
         log = run.stdout + run.stderr
         totals["frames"] += len(paths)
         totals["wall_s"] += run.wall_s

@@ -136,6 +136,34 @@ def _star_pixels(truth):
     return binary_dilation(lum - gaussian_filter(lum, 6) > 2.0, iterations=2)
 
 
+def coefficient_figures(dataset_root, tiles):
+    """Brightness and colour figures of the tiles from the run's own coefficients, free of noise.
+
+    ``tiles`` are the run report's tile entries: each frame's ``gain_rgb`` and ``weight_rgb``
+    (``frame_photometry``), the tile's ``gain_rgb`` and ``two_pass_gain``. A frame's light is its
+    true transparency times its panel's colour (``truth.json``), so a tile's level in channel c is
+    ``tile gain * sum_k(w_k g_k t_k) / sum_k(w_k)``: what the mosaic holds of that panel, up to
+    the truth's own scale. Returns the keys of :func:`panel_figures` about levels and colours.
+    """
+    import json
+
+    meta = json.loads((Path(dataset_root) / "truth" / "truth.json").read_text())
+    light = {f["file"]: f["transparency"] * np.asarray(f["gain_rgb"], float) for f in meta["frames"]}
+    levels = []
+    for tile in tiles:
+        frames = tile["frame_photometry"]
+        weights = np.array([f["weight_rgb"] for f in frames])
+        stacked = np.sum(weights * np.array([f["gain_rgb"] for f in frames])
+                         * np.array([light[Path(f["path"]).name] for f in frames]), axis=0) / weights.sum(axis=0)
+        levels.append(stacked * np.asarray(tile["gain_rgb"]) * tile.get("two_pass_gain", 1.0))
+    scales = np.array(levels)
+    lum = scales.mean(axis=1)
+    ratios = np.stack([scales[:, 0] / scales[:, 1], scales[:, 2] / scales[:, 1]], axis=1)
+    return {"panel_scale": lum / np.median(lum), "panel_ratios": ratios,
+            "gain_spread": float(np.max(np.abs(lum / np.median(lum) - 1))),
+            "colour_spread": float(np.max(np.ptp(ratios, axis=0) / ratios.mean(axis=0)))}
+
+
 def seam_step(mosaic, truth, feet, fitted, single, band_px=40, min_pixels=2000):
     """Largest residual jump across a tile edge, in sky-noise units (per pixel, per channel).
 

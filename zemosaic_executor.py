@@ -42,6 +42,10 @@ LOCAL_CLUSTER = "local"
 _POLL_S = 0.2
 
 
+class WorkersLost(Exception):
+    """The local pool's worker processes stopped: killed (out of memory) or unable to start."""
+
+
 class Cancelled(Exception):
     """The run was cancelled by the user."""
 
@@ -258,6 +262,8 @@ class _FutureExecutor:
             result, records = future.result()
         except Cancelled:
             raise
+        except cf.process.BrokenProcessPool as exc:  # no task can run any more
+            raise WorkersLost(_reason(exc)) from exc
         except Exception as exc:  # a worker's error, or a worker that died
             return TaskOutcome(index, error=_reason(exc))
         for record in records:

@@ -113,7 +113,11 @@ class FrameRecord:
 
 @dataclass
 class MasterTile:
-    """A stacked group: image ``(H, W, C)``, coverage (frames per pixel) and WCS."""
+    """A stacked group: image ``(H, W, C)``, coverage (frames per pixel) and WCS.
+
+    ``frame_photometry``: per stacked frame, the gains, offsets and weights it was stacked with
+    (:func:`_frame_photometry`), for the run report.
+    """
 
     index: int
     image: np.ndarray
@@ -123,6 +127,7 @@ class MasterTile:
     frames: list
     reference: str
     backend: str
+    frame_photometry: list = field(default_factory=list)
 
 
 @dataclass
@@ -461,7 +466,7 @@ class TileTask:
 class TileResult:
     """What a tile task returns: the tile (``image`` None when no frame could be loaded), its WCS
     as header text (it travels between processes unchanged), used frames, and the frames skipped
-    (``{"path", "reason"}``) for the caller's report."""
+    (``{"path", "reason"}``) and the frames' photometry for the caller's report."""
 
     image: np.ndarray | None
     coverage: np.ndarray | None
@@ -470,6 +475,7 @@ class TileResult:
     reference: str
     backend: str
     skipped: list
+    frame_photometry: list = field(default_factory=list)
 
 
 def _tile_name(index: int) -> str:
@@ -571,8 +577,20 @@ def _photometric_reference(gains, offsets):
     return gains / scale, offsets / scale
 
 
+def _frame_photometry(used, gains, offsets, weights) -> list:
+    """Return, per stacked frame, ``{"path", "gain_rgb", "offset_rgb", "weight_rgb"}`` (JSON-able)."""
+    n, n_ch = gains.shape
+    weights = np.ones((n, n_ch)) if weights is None else weights
+    return [{"path": r.path, "gain_rgb": [round(float(v), 6) for v in g],
+             "offset_rgb": [round(float(v), 3) for v in o], "weight_rgb": [round(float(v), 6) for v in w]}
+            for r, g, o, w in zip(used, gains, offsets, weights)]
+
+
 def _stack_group(stack, n_used, config, use_gpu, tile_label):
-    """Normalise, weight, reject and combine an aligned stack; returns ``(image, coverage, backend)``."""
+    """Normalise, weight, reject and combine an aligned stack.
+
+    Returns ``(image, coverage, backend, (gains, offsets, weights))``, the coefficients per frame.
+    """
     view = stack[:n_used]
     gains, offsets = stk.normalization_coefficients(view, 0, config.stacking_normalize_method)
     if config.stacking_normalize_method == "linear_fit":
@@ -591,11 +609,11 @@ def _stack_group(stack, n_used, config, use_gpu, tile_label):
 
         try:
             image, coverage = stack_in_chunks_gpu(view, gains, offsets, weights, params, noise_sigmas=sigmas)
-            return image, coverage, "gpu"
+            return image, coverage, "gpu", (gains, offsets, weights)
         except GpuBackendError as exc:
             logger.warning("%s: GPU stacking failed (%s); stacking this tile on CPU", tile_label, exc)
     image, coverage = stk.stack_in_chunks(view, gains, offsets, weights, params, noise_sigmas=sigmas)
-    return image, coverage, "cpu"
+    return image, coverage, "cpu", (gains, offsets, weights)
 
 
 def _settings_history(config) -> list:
@@ -641,7 +659,7 @@ def build_master_tile(task: TileTask, ctx) -> TileResult:
     if not used:
         return TileResult(None, None, "", [], "", "", skipped)
     try:
-        image, coverage, backend = _stack_group(stack, len(used), config, task.use_gpu, label)
+        image, coverage, backend, coefficients = _stack_group(stack, len(used), config, task.use_gpu, label)
     finally:
         zexec.release_stack(stack)
     zfits.write_image_fits(os.path.join(task.tiles_dir, _tile_name(task.index)), image, tile_wcs,
@@ -651,7 +669,8 @@ def build_master_tile(task: TileTask, ctx) -> TileResult:
                 config.stacking_rejection_algorithm, backend)
     # The tile is used with the WCS its file holds, as a resumed run reads it: same mosaic.
     return TileResult(image, coverage, zfits.wcs_to_cd_header(tile_wcs).tostring(),
-                      [r.path for r in used], used[0].path, backend, skipped)
+                      [r.path for r in used], used[0].path, backend, skipped,
+                      _frame_photometry(used, *coefficients))
 
 
 def _tile_key(members, config) -> str:
@@ -668,7 +687,7 @@ def _reuse_tile(index, entry, tiles_dir, report) -> MasterTile:
         report.skip(skipped["path"], skipped["reason"])
     logger.info("tile %03d: reused from an earlier run (%d frame(s))", index, len(entry["frames"]))
     return MasterTile(index, image, coverage, wcs, path, list(entry["frames"]), entry["reference"],
-                      entry["backend"])
+                      entry["backend"], entry.get("frame_photometry", []))
 
 
 def _finished_tile(task: TileTask, outcome, report) -> MasterTile | None:
@@ -690,7 +709,7 @@ def _finished_tile(task: TileTask, outcome, report) -> MasterTile | None:
         return None
     return MasterTile(task.index, result.image, result.coverage, zfits.wcs_from_text(result.wcs_text),
                       os.path.join(task.tiles_dir, _tile_name(task.index)), result.frames,
-                      result.reference, result.backend)
+                      result.reference, result.backend, result.frame_photometry)
 
 
 def _run_tile_tasks(run, todo, manifest, n_groups: int):
@@ -721,9 +740,15 @@ def _run_tile_tasks(run, todo, manifest, n_groups: int):
             if tile is not None:
                 manifest.record(_tile_name(task.index), key, frames=tile.frames,
                                 reference=tile.reference, backend=tile.backend,
-                                skipped=outcome.result.skipped)
+                                skipped=outcome.result.skipped,
+                                frame_photometry=tile.frame_photometry)
                 tiles.append(tile)
             run.advance("master_tiles", n_groups - len(todo) + k + 1, n_groups, f"{task.label} done")
+    except zexec.WorkersLost as exc:
+        raise PipelineError(f"the tile worker processes stopped ({exc}): one was killed (out of memory?) "
+                            "or could not start. A script that calls run_mosaic must do it under "
+                            "'if __name__ == \"__main__\":' (worker processes import the script); "
+                            "num_processing_workers = 1 builds the tiles in this process") from exc
     finally:
         executor.close()
     return tiles
@@ -761,7 +786,8 @@ def build_master_tiles(run, records, groups) -> list[MasterTile]:
     for t in tiles:
         report.tiles.append({"index": t.index, "file": os.path.relpath(t.path, config.output_folder),
                              "frames": len(t.frames), "reference": t.reference,
-                             "backend": t.backend, "reused": t.index in reused})
+                             "backend": t.backend, "reused": t.index in reused,
+                             "frame_photometry": t.frame_photometry})
     manifest.keep_only(os.path.basename(t.path) for t in tiles)
     report.backends["master_tiles"] = "gpu" if any(t.backend == "gpu" for t in tiles) else "cpu"
     return tiles

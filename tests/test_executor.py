@@ -184,3 +184,23 @@ def test_cancel_during_parallel_tiles_writes_no_mosaic_and_leaves_no_scratch(fra
     assert not (out / zw.MOSAIC_NAME).exists() and not (out / zw.REPORT_NAME).exists()
     assert not list(out.rglob("*.tmp")) and not list(out.rglob(".cancel"))
     assert not (out / zw.CACHE_DIR / zw.STACK_CACHE_DIR).exists()
+
+
+def test_script_without_main_guard_gets_a_clear_error(frames, tmp_path):
+    """Pool workers import the calling script: one that calls run_mosaic at its top level breaks
+    them. The run stops with one clear error that says what to do, instead of every tile failing."""
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    script = tmp_path / "unguarded.py"
+    script.write_text("import zemosaic_worker as zw\nfrom zemosaic_config import config_from_dict\n"
+                      f"zw.run_mosaic(config_from_dict({{'input_folder': {str(frames)!r}, "
+                      f"'output_folder': {str(tmp_path / 'out')!r}, 'num_processing_workers': 2}}))\n")
+    root = Path(__file__).resolve().parents[1]
+    proc = subprocess.run([sys.executable, str(script)], capture_output=True, text=True, timeout=300,
+                          env=dict(os.environ, PYTHONPATH=str(root)), cwd=tmp_path)
+    assert proc.returncode != 0
+    assert "PipelineError" in proc.stderr and "if __name__ == \"__main__\":" in proc.stderr, proc.stderr[-2000:]
+    assert not (tmp_path / "out" / zw.MOSAIC_NAME).exists()

@@ -30,9 +30,11 @@ def _run(root, panel_gain_rgb):
     mosaic, wcs, _cov, header = zfits.read_image_fits(result.paths["mosaic"])
     truth = pt.truth_on_grid(root, wcs, mosaic.shape[:2])
     feet = pt.master_tile_footprints(out, wcs, mosaic.shape[:2])
+    report = result.report.to_dict()
     return {"mosaic": mosaic, "truth": truth, "feet": feet, "wcs": wcs, "header": header,
-            "report": result.report.to_dict(), "out": out, "root": root,
-            "figures": pt.panel_figures(mosaic, truth, feet)}
+            "report": report, "out": out, "root": root,
+            "figures": pt.panel_figures(mosaic, truth, feet),
+            "coefficients": pt.coefficient_figures(root, report["tiles"])}
 
 
 @pytest.fixture(scope="module")
@@ -87,12 +89,25 @@ def test_two_nights_panel_brightness_and_colour(two_nights):
     assert figures["colour_spread"] < 0.09, figures["panel_ratios"]
 
 
-@pytest.mark.xfail(reason="the colour figure cannot resolve 1 % on these small scenes: a perfect mosaic "
-                          "(the truth with the same noise) scores 0.9-2.4 % on it; ZeMosaic scores "
-                          "1.1 % (one night) and 5.3 % (two nights)", strict=False)
-def test_colour_ratios_equal_within_one_percent(bright_panel, two_nights):
-    for scene in (bright_panel, two_nights):
-        assert scene["figures"]["colour_spread"] <= 0.01, scene["figures"]["panel_ratios"]
+def test_colour_ratios_equal_within_one_percent_one_night(bright_panel):
+    """Panel colours as the run's own coefficients make them (free of the mosaic's noise, which
+    a colour figure on the mosaic cannot resolve below 1-2.5 % on these small scenes)."""
+    figures = bright_panel["coefficients"]
+    assert figures["colour_spread"] <= 0.01 and figures["gain_spread"] <= 0.01, figures
+
+
+@pytest.mark.xfail(reason="the tiles of the second night keep a colour error of 1.4 % (R/G) and 1.0 % "
+                          "(B/G): each pair of overlapping tiles measures its colour ratio to about "
+                          "1 %", strict=False)
+def test_colour_ratios_equal_within_one_percent_two_nights(two_nights):
+    figures = two_nights["coefficients"]
+    assert figures["colour_spread"] <= 0.01, figures
+
+
+def test_two_nights_colour_within_two_percent(two_nights):
+    """Without colour terms the panels of the two nights would be 11 % apart in R/G and B/G."""
+    figures = two_nights["coefficients"]
+    assert figures["colour_spread"] < 0.02 and figures["gain_spread"] < 0.01, figures
 
 
 def test_seams_below_three_tenths_of_sky_noise(bright_panel, two_nights):

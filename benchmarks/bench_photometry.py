@@ -17,7 +17,8 @@ ZeMosaic pass 1 (default settings), ZeMosaic with Two-Pass, reproject's
 0 and its mean, which divides by every tile, is rescaled here to the tiles present). Figures (see ``tests/photometry_truth.py``): largest deviation of a
 panel's flux scale from the median panel's, largest relative spread of R/G or B/G between
 panels, largest residual step across a tile edge in sky-noise units, the mosaic's R/G and B/G
-against the truth's.
+against the truth's. After the table, the panels' brightness and colour spreads as the run's own
+coefficients make them (``photometry_truth.coefficient_figures``), free of the mosaic's noise.
 """
 
 from __future__ import annotations
@@ -146,7 +147,7 @@ def scene(name, options, frames_per_panel, work):
         methods.append(("Siril addscale", siril))
     rows = [(name, label, pt.panel_figures(image, truth, feet)) for label, image in methods]
     wb = [header.get(k) for k in ("WBGAINR", "WBGAING", "WBGAINB")]
-    return rows, gains, wb
+    return rows, gains, wb, pt.coefficient_figures(root, result.report.to_dict()["tiles"])
 
 
 def main(argv=None) -> int:
@@ -162,13 +163,14 @@ def main(argv=None) -> int:
     notes = []
     try:
         for name, options in SCENES.items():
-            rows, gains, wb = scene(name, options, args.frames_per_panel, work)
+            rows, gains, wb, own = scene(name, options, args.frames_per_panel, work)
             for scene_name, label, f in rows:
                 lines.append(f"{scene_name:<15} {label:<19} {100 * f['gain_spread']:>10.2f}% "
                              f"{100 * f['colour_spread']:>12.2f}% {f['seam_step']:>8.2f}σ "
                              f"{f['mosaic_ratios'][0]:>10.3f} {f['mosaic_ratios'][1]:>6.3f}")
             notes.append(f"{name}: Two-Pass gains {', '.join(f'{g:.4f}' for g in gains)}; "
-                         f"white balance R,G,B {wb}")
+                         f"white balance R,G,B {wb}; from the run's own coefficients: gain spread "
+                         f"{100 * own['gain_spread']:.2f}%, colour spread {100 * own['colour_spread']:.2f}%")
             print("\n".join(lines[-len(rows):]), flush=True)
     finally:
         if not args.keep:

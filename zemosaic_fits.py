@@ -34,7 +34,7 @@ from astropy.utils.exceptions import AstropyWarning
 from astropy.wcs import WCS, SingularMatrixError
 from scipy import ndimage
 
-from zemosaic_utils import mad_sigma, subsample
+from zemosaic_utils import mad_sigma, sky_level, subsample
 
 logger = logging.getLogger(__name__)
 
@@ -974,10 +974,11 @@ def stretch_unit(image_hwc: np.ndarray, wb_gains: Sequence[float] | None = None)
     output = np.zeros((height, width, 3), dtype=np.float32)
     if channels > 1 and np.isfinite(image).any():
         # Display only: shift each channel so the sky is grey. A one-shot-colour camera's raw
-        # balance (green-heavy for a Seestar) would otherwise tint the whole preview.
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore", RuntimeWarning)
-            sky = np.nanmedian(image[::4, ::4].reshape(-1, channels), axis=0)
+        # balance (green-heavy for a Seestar) would otherwise tint the whole preview. The sky is
+        # the mode, as for the white balance: a median of a nebula-filled field sits on the
+        # nebula and leaves the sky tinted the nebula's complementary colour.
+        sample = subsample(image, 1_000_000).reshape(-1, channels)
+        sky = np.array([sky_level(sample[:, c]) for c in range(channels)])
         if np.all(np.isfinite(sky)):
             gains = np.ones(channels) if wb_gains is None else np.asarray(wb_gains, float)
             image = ((image - sky) * gains + sky.mean()).astype(np.float32)

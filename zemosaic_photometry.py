@@ -37,7 +37,7 @@ from dataclasses import dataclass, replace
 
 import numpy as np
 
-from zemosaic_utils import mad_sigma, sigma_clipped_stats, subsample, to_numpy
+from zemosaic_utils import mad_sigma, sigma_clipped_stats, sky_level, subsample, to_numpy
 
 logger = logging.getLogger(__name__)
 
@@ -1103,7 +1103,7 @@ class WhiteBalance:
 def white_balance(image_hwc, star_kappa: float = 20.0, smooth_px: float = 8.0) -> WhiteBalance:
     """Measure the display white balance of a linear RGB image: neutral sky, stars white on average.
 
-    The sky is the per-channel median. Stars are pixels standing out of their surroundings (the
+    The sky is the per-channel mode (:func:`zemosaic_utils.sky_level`). Stars are pixels standing out of their surroundings (the
     image minus a ``smooth_px`` Gaussian, so nebulosity does not count as star light) by
     ``star_kappa`` noise sigmas in every channel, below 80 % of each channel's maximum (saturated
     cores have lost their colour). Each channel's gain makes the median star pixel grey. With
@@ -1114,7 +1114,9 @@ def white_balance(image_hwc, star_kappa: float = 20.0, smooth_px: float = 8.0) -
     if n_ch < 3 or not np.isfinite(image).any():
         return WhiteBalance(np.ones(n_ch), np.zeros(n_ch), "none")
     sample = image[::2, ::2].reshape(-1, n_ch)
-    sky = np.nanmedian(sample, axis=0)
+    # The sky is the mode (zemosaic_utils.sky_level): a median of a nebula-filled field sits on
+    # the nebula in its colour (36 ADU too high in R on the demo mosaic) and tints the sky.
+    sky = np.array([sky_level(subsample(sample[:, c], 200_000)) for c in range(n_ch)])
     noise = np.array([sigma_clipped_stats(sample[:, c])[1] for c in range(n_ch)])
     above = image - sky
     detail = np.stack([image[..., c] - _smooth_nan(image[..., c], smooth_px) for c in range(n_ch)], -1)

@@ -1000,12 +1000,17 @@ def _write_json_atomic(path: str, payload: dict) -> None:
     zfits.write_text_atomic(path, json.dumps(payload, indent=2, default=str))
 
 
+_WB_MAX_PIXELS = 4_000_000  # the display white balance is measured on at most this many pixels
+
+
 def _white_balance_cards(report, mosaic) -> tuple[list, list]:
     """Measure the display white balance; return ``(FITS cards, gains)`` and fill the report.
 
-    The science FITS stays in the sensor's colours: the gains are recorded, not applied.
+    The science FITS stays in the sensor's colours: the gains are recorded, not applied. A large
+    mosaic is measured on a block-averaged copy, which keeps every star's light and colour.
     """
-    wb = zph.white_balance(mosaic)
+    factor = int(np.ceil(np.sqrt(mosaic.shape[0] * mosaic.shape[1] / _WB_MAX_PIXELS)))
+    wb = zph.white_balance(zfits.block_mean(mosaic, factor) if factor > 1 else mosaic)
     report.white_balance = {"gains_rgb": [round(float(g), 5) for g in wb.gains],
                             "sky_rgb": [round(float(s), 3) for s in wb.sky], "source": wb.source,
                             "applied_to": "preview only"}

@@ -34,7 +34,7 @@ from astropy.utils.exceptions import AstropyWarning
 from astropy.wcs import WCS, SingularMatrixError
 from scipy import ndimage
 
-from zemosaic_utils import mad_sigma, sky_level, subsample
+from zemosaic_utils import block_mean, mad_sigma, sky_level, subsample
 
 logger = logging.getLogger(__name__)
 
@@ -48,7 +48,6 @@ __all__ = [
     "read_frame_info",
     "read_image_fits",
     "read_png_size",
-    "block_mean",
     "card_text",
     "display_orientation",
     "north_up",
@@ -1082,26 +1081,6 @@ def north_up(image_hwc: np.ndarray, wcs: WCS) -> np.ndarray:
     matrix = display_orientation(wcs)
     perm = _signed_permutation(matrix)
     return _permuted(image, perm) if perm is not None else _resampled(image, matrix)
-
-
-def block_mean(image: np.ndarray, factor: int, band_rows: int = 256) -> np.ndarray:
-    """NaN-aware ``factor`` x ``factor`` block average (edges padded with no data)."""
-    height, width, channels = image.shape
-    out_h, out_w = -(-height // factor), -(-width // factor)
-    result = np.empty((out_h, out_w, channels), dtype=np.float32)
-    # Bands of output rows bound the temporary memory on very large mosaics.
-    for top in range(0, out_h, band_rows):
-        rows = min(band_rows, out_h - top)
-        block = np.full((rows * factor, out_w * factor, channels), np.nan, dtype=np.float32)
-        source = image[top * factor:(top + rows) * factor]
-        block[:source.shape[0], :width] = source
-        block = block.reshape(rows, factor, out_w, factor, channels)
-        valid = np.isfinite(block)
-        total = np.where(valid, block, 0.0).sum(axis=(1, 3), dtype=np.float64)
-        count = valid.sum(axis=(1, 3))
-        result[top:top + rows] = np.divide(total, count, out=np.full(total.shape, np.nan),
-                                           where=count > 0)
-    return result
 
 
 def _png_chunk(tag: bytes, payload: bytes) -> bytes:

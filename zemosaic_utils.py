@@ -183,6 +183,32 @@ def subsample(array, n_max: int):
     return array[::stride, ::stride]
 
 
+def block_mean(image: np.ndarray, factor: int, full_blocks_only: bool = False,
+               band_rows: int = 256) -> np.ndarray:
+    """NaN-aware ``factor`` x ``factor`` block average of an ``(H, W, C)`` image (edges padded with no data).
+
+    A block averages its valid pixels, or with ``full_blocks_only`` is NaN unless every pixel of
+    it holds data (two images compared block by block must then cover the same area in each).
+    """
+    height, width, channels = image.shape
+    out_h, out_w = -(-height // factor), -(-width // factor)
+    result = np.empty((out_h, out_w, channels), dtype=np.float32)
+    needed = factor * factor if full_blocks_only else 1
+    # Bands of output rows bound the temporary memory on very large mosaics.
+    for top in range(0, out_h, band_rows):
+        rows = min(band_rows, out_h - top)
+        block = np.full((rows * factor, out_w * factor, channels), np.nan, dtype=np.float32)
+        source = image[top * factor:(top + rows) * factor]
+        block[:source.shape[0], :width] = source
+        block = block.reshape(rows, factor, out_w, factor, channels)
+        valid = np.isfinite(block)
+        total = np.where(valid, block, 0.0).sum(axis=(1, 3), dtype=np.float64)
+        count = valid.sum(axis=(1, 3))
+        result[top:top + rows] = np.divide(total, count, out=np.full(total.shape, np.nan),
+                                           where=count >= needed)
+    return result
+
+
 def sky_level(values) -> float:
     """Return the sky level of a field's pixel values: the centre of their main peak (NaN if none).
 

@@ -37,7 +37,7 @@ import zemosaic_runstate as zrun
 import zemosaic_solve as zsolve
 from zemosaic_config import MosaicConfig, config_to_dict
 from zemosaic_executor import Cancelled  # noqa: F401  (part of this module's API)
-from zemosaic_utils import (GpuBackendError, compute_pixel_mapping, gpu_available,
+from zemosaic_utils import (GpuBackendError, block_mean, compute_pixel_mapping, gpu_available,
                             gpu_unavailable_reason, reproject_and_coadd, unit_vectors)
 
 __version__ = "0.1.0"
@@ -841,8 +841,8 @@ def low_res_tiles(tiles: list[MasterTile], wcs_out, shape_out, max_side: int = 8
     for t in tiles:
         image, coverage, wcs = t.image, t.coverage, t.wcs
         if factor > 1:
-            image = zfits.block_mean(t.image, factor)
-            coverage = zfits.block_mean(t.coverage[..., None], factor)[..., 0]
+            image = block_mean(t.image, factor)
+            coverage = block_mean(t.coverage[..., None], factor)[..., 0]
             wcs = downsampled_wcs(t.wcs, factor)
         image, weight = reproject_and_coadd([image], [wcs], small_wcs, small_shape,
                                             [np.nan_to_num(coverage)])
@@ -1000,17 +1000,12 @@ def _write_json_atomic(path: str, payload: dict) -> None:
     zfits.write_text_atomic(path, json.dumps(payload, indent=2, default=str))
 
 
-_WB_MAX_PIXELS = 4_000_000  # the display white balance is measured on at most this many pixels
-
-
 def _white_balance_cards(report, mosaic) -> tuple[list, list]:
     """Measure the display white balance; return ``(FITS cards, gains)`` and fill the report.
 
-    The science FITS stays in the sensor's colours: the gains are recorded, not applied. A large
-    mosaic is measured on a block-averaged copy, which keeps every star's light and colour.
+    The science FITS stays in the sensor's colours: the gains are recorded, not applied.
     """
-    factor = int(np.ceil(np.sqrt(mosaic.shape[0] * mosaic.shape[1] / _WB_MAX_PIXELS)))
-    wb = zph.white_balance(zfits.block_mean(mosaic, factor) if factor > 1 else mosaic)
+    wb = zph.white_balance(mosaic)
     report.white_balance = {"gains_rgb": [round(float(g), 5) for g in wb.gains],
                             "sky_rgb": [round(float(s), 3) for s in wb.sky], "source": wb.source,
                             "applied_to": "preview only"}

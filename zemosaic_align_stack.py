@@ -331,16 +331,18 @@ def reference_signal_map(stack, gains=None, offsets=None) -> np.ndarray:
     g = np.ones((n, n_ch)) if gains is None else np.asarray(gains, np.float64)
     o = np.zeros((n, n_ch)) if offsets is None else np.asarray(offsets, np.float64)
 
-    def normalised(i):
-        return np.asarray(stack[i], np.float32) * g[i].astype(np.float32) + o[i].astype(np.float32)
-
-    frame = normalised(0)
+    g32, o32 = g.astype(np.float32), o.astype(np.float32)
+    frame = np.asarray(stack[0], np.float32) * g32[0] + o32[0]
     noise = [sigma_clipped_stats(subsample(frame, _FLOOR_SUBSAMPLE)[..., c])[1] for c in range(n_ch)]
+    # Only the missing samples are read from the other frames (a few per cent at the margins).
+    missing = np.nonzero(~np.isfinite(frame))
     for i in range(1, n):
-        missing = ~np.isfinite(frame)
-        if not missing.any():
+        if missing[0].size == 0:
             break
-        frame[missing] = normalised(i)[missing]
+        values = np.asarray(stack[i][missing], np.float32) * g32[i][missing[2]] + o32[i][missing[2]]
+        frame[missing] = values
+        still = ~np.isfinite(values)
+        missing = tuple(index[still] for index in missing)
     return signal_map(frame, noise)
 
 
@@ -615,7 +617,10 @@ def signal_map(frame, noise, radius: int = SIGNAL_RADIUS_PX) -> np.ndarray:
         if not np.isfinite(noise[c]):
             continue
         plane = np.asarray(frame[..., c], np.float32)
-        smooth = uniform_filter(np.where(np.isfinite(plane), plane, np.nanmedian(plane)), 3)
+        # No data is filled with a typical level (of a subsample: the filled pixels give 0 anyway).
+        sample = subsample(plane, _FLOOR_SUBSAMPLE)
+        fill = np.nanmedian(sample if np.isfinite(sample).any() else plane)
+        smooth = uniform_filter(np.where(np.isfinite(plane), plane, fill), 3)
         contrast = maximum_filter(smooth, size) - minimum_filter(smooth, size) - np.float32(2.0 * noise[c])
         out[..., c] = np.where(np.isfinite(plane), np.maximum(contrast, 0.0), 0.0)
     return out
@@ -647,6 +652,33 @@ def stack_block(block, weights, params: StackParams, xp=np, noise_sigmas=None, s
     valid samples are the combination of what they have (no rejection); no valid sample gives NaN.
     Coverage counts the frames valid in every channel.
     """
+    if params.rejection != "none":
+        # Dithered frames leave NaN margins in every row of a block, which would send the whole
+        # block down the per-pixel-count quantile path (a gather per quantile, ~1.5x slower).
+        # Pixels are independent: the columns every frame covers take the plain path.
+        full = xp.nonzero(xp.all(xp.isfinite(block), axis=(0, 1, 3)))[0]
+        if full.size:
+            a, b = int(full[0]), int(full[-1]) + 1
+            if b - a == full.size and b - a < block.shape[2]:  # one run of covered columns
+                return _stack_column_spans(block, (slice(0, a), slice(a, b), slice(b, None)),
+                                           weights, params, xp, noise_sigmas, signal)
+    return _stack_columns(block, weights, params, xp, noise_sigmas, signal)
+
+
+def _stack_column_spans(block, spans, weights, params, xp, noise_sigmas, signal):
+    """Return :func:`stack_block` of a block computed on each span of columns separately."""
+    image = xp.empty(block.shape[1:], xp.float32)
+    coverage = xp.empty(block.shape[1:3], xp.float32)
+    for cols in spans:
+        part = None if signal is None else signal[:, cols]
+        if block[:, :, cols].shape[2]:
+            image[:, cols], coverage[:, cols] = _stack_columns(block[:, :, cols], weights, params,
+                                                               xp, noise_sigmas, part)
+    return image, coverage
+
+
+def _stack_columns(block, weights, params, xp, noise_sigmas, signal):
+    """Return :func:`stack_block` of one block, every column on the same path."""
     n = block.shape[0]
     w = xp.ones((n, 1, 1, block.shape[-1]), block.dtype) if weights is None else \
         xp.asarray(weights, dtype=block.dtype).reshape(n, 1, 1, -1)

@@ -13,6 +13,8 @@ import functools
 import importlib
 import logging
 import math
+import os
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 
 import numpy as np
@@ -324,23 +326,16 @@ def output_bounding_box(wcs_in, shape_in, wcs_out, shape_out, margin: int = 2):
     return y0, y1, x0, x1
 
 
-def _interp_matrix(n_full: int, step: int, n_coarse: int, xp=np):
-    """Return the ``(n_full, n_coarse)`` matrix of 1-D linear interpolation from a coarse grid.
+def _interp_weights(n_full: int, step: int, n_coarse: int, xp=np):
+    """Return ``(lo, hi, frac)``: 1-D linear interpolation of ``n_full`` points from a coarse grid.
 
-    Bilinear interpolation of a regular grid is separable, so the full-resolution map is
-    ``Wy @ grid @ Wx.T``: two small matrix products instead of a gather per pixel.
+    Point ``k`` (at coarse position ``k / step``) is ``(1 - frac) * node[lo] + frac * node[hi]``.
+    Bilinear interpolation of a regular grid is separable: along the columns, then the rows.
     """
     pos = np.arange(n_full, dtype=np.float64) / step
-    lo = np.minimum(np.floor(pos).astype(np.int64), n_coarse - 2) if n_coarse > 1 else np.zeros(n_full, np.int64)
-    frac = pos - lo
-    mat = np.zeros((n_full, n_coarse), dtype=np.float64)
-    rows = np.arange(n_full)
-    if n_coarse == 1:
-        mat[:, 0] = 1.0
-    else:
-        mat[rows, lo] = 1.0 - frac
-        mat[rows, lo + 1] = frac
-    return xp.asarray(mat)
+    lo = np.clip(np.floor(pos).astype(np.int64), 0, max(n_coarse - 2, 0))
+    hi = np.minimum(lo + 1, n_coarse - 1)
+    return xp.asarray(lo), xp.asarray(hi), xp.asarray(pos - lo)
 
 
 def _coarse_grid(wcs_in, wcs_out, box, step):
@@ -401,15 +396,24 @@ def compute_pixel_mapping(wcs_in, shape_in, wcs_out, shape_out, step: int = MAPP
 def mapping_coordinates(mapping: PixelMapping, row_start: int, row_stop: int, xp=np):
     """Return full-resolution input coordinates ``(y_in, x_in)`` for rows of a mapping's box.
 
-    ``row_start``/``row_stop`` index rows of the bounding box (not of the output array).
+    ``row_start``/``row_stop`` index rows of the bounding box (not of the output array). Only the
+    coarse rows these rows need are interpolated; element-wise arithmetic rather than matrix
+    products, so threads co-adding bands at once do not contend for a BLAS.
     """
     rows, cols = mapping.shape
     n_cy, n_cx = mapping.y_in.shape
-    wy = _interp_matrix(rows, mapping.step, n_cy, xp)[row_start:row_stop]
-    wx = _interp_matrix(cols, mapping.step, n_cx, xp)
-    y_in = wy @ xp.asarray(mapping.y_in) @ wx.T
-    x_in = wy @ xp.asarray(mapping.x_in) @ wx.T
-    return y_in, x_in
+    lo_y, hi_y, fy = (a[row_start:row_stop] for a in _interp_weights(rows, mapping.step, n_cy, xp))
+    lo_x, hi_x, fx = _interp_weights(cols, mapping.step, n_cx, xp)
+    first = int(lo_y.min()) if lo_y.size else 0
+    needed = slice(first, (int(hi_y.max()) + 1) if hi_y.size else first)
+    fy = fy[:, None]
+
+    def interpolate(grid):
+        grid = xp.asarray(grid)[needed]
+        across = grid[:, lo_x] * (1.0 - fx) + grid[:, hi_x] * fx
+        return across[lo_y - first] * (1.0 - fy) + across[hi_y - first] * fy
+
+    return interpolate(mapping.y_in), interpolate(mapping.x_in)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -441,7 +445,7 @@ def _weighted_columns(data, weight, xp):
     return xp.concatenate([w, wi], axis=-1).reshape(h * w_px, 2 * c)
 
 
-def bilinear_gather(columns, shape_in, y, x, xp, nan_outside: bool = False):
+def bilinear_gather(columns, shape_in, y, x, xp, nan_outside: bool = False, window=None):
     """Return bilinear samples ``(n, K)`` of ``(H * W, K)`` columns at coordinates ``y``, ``x``.
 
     Written with ``take`` on interleaved columns: four gathers serve every channel (and the
@@ -454,8 +458,13 @@ def bilinear_gather(columns, shape_in, y, x, xp, nan_outside: bool = False):
     with ``order=1, mode="constant", cval=nan``: NaN outside ``[0, n - 1]`` on either axis, and
     NaN wherever one of the four neighbours is NaN, even one of weight 0 (a sample on the last row
     or column takes its neighbours from the row or column before).
+
+    ``window`` ``(y0, x0, h, w)``: the columns hold only that window of the ``shape_in`` image
+    (the pixels the coordinates can reach, :func:`_source_window`); coordinates stay those of the
+    whole image, so the result is the same as with every pixel's columns.
     """
     h, w = shape_in
+    wy0, wx0, _wh, ww = window if window is not None else (0, 0, h, w)
     y = y.ravel()
     x = x.ravel()
     y0f = xp.floor(y)
@@ -476,62 +485,112 @@ def bilinear_gather(columns, shape_in, y, x, xp, nan_outside: bool = False):
         for dx, wx in ((0, 1 - fx), (1, fx)):
             xx = x0 + dx
             if clamped:
-                term = xp.take(columns, yy * w + xx, axis=0) * (wy * wx)
+                term = xp.take(columns, (yy - wy0) * ww + (xx - wx0), axis=0) * (wy * wx)
             else:
                 ok = (yy >= 0) & (yy < h) & (xx >= 0) & (xx < w)
-                term = xp.take(columns, xp.where(ok, yy * w + xx, 0), axis=0) * (wy * wx * ok[:, None])
+                index = xp.where(ok, (yy - wy0) * ww + (xx - wx0), 0)
+                term = xp.take(columns, index, axis=0) * (wy * wx * ok[:, None])
             out = term if out is None else out + term
     if nan_outside:
         out = xp.where(inside[:, None], out, xp.float32(xp.nan))
     return out
 
 
-def _accumulate_tile(sums, columns, shape_in, mapping: PixelMapping, xp, rows_per_chunk: int) -> None:
-    """Add one input, resampled through ``mapping``, into ``sums`` (``(H, W, 2C)`` float64)."""
-    rows, cols = mapping.shape
-    for r0 in range(0, rows, rows_per_chunk):
-        r1 = min(rows, r0 + rows_per_chunk)
-        y_in, x_in = mapping_coordinates(mapping, r0, r1, xp)
-        sampled = bilinear_gather(columns, shape_in, y_in, x_in, xp)
-        out = (slice(mapping.y0 + r0, mapping.y0 + r1), slice(mapping.x0, mapping.x1))
-        sums[out] += sampled.reshape(r1 - r0, cols, -1)
+def _source_window(mapping: PixelMapping, shape_in) -> tuple[int, int, int, int]:
+    """Return ``(y0, x0, h, w)``: the window of an input that the mapping's coordinates can reach.
+
+    The full-resolution coordinates interpolate the coarse grid's nodes, so they lie within the
+    nodes' range; one pixel more on each side holds every bilinear neighbour. A tile resampled
+    onto a small box (the overlap of two tiles) then costs the box, not the whole tile.
+    """
+    h, w = shape_in
+    ys, xs = np.asarray(mapping.y_in), np.asarray(mapping.x_in)
+    if not (np.isfinite(ys).all() and np.isfinite(xs).all()):
+        return 0, 0, h, w
+    y0 = int(min(max(np.floor(ys.min()) - 1, 0), h))
+    y1 = int(max(min(np.floor(ys.max()) + 3, h), y0))
+    x0 = int(min(max(np.floor(xs.min()) - 1, 0), w))
+    x1 = int(max(min(np.floor(xs.max()) + 3, w), x0))
+    return y0, x0, y1 - y0, x1 - x0
+
+
+@dataclass(frozen=True)
+class _CoaddInput:
+    """One input of the co-add, ready to gather: its weighted columns (of its source window)."""
+
+    columns: object
+    shape_in: tuple
+    window: tuple
+    mapping: PixelMapping
+
+
+def _coadd_input(data, weight, mapping: PixelMapping, xp) -> _CoaddInput | None:
+    """Return an input prepared for :func:`_accumulate_rows`, or None when it reaches no pixel."""
+    shape_in = np.shape(data)[:2]
+    window = _source_window(mapping, shape_in)
+    if window[2] == 0 or window[3] == 0:
+        return None
+    crop = (slice(window[0], window[0] + window[2]), slice(window[1], window[1] + window[3]))
+    data = _as_hwc(data[crop], xp)
+    weight = xp.ones(data.shape[:2], xp.float32) if weight is None else \
+        xp.nan_to_num(xp.asarray(weight[crop], xp.float32), nan=0.0, posinf=0.0, neginf=0.0)
+    return _CoaddInput(_weighted_columns(data, weight, xp), shape_in, window, mapping)
+
+
+def _accumulate_rows(sums, r0: int, r1: int, source: _CoaddInput, xp) -> None:
+    """Add one input, resampled, into ``sums``: the ``(r1 - r0, W, 2C)`` float64 output rows r0..r1."""
+    mapping = source.mapping
+    a, b = max(r0, mapping.y0), min(r1, mapping.y1)
+    if a >= b:
+        return
+    y_in, x_in = mapping_coordinates(mapping, a - mapping.y0, b - mapping.y0, xp)
+    sampled = bilinear_gather(source.columns, source.shape_in, y_in, x_in, xp, window=source.window)
+    sums[a - r0:b - r0, mapping.x0:mapping.x1] += sampled.reshape(b - a, mapping.x1 - mapping.x0, -1)
 
 
 def _coadd_fast(data_list, weights_list, mappings, shape_out, xp, rows_per_chunk):
     """Mean co-add with the ``fast`` engine on backend ``xp``.
 
-    Returns ``(mosaic (H, W, C), coverage (H, W, C))`` on ``xp``, float32. Sums are accumulated in
-    float64; the mosaic is NaN where coverage == 0.
+    Returns ``(mosaic (H, W, C), coverage (H, W, C))`` on ``xp``, float32; the mosaic is NaN where
+    coverage == 0. The output is made band by band of ``rows_per_chunk`` rows, every input
+    added into the band's float64 sums in turn, so the sums never take the whole mosaic's memory.
+    On the CPU the bands run on every core (NumPy's gathers and sums release the GIL); each band's
+    result does not depend on the others, so it is the same for any number of threads.
     """
     n_ch = np.shape(data_list[0])[-1] if np.ndim(data_list[0]) == 3 else 1
-    sums = xp.zeros(tuple(shape_out) + (2 * n_ch,), dtype=xp.float64)
-    for data, weight, mapping in zip(data_list, weights_list, mappings):
-        if mapping is None:
-            continue
-        data = _as_hwc(data, xp)
-        weight = xp.ones(data.shape[:2], xp.float32) if weight is None else \
-            xp.nan_to_num(xp.asarray(weight, xp.float32), nan=0.0, posinf=0.0, neginf=0.0)
-        columns = _weighted_columns(data, weight, xp)
-        _accumulate_tile(sums, columns, data.shape[:2], mapping, xp, rows_per_chunk)
-    return _normalise_sums(sums, n_ch, xp, rows_per_chunk)
+    inputs = [_coadd_input(data, weight, mapping, xp)
+              for data, weight, mapping in zip(data_list, weights_list, mappings) if mapping is not None]
+    inputs = [source for source in inputs if source is not None]
+    height, width = shape_out
+    mosaic = xp.empty((height, width, n_ch), xp.float32)
+    coverage = xp.empty((height, width, n_ch), xp.float32)
+
+    def band(r0):
+        r1 = min(height, r0 + rows_per_chunk)
+        sums = xp.zeros((r1 - r0, width, 2 * n_ch), dtype=xp.float64)
+        for source in inputs:
+            _accumulate_rows(sums, r0, r1, source, xp)
+        mosaic[r0:r1], coverage[r0:r1] = _normalised_sums(sums, n_ch, xp)
+
+    starts = range(0, height, rows_per_chunk)
+    if xp is np:
+        with ThreadPoolExecutor(min(8, os.cpu_count() or 1)) as pool:
+            list(pool.map(band, starts))
+    else:  # one device stream: the bands run in turn
+        for r0 in starts:
+            band(r0)
+    return mosaic, coverage
 
 
-def _normalise_sums(sums, n_ch, xp, rows_per_chunk):
-    """Return float32 ``(mosaic, coverage)`` from ``[sum w, sum w*I]`` sums, in row blocks.
+def _normalised_sums(sums, n_ch, xp):
+    """Return float32 ``(mosaic, coverage)`` of a band from its ``[sum w, sum w*I]`` sums.
 
     Tiny weight sums are float rounding at the very edge of a footprint: they mean "no data".
-    Working in row blocks keeps the temporaries small on the largest array of the run.
     """
-    shape = sums.shape[:2] + (n_ch,)
-    mosaic = xp.empty(shape, xp.float32)
-    coverage = xp.empty(shape, xp.float32)
-    for r0 in range(0, shape[0], rows_per_chunk):
-        r1 = min(shape[0], r0 + rows_per_chunk)
-        sum_w, sum_wi = sums[r0:r1, :, :n_ch], sums[r0:r1, :, n_ch:]
-        solid = sum_w > 1e-6
-        coverage[r0:r1] = xp.where(solid, sum_w, 0.0)
-        mosaic[r0:r1] = xp.where(solid, sum_wi / xp.where(solid, sum_w, 1.0), xp.nan)
-    return mosaic, coverage
+    sum_w, sum_wi = sums[..., :n_ch], sums[..., n_ch:]
+    solid = sum_w > 1e-6
+    return (xp.where(solid, sum_wi / xp.where(solid, sum_w, 1.0), xp.nan),
+            xp.where(solid, sum_w, 0.0))
 
 
 def _squeeze_like(inputs, mosaic, coverage):

@@ -46,6 +46,24 @@ def test_pixel_mapping_none_when_disjoint():
     assert zu.compute_pixel_mapping(w_in, (100, 100), w_out, (100, 100)) is None
 
 
+def test_small_box_reads_only_its_window_with_the_same_result(monkeypatch):
+    # A tile resampled onto a small box (an overlap) gathers from the window it can reach; the
+    # result must be the one every pixel's columns give, bit for bit, NaN and edges included.
+    data, wcs_list, weights, wcs_out, _ = _two_tiles(1e-5)
+    data[0][40:60, 100:130] = np.nan
+    box = (slice(150, 260), slice(0, 120))  # crosses the first tile's left edge
+    box_wcs, box_shape = wcs_out.slice(box), (110, 120)
+    mapping = zu.compute_pixel_mapping(wcs_list[0], data[0].shape, box_wcs, box_shape)
+    y0, x0, h, w = zu._source_window(mapping, data[0].shape)
+    assert h * w < 0.5 * data[0].size and x0 == 0
+    windowed = zu.reproject_and_coadd(data[:1], wcs_list[:1], box_wcs, box_shape, weights[:1])
+    monkeypatch.setattr(zu, "_source_window", lambda m, shape: (0, 0) + tuple(shape))
+    whole = zu.reproject_and_coadd(data[:1], wcs_list[:1], box_wcs, box_shape, weights[:1])
+    assert np.isfinite(whole[0]).sum() > 1000 and np.isnan(whole[0]).sum() > 100
+    np.testing.assert_array_equal(windowed[0], whole[0])
+    np.testing.assert_array_equal(windowed[1], whole[1])
+
+
 @pytest.mark.parametrize("sip", [None, 1e-5])
 def test_fast_engine_matches_reproject(sip):
     data, wcs_list, weights, wcs_out, out_shape = _two_tiles(sip)

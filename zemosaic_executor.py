@@ -76,7 +76,7 @@ def stack_ram_budget() -> int:
 
 
 def allocate_stack(shape, cache_dir: str, ram_share: int = 1):
-    """Return a float32 array of ``shape``: in RAM, or disk-backed (in ``cache_dir``) when too large.
+    """Return a float32 stack of ``shape``: an array in RAM, or a :class:`DiskStack` when too large.
 
     ``ram_share`` stacks may be built at once on this machine (parallel tile tasks): each gets
     that share of the RAM budget.
@@ -85,19 +85,140 @@ def allocate_stack(shape, cache_dir: str, ram_share: int = 1):
     if nbytes <= stack_ram_budget() // max(1, ram_share):
         return np.empty(shape, np.float32)
     os.makedirs(cache_dir, exist_ok=True)
-    handle = tempfile.NamedTemporaryFile(dir=cache_dir, prefix=".stack_", suffix=".tmp", delete=False)
-    handle.close()
     logger.info("Aligned stack of %.1f GB goes to a disk cache in %s", nbytes / 2**30, cache_dir)
-    return np.memmap(handle.name, dtype=np.float32, mode="w+", shape=shape)
+    return DiskStack.create(cache_dir, shape)
 
 
 def release_stack(stack) -> None:
-    """Delete the file behind a disk-backed stack."""
-    if isinstance(stack, np.memmap):
-        name = stack.filename
-        del stack
+    """Delete the file behind a disk-backed stack (any view of it)."""
+    if isinstance(stack, DiskStack):
+        stack.close()
+
+
+class _StackFile:
+    """The file of a :class:`DiskStack`: positional reads and writes under one lock (frames are
+    written by several threads at once)."""
+
+    def __init__(self, path: str, shape: tuple):
+        self.path, self.shape = path, tuple(int(v) for v in shape)
+        self.handle = open(path, "r+b", buffering=0)
+        self.lock = threading.Lock()
+
+    def row_offset(self, frame: int, row: int) -> int:
+        _n, h, w, c = self.shape
+        return ((frame * h + row) * w * c) * 4
+
+    def write(self, offset: int, data: np.ndarray) -> None:
+        with self.lock:
+            self.handle.seek(offset)
+            self.handle.write(memoryview(np.ascontiguousarray(data, np.float32)).cast("B"))
+
+    def read_into(self, offset: int, out: np.ndarray) -> None:
+        view = memoryview(out).cast("B")
+        with self.lock:
+            self.handle.seek(offset)
+            done = 0
+            while done < len(view):
+                got = self.handle.readinto(view[done:])
+                if not got:
+                    raise OSError(f"{self.path} ended before the stack's data")
+                done += got
+
+
+class DiskStack:
+    """An ``(N, H, W, C)`` float32 stack kept in a file and moved with explicit reads and writes.
+
+    A memory map would count every page it touches in the process's resident memory until it is
+    unmapped; read and written explicitly, the stack's pages stay in the OS page cache, which the
+    OS reclaims as it needs, and the process holds only what it reads (a block of rows, a frame).
+    While RAM is plentiful the reads are memory copies.
+
+    The accesses the stacking makes: ``stack[i] = frame`` writes a frame, ``stack[i]`` reads one
+    (an array); slices (``stack[:n]``, ``stack[:, y0:y1, x0:x1]``) are views of the same file, and
+    an array of a view (``np.asarray(stack[:, r0:r1])``) reads it.
+    """
+
+    def __init__(self, store: _StackFile, frames: range, rows: range, cols: range):
+        self._store, self._frames, self._rows, self._cols = store, frames, rows, cols
+
+    @classmethod
+    def create(cls, folder: str, shape) -> "DiskStack":
+        """Return a new stack of ``shape`` in a temporary file of ``folder``."""
+        handle = tempfile.NamedTemporaryFile(dir=folder, prefix=".stack_", suffix=".tmp", delete=False)
+        with handle:
+            handle.truncate(int(np.prod(shape)) * 4)
+        store = _StackFile(handle.name, shape)
+        n, h, w, _c = store.shape
+        return cls(store, range(n), range(h), range(w))
+
+    @property
+    def shape(self) -> tuple:
+        return (len(self._frames), len(self._rows), len(self._cols), self._store.shape[3])
+
+    @property
+    def dtype(self):
+        return np.dtype(np.float32)
+
+    @property
+    def ndim(self) -> int:
+        return 4
+
+    def __len__(self) -> int:
+        return len(self._frames)
+
+    def _window(self, key) -> "DiskStack":
+        """Return the view of ``key``: a tuple of up to three unit-step slices (frames, rows, cols)."""
+        key = key if isinstance(key, tuple) else (key,)
+        if len(key) > 3 or not all(isinstance(k, slice) for k in key):
+            raise IndexError(f"a disk-backed stack takes a frame index or slices, not {key!r}")
+        if any(k.step not in (None, 1) for k in key):
+            raise IndexError("a disk-backed stack takes unit-step slices only")
+        ranges = [self._frames, self._rows, self._cols]
+        for axis, k in enumerate(key):
+            ranges[axis] = ranges[axis][k]
+        return DiskStack(self._store, *ranges)
+
+    def __getitem__(self, key):
+        if isinstance(key, (int, np.integer)):
+            return np.asarray(self._window((slice(int(key), int(key) + 1 or None),)))[0]
+        return self._window(key)
+
+    def __setitem__(self, index, frame) -> None:
+        if not isinstance(index, (int, np.integer)):
+            raise IndexError("a disk-backed stack is written one frame at a time")
+        frame = np.asarray(frame, np.float32)
+        if frame.shape != self.shape[1:]:
+            raise ValueError(f"frame of shape {frame.shape} for a stack of {self.shape}")
+        f = self._frames[index]
+        full_width = len(self._cols) == self._store.shape[2]
+        if full_width:
+            self._store.write(self._store.row_offset(f, self._rows.start), frame)
+            return
+        for k, row in enumerate(self._rows):
+            self._store.write(self._store.row_offset(f, row) + self._cols.start * frame.shape[2] * 4, frame[k])
+
+    def __array__(self, dtype=None, copy=None):
+        out = np.empty(self.shape, np.float32)
+        full_width = len(self._cols) == self._store.shape[2]
+        rows = len(self._rows)
+        if rows and len(self._cols):
+            buffer = None if full_width else np.empty((rows, self._store.shape[2], self.shape[3]), np.float32)
+            for k, f in enumerate(self._frames):
+                offset = self._store.row_offset(f, self._rows.start)
+                if full_width:
+                    self._store.read_into(offset, out[k])
+                else:
+                    self._store.read_into(offset, buffer)
+                    out[k] = buffer[:, self._cols.start:self._cols.stop]
+        return out if dtype is None else out.astype(dtype, copy=False)
+
+    def close(self) -> None:
+        """Close and delete the stack's file (every view of it becomes unusable)."""
+        store = self._store
+        if not store.handle.closed:
+            store.handle.close()
         try:
-            os.remove(name)
+            os.remove(store.path)
         except OSError:
             pass
 

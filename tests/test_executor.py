@@ -87,10 +87,32 @@ def test_a_failing_tile_is_skipped_with_its_reason(frames, tmp_path, monkeypatch
 
 def test_stacks_share_the_ram_budget_between_parallel_tiles(tmp_path, monkeypatch):
     monkeypatch.setattr(zexec, "stack_ram_budget", lambda: 3 * 4 * 1000)
-    in_ram = zexec.allocate_stack((1000, 3), str(tmp_path), ram_share=1)
-    on_disk = zexec.allocate_stack((1000, 3), str(tmp_path), ram_share=2)
-    assert not isinstance(in_ram, np.memmap) and isinstance(on_disk, np.memmap)
-    zexec.release_stack(on_disk)
+    in_ram = zexec.allocate_stack((10, 10, 10, 3), str(tmp_path), ram_share=1)
+    on_disk = zexec.allocate_stack((10, 10, 10, 3), str(tmp_path), ram_share=2)
+    assert isinstance(in_ram, np.ndarray) and isinstance(on_disk, zexec.DiskStack)
+    zexec.release_stack(on_disk[:, 2:5])  # a view releases the file too
+    assert not list(tmp_path.iterdir())
+
+
+def test_disk_stack_reads_back_what_was_written_through_any_view(tmp_path):
+    rng = np.random.default_rng(1)
+    truth = rng.normal(size=(5, 7, 9, 3)).astype(np.float32)
+    stack = zexec.DiskStack.create(str(tmp_path), truth.shape)
+    for i in range(5):
+        stack[i] = truth[i]
+    assert np.array_equal(np.asarray(stack), truth) and np.array_equal(stack[-1], truth[-1])
+    crop = stack[:, 1:6, 2:8]  # the canvas of the frames actually used
+    assert crop.shape == (5, 5, 6, 3)
+    assert np.array_equal(crop[1], truth[1, 1:6, 2:8])
+    assert np.array_equal(np.ascontiguousarray(crop[:3][:, 2:4], dtype=np.float32), truth[:3, 3:5, 2:8])
+    crop[4] = np.zeros((5, 6, 3), np.float32)
+    truth[4, 1:6, 2:8] = 0.0
+    assert np.array_equal(np.asarray(stack), truth)
+    with pytest.raises(IndexError):
+        stack[:, ::2]
+    with pytest.raises(ValueError):
+        stack[0] = np.zeros((7, 9, 1), np.float32)
+    stack.close()
     assert not list(tmp_path.iterdir())
 
 

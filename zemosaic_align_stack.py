@@ -810,13 +810,18 @@ def stack_in_chunks(stack, gains, offsets, weights, params: StackParams, xp=np,
 
 
 def stack_winsorized_sigma_clip(frames, weights=None, kappa_low=3.0, kappa_high=3.0,
-                                winsor_limits=(0.05, 0.05), combine="mean", xp=np):
-    """Stack aligned frames with winsorized sigma clipping; returns ``(image, coverage)``.
+                                winsor_limits=(0.05, 0.05), combine="mean", *, max_iterations=5,
+                                gains=None, offsets=None, noise_sigmas=None):
+    """Stack aligned frames with winsorized sigma clipping on the CPU; returns ``(image, coverage)``.
 
-    ``frames`` is a list of ``(H, W, C)`` arrays or an ``(N, H, W, C)`` stack, NaN outside each
-    footprint. A pixel without valid samples stays NaN.
+    The front door of the default rejection, under the name the seeds give it:
+    :func:`stack_in_chunks` with ``StackParams("winsorized_sigma_clip", ...)``. ``frames`` is a
+    list of ``(H, W, C)`` arrays or an ``(N, H, W, C)`` stack (a disk-backed one is read a block
+    at a time), NaN outside each footprint; ``gains``, ``offsets`` and ``noise_sigmas`` are as for
+    :func:`stack_in_chunks`. A pixel without valid samples stays NaN.
     """
-    stack = np.stack([np.asarray(f, np.float32) for f in frames]) if isinstance(frames, (list, tuple)) \
-        else np.asarray(frames, np.float32)
-    params = StackParams("winsorized_sigma_clip", kappa_low, kappa_high, tuple(winsor_limits), combine)
-    return stack_in_chunks(stack, None, None, weights, params, xp)
+    if isinstance(frames, (list, tuple)):
+        frames = np.stack([np.asarray(f, np.float32) for f in frames])
+    params = StackParams("winsorized_sigma_clip", kappa_low, kappa_high, tuple(winsor_limits), combine,
+                         max_iterations)
+    return stack_in_chunks(frames, gains, offsets, weights, params, noise_sigmas=noise_sigmas)

@@ -589,8 +589,17 @@ def _stack_group(stack, n_used, config, use_gpu, tile_label):
             return image, coverage, "gpu", (gains, offsets, weights)
         except GpuBackendError as exc:
             logger.warning("%s: GPU stacking failed (%s); stacking this tile on CPU", tile_label, exc)
-    image, coverage = stk.stack_in_chunks(view, gains, offsets, weights, params, noise_sigmas=sigmas)
+    image, coverage = _stack_on_cpu(view, gains, offsets, weights, params, sigmas)
     return image, coverage, "cpu", (gains, offsets, weights)
+
+
+def _stack_on_cpu(stack, gains, offsets, weights, p, sigmas):
+    """Return ``(image, coverage)``; winsorized rejection, the default, goes through its front door."""
+    if p.rejection != "winsorized_sigma_clip":
+        return stk.stack_in_chunks(stack, gains, offsets, weights, p, noise_sigmas=sigmas)
+    return stk.stack_winsorized_sigma_clip(stack, weights, p.kappa_low, p.kappa_high, p.winsor_limits,
+                                           p.combine, max_iterations=p.max_iterations, gains=gains,
+                                           offsets=offsets, noise_sigmas=sigmas)
 
 
 def _settings_history(config) -> list:

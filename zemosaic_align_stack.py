@@ -22,7 +22,9 @@ from __future__ import annotations
 
 import logging
 import math
-from dataclasses import dataclass
+from collections import deque
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, replace
 
 import numpy as np
 from scipy.special import ndtri
@@ -180,6 +182,19 @@ def group_canvas(wcs_reference, shape_reference, frames, margin: int = 2) -> Can
     return Canvas(shape, (oy, ox), canvas_wcs)
 
 
+def crop_canvas(stack, canvas: Canvas, wcs_reference, shape_reference, frames):
+    """Return ``(stack view, canvas)`` cut to the canvas of ``frames`` ``(wcs, (h, w))``, those stacked.
+
+    A group's canvas is sized before its frames are loaded; one skipped then (unreadable data, all
+    zeros) must not leave its empty footprint in the tile. The canvas of the stacked frames is a
+    window of the full one (same reference, same margin), so the view holds every aligned pixel.
+    """
+    used = group_canvas(wcs_reference, shape_reference, frames)
+    dy, dx = canvas.offset[0] - used.offset[0], canvas.offset[1] - used.offset[1]
+    h, w = used.shape
+    return stack[:, dy:dy + h, dx:dx + w], used
+
+
 def place_reference(reference, canvas: Canvas):
     """Return the reference frame on its canvas (an exact copy, NaN around it)."""
     if canvas.shape == reference.shape[:2]:
@@ -224,38 +239,114 @@ def align_frame(image, reference, method="astroalign", wcs=None, wcs_reference=N
     return warp_image(image, y_src, x_src)
 
 
-def align_images_in_group(images, reference_index, wcs_list=None, method="astroalign"):
+def _frame_data(frame):
+    """Return a frame's ``(H, W, C)`` data: the array itself, or what its loader returns."""
+    return frame() if callable(frame) else frame
+
+
+def _own_canvas(canvas: Canvas, threads: int) -> Canvas:
+    """Return ``canvas``, with a WCS of its own when frames are aligned in several threads.
+
+    astropy's WCS objects are not thread-safe. The copy is made in the calling thread, the only
+    one that reads the shared original.
+    """
+    if threads <= 1 or canvas.wcs is None:
+        return canvas
+    return replace(canvas, wcs=canvas.wcs.deepcopy())
+
+
+def _results_in_order(pool, fn, jobs, depth: int):
+    """Yield ``fn(*job)`` for every job in the order of ``jobs``, ``depth`` of them on ``pool`` at once.
+
+    Whichever finishes first, the results come back in order, so what the caller builds from them
+    does not depend on the number of threads; at most ``depth`` of them exist at a time. ``jobs``
+    is consumed in the calling thread.
+    """
+    pending = deque()
+    for job in jobs:
+        pending.append(pool.submit(fn, *job))
+        if len(pending) >= depth:
+            yield pending.popleft().result()
+    while pending:
+        yield pending.popleft().result()
+
+
+def _collect_aligned(attempt, n: int, canvas: Canvas, threads: int, out, on_frame):
+    """Run ``attempt(i, canvas)`` for frames ``0..n-1``; returns ``(aligned, failed)``.
+
+    ``attempt`` returns the aligned frame or the exception that makes it fail. Successes are
+    packed into ``out`` in order when it is given (``aligned`` then holds views into it).
+    """
+    threads = max(1, threads)
+    aligned, failed, n_ok = [None] * n, [], 0
+    jobs = ((i, _own_canvas(canvas, threads)) for i in range(n))
+    with ThreadPoolExecutor(threads, thread_name_prefix="align") as pool:
+        for i, result in enumerate(_results_in_order(pool, attempt, jobs, threads)):
+            if isinstance(result, Exception):
+                failed.append((i, str(result)))
+            else:
+                if out is not None:
+                    out[n_ok] = result
+                    result = out[n_ok]
+                aligned[i], n_ok = result, n_ok + 1
+            if on_frame is not None:
+                on_frame(i, aligned[i] is not None)
+    return aligned, failed
+
+
+def align_images_in_group(images, reference_index, wcs_list=None, method="astroalign", *, canvas=None,
+                          out=None, reference_stars=None, threads: int = 1, on_frame=None, skip=()):
     """Align a group of ``(H, W, C)`` frames onto the frame at ``reference_index``.
 
     Parameters
     ----------
-    images : list of float32 ``(H, W, C)`` arrays
-    reference_index : index of the reference frame (returned unchanged)
+    images : list of float32 ``(H, W, C)`` arrays or loaders, zero-argument callables that return
+        one; a loader is called when its frame's turn comes, so memory holds a few frames besides
+        the result
+    reference_index : index of the reference frame (placed on the canvas, not resampled)
     wcs_list : optional celestial WCS per frame; used by ``method="wcs"`` and as the per-frame
         fallback when star matching fails
     method : ``"astroalign"`` (star matching) or ``"wcs"`` (reprojection through the WCSs)
+    canvas : the output grid (:func:`group_canvas`); default: the reference grid and WCS
+    out : optional ``(N, H, W, C)`` array on the canvas (a disk-backed stack, say) that receives the
+        aligned frames, packed in order; ``aligned`` then holds views into it
+    reference_stars : :func:`alignment_stars` of the reference, when the caller already has them
+    threads : how many frames are loaded and aligned at once; the result is the same for any number
+    on_frame : ``on_frame(index, ok)``, called in the calling thread after each frame in order, the
+        reference included (``ok`` False: the frame failed); an exception it raises (a
+        cancellation) stops the alignment and propagates
+    skip : exception types which, raised by a loader, mean that its frame cannot be used
 
     Returns
     -------
     aligned : list with a float32 ``(H, W, C)`` array per frame, None for frames that failed
-    failed : list of ``(index, reason)`` for frames that could not be aligned
+    failed : list of ``(index, reason)`` for frames that could not be loaded or aligned
+
+    A frame fails with :class:`AlignmentError` (no star match and no WCS to fall back on, or a
+    channel count other than the reference's) or with an exception of ``skip``; any other exception
+    propagates, and so does any failure to load the reference.
     """
-    reference = np.asarray(images[reference_index], dtype=np.float32)
-    wcs_ref = wcs_list[reference_index] if wcs_list is not None else None
-    reference_stars = alignment_stars(reference) if method == "astroalign" else None
-    aligned, failed = [], []
-    for i, image in enumerate(images):
+    require_choice("method", method, ALIGN_METHODS)
+    reference = np.asarray(_frame_data(images[reference_index]), dtype=np.float32)
+    wcs_of = (lambda i: None) if wcs_list is None else wcs_list.__getitem__
+    canvas = canvas or Canvas(reference.shape[:2], (0, 0), wcs_of(reference_index))
+    if method == "astroalign" and reference_stars is None:
+        reference_stars = alignment_stars(reference)  # once for the whole group
+
+    def attempt(i, own_canvas):
+        """Return frame ``i`` on the canvas, or the exception that makes it fail."""
         if i == reference_index:
-            aligned.append(reference)
-            continue
+            return place_reference(reference, own_canvas)
         try:
-            aligned.append(align_frame(image, reference, method,
-                                       wcs_list[i] if wcs_list is not None else None, wcs_ref,
-                                       reference_stars=reference_stars))
-        except AlignmentError as exc:
-            aligned.append(None)
-            failed.append((i, str(exc)))
-    return aligned, failed
+            image = _frame_data(images[i])
+            if image.shape[2] != reference.shape[2]:
+                raise AlignmentError("channel count differs from the reference frame")
+            return align_frame(image, reference, method, wcs_of(i), canvas=own_canvas,
+                               reference_stars=reference_stars)
+        except (AlignmentError, *skip) as exc:
+            return exc
+
+    return _collect_aligned(attempt, len(images), canvas, threads, out, on_frame)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -751,13 +842,18 @@ def stack_in_chunks(stack, gains, offsets, weights, params: StackParams, xp=np,
 
 
 def stack_winsorized_sigma_clip(frames, weights=None, kappa_low=3.0, kappa_high=3.0,
-                                winsor_limits=(0.05, 0.05), combine="mean", xp=np):
-    """Stack aligned frames with winsorized sigma clipping; returns ``(image, coverage)``.
+                                winsor_limits=(0.05, 0.05), combine="mean", *, max_iterations=5,
+                                gains=None, offsets=None, noise_sigmas=None):
+    """Stack aligned frames with winsorized sigma clipping on the CPU; returns ``(image, coverage)``.
 
-    ``frames`` is a list of ``(H, W, C)`` arrays or an ``(N, H, W, C)`` stack, NaN outside each
-    footprint. A pixel without valid samples stays NaN.
+    The front door of the default rejection, under the name the seeds give it:
+    :func:`stack_in_chunks` with ``StackParams("winsorized_sigma_clip", ...)``. ``frames`` is a
+    list of ``(H, W, C)`` arrays or an ``(N, H, W, C)`` stack (a disk-backed one is read a block
+    at a time), NaN outside each footprint; ``gains``, ``offsets`` and ``noise_sigmas`` are as for
+    :func:`stack_in_chunks`. A pixel without valid samples stays NaN.
     """
-    stack = np.stack([np.asarray(f, np.float32) for f in frames]) if isinstance(frames, (list, tuple)) \
-        else np.asarray(frames, np.float32)
-    params = StackParams("winsorized_sigma_clip", kappa_low, kappa_high, tuple(winsor_limits), combine)
-    return stack_in_chunks(stack, None, None, weights, params, xp)
+    if isinstance(frames, (list, tuple)):
+        frames = np.stack([np.asarray(f, np.float32) for f in frames])
+    params = StackParams("winsorized_sigma_clip", kappa_low, kappa_high, tuple(winsor_limits), combine,
+                         max_iterations)
+    return stack_in_chunks(frames, gains, offsets, weights, params, noise_sigmas=noise_sigmas)

@@ -34,7 +34,7 @@ from astropy.utils.exceptions import AstropyWarning
 from astropy.wcs import WCS, SingularMatrixError
 from scipy import ndimage
 
-from zemosaic_utils import block_mean, mad_sigma, sky_level, subsample
+from zemosaic_utils import _percentiles_gpu, block_mean, mad_sigma, sky_level, subsample
 
 logger = logging.getLogger(__name__)
 
@@ -945,9 +945,10 @@ def _display_levels(luminance: np.ndarray) -> tuple[float, float, float] | None:
         return None
     background = float(np.median(samples))
     sigma = float(mad_sigma(samples, np, background))
+    # The 0th percentile is the minimum: one partition of the samples gives it and the white point.
+    lowest, white = _percentiles_gpu(samples, 0.0, 99.8, np)
     # Black just under the sky so noise stays visible instead of clipping half of it.
-    black = max(float(samples.min()), background - 2.8 * sigma)
-    white = float(np.percentile(samples, 99.8))
+    black = max(lowest, background - 2.8 * sigma)
     if white <= black:
         white = max(float(samples.max()), black + 1e-6)
     if white <= black:  # float rounding on huge values

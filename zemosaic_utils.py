@@ -143,8 +143,10 @@ def _percentiles_gpu(arr2d, p_low: float, p_high: float, xp=None) -> tuple[float
     """Return the ``p_low`` and ``p_high`` percentiles (0-100) of an array, ignoring NaN and inf.
 
     NaN-aware percentiles are used only when the array holds non-finite values (they are slower);
-    an array without any finite value gives ``(nan, nan)``. ``xp`` defaults to the array's module.
-    Every GPU normalisation goes through here so none of them can collapse on NaN footprints.
+    an array without any finite value gives ``(nan, nan)``. ``xp`` defaults to the array's module
+    (NumPy or CuPy: one rule for both, since a plain percentile of an image with NaN footprints is
+    NaN). The display stretch takes its black and white points from here
+    (:func:`zemosaic_fits.stretch_unit`).
     """
     if xp is None:
         xp = np if isinstance(arr2d, np.ndarray) else __import__("cupy")

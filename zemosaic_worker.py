@@ -12,7 +12,6 @@ configure where it goes.
 
 from __future__ import annotations
 
-import dataclasses
 import json
 import logging
 import os
@@ -22,7 +21,6 @@ import tempfile
 import threading
 import time
 from collections import Counter
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -482,87 +480,66 @@ def _tile_name(index: int) -> str:
     return f"master_tile_{index:03d}.fits"
 
 
-def _aligned_frame(rec, config, reference, canvas, reference_stars):
-    """Return one frame loaded, debayered and aligned onto the group's canvas.
+def _frame_loader(rec, config):
+    """Return a zero-argument callable that loads a frame's debayered data.
 
-    Raises :class:`zemosaic_fits.FrameError` or :class:`zemosaic_align_stack.AlignmentError`.
+    It raises :class:`zemosaic_fits.FrameError` when the frame cannot be used.
     """
-    frame = zfits.load_frame(rec.path, hot_pixels=config.correct_hot_pixels, wcs=rec.wcs)
-    if frame.data.shape[2] != reference.shape[2]:
-        raise stk.AlignmentError("channel count differs from the reference frame")
-    return stk.align_frame(frame.data, reference, config.align_method, frame.wcs,
-                           canvas=canvas, reference_stars=reference_stars)
+    return lambda: zfits.load_frame(rec.path, hot_pixels=config.correct_hot_pixels, wcs=rec.wcs).data
+
+
+def _first_loadable(records, order, config, ctx, skipped):
+    """Return ``(position in order, data)`` of the first frame of ``order`` that loads, or ``(None, None)``.
+
+    Frames that fail to load are appended to ``skipped`` with their reason.
+    """
+    for position, i in enumerate(order):
+        ctx.check_cancel()
+        try:
+            return position, _frame_loader(records[i], config)()
+        except zfits.FrameError as exc:
+            skipped.append({"path": records[i].path, "reason": str(exc)})
+    return None, None
 
 
 def _load_and_align_group(task: TileTask, ctx, skipped: list):
     """Load, debayer and align a group's frames; returns ``(stack, used records, tile WCS)``.
 
     The reference (the frame nearest the group centre that loads) is loaded first and sits in
-    slot 0; the others are aligned onto its canvas in a preallocated stack, ``task.frame_threads``
-    at a time (each frame's alignment depends only on itself and the reference, so the stack is
-    the same whatever the number), so memory holds a few frames besides the stack. Frames that
-    fail to load or align are appended to ``skipped`` with their reason.
+    slot 0; the others are loaded and aligned onto its canvas by
+    :func:`zemosaic_align_stack.align_images_in_group`, ``task.frame_threads`` at a time, into a
+    preallocated (possibly disk-backed) stack. Frames that fail to load or align are appended to
+    ``skipped`` with their reason.
     """
     records, config = task.records, task.config
     ref_i = _reference_index(records)
     order = [ref_i] + [i for i in range(len(records)) if i != ref_i]
-    reference = None
-    for first, i in enumerate(order):
-        ctx.check_cancel()
-        try:
-            frame = zfits.load_frame(records[i].path, hot_pixels=config.correct_hot_pixels,
-                                     wcs=records[i].wcs)
-        except zfits.FrameError as exc:
-            skipped.append({"path": records[i].path, "reason": str(exc)})
-            continue
-        reference = frame.data
-        break
+    first, reference = _first_loadable(records, order, config, ctx, skipped)
     if reference is None:
         return None, [], None
-    canvas = stk.group_canvas(frame.wcs, reference.shape[:2],
-                              [(r.wcs, r.info.shape_hw) for r in records])
-    stack = zexec.allocate_stack((len(records),) + canvas.shape + reference.shape[2:],
+    group = [records[i] for i in order[first:]]
+    shape_ref = reference.shape[:2]
+    # Sized by every frame of the group: their pixels are not read yet.
+    canvas = stk.group_canvas(group[0].wcs, shape_ref, [(r.wcs, r.info.shape_hw) for r in records])
+    stack = zexec.allocate_stack((len(group),) + canvas.shape + reference.shape[2:],
                                  task.cache_dir, task.ram_share)
-    stack[0] = stk.place_reference(reference, canvas)
-    used = [records[order[first]]]
-    # Detected once for the whole group.
-    stars = stk.alignment_stars(reference) if config.align_method == "astroalign" else None
-    rest, width = order[first + 1:], max(1, task.frame_threads)
-    with ThreadPoolExecutor(width, thread_name_prefix=task.label) as pool:
-        for b in range(0, len(rest), width):
-            ctx.check_cancel()
-            batch = rest[b:b + width]
-            # A WCS of its own per thread: astropy's WCS objects are not thread-safe.
-            futures = [pool.submit(_aligned_frame, records[i], config, reference,
-                                   dataclasses.replace(canvas, wcs=canvas.wcs.deepcopy()), stars)
-                       for i in batch]
-            for k, (i, future) in enumerate(zip(batch, futures)):
-                try:
-                    stack[len(used)] = future.result()
-                except (zfits.FrameError, stk.AlignmentError) as exc:
-                    skipped.append({"path": records[i].path, "reason": str(exc)})
-                    continue
-                used.append(records[i])
-                ctx.advance("master_tiles", first + b + k + 2, len(order),
-                           f"{task.label}: aligned {os.path.basename(records[i].path)}")
+
+    def on_frame(k, ok):
+        ctx.check_cancel()
+        if ok:
+            ctx.advance("master_tiles", first + k + 1, len(order),
+                        f"{task.label}: aligned {os.path.basename(group[k].path)}")
+
+    aligned, failed = stk.align_images_in_group(
+        [reference] + [_frame_loader(r, config) for r in group[1:]], 0, [r.wcs for r in group],
+        config.align_method, canvas=canvas, out=stack, threads=task.frame_threads, on_frame=on_frame,
+        skip=(zfits.FrameError,))
+    skipped += [{"path": group[k].path, "reason": reason} for k, reason in failed]
+    used = [r for r, frame in zip(group, aligned) if frame is not None]
     if len(used) < len(records):
-        stack, canvas = _crop_to_frames(stack, canvas, reference.shape[:2], used)
+        stack, canvas = stk.crop_canvas(stack, canvas, group[0].wcs, shape_ref,
+                                        [(r.wcs, r.info.shape_hw) for r in used])
     return stack, used, canvas.wcs
-
-
-def _crop_to_frames(stack, canvas, shape_reference, used):
-    """Return ``(stack view, canvas)`` cut to the canvas of the frames actually stacked.
-
-    The canvas was sized before the frames were loaded; one skipped then (unreadable data, all
-    zeros) must not leave its empty footprint in the tile. The canvas of the used frames is a
-    window of the full one (same reference, same margin), so the view holds every aligned pixel.
-    """
-    used_canvas = stk.group_canvas(used[0].wcs, shape_reference,
-                                   [(r.wcs, r.info.shape_hw) for r in used])
-    dy = canvas.offset[0] - used_canvas.offset[0]
-    dx = canvas.offset[1] - used_canvas.offset[1]
-    h, w = used_canvas.shape
-    return stack[:, dy:dy + h, dx:dx + w], used_canvas
 
 
 def _photometric_reference(gains, offsets):
@@ -612,8 +589,17 @@ def _stack_group(stack, n_used, config, use_gpu, tile_label):
             return image, coverage, "gpu", (gains, offsets, weights)
         except GpuBackendError as exc:
             logger.warning("%s: GPU stacking failed (%s); stacking this tile on CPU", tile_label, exc)
-    image, coverage = stk.stack_in_chunks(view, gains, offsets, weights, params, noise_sigmas=sigmas)
+    image, coverage = _stack_on_cpu(view, gains, offsets, weights, params, sigmas)
     return image, coverage, "cpu", (gains, offsets, weights)
+
+
+def _stack_on_cpu(stack, gains, offsets, weights, p, sigmas):
+    """Return ``(image, coverage)``; winsorized rejection, the default, goes through its front door."""
+    if p.rejection != "winsorized_sigma_clip":
+        return stk.stack_in_chunks(stack, gains, offsets, weights, p, noise_sigmas=sigmas)
+    return stk.stack_winsorized_sigma_clip(stack, weights, p.kappa_low, p.kappa_high, p.winsor_limits,
+                                           p.combine, max_iterations=p.max_iterations, gains=gains,
+                                           offsets=offsets, noise_sigmas=sigmas)
 
 
 def _settings_history(config) -> list:

@@ -172,6 +172,18 @@ def test_kappa_sigma_rejects_outlier_and_keeps_nan_pixel():
     assert np.isnan(img[1, 1, 0]) and cov[1, 1] == 0
 
 
+def test_winsorized_front_door_is_stack_in_chunks(rng):
+    """The pipeline's door for winsorized rejection: the same numbers as the chunked stacker."""
+    stack = _random_stack(rng, n=7)
+    gains, offsets = rng.uniform(0.9, 1.1, (7, 3)), rng.normal(0, 2, (7, 3))
+    weights, noise = rng.uniform(0.3, 1.0, (7, 3)), rng.uniform(2.0, 4.0, (7, 3))
+    params = stk.StackParams("winsorized_sigma_clip", 2.5, 3.5, (0.1, 0.05), "median", 2)
+    door = stk.stack_winsorized_sigma_clip(stack, weights, 2.5, 3.5, (0.1, 0.05), "median", max_iterations=2,
+                                           gains=gains, offsets=offsets, noise_sigmas=noise)
+    chunks = stk.stack_in_chunks(stack, gains, offsets, weights, params, noise_sigmas=noise)
+    assert all(a.tobytes() == b.tobytes() for a, b in zip(door, chunks))
+
+
 def test_trail_and_hot_pixels_rejected(rng):
     n, h, w = 15, 40, 40
     sigma = 4.0

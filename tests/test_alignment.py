@@ -3,6 +3,7 @@
 import logging
 
 import numpy as np
+import pytest
 
 import zemosaic_align_stack as stk
 from conftest import make_tan_wcs
@@ -80,6 +81,75 @@ def test_failed_frames_are_reported_not_raised():
     # With WCSs the same frame falls back to reprojection.
     aligned, failed = stk.align_images_in_group([ref, blank], 0, wcs_list=[ref_wcs, ref_wcs])
     assert not failed and aligned[1] is not None
+
+
+class _Unreadable(Exception):
+    """What the loader of a broken file raises in these tests (the worker's is a FrameError)."""
+
+
+def _lazy_group(loaded):
+    """Five frames, the reference at index 1: a loader whose file is broken (2), a frame without
+    stars or WCS (3, cannot be aligned), and loaders that append their index to ``loaded``."""
+    pointings = [(10.0, 20.0, 0.0), (10.002, 19.999, 3.0), None, None, (9.999, 20.002, -4.0)]
+    wcs_list = [None if p is None else make_tan_wcs(p[0], p[1], SHAPE, rotation_deg=p[2]) for p in pointings]
+    data = {i: _star_field(w, SHAPE, seed=10 + i) for i, w in enumerate(wcs_list) if w is not None}
+    data[3] = np.random.default_rng(3).normal(100, 3, SHAPE + (3,)).astype(np.float32)
+
+    def loader(i):
+        def load():
+            loaded.append(i)
+            if i == 2:
+                raise _Unreadable("truncated file")
+            return data[i]
+        return load
+
+    canvas = stk.group_canvas(wcs_list[1], SHAPE, [(w, SHAPE) for w in wcs_list if w is not None])
+    return [loader(i) for i in range(5)], wcs_list, canvas, data
+
+
+def test_lazy_frames_in_threads_fill_the_same_stack_as_in_memory_frames():
+    loaded = []
+    loaders, wcs_list, canvas, data = _lazy_group(loaded)
+    stacks, calls = [], []
+    for threads in (1, 2):
+        out = np.full((5,) + canvas.shape + (3,), -1.0, np.float32)
+        aligned, failed = stk.align_images_in_group(
+            loaders, 1, wcs_list, canvas=canvas, out=out, threads=threads, skip=(_Unreadable,),
+            on_frame=lambda i, ok: calls.append((i, ok)))
+        assert [i for i, _ in failed] == [2, 3] and failed[0][1] == "truncated file"
+        assert "star matching failed" in failed[1][1]
+        assert [a is None for a in aligned] == [False, False, True, True, False]
+        # Packed in order into the first three slots; the rest is untouched.
+        assert all(np.shares_memory(aligned[i], out[k]) for k, i in enumerate((0, 1, 4)))
+        assert np.all(out[3:] == -1.0)
+        oy, ox = canvas.offset
+        assert np.array_equal(out[1, oy:oy + SHAPE[0], ox:ox + SHAPE[1]], data[1])
+        assert 0.7 < np.isfinite(out[[0, 2]]).mean() < 1.0  # NaN outside each footprint
+        stacks.append(out)
+    assert calls == 2 * [(0, True), (1, True), (2, False), (3, False), (4, True)]
+    assert sorted(loaded) == sorted(2 * [0, 1, 2, 3, 4])  # each frame loaded once per run
+    assert stacks[0].tobytes() == stacks[1].tobytes()  # the same stack whatever the threads
+    in_memory, failed = stk.align_images_in_group([data[0], data[1], data[4]], 1,
+                                                  [wcs_list[i] for i in (0, 1, 4)], canvas=canvas)
+    assert not failed
+    assert np.stack(in_memory).tobytes() == stacks[0][:3].tobytes()
+
+
+def test_an_exception_from_on_frame_stops_the_alignment():
+    loaded = []
+    loaders, wcs_list, canvas, _ = _lazy_group(loaded)
+
+    class Cancelled(Exception):
+        pass
+
+    def cancel_after_the_first(i, ok):
+        if i == 1:
+            raise Cancelled("cancelled by user")
+
+    with pytest.raises(Cancelled):
+        stk.align_images_in_group(loaders, 1, wcs_list, canvas=canvas, skip=(_Unreadable,),
+                                  on_frame=cancel_after_the_first)
+    assert loaded == [1, 0]  # the reference, then frame 0; nothing after the cancellation
 
 
 def test_group_canvas_holds_rotated_frames():

@@ -583,6 +583,21 @@ def test_stretch_is_linked_and_handles_nan():
     assert np.all(zf.stretch_for_display(np.full((4, 4, 3), np.nan)) == 0)
 
 
+def test_display_levels_ignore_nan_footprints():
+    """The black and white points of a tile with NaN borders are those of its pixels with data."""
+    rng = np.random.default_rng(4)
+    data = rng.gamma(3.0, 40.0, (60, 50)).astype(np.float32)
+    holed = np.full((60, 70), np.nan, np.float32)
+    holed[:, 10:60] = data
+    from zemosaic_utils import mad_sigma
+
+    black, white, background = zf._display_levels(holed)
+    assert (black, white, background) == zf._display_levels(data)
+    values = data.ravel().astype(np.float64)
+    assert white == np.percentile(values, 99.8) and background == np.median(values)
+    assert black == max(values.min(), background - 2.8 * mad_sigma(values))
+
+
 def test_sky_stays_grey_beside_a_large_nebula():
     """A red nebula over 40 % of the field must not move the sky levels: the sky stays grey in the
     display. A per-channel median moved G by a noise sigma and the sky came out 40 % apart between

@@ -275,7 +275,7 @@ def _collect_aligned(attempt, n: int, canvas: Canvas, threads: int, out, on_fram
     """Run ``attempt(i, canvas)`` for frames ``0..n-1``; returns ``(aligned, failed)``.
 
     ``attempt`` returns the aligned frame or the exception that makes it fail. Successes are
-    packed into ``out`` in order when it is given (``aligned`` then holds views into it).
+    packed into ``out`` in order when it is given (``aligned`` then holds their slots).
     """
     threads = max(1, threads)
     aligned, failed, n_ok = [None] * n, [], 0
@@ -286,8 +286,9 @@ def _collect_aligned(attempt, n: int, canvas: Canvas, threads: int, out, on_fram
                 failed.append((i, str(result)))
             else:
                 if out is not None:
-                    out[n_ok] = result
-                    result = out[n_ok]
+                    # The slot, not out[n_ok]: read back from a disk-backed stack, every frame
+                    # would be held in memory again.
+                    out[n_ok], result = result, n_ok
                 aligned[i], n_ok = result, n_ok + 1
             if on_frame is not None:
                 on_frame(i, aligned[i] is not None)
@@ -309,7 +310,7 @@ def align_images_in_group(images, reference_index, wcs_list=None, method="astroa
     method : ``"astroalign"`` (star matching) or ``"wcs"`` (reprojection through the WCSs)
     canvas : the output grid (:func:`group_canvas`); default: the reference grid and WCS
     out : optional ``(N, H, W, C)`` array on the canvas (a disk-backed stack, say) that receives the
-        aligned frames, packed in order; ``aligned`` then holds views into it
+        aligned frames, packed in order; ``aligned`` then holds each frame's slot in it (an int)
     reference_stars : :func:`alignment_stars` of the reference, when the caller already has them
     threads : how many frames are loaded and aligned at once; the result is the same for any number
     on_frame : ``on_frame(index, ok)``, called in the calling thread after each frame in order, the
@@ -319,7 +320,8 @@ def align_images_in_group(images, reference_index, wcs_list=None, method="astroa
 
     Returns
     -------
-    aligned : list with a float32 ``(H, W, C)`` array per frame, None for frames that failed
+    aligned : list with a float32 ``(H, W, C)`` array per frame (its slot in ``out`` when given),
+        None for frames that failed
     failed : list of ``(index, reason)`` for frames that could not be loaded or aligned
 
     A frame fails with :class:`AlignmentError` (no star match and no WCS to fall back on, or a

@@ -34,7 +34,7 @@ from astropy.utils.exceptions import AstropyWarning
 from astropy.wcs import WCS, SingularMatrixError
 from scipy import ndimage
 
-from zemosaic_utils import _percentiles_gpu, block_mean, mad_sigma, sky_level, subsample
+from zemosaic_utils import _percentiles_gpu, block_mean, mad_sigma, map_threads, sky_level, subsample
 
 logger = logging.getLogger(__name__)
 
@@ -1025,8 +1025,6 @@ _STRETCH_BAND_ROWS = 128
 
 def _stretched(image_hwc: np.ndarray, wb_gains, finish: Callable, dtype) -> np.ndarray:
     """Return ``finish(stretched band)`` for every band of rows, as one ``(H, W, 3)`` ``dtype`` array."""
-    from concurrent.futures import ThreadPoolExecutor
-
     image = _as_hwc_float32(image_hwc)
     height, width = image.shape[:2]
     output = np.zeros((height, width, 3), dtype=dtype)
@@ -1037,8 +1035,7 @@ def _stretched(image_hwc: np.ndarray, wb_gains, finish: Callable, dtype) -> np.n
     def band(r0):
         output[r0:r0 + _STRETCH_BAND_ROWS] = finish(curve.apply(image[r0:r0 + _STRETCH_BAND_ROWS]))
 
-    with ThreadPoolExecutor(min(8, os.cpu_count() or 1)) as pool:
-        list(pool.map(band, range(0, height, _STRETCH_BAND_ROWS)))
+    map_threads(band, range(0, height, _STRETCH_BAND_ROWS))
     return output
 
 
@@ -1118,9 +1115,9 @@ def _resampled(image: np.ndarray, matrix: np.ndarray) -> np.ndarray:
     swap = np.array([[0.0, 1.0], [1.0, 0.0]])
     inverse = swap @ np.linalg.inv(matrix) @ swap
     offset = inverse @ low[::-1]
-    planes = [ndimage.affine_transform(image[:, :, c], inverse, offset=offset, output_shape=(out_h, out_w),
-                                       order=1, mode="constant", cval=np.nan)
-              for c in range(image.shape[2])]
+    planes = map_threads(lambda c: ndimage.affine_transform(
+        image[:, :, c], inverse, offset=offset, output_shape=(out_h, out_w), order=1, mode="constant",
+        cval=np.nan), range(image.shape[2]))
     return np.stack(planes, axis=-1).astype(np.float32)
 
 

@@ -37,7 +37,7 @@ from dataclasses import dataclass, replace
 
 import numpy as np
 
-from zemosaic_utils import block_mean, mad_sigma, sigma_clipped_stats, sky_level, subsample, to_numpy
+from zemosaic_utils import block_mean, mad_sigma, map_threads, sigma_clipped_stats, sky_level, subsample, to_numpy
 
 logger = logging.getLogger(__name__)
 
@@ -1119,7 +1119,8 @@ def white_balance(image_hwc, star_kappa: float = 20.0, smooth_px: float = 8.0,
     sky = np.array([sky_level(subsample(sample[:, c], 200_000)) for c in range(n_ch)])
     noise = np.array([sigma_clipped_stats(sample[:, c])[1] for c in range(n_ch)])
     above = image - sky
-    detail = np.stack([image[..., c] - _smooth_nan(image[..., c], smooth_px) for c in range(n_ch)], -1)
+    detail = np.stack(map_threads(lambda c: image[..., c] - _smooth_nan(image[..., c], smooth_px),
+                                  range(n_ch)), -1)
     peak = np.nanmax(image, axis=(0, 1))
     with np.errstate(invalid="ignore"):
         stars = np.all(detail > star_kappa * noise, axis=-1) & np.all(image < 0.8 * peak, axis=-1)

@@ -162,6 +162,32 @@ def _percentiles_gpu(arr2d, p_low: float, p_high: float, xp=None) -> tuple[float
 
 
 # --------------------------------------------------------------------------------------------------
+# Cores
+# --------------------------------------------------------------------------------------------------
+
+
+def usable_cores() -> int:
+    """Return how many cores this process may run on (its CPU affinity where the OS has one)."""
+    try:
+        return max(1, len(os.sched_getaffinity(0)))
+    except (AttributeError, OSError):  # not Linux
+        return max(1, os.cpu_count() or 1)
+
+
+def map_threads(fn, items) -> list:
+    """Return ``[fn(item) for item in items]``, computed on a thread pool, one thread per core.
+
+    For NumPy work on independent pieces (bands of rows, channels): NumPy and SciPy's filters
+    release the GIL in their loops, so the pieces run on every core. Exceptions propagate.
+    """
+    items = list(items)
+    if len(items) < 2:
+        return [fn(item) for item in items]
+    with ThreadPoolExecutor(min(usable_cores(), len(items))) as pool:
+        return list(pool.map(fn, items))
+
+
+# --------------------------------------------------------------------------------------------------
 # Robust statistics
 # --------------------------------------------------------------------------------------------------
 
@@ -198,8 +224,9 @@ def block_mean(image: np.ndarray, factor: int, full_blocks_only: bool = False,
     out_h, out_w = -(-height // factor), -(-width // factor)
     result = np.empty((out_h, out_w, channels), dtype=np.float32)
     needed = factor * factor if full_blocks_only else 1
-    # Bands of output rows bound the temporary memory on very large mosaics.
-    for top in range(0, out_h, band_rows):
+
+    # Bands of output rows bound the temporary memory on very large mosaics, and run on every core.
+    def band(top):
         rows = min(band_rows, out_h - top)
         block = np.full((rows * factor, out_w * factor, channels), np.nan, dtype=np.float32)
         source = image[top * factor:(top + rows) * factor]
@@ -210,6 +237,8 @@ def block_mean(image: np.ndarray, factor: int, full_blocks_only: bool = False,
         count = valid.sum(axis=(1, 3))
         result[top:top + rows] = np.divide(total, count, out=np.full(total.shape, np.nan),
                                            where=count >= needed)
+
+    map_threads(band, range(0, out_h, band_rows))
     return result
 
 
@@ -576,8 +605,7 @@ def _coadd_fast(data_list, weights_list, mappings, shape_out, xp, rows_per_chunk
 
     starts = range(0, height, rows_per_chunk)
     if xp is np:
-        with ThreadPoolExecutor(min(8, os.cpu_count() or 1)) as pool:
-            list(pool.map(band, starts))
+        map_threads(band, starts)
     else:  # one device stream: the bands run in turn
         for r0 in starts:
             band(r0)

@@ -33,8 +33,8 @@ import zemosaic_astrometry as zastro
 from zemosaic_config import (ALIGN_METHODS, COMBINE_METHODS, NORMALIZE_METHODS, REJECTION_ALGORITHMS,
                              require_choice)
 import zemosaic_photometry as zph
-from zemosaic_utils import (bilinear_gather, compute_pixel_mapping, mapping_coordinates, sigma_clipped_stats,
-                            subsample)
+from zemosaic_utils import (bilinear_gather, compute_pixel_mapping, map_threads, mapping_coordinates,
+                            sigma_clipped_stats, subsample)
 
 logger = logging.getLogger(__name__)
 
@@ -374,16 +374,16 @@ SIGNAL_SPREAD = 0.5
 SIGNAL_RADIUS_PX = 3
 
 
-def normalization_coefficients(stack, reference_index, method="linear_fit", xp=np):
+def normalization_coefficients(stack, reference_index, method="linear_fit", xp=np, threads: int = 1):
     """Return ``(gains, offsets)``, each ``(N, C)``, normalising every frame of a stack to the reference.
 
-    ``linear_fit``: gains from the stars (:func:`zemosaic_photometry.star_normalisation`);
-    ``sky_mean``: sky offsets only; ``none``: identity.
+    ``linear_fit``: gains from the stars (:func:`zemosaic_photometry.star_normalisation`, measured
+    ``threads`` frames at once); ``sky_mean``: sky offsets only; ``none``: identity.
     """
     require_choice("method", method, NORMALIZE_METHODS)
     n, n_ch = stack.shape[0], stack.shape[-1]
     if method == "linear_fit":
-        return zph.star_normalisation(stack, reference_index, xp)
+        return zph.star_normalisation(stack, reference_index, xp, threads)
     gains, offsets = np.ones((n, n_ch)), np.zeros((n, n_ch))
     if method == "sky_mean":
         for i in range(n):
@@ -392,21 +392,22 @@ def normalization_coefficients(stack, reference_index, method="linear_fit", xp=n
     return gains, offsets
 
 
-def frame_noise_sigmas(stack, gains=None, xp=np, n_max: int = 120_000):
+def frame_noise_sigmas(stack, gains=None, xp=np, n_max: int = 120_000, threads: int = 1):
     """Return the ``(N, C)`` noise sigma of every frame after normalisation by ``gains``.
 
     Sigma is the clipped MAD-sigma of a subsample (about ``n_max`` pixels) of each frame's valid
     pixels: the sky noise, which stars and nebulosity barely move. A frame or channel without an
     estimate gets the median of the others (0 when no frame has one), so it never becomes NaN
-    downstream.
+    downstream. ``threads`` frames are measured at once.
     """
     n, n_ch = stack.shape[0], stack.shape[-1]
     gains = np.ones((n, n_ch)) if gains is None else np.asarray(gains, dtype=np.float64)
-    sigmas = np.full((n, n_ch), np.nan)
-    for i in range(n):
+
+    def raw_sigmas(i):
         sub = xp.asarray(subsample(stack[i], n_max))
-        for c in range(n_ch):
-            sigmas[i, c] = sigma_clipped_stats(sub[..., c], xp)[1] * gains[i, c]
+        return [sigma_clipped_stats(sub[..., c], xp)[1] for c in range(n_ch)]
+
+    sigmas = np.array(map_threads(raw_sigmas, range(n), threads), dtype=np.float64).reshape(n, n_ch) * gains
     for c in range(n_ch):
         ok = np.isfinite(sigmas[:, c]) & (sigmas[:, c] > 0)
         sigmas[~ok, c] = np.median(sigmas[ok, c]) if ok.any() else 0.0
@@ -807,14 +808,17 @@ CPU_BLOCK_BYTES = 32 * 2**20
 
 def stack_in_chunks(stack, gains, offsets, weights, params: StackParams, xp=np,
                     rows_per_chunk=None, budget_bytes=CPU_BLOCK_BYTES, to_device=None, to_host=None,
-                    progress=None, noise_sigmas=None):
+                    progress=None, noise_sigmas=None, threads: int = 1):
     """Normalise, reject and combine an ``(N, H, W, C)`` stack in row chunks.
 
-    ``stack`` may be a NumPy array or a disk-backed ``np.memmap`` (only one chunk is in memory at a
-    time). ``gains``/``offsets``/``weights`` are ``(N, C)`` or None. ``noise_sigmas`` ``(N, C)`` is
-    the noise of each normalised frame (:func:`frame_noise_sigmas`); measured here when rejection
-    needs it and it is not given. ``to_device``/``to_host`` move a chunk to the backend of ``xp``
-    and back (identity on the CPU). ``progress(done_rows, total)`` is called after each chunk.
+    ``stack`` may be a NumPy array or a disk-backed :class:`zemosaic_executor.DiskStack` (only
+    the chunks being stacked are in memory). ``gains``/``offsets``/``weights`` are ``(N, C)`` or
+    None. ``noise_sigmas`` ``(N, C)`` is the noise of each normalised frame
+    (:func:`frame_noise_sigmas`); measured here when rejection needs it and it is not given.
+    ``to_device``/``to_host`` move a chunk to the backend of ``xp`` and back (identity on the
+    CPU). ``threads`` chunks are stacked at once on the CPU (NumPy releases the GIL; each chunk's
+    rows depend on nothing else, so the result is the same for any number). ``progress(done_rows,
+    total)`` is called after each chunk, in order, in the calling thread.
     Returns host float32 ``(image (H, W, C), coverage (H, W))``.
     """
     signal = None
@@ -830,7 +834,8 @@ def stack_in_chunks(stack, gains, offsets, weights, params: StackParams, xp=np,
     coverage = np.empty((h, w), np.float32)
     g = None if gains is None else xp.asarray(gains, dtype=xp.float32).reshape(n, 1, 1, c)
     o = None if offsets is None else xp.asarray(offsets, dtype=xp.float32).reshape(n, 1, 1, c)
-    for r0 in range(0, h, rows):
+
+    def chunk(r0):
         r1 = min(h, r0 + rows)
         block = to_device(np.ascontiguousarray(stack[:, r0:r1], dtype=np.float32))
         if g is not None:
@@ -838,24 +843,31 @@ def stack_in_chunks(stack, gains, offsets, weights, params: StackParams, xp=np,
         img, cov = stack_block(block, weights, params, xp, noise_sigmas,
                                None if signal is None else to_device(signal[r0:r1]))
         image[r0:r1], coverage[r0:r1] = to_host(img), to_host(cov)
-        if progress is not None:
-            progress(r1, h)
+        return r1
+
+    # A device keeps its context per thread: GPU chunks stay in the calling thread.
+    with ThreadPoolExecutor(max(1, threads), thread_name_prefix="stack") as pool:
+        starts = range(0, h, rows)
+        for r1 in (pool.map if xp is np and threads > 1 else map)(chunk, starts):
+            if progress is not None:
+                progress(r1, h)
     return image, coverage
 
 
 def stack_winsorized_sigma_clip(frames, weights=None, kappa_low=3.0, kappa_high=3.0,
                                 winsor_limits=(0.05, 0.05), combine="mean", *, max_iterations=5,
-                                gains=None, offsets=None, noise_sigmas=None):
+                                gains=None, offsets=None, noise_sigmas=None, threads: int = 1):
     """Stack aligned frames with winsorized sigma clipping on the CPU; returns ``(image, coverage)``.
 
     The front door of the default rejection, under the name the seeds give it:
     :func:`stack_in_chunks` with ``StackParams("winsorized_sigma_clip", ...)``. ``frames`` is a
     list of ``(H, W, C)`` arrays or an ``(N, H, W, C)`` stack (a disk-backed one is read a block
     at a time), NaN outside each footprint; ``gains``, ``offsets`` and ``noise_sigmas`` are as for
-    :func:`stack_in_chunks`. A pixel without valid samples stays NaN.
+    :func:`stack_in_chunks`, and so is ``threads``. A pixel without valid samples stays NaN.
     """
     if isinstance(frames, (list, tuple)):
         frames = np.stack([np.asarray(f, np.float32) for f in frames])
     params = StackParams("winsorized_sigma_clip", kappa_low, kappa_high, tuple(winsor_limits), combine,
                          max_iterations)
-    return stack_in_chunks(frames, gains, offsets, weights, params, noise_sigmas=noise_sigmas)
+    return stack_in_chunks(frames, gains, offsets, weights, params, noise_sigmas=noise_sigmas,
+                           threads=threads)

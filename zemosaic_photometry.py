@@ -582,12 +582,13 @@ def sky_mean_coefficients(frame, reference, xp=np):
     return np.ones(n_ch), offsets
 
 
-def star_normalisation(stack, reference_index, xp=np):
+def star_normalisation(stack, reference_index, xp=np, threads: int = 1):
     """Return ``(gains, offsets)``, each ``(N, C)``, bringing every frame of a stack to the reference.
 
-    Star gains against the reference's stars (found once for the group, measured in every frame),
-    then measured again against the average of the frames of the reference's colour balance
-    (:func:`refine_star_gains`); a frame without a usable fit keeps the identity.
+    Star gains against the reference's stars (found once for the group, measured in every frame,
+    ``threads`` frames at once), then measured again against the average of the frames of the
+    reference's colour balance (:func:`refine_star_gains`); a frame without a usable fit keeps
+    the identity.
     """
     n, n_ch = stack.shape[0], stack.shape[-1]
     gains, offsets = np.ones((n, n_ch)), np.zeros((n, n_ch))
@@ -595,10 +596,9 @@ def star_normalisation(stack, reference_index, xp=np):
     stars = find_reference_stars(reference, xp)
     logger.debug("linear_fit: %d reference stars, FWHM %.2f px", stars.ys.size, stars.fwhm)
     fits = {}
-    for i in range(n):
-        if i == reference_index:
-            continue
-        fit, found = photometric_gain(stack[i], reference, xp, stars)
+    others = [i for i in range(n) if i != reference_index]
+    measured = map_threads(lambda i: photometric_gain(stack[i], reference, xp, stars), others, threads)
+    for i, (fit, found) in zip(others, measured):
         if fit is None:
             logger.debug("linear_fit: degenerate fit (%s); using identity", found)
             continue

@@ -174,16 +174,17 @@ def usable_cores() -> int:
         return max(1, os.cpu_count() or 1)
 
 
-def map_threads(fn, items) -> list:
-    """Return ``[fn(item) for item in items]``, computed on a thread pool, one thread per core.
+def map_threads(fn, items, threads: int | None = None) -> list:
+    """Return ``[fn(item) for item in items]``, computed on ``threads`` threads (None: one per core).
 
-    For NumPy work on independent pieces (bands of rows, channels): NumPy and SciPy's filters
-    release the GIL in their loops, so the pieces run on every core. Exceptions propagate.
+    For NumPy work on independent pieces (bands of rows, channels, frames): NumPy and SciPy's
+    filters release the GIL in their loops, so the pieces run on every core. Exceptions propagate.
     """
     items = list(items)
-    if len(items) < 2:
+    threads = min(usable_cores() if threads is None else max(1, threads), len(items))
+    if threads < 2:
         return [fn(item) for item in items]
-    with ThreadPoolExecutor(min(usable_cores(), len(items))) as pool:
+    with ThreadPoolExecutor(threads) as pool:
         return list(pool.map(fn, items))
 
 

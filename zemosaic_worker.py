@@ -28,6 +28,7 @@ from astropy.io import fits
 
 import zemosaic_align_stack as stk
 import zemosaic_astrometry as zastro
+import zemosaic_display as zdisp
 import zemosaic_executor as zexec
 import zemosaic_fits as zfits
 import zemosaic_photometry as zph
@@ -439,7 +440,8 @@ def _reference_index(records: list[FrameRecord]) -> int:
 class TileTask:
     """Everything one master tile needs, picklable: a task for any executor (:mod:`zemosaic_executor`).
 
-    ``ram_share``: how many tile tasks may run at once on one machine (they share its RAM budget).
+    ``ram_share``: how many tile tasks may run at once on one machine (they share its RAM budget);
+    ``threads``: the cores the task may use (frames aligned, chunks stacked at once).
     Workers read the frames and write the tile through these paths.
     """
 
@@ -449,7 +451,7 @@ class TileTask:
     tiles_dir: str
     use_gpu: bool
     ram_share: int = 1
-    frame_threads: int = 1
+    threads: int = 1
 
     @property
     def label(self) -> str:
@@ -507,7 +509,7 @@ def _load_and_align_group(task: TileTask, ctx, skipped: list):
 
     The reference (the frame nearest the group centre that loads) is loaded first and sits in
     slot 0; the others are loaded and aligned onto its canvas by
-    :func:`zemosaic_align_stack.align_images_in_group`, ``task.frame_threads`` at a time, into a
+    :func:`zemosaic_align_stack.align_images_in_group`, ``task.threads`` at a time, into a
     preallocated (possibly disk-backed) stack. Frames that fail to load or align are appended to
     ``skipped`` with their reason.
     """
@@ -532,7 +534,7 @@ def _load_and_align_group(task: TileTask, ctx, skipped: list):
 
     aligned, failed = stk.align_images_in_group(
         [reference] + [_frame_loader(r, config) for r in group[1:]], 0, [r.wcs for r in group],
-        config.align_method, canvas=canvas, out=stack, threads=task.frame_threads, on_frame=on_frame,
+        config.align_method, canvas=canvas, out=stack, threads=task.threads, on_frame=on_frame,
         skip=(zfits.FrameError,))
     skipped += [{"path": group[k].path, "reason": reason} for k, reason in failed]
     used = [r for r, frame in zip(group, aligned) if frame is not None]
@@ -563,17 +565,18 @@ def _frame_photometry(used, gains, offsets, weights) -> list:
             for r, g, o, w in zip(used, gains, offsets, weights)]
 
 
-def _stack_group(stack, n_used, config, use_gpu, tile_label):
-    """Normalise, weight, reject and combine an aligned stack.
+def _stack_group(stack, n_used, config, use_gpu, tile_label, threads=1):
+    """Normalise, weight, reject and combine an aligned stack, ``threads`` frames or chunks at once.
 
     Returns ``(image, coverage, backend, (gains, offsets, weights))``, the coefficients per frame.
     """
     view = stack[:n_used]
-    gains, offsets = stk.normalization_coefficients(view, 0, config.stacking_normalize_method)
+    gains, offsets = stk.normalization_coefficients(view, 0, config.stacking_normalize_method,
+                                                    threads=threads)
     if config.stacking_normalize_method == "linear_fit":
         gains, offsets = _photometric_reference(gains, offsets)
     # One noise measurement per frame serves the weights and the rejection's noise floor.
-    sigmas = stk.frame_noise_sigmas(view, gains)
+    sigmas = stk.frame_noise_sigmas(view, gains, threads=threads)
     weights = None
     if config.stacking_weighting_method == "noise_variance":
         weights = stk.noise_variance_weights(view, gains, sigmas=sigmas)
@@ -589,17 +592,17 @@ def _stack_group(stack, n_used, config, use_gpu, tile_label):
             return image, coverage, "gpu", (gains, offsets, weights)
         except GpuBackendError as exc:
             logger.warning("%s: GPU stacking failed (%s); stacking this tile on CPU", tile_label, exc)
-    image, coverage = _stack_on_cpu(view, gains, offsets, weights, params, sigmas)
+    image, coverage = _stack_on_cpu(view, gains, offsets, weights, params, sigmas, threads)
     return image, coverage, "cpu", (gains, offsets, weights)
 
 
-def _stack_on_cpu(stack, gains, offsets, weights, p, sigmas):
+def _stack_on_cpu(stack, gains, offsets, weights, p, sigmas, threads):
     """Return ``(image, coverage)``; winsorized rejection, the default, goes through its front door."""
     if p.rejection != "winsorized_sigma_clip":
-        return stk.stack_in_chunks(stack, gains, offsets, weights, p, noise_sigmas=sigmas)
+        return stk.stack_in_chunks(stack, gains, offsets, weights, p, noise_sigmas=sigmas, threads=threads)
     return stk.stack_winsorized_sigma_clip(stack, weights, p.kappa_low, p.kappa_high, p.winsor_limits,
                                            p.combine, max_iterations=p.max_iterations, gains=gains,
-                                           offsets=offsets, noise_sigmas=sigmas)
+                                           offsets=offsets, noise_sigmas=sigmas, threads=threads)
 
 
 def _settings_history(config) -> list:
@@ -645,7 +648,8 @@ def build_master_tile(task: TileTask, ctx) -> TileResult:
     if not used:
         return TileResult(None, None, "", [], "", "", skipped)
     try:
-        image, coverage, backend, coefficients = _stack_group(stack, len(used), config, task.use_gpu, label)
+        image, coverage, backend, coefficients = _stack_group(stack, len(used), config, task.use_gpu, label,
+                                                             task.threads)
     finally:
         zexec.release_stack(stack)
     zfits.write_image_fits(os.path.join(task.tiles_dir, _tile_name(task.index)), image, tile_wcs,
@@ -712,11 +716,11 @@ def _run_tile_tasks(run, todo, manifest, n_groups: int):
     report.backends["tile_executor"] = executor.name
     logger.info("Master tiles: %d to build on %s (%d worker(s))", len(todo), executor.name,
                 executor.workers)
-    # Cores the tile workers leave idle (fewer tiles than cores) align frames in threads.
+    # Cores the tile workers leave idle (fewer tiles than cores) align and stack in threads.
     threads = 1 if config.dask_scheduler else \
         max(1, zexec.resolve_workers(config.num_processing_workers) // executor.workers)
     for task, _ in todo:
-        task.ram_share, task.frame_threads = executor.memory_share, threads
+        task.ram_share, task.threads = executor.memory_share, threads
     flag = zexec.CancelFlag(os.path.join(todo[0][0].cache_dir, ".cancel"))
     tiles = []
     try:
@@ -1045,8 +1049,8 @@ def write_outputs(run, mosaic, coverage, wcs_out, tiles) -> dict:
                            header_cards=cards + wb_cards)
     zfits.write_plane_fits(paths["coverage"], coverage, wcs_out, header_cards=[
         ("BUNIT", "", "sum of weights: frames x tile weight"), *cards[:3]])
-    zfits.write_preview_png(paths["preview"], mosaic, wb_gains=wb_gains, wcs=wcs_out)
-    zfits.write_display_tiff(paths["display"], mosaic, wcs=wcs_out, wb_gains=wb_gains)
+    zdisp.write_preview_png(paths["preview"], mosaic, wb_gains=wb_gains, wcs=wcs_out)
+    zdisp.write_display_tiff(paths["display"], mosaic, wcs=wcs_out, wb_gains=wb_gains)
     if config.save_channel_files and mosaic.shape[2] == 3:
         for c, colour in enumerate("RGB"):
             paths[f"channel_{colour}"] = os.path.join(out, CHANNEL_NAME.format(colour))

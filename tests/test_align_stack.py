@@ -105,6 +105,22 @@ def test_winsorized_matches_slow_reference(rng, combine):
     assert np.max(np.abs(img[ok] - ref[ok]) / np.abs(ref[ok])) < 1e-5
 
 
+def test_chunks_stacked_in_threads_give_the_same_bytes(rng):
+    stack = _random_stack(rng, h=60)
+    params = stk.StackParams("winsorized_sigma_clip", 3.0, 3.0, (0.05, 0.05), "mean")
+    noise = np.full((stack.shape[0], 3), 5.0)
+    results, calls = [], []
+    for threads in (1, 3):
+        done = []
+        results.append(stk.stack_in_chunks(stack, None, None, None, params, rows_per_chunk=7,
+                                           noise_sigmas=noise, threads=threads,
+                                           progress=lambda r, h: done.append(r)))
+        calls.append(done)
+    assert calls[0] == calls[1] == [7, 14, 21, 28, 35, 42, 49, 56, 60]  # in order, every chunk
+    assert results[0][0].tobytes() == results[1][0].tobytes()
+    assert results[0][1].tobytes() == results[1][1].tobytes()
+
+
 def test_sorted_quantile_matches_nanquantile(rng):
     stack = _random_stack(rng, n=11)
     srt, n_valid = stk._sort_and_count(stack, np)

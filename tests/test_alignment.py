@@ -274,9 +274,9 @@ def test_same_input_gives_the_same_master_tile_bit_for_bit(tmp_path):
     report = run.report
     records = zw.scan_frames(run)
     (tmp_path / "o").mkdir()
-    # The second aligns its frames three at a time, in threads: the same tile.
+    # The second aligns its frames and stacks its chunks three at a time, in threads: the same tile.
     tiles = [zw.build_master_tile(zw.TileTask(i, records, config, str(tmp_path / "o"), False,
-                                              frame_threads=1 + 2 * i), run)
+                                              threads=1 + 2 * i), run)
              for i in range(2)]
     assert not report.frames_skipped and not tiles[0].skipped and not tiles[1].skipped
     assert tiles[0].image.tobytes() == tiles[1].image.tobytes()

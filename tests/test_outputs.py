@@ -13,6 +13,7 @@ import pytest
 from astropy.io import fits
 from astropy.wcs import WCS
 
+import zemosaic_display as zdisp
 import zemosaic_fits as zfits
 import zemosaic_synth
 import zemosaic_worker as zw
@@ -44,7 +45,7 @@ def _mirrored_wcs():
                                  _mirrored_wcs()],
                          ids=["north-up", "rot90", "rot180", "rot30", "mirrored"])
 def test_north_up_puts_north_on_top_and_east_left(wcs):
-    shown = zfits.north_up(_sky_gradients(wcs), wcs)
+    shown = zdisp.north_up(_sky_gradients(wcs), wcs)
     north, east = shown[:, :, 0], shown[:, :, 1]
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", RuntimeWarning)  # all-NaN corner rows of rot30
@@ -58,7 +59,7 @@ def test_north_up_puts_north_on_top_and_east_left(wcs):
 def test_north_up_is_exact_for_grids_aligned_with_the_axes():
     wcs = make_tan_wcs(RA0, DEC0, SHAPE, rotation_deg=90.0)
     image = _sky_gradients(wcs)
-    shown = zfits.north_up(image, wcs)
+    shown = zdisp.north_up(image, wcs)
     assert shown.shape == (SHAPE[1], SHAPE[0], 3)
     assert sorted(shown.ravel().tolist()) == sorted(image.ravel().tolist())
 
@@ -74,7 +75,7 @@ def test_preview_png_star_in_the_north_east_shows_top_left(tmp_path):
     x, y = wcs.world_to_pixel_values(RA0 + 0.03, DEC0 + 0.02)  # north-east of the centre
     image[int(round(float(y))) - 2:int(round(float(y))) + 3,
           int(round(float(x))) - 2:int(round(float(x))) + 3] = 5000.0
-    zfits.write_preview_png(tmp_path / "p.png", image, wcs=wcs)
+    zdisp.write_preview_png(tmp_path / "p.png", image, wcs=wcs)
     png = _read_png(tmp_path / "p.png").astype(float).sum(axis=2)
     rows, cols = np.nonzero(png == png.max())
     row, col = rows.mean(), cols.mean()  # the star's centre
@@ -147,7 +148,7 @@ def test_display_tiff_is_16_bit_rgb_north_up_like_the_preview(outputs):
     image, wcs, _, _ = zfits.read_image_fits(out / zw.MOSAIC_NAME)
     assert tif.dtype == np.uint16 and tif.ndim == 3 and tif.shape[2] == 3
     assert tif.max() > 60000 and len(np.unique(tif)) > 1000  # more levels than 8 bits hold
-    shown = zfits.north_up(image, wcs)
+    shown = zdisp.north_up(image, wcs)
     assert tif.shape[:2] == shown.shape[:2]
     no_data = ~np.isfinite(shown).all(axis=2)
     assert no_data.any() and (tif[no_data] == 0).all() and (tif[~no_data].max(axis=1) > 0).mean() > 0.99

@@ -11,6 +11,7 @@ import numpy as np
 import pytest
 
 import photometry_truth as pt
+import zemosaic_display as zdisp
 import zemosaic_fits as zfits
 import zemosaic_photometry as zph
 import zemosaic_synth
@@ -172,8 +173,8 @@ def test_white_balance_makes_stars_white():
 def test_stretch_with_white_balance_has_neutral_sky_and_white_stars():
     image = _star_image((0.8, 1.0, 0.9))
     wb = zph.white_balance(image)
-    rgb = zfits.stretch_for_display(image, wb.gains).astype(float)
-    plain = zfits.stretch_for_display(image).astype(float)
+    rgb = zdisp.stretch_for_display(image, wb.gains).astype(float)
+    plain = zdisp.stretch_for_display(image).astype(float)
     # The sky: pixels well away from every star (none of their channels 3 sigma above the sky).
     from scipy.ndimage import binary_dilation
 

@@ -1,0 +1,323 @@
+"""Display products of a linear mosaic: the auto-stretch, north-up orientation, preview PNG, 16-bit TIFF.
+
+The science FITS stays linear in the sensor's colours (:mod:`zemosaic_fits`); what a person looks at
+is made here: the sky made grey, the white balance of :func:`zemosaic_photometry.white_balance`
+applied, one asinh curve on the luminance (colours keep their ratios), turned north up / east left.
+Files are written atomically (:func:`zemosaic_fits.write_atomic`).
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import struct
+import zlib
+from dataclasses import dataclass
+from typing import Any, Callable, Sequence
+
+import numpy as np
+from astropy.wcs import WCS
+from scipy import ndimage
+
+import zemosaic_fits as zfits
+from zemosaic_utils import _percentiles_gpu, block_mean, mad_sigma, map_threads, sky_level, subsample
+
+__all__ = [
+    "display_orientation",
+    "north_up",
+    "read_png_size",
+    "stretch_for_display",
+    "stretch_unit",
+    "write_display_tiff",
+    "write_preview_png",
+]
+
+_PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
+
+
+# --------------------------------------------------------------------------
+# Previews
+# --------------------------------------------------------------------------
+
+
+def _asinh_softness(background: float, target: float = 0.25) -> float:
+    """Asinh strength that lifts the normalised ``background`` level to ``target``."""
+    if background <= 0.0:
+        return 100.0
+    if background >= target:
+        return 1e-3  # already bright: stay (almost) linear
+
+    def lifted(beta: float) -> float:
+        return math.asinh(beta * background) / math.asinh(beta)
+
+    low, high = math.log(1e-3), math.log(1e7)
+    for _ in range(60):  # bisection in log space; lifted() grows with beta
+        middle = 0.5 * (low + high)
+        low, high = (middle, high) if lifted(math.exp(middle)) < target else (low, middle)
+    return math.exp(0.5 * (low + high))
+
+
+def _display_levels(luminance: np.ndarray) -> tuple[float, float, float] | None:
+    """(black, white, background) of the finite luminance values, or None if none."""
+    samples = luminance[np.isfinite(luminance)].astype(np.float64)
+    if samples.size == 0:
+        return None
+    background = float(np.median(samples))
+    sigma = float(mad_sigma(samples, np, background))
+    # The 0th percentile is the minimum: one partition of the samples gives it and the white point.
+    lowest, white = _percentiles_gpu(samples, 0.0, 99.8, np)
+    # Black just under the sky so noise stays visible instead of clipping half of it.
+    black = max(lowest, background - 2.8 * sigma)
+    if white <= black:
+        white = max(float(samples.max()), black + 1e-6)
+    if white <= black:  # float rounding on huge values
+        white = black + 1.0
+    return black, white, background
+
+
+@dataclass(frozen=True)
+class _DisplayCurve:
+    """The display stretch of one image, measured once and applied band by band.
+
+    ``sky``/``gains``/``grey``: each channel becomes ``(value - sky) * gain + grey`` (None: as
+    is); then black and white points and the asinh strength ``beta``, on the luminance.
+    """
+
+    sky: np.ndarray | None
+    gains: np.ndarray | None
+    grey: float
+    black: float
+    white: float
+    beta: float
+
+    def balanced(self, image: np.ndarray) -> np.ndarray:
+        """Return ``image`` with a grey sky and the white balance applied (float32)."""
+        if self.sky is None:
+            return image
+        return ((image - self.sky) * self.gains + self.grey).astype(np.float32)
+
+    def apply(self, band: np.ndarray) -> np.ndarray:
+        """Return a band of rows stretched to float32 ``(h, W, 3)`` in [0, 1]."""
+        scaled = np.clip((self.balanced(band) - self.black) / (self.white - self.black), 0.0, None)
+        level = scaled.mean(axis=2)
+        with np.errstate(invalid="ignore", divide="ignore"):
+            gain = np.where(level > 0, np.arcsinh(self.beta * level) / (math.asinh(self.beta) * level), 0.0)
+            stretched = scaled * gain[:, :, np.newaxis]
+            # A channel above 1 would clip and shift the hue: scale the pixel down instead.
+            peak = stretched.max(axis=2, keepdims=True)
+            stretched = np.where(peak > 1.0, stretched / peak, stretched)
+        stretched = np.nan_to_num(stretched, nan=0.0, posinf=0.0, neginf=0.0)
+        if stretched.shape[2] == 1:
+            stretched = np.repeat(stretched, 3, axis=2)
+        return np.clip(stretched, 0.0, 1.0).astype(np.float32)
+
+
+def _display_curve(image: np.ndarray, wb_gains: Sequence[float] | None) -> _DisplayCurve | None:
+    """Measure the display stretch of a float32 ``(H, W, C)`` image on a subsample; None if no data."""
+    channels = image.shape[2]
+    # Statistics of about a million pixels are plenty for a display stretch.
+    sample = subsample(image, 1_000_000)
+    sky = gains = None
+    grey = 0.0
+    if channels > 1 and np.isfinite(sample).any():
+        # Display only: shift each channel so the sky is grey. A one-shot-colour camera's raw
+        # balance (green-heavy for a Seestar) would otherwise tint the whole preview. The sky is
+        # the mode, as for the white balance: a median of a nebula-filled field sits on the
+        # nebula and leaves the sky tinted the nebula's complementary colour.
+        levels = np.array([sky_level(sample[..., c].ravel()) for c in range(channels)])
+        if np.all(np.isfinite(levels)):
+            sky, grey = levels.astype(np.float32), float(levels.mean())
+            gains = np.ones(channels, np.float32) if wb_gains is None else np.asarray(wb_gains, np.float32)
+    curve = _DisplayCurve(sky, gains, grey, 0.0, 1.0, 1.0)
+    levels = _display_levels(curve.balanced(sample).mean(axis=2))
+    if levels is None:
+        return None
+    black, white, background = levels
+    return _DisplayCurve(sky, gains, grey, black, white,
+                         _asinh_softness((background - black) / (white - black)))
+
+
+#: Rows per band of the display stretch: a few MB of temporaries per band stay in cache, and the
+#: bands run on every core (NumPy releases the GIL), 2-3x faster than one full-size pass.
+_STRETCH_BAND_ROWS = 128
+
+
+def _stretched(image_hwc: np.ndarray, wb_gains, finish: Callable, dtype) -> np.ndarray:
+    """Return ``finish(stretched band)`` for every band of rows, as one ``(H, W, 3)`` ``dtype`` array."""
+    image = zfits.as_hwc_float32(image_hwc)
+    height, width = image.shape[:2]
+    output = np.zeros((height, width, 3), dtype=dtype)
+    curve = _display_curve(image, wb_gains)
+    if curve is None:
+        return output
+
+    def band(r0):
+        output[r0:r0 + _STRETCH_BAND_ROWS] = finish(curve.apply(image[r0:r0 + _STRETCH_BAND_ROWS]))
+
+    map_threads(band, range(0, height, _STRETCH_BAND_ROWS))
+    return output
+
+
+def stretch_unit(image_hwc: np.ndarray, wb_gains: Sequence[float] | None = None) -> np.ndarray:
+    """Auto-stretch an image to float32 ``(H, W, 3)`` in [0, 1] for display products.
+
+    The sky is first made grey (a per-channel offset); ``wb_gains`` (one per channel, measured
+    by :func:`zemosaic_photometry.white_balance`) then scale each channel's light above the sky,
+    so stars come out white. Black point just below the sky background (median - 2.8 sigma,
+    robust), white point at the 99.8th percentile, both measured on the luminance of a subsample
+    of the finite pixels; then one asinh curve applied to the luminance and the same gain to
+    every channel, so colours keep their ratios. NaN -> black; mono is replicated to RGB.
+    """
+    return _stretched(image_hwc, wb_gains, lambda band: band, np.float32)
+
+
+def stretch_for_display(image_hwc: np.ndarray, wb_gains: Sequence[float] | None = None,
+                        dtype: Any = np.uint8) -> np.ndarray:
+    """Auto-stretch an image to ``(H, W, 3)`` integers (uint8 or uint16) for display.
+
+    See :func:`stretch_unit` for the stretch; the full integer range spans black to white.
+    """
+    top = np.iinfo(dtype).max
+    return _stretched(image_hwc, wb_gains, lambda band: np.rint(band * top).astype(dtype), dtype)
+
+
+# A grid within this angle of a multiple of 90 degrees is only flipped/transposed for display:
+# exact and cheap, where resampling would soften the image for no visible gain.
+_ORIENTATION_TOLERANCE_DEG = 0.5
+
+
+def display_orientation(wcs: WCS) -> np.ndarray:
+    """Return the 2x2 matrix taking pixel offsets ``(dx, dy)`` to display offsets ``(du, dv)``.
+
+    Display axes: ``u`` to the right, ``v`` down (row 0 of a PNG is its top), one display
+    pixel per image pixel, north up (-v) and east left (-u). Measured at the WCS reference
+    point from the sky positions of its neighbouring pixels, so any CD matrix (rotation,
+    mirror) is handled.
+    """
+    celestial = wcs if wcs.is_celestial else wcs.celestial
+    x0, y0 = (float(v) - 1.0 for v in celestial.wcs.crpix)
+    ra, dec = celestial.pixel_to_world_values(np.array([x0, x0 + 1, x0]), np.array([y0, y0, y0 + 1]))
+    east = (np.asarray(ra[1:]) - ra[0] + 180.0) % 360.0 - 180.0  # wrap across RA = 0
+    east = east * math.cos(math.radians(float(dec[0])))
+    north = np.asarray(dec[1:]) - dec[0]
+    sky = np.array([east, north])  # columns: sky offset of one pixel along x, along y (deg)
+    scale = math.sqrt(abs(np.linalg.det(sky)))
+    return -sky / scale
+
+
+def _signed_permutation(matrix: np.ndarray) -> np.ndarray | None:
+    """The signed permutation matrix within the tolerance angle of ``matrix``, or None."""
+    rounded = np.rint(matrix)
+    if not (np.abs(rounded).sum(axis=0) == 1).all() or not (np.abs(rounded).sum(axis=1) == 1).all():
+        return None
+    return rounded if np.abs(matrix - rounded).max() < math.sin(
+        math.radians(_ORIENTATION_TOLERANCE_DEG)) else None
+
+
+def _permuted(image: np.ndarray, perm: np.ndarray) -> np.ndarray:
+    """Apply a signed permutation display matrix with flips and a transpose (no resampling)."""
+    if perm[0, 1] != 0:  # u follows y and v follows x: swap the array's rows and columns
+        image = image.transpose(1, 0, 2)
+        col_sign, row_sign = perm[0, 1], perm[1, 0]
+    else:
+        col_sign, row_sign = perm[0, 0], perm[1, 1]
+    return image[::-1 if row_sign < 0 else 1, ::-1 if col_sign < 0 else 1]
+
+
+def _resampled(image: np.ndarray, matrix: np.ndarray) -> np.ndarray:
+    """Resample ``image`` (bilinear, NaN outside) through the display matrix of any angle."""
+    height, width = image.shape[:2]
+    corners = matrix @ np.array([[0, width - 1, 0, width - 1], [0, 0, height - 1, height - 1]], float)
+    low = corners.min(axis=1)
+    out_w, out_h = (int(math.ceil(v)) + 1 for v in corners.max(axis=1) - low)
+    # ndimage works in (row, col) order: output (v, u) -> input (y, x) = inv(M) ((u, v) + low).
+    swap = np.array([[0.0, 1.0], [1.0, 0.0]])
+    inverse = swap @ np.linalg.inv(matrix) @ swap
+    offset = inverse @ low[::-1]
+    planes = map_threads(lambda c: ndimage.affine_transform(
+        image[:, :, c], inverse, offset=offset, output_shape=(out_h, out_w), order=1, mode="constant",
+        cval=np.nan), range(image.shape[2]))
+    return np.stack(planes, axis=-1).astype(np.float32)
+
+
+def north_up(image_hwc: np.ndarray, wcs: WCS) -> np.ndarray:
+    """Return ``image_hwc`` turned for display: north up, east left (row 0 = top).
+
+    ``wcs`` gives the orientation (any image of the same grid, also a block-averaged one, turns
+    the same way). A grid close to a multiple of 90 degrees is flipped/transposed exactly;
+    otherwise the image is resampled bilinearly onto a north-up grid, NaN where there is no data.
+    """
+    image = zfits.as_hwc_float32(image_hwc)
+    matrix = display_orientation(wcs)
+    perm = _signed_permutation(matrix)
+    return _permuted(image, perm) if perm is not None else _resampled(image, matrix)
+
+
+def _png_chunk(tag: bytes, payload: bytes) -> bytes:
+    crc = zlib.crc32(tag + payload) & 0xFFFFFFFF
+    return struct.pack(">I", len(payload)) + tag + payload + struct.pack(">I", crc)
+
+
+def _encode_png(rgb: np.ndarray) -> bytes:
+    """8-bit RGB PNG bytes; every row uses the 'Up' filter (type 2) for compression."""
+    height, width, _ = rgb.shape
+    rows = rgb.reshape(height, width * 3)
+    filtered = np.empty((height, width * 3 + 1), dtype=np.uint8)
+    filtered[:, 0] = 2
+    filtered[0, 1:] = rows[0]
+    filtered[1:, 1:] = rows[1:] - rows[:-1]  # uint8 arithmetic wraps modulo 256 as PNG wants
+    header = struct.pack(">IIBBBBB", width, height, 8, 2, 0, 0, 0)
+    return (_PNG_SIGNATURE + _png_chunk(b"IHDR", header)
+            + _png_chunk(b"IDAT", zlib.compress(filtered.tobytes(), 6))
+            + _png_chunk(b"IEND", b""))
+
+
+def _display_image(image_hwc: np.ndarray, wcs: WCS | None, max_size: int | None) -> np.ndarray:
+    """Block-average to at most ``max_size`` px (None: full size) and turn north up when a WCS is given."""
+    image = zfits.as_hwc_float32(image_hwc)
+    if max_size is not None:
+        if int(max_size) < 1:
+            raise ValueError(f"max_size must be >= 1, got {max_size}")
+        factor = -(-max(image.shape[:2]) // int(max_size))
+        if factor > 1:
+            image = block_mean(image, factor)
+    return image if wcs is None else north_up(image, wcs)
+
+
+def write_preview_png(path: str | os.PathLike, image_hwc: np.ndarray,
+                      max_size: int = 2048, wb_gains: Sequence[float] | None = None,
+                      wcs: WCS | None = None) -> None:
+    """Write a stretched RGB PNG preview whose longer side is at most ``max_size``.
+
+    The image is block-averaged (NaN-aware) by the smallest integer factor that
+    fits, turned north up / east left when ``wcs`` (the image's WCS) is given,
+    stretched with :func:`stretch_for_display` (white balanced with ``wb_gains``)
+    and written atomically.
+    """
+    image = _display_image(image_hwc, wcs, max_size)
+    png = _encode_png(stretch_for_display(image, wb_gains))
+    zfits.write_atomic(path, lambda fh: fh.write(png))
+
+
+def write_display_tiff(path: str | os.PathLike, image_hwc: np.ndarray, wcs: WCS | None = None,
+                       wb_gains: Sequence[float] | None = None) -> None:
+    """Write the full-size display image: 16-bit RGB TIFF, stretched, white balanced, north up.
+
+    The product a person edits further (GIMP, Photoshop, Siril): the same stretch as the
+    preview, with 65536 levels so further curves do not posterise. Written atomically.
+    """
+    import tifffile  # only the display export needs it
+
+    rgb = stretch_for_display(_display_image(image_hwc, wcs, None), wb_gains, dtype=np.uint16)
+    zfits.write_atomic(path, lambda fh: tifffile.imwrite(fh, rgb, photometric="rgb",
+                                                    software="ZeMosaic"))
+
+
+def read_png_size(path: str | os.PathLike) -> tuple[int, int]:
+    """Return (width, height) from a PNG file's IHDR chunk; ValueError if not a PNG."""
+    with open(path, "rb") as fh:
+        head = fh.read(24)
+    if len(head) < 24 or head[:8] != _PNG_SIGNATURE or head[12:16] != b"IHDR":
+        raise ValueError(f"{os.fspath(path)} is not a PNG file")
+    width, height = struct.unpack(">II", head[16:24])
+    return width, height

@@ -470,11 +470,12 @@ def _weighted_columns(data, weight, xp):
     NaN carries no weight: it is zeroed only inside the products, never turned into a value.
     Interleaving every quantity of a pixel in one row lets one gather fetch them all.
     """
-    finite = xp.isfinite(data)
-    w = xp.where(finite, weight[..., None], 0).astype(xp.float32)
-    wi = xp.where(finite, data * weight[..., None], 0).astype(xp.float32)
     h, w_px, c = data.shape
-    return xp.concatenate([w, wi], axis=-1).reshape(h * w_px, 2 * c)
+    columns = xp.empty((h, w_px, 2 * c), xp.float32)
+    finite = xp.isfinite(data)
+    columns[..., :c] = xp.where(finite, weight[..., None], xp.float32(0))
+    columns[..., c:] = xp.where(finite, data * weight[..., None], xp.float32(0))
+    return columns.reshape(h * w_px, 2 * c)
 
 
 def bilinear_gather(columns, shape_in, y, x, xp, nan_outside: bool = False, window=None):
@@ -590,8 +591,9 @@ def _coadd_fast(data_list, weights_list, mappings, shape_out, xp, rows_per_chunk
     result does not depend on the others, so it is the same for any number of threads.
     """
     n_ch = np.shape(data_list[0])[-1] if np.ndim(data_list[0]) == 3 else 1
-    inputs = [_coadd_input(data, weight, mapping, xp)
-              for data, weight, mapping in zip(data_list, weights_list, mappings) if mapping is not None]
+    todo = [(d, w, m) for d, w, m in zip(data_list, weights_list, mappings) if m is not None]
+    prepare = lambda item: _coadd_input(*item, xp)  # noqa: E731
+    inputs = map_threads(prepare, todo) if xp is np else [prepare(item) for item in todo]
     inputs = [source for source in inputs if source is not None]
     height, width = shape_out
     mosaic = xp.empty((height, width, n_ch), xp.float32)

@@ -642,16 +642,16 @@ def _kappa_sigma_round(values, keep, params, xp, masked=True, floor=None):
     return _clip_test(values, keep, centre, current - centre[None], n_kept, 1.0, floor, params, xp)
 
 
-def _iterative_keep(block, params, xp, one_round, floor=None):
+def _iterative_keep(block, params, xp, one_round, floor=None, valid=None):
     """Return the keep mask after rounds of ``one_round`` until no pixel changes (or the cap).
 
     Repeating the clip on the survivors matters: two outliers in one pixel (a trail crossing a hot
     pixel) inflate the first round's sigma enough to hide the smaller one. Only pixels whose mask
     changed in the previous round are recomputed — the others would give the same answer — so
     later rounds cost a tiny fraction of the first. ``floor`` is the :class:`NoiseFloor` of the
-    block (:func:`_noise_floor`), or None.
+    block (:func:`_noise_floor`), or None; ``valid`` its finite mask, when the caller has it.
     """
-    keep = xp.isfinite(block)
+    keep = xp.isfinite(block) if valid is None else valid
     new_keep = one_round(block, keep, params, xp, masked=False, floor=floor)
     active = xp.nonzero(xp.any(new_keep != keep, axis=0))
     keep = new_keep
@@ -778,16 +778,16 @@ def _stack_columns(block, weights, params, xp, noise_sigmas, signal):
         xp.asarray(weights, dtype=block.dtype).reshape(n, 1, 1, -1)
     floor = _noise_floor(noise_sigmas, block.shape, block.dtype, xp, signal)
     valid = xp.isfinite(block)
+    coverage = xp.sum(xp.all(valid, axis=-1), axis=0)
+    # The rounds only ever drop samples of pixels with three or more kept (the first round takes
+    # the mask as its own: it is not needed after them).
     if params.rejection == "winsorized_sigma_clip":
-        keep = _iterative_keep(block, params, xp, _winsorized_round, floor)
+        keep = _iterative_keep(block, params, xp, _winsorized_round, floor, valid)
     elif params.rejection == "kappa_sigma":
-        keep = _iterative_keep(block, params, xp, _kappa_sigma_round, floor)
+        keep = _iterative_keep(block, params, xp, _kappa_sigma_round, floor, valid)
     else:
         keep = valid
-    n_valid = xp.sum(valid, axis=0)
-    keep = xp.where((n_valid < 3)[None], valid, keep & valid)
     image = _combine(block, keep, w, params.combine, xp)
-    coverage = xp.sum(xp.all(valid, axis=-1), axis=0)
     return image.astype(xp.float32), coverage.astype(xp.float32)
 
 

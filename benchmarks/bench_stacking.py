@@ -8,7 +8,8 @@ trail in one frame and hot pixels in every frame, are stacked with N = 20 and 50
 (``--quick``: 10 and 20) by:
 
 * ZeMosaic ``stack_in_chunks`` with each rejection (winsorized_sigma_clip, kappa_sigma, none;
-  combine mean), the GPU code path (``stack_in_chunks_gpu``) run with NumPy standing in for
+  combine mean), on every core (chunks in threads, as the pipeline stacks a lone tile), the GPU
+  code path (``stack_in_chunks_gpu``) run with NumPy standing in for
   CuPy and, when a CUDA GPU is usable, with CuPy;
 * astropy ``sigma_clip(axis=0, sigma=3, maxiters=5, masked=True)`` + mean on the same stack;
 * Siril (``siril-cli``, when installed): ``stack frame_ rej w 3 3 -nonorm`` on the same frames
@@ -49,6 +50,7 @@ sys.path.insert(0, os.path.dirname(HERE))
 sys.path.insert(0, HERE)
 sys.path.insert(0, os.path.join(os.path.dirname(HERE), "tests"))
 
+from zemosaic_utils import usable_cores  # noqa: E402
 from _measure import (fmt, load_warning, numpy_as_gpu, print_table, report_result, rss_now_bytes, run_child,  # noqa: E402
                       run_python_worker, siril_env)
 
@@ -192,7 +194,8 @@ def _stack_zemosaic(method, stack):
         from zemosaic_align_stack_gpu import stack_in_chunks_gpu
 
         return stack_in_chunks_gpu(stack, None, None, None, params)[0]
-    return zas.stack_in_chunks(stack, None, None, None, params, xp=np)[0]
+    # Every core, as the pipeline stacks a tile that has the machine to itself; Siril does too.
+    return zas.stack_in_chunks(stack, None, None, None, params, xp=np, threads=usable_cores())[0]
 
 
 def _stack_astropy(stack):

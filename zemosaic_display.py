@@ -17,10 +17,10 @@ from typing import Any, Callable, Sequence
 
 import numpy as np
 from astropy.wcs import WCS
-from scipy import ndimage
 
 import zemosaic_fits as zfits
-from zemosaic_utils import _percentiles_gpu, block_mean, mad_sigma, map_threads, sky_level, subsample
+from zemosaic_utils import (_percentiles_gpu, bilinear_gather, block_mean, mad_sigma, map_threads, sky_level,
+                            subsample)
 
 __all__ = [
     "display_orientation",
@@ -224,20 +224,40 @@ def _permuted(image: np.ndarray, perm: np.ndarray) -> np.ndarray:
     return image[::-1 if row_sign < 0 else 1, ::-1 if col_sign < 0 else 1]
 
 
+#: Output pixels per band of the north-up resampling: the gather's temporaries stay in cache.
+_RESAMPLE_BAND_PIXELS = 65_536
+
+
 def _resampled(image: np.ndarray, matrix: np.ndarray) -> np.ndarray:
-    """Resample ``image`` (bilinear, NaN outside) through the display matrix of any angle."""
-    height, width = image.shape[:2]
+    """Resample ``image`` (bilinear, NaN outside) through the display matrix of any angle.
+
+    ``map_coordinates``' ``order=1``/``cval=nan`` rules through the co-add's gather
+    (:func:`zemosaic_utils.bilinear_gather`), one gather per band of output rows for all channels,
+    the bands on every core; the coordinates exist for one band at a time, however large the
+    mosaic.
+    """
+    height, width, n_ch = image.shape
     corners = matrix @ np.array([[0, width - 1, 0, width - 1], [0, 0, height - 1, height - 1]], float)
     low = corners.min(axis=1)
     out_w, out_h = (int(math.ceil(v)) + 1 for v in corners.max(axis=1) - low)
-    # ndimage works in (row, col) order: output (v, u) -> input (y, x) = inv(M) ((u, v) + low).
-    swap = np.array([[0.0, 1.0], [1.0, 0.0]])
-    inverse = swap @ np.linalg.inv(matrix) @ swap
-    offset = inverse @ low[::-1]
-    planes = map_threads(lambda c: ndimage.affine_transform(
-        image[:, :, c], inverse, offset=offset, output_shape=(out_h, out_w), order=1, mode="constant",
-        cval=np.nan), range(image.shape[2]))
-    return np.stack(planes, axis=-1).astype(np.float32)
+    # Output (u, v) -> input (x, y) = inv(M) ((u, v) + low).
+    inverse = np.linalg.inv(matrix)
+    origin = inverse @ low
+    columns = np.ascontiguousarray(image, dtype=np.float32).reshape(-1, n_ch)
+    out = np.empty((out_h, out_w, n_ch), np.float32)
+    rows = max(1, _RESAMPLE_BAND_PIXELS // out_w)
+    u = np.arange(out_w, dtype=np.float64)[None, :]
+
+    def band(r0):
+        r1 = min(out_h, r0 + rows)
+        v = np.arange(r0, r1, dtype=np.float64)[:, None]
+        x = inverse[0, 0] * u + inverse[0, 1] * v + origin[0]
+        y = inverse[1, 0] * u + inverse[1, 1] * v + origin[1]
+        out[r0:r1] = bilinear_gather(columns, (height, width), y, x, np, nan_outside=True).reshape(
+            r1 - r0, out_w, n_ch)
+
+    map_threads(band, range(0, out_h, rows))
+    return out
 
 
 def north_up(image_hwc: np.ndarray, wcs: WCS) -> np.ndarray:

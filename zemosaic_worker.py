@@ -37,7 +37,7 @@ import zemosaic_solve as zsolve
 from zemosaic_config import MosaicConfig, config_to_dict
 from zemosaic_executor import Cancelled  # noqa: F401  (part of this module's API)
 from zemosaic_utils import (GpuBackendError, block_mean, compute_pixel_mapping, gpu_available,
-                            gpu_unavailable_reason, reproject_and_coadd, unit_vectors)
+                            gpu_unavailable_reason, map_threads, reproject_and_coadd, unit_vectors)
 
 __version__ = "0.1.0"
 
@@ -854,8 +854,8 @@ class AssemblyInputs:
 
     def coadd(self, gains, offsets, label):
         """Co-add ``gain * tile - offset`` (per tile, per channel); returns ``(mosaic, coverage (H,W,C), gpu_all)``."""
-        images = [t.image * np.asarray(gains[k], np.float32) - np.asarray(offsets[k], np.float32)
-                  for k, t in enumerate(self.tiles)]
+        images = map_threads(lambda k: self.tiles[k].image * np.asarray(gains[k], np.float32)
+                             - np.asarray(offsets[k], np.float32), range(len(self.tiles)))
         return coadd_channels(self, images, label)
 
 

@@ -532,10 +532,14 @@ def _load_and_align_group(task: TileTask, ctx, skipped: list):
             ctx.advance("master_tiles", first + k + 1, len(order),
                         f"{task.label}: aligned {os.path.basename(group[k].path)}")
 
-    aligned, failed = stk.align_images_in_group(
-        [reference] + [_frame_loader(r, config) for r in group[1:]], 0, [r.wcs for r in group],
-        config.align_method, canvas=canvas, out=stack, threads=task.threads, on_frame=on_frame,
-        skip=(zfits.FrameError,))
+    try:
+        aligned, failed = stk.align_images_in_group(
+            [reference] + [_frame_loader(r, config) for r in group[1:]], 0, [r.wcs for r in group],
+            config.align_method, canvas=canvas, out=stack, threads=task.threads, on_frame=on_frame,
+            skip=(zfits.FrameError,))
+    except BaseException:  # a cancel or an error: a disk-backed stack's file goes with it
+        zexec.release_stack(stack)
+        raise
     skipped += [{"path": group[k].path, "reason": reason} for k, reason in failed]
     used = [r for r, frame in zip(group, aligned) if frame is not None]
     if len(used) < len(records):

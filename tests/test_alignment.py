@@ -1,6 +1,7 @@
 """Alignment: astroalign conventions, NaN footprints, WCS fallback, canvas, and the worker's tile step."""
 
 import logging
+import threading
 
 import numpy as np
 import pytest
@@ -212,10 +213,16 @@ def test_disk_backed_stack_gives_the_same_tile(tmp_path, monkeypatch):
     monkeypatch.setattr(zexec, "stack_ram_budget", lambda: 1024)
     on_disk = zw.build_master_tile(zw.TileTask(1, records, config, str(tmp_path / "o"), False),
                                    run)
-    assert np.array_equal(np.isnan(in_ram.image), np.isnan(on_disk.image))
-    assert np.allclose(in_ram.image, on_disk.image, equal_nan=True)
+    assert in_ram.image.tobytes() == on_disk.image.tobytes()
+    assert in_ram.coverage.tobytes() == on_disk.coverage.tobytes()
     stacks = tmp_path / "o" / zw.CACHE_DIR / zw.STACK_CACHE_DIR
-    assert not stacks.exists() or not list(stacks.iterdir())
+    assert stacks.exists() and not list(stacks.iterdir())
+    # Cancelled after its first aligned frame, a tile leaves no stack file behind either.
+    cancel = threading.Event()
+    run = zw.Run(config, progress=lambda phase, done, total, message: cancel.set(), cancel=cancel)
+    with pytest.raises(zw.Cancelled):
+        zw.build_master_tile(zw.TileTask(2, records, config, str(tmp_path / "o"), False), run)
+    assert not list(stacks.iterdir())
 
 
 def test_warp_is_map_coordinates_for_all_channels_at_once():

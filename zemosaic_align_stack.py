@@ -554,21 +554,23 @@ def _leave_one_out_variance(w, s1, s2, n):
     return (spread / (n - 2)).clip(0, None)
 
 
-def _clip_test(values, keep, centre, wdev, n_kept, scale, floor, params, xp):
+def _clip_test(values, keep, centre, deviations, n_kept, scale, floor, params, xp):
     """Return the keep mask after testing every kept sample against the *other* samples' spread.
 
     A sample is rejected when it lies below ``centre - kappa_low * s`` or above
     ``centre + kappa_high * s``, where ``s`` is the larger of its frame's expected spread (the
     :class:`NoiseFloor`: the frame's noise, plus :data:`SIGNAL_SPREAD` of the pixel's signal above
     the sky; None for 0) and ``scale`` times the standard deviation of the pixel's other kept
-    samples, computed from their (winsorized) deviations ``wdev``. With 3-10 frames an outlier
+    samples, computed from their (winsorized) deviations: ``deviations(column)`` returns them for a
+    selection of pixels (``(slice(None),) + pixel index arrays``; None: the whole block). With 3-10
+    frames an outlier
     inflates a standard deviation that includes it so much that it can never lie beyond 3 sigma
     of it; with 3 frames the two others' spread alone is a poor sigma (one degree of freedom),
     hence the floor. Pixels with fewer than three kept samples keep them all.
 
-    Only samples beyond kappa times the floor can fail, so the spread is computed for those alone:
-    with the floor near the noise they are a few per thousand and the round costs what the
-    plain sigma test did.
+    Only samples beyond kappa times the floor can fail, so the spread is computed for those alone
+    (and their pixels' deviations only for them): with the floor near the noise they are a few per
+    thousand and the round costs what the plain sigma test did.
     """
     dev = values - centre[None]
     noise = 0 if floor is None else floor.sigma
@@ -585,11 +587,15 @@ def _clip_test(values, keep, centre, wdev, n_kept, scale, floor, params, xp):
     valid = None if isinstance(n_kept, int) else keep
     if index[0].size * values.shape[0] < values.size:  # few candidates: sums over their pixels only
         column = (slice(None),) + pixel
-        s1, s2 = _moment_sums(wdev[column], None if valid is None else valid[column], xp)
+        wdev = deviations(column)
+        s1, s2 = _moment_sums(wdev, None if valid is None else valid[column], xp)
+        tested = wdev[index[0], xp.arange(index[0].size)]
     else:
+        wdev = deviations(None)
         s1, s2 = (t[pixel] for t in _moment_sums(wdev, valid, xp))
+        tested = wdev[index]
     n = n_kept if isinstance(n_kept, int) else n_kept[pixel].astype(values.dtype)
-    sigma = scale * xp.sqrt(_leave_one_out_variance(wdev[index], s1, s2, n))
+    sigma = scale * xp.sqrt(_leave_one_out_variance(tested, s1, s2, n))
     if floor is not None:
         sigma = xp.maximum(sigma, floor.at(index, values.shape, xp))
     d = dev[index]
@@ -622,11 +628,20 @@ def _winsorized_round(values, keep, params, xp, masked, floor=None):
     """
     current = xp.where(keep, values, xp.nan) if masked else values
     has_nonfinite = masked or not bool(xp.all(keep))
-    wins, sorted_block, n_valid = winsorize_block(current, params.winsor_limits, xp, has_nonfinite)
+    sorted_block, n_valid = _sort_and_count(current, xp, has_nonfinite)
+    low = sorted_quantile(sorted_block, n_valid, params.winsor_limits[0], xp)
+    high = sorted_quantile(sorted_block, n_valid, 1.0 - params.winsor_limits[1], xp)
     centre = sorted_quantile(sorted_block, n_valid, 0.5, xp)
-    wins -= centre[None]
+
+    def deviations(column):
+        """Winsorized deviations from the centre, for the pixels of ``column`` (None: all)."""
+        if column is None:
+            return xp.clip(current, low[None], high[None]) - centre[None]
+        pixel = column[1:]
+        return xp.clip(current[column], low[pixel], high[pixel]) - centre[pixel]
+
     scale = 1.0 / math.sqrt(_gaussian_winsor_variance(params.winsor_limits))
-    return _clip_test(values, keep, centre, wins, n_valid, scale, floor, params, xp)
+    return _clip_test(values, keep, centre, deviations, n_valid, scale, floor, params, xp)
 
 
 def _kappa_sigma_round(values, keep, params, xp, masked=True, floor=None):
@@ -639,7 +654,14 @@ def _kappa_sigma_round(values, keep, params, xp, masked=True, floor=None):
     srt = xp.sort(current, axis=0)
     n_kept = xp.sum(keep, axis=0)
     centre = sorted_quantile(srt, n_kept, 0.5, xp)
-    return _clip_test(values, keep, centre, current - centre[None], n_kept, 1.0, floor, params, xp)
+
+    def deviations(column):
+        """Deviations of the kept samples from the centre, for the pixels of ``column`` (None: all)."""
+        if column is None:
+            return current - centre[None]
+        return current[column] - centre[column[1:]]
+
+    return _clip_test(values, keep, centre, deviations, n_kept, 1.0, floor, params, xp)
 
 
 def _iterative_keep(block, params, xp, one_round, floor=None, valid=None):

@@ -574,8 +574,12 @@ def _clip_test(values, keep, centre, deviations, n_kept, scale, floor, params, x
     """
     dev = values - centre[None]
     noise = 0 if floor is None else floor.sigma
-    candidate = (dev < -params.kappa_low * noise) | (dev > params.kappa_high * noise)
-    candidate &= keep
+    if params.kappa_low == params.kappa_high:  # one comparison fewer over the block
+        candidate = xp.abs(dev) > params.kappa_high * noise
+    else:
+        candidate = (dev < -params.kappa_low * noise) | (dev > params.kappa_high * noise)
+    if not isinstance(n_kept, int):  # an int count: every sample is kept
+        candidate &= keep
     index = xp.nonzero(candidate)
     if not isinstance(n_kept, int):
         index = tuple(i[n_kept[index[1:]] >= 3] for i in index)
@@ -768,39 +772,51 @@ def stack_block(block, weights, params: StackParams, xp=np, noise_sigmas=None, s
     valid samples are the combination of what they have (no rejection); no valid sample gives NaN.
     Coverage counts the frames valid in every channel.
     """
+    valid = xp.isfinite(block)
     if params.rejection != "none":
         # Dithered frames leave NaN margins in every row of a block, which would send the whole
         # block down the per-pixel-count quantile path (a gather per quantile, ~1.5x slower).
         # Pixels are independent: the columns every frame covers take the plain path.
-        full = xp.nonzero(xp.all(xp.isfinite(block), axis=(0, 1, 3)))[0]
+        full = xp.nonzero(_all_channels(xp.all(valid, axis=(0, 1))))[0]
         if full.size:
             a, b = int(full[0]), int(full[-1]) + 1
             if b - a == full.size and b - a < block.shape[2]:  # one run of covered columns
-                return _stack_column_spans(block, (slice(0, a), slice(a, b), slice(b, None)),
+                return _stack_column_spans(block, valid, (slice(0, a), slice(a, b), slice(b, None)),
                                            weights, params, xp, noise_sigmas, signal)
-    return _stack_columns(block, weights, params, xp, noise_sigmas, signal)
+    return _stack_columns(block, valid, weights, params, xp, noise_sigmas, signal)
 
 
-def _stack_column_spans(block, spans, weights, params, xp, noise_sigmas, signal):
+def _all_channels(mask):
+    """Return ``mask`` and-ed over its last (channel) axis.
+
+    Written as one ``&`` per channel: NumPy reduces a short last axis element by element, ten
+    times slower (3.5 ms against 0.3 ms for a block of 50 frames x 5 rows).
+    """
+    result = mask[..., 0]
+    for c in range(1, mask.shape[-1]):
+        result = result & mask[..., c]
+    return result
+
+
+def _stack_column_spans(block, valid, spans, weights, params, xp, noise_sigmas, signal):
     """Return :func:`stack_block` of a block computed on each span of columns separately."""
     image = xp.empty(block.shape[1:], xp.float32)
     coverage = xp.empty(block.shape[1:3], xp.float32)
     for cols in spans:
         part = None if signal is None else signal[:, cols]
         if block[:, :, cols].shape[2]:
-            image[:, cols], coverage[:, cols] = _stack_columns(block[:, :, cols], weights, params,
-                                                               xp, noise_sigmas, part)
+            image[:, cols], coverage[:, cols] = _stack_columns(
+                block[:, :, cols], valid[:, :, cols], weights, params, xp, noise_sigmas, part)
     return image, coverage
 
 
-def _stack_columns(block, weights, params, xp, noise_sigmas, signal):
-    """Return :func:`stack_block` of one block, every column on the same path."""
+def _stack_columns(block, valid, weights, params, xp, noise_sigmas, signal):
+    """Return :func:`stack_block` of one block (``valid``: its finite mask), every column on the same path."""
     n = block.shape[0]
     w = xp.ones((n, 1, 1, block.shape[-1]), block.dtype) if weights is None else \
         xp.asarray(weights, dtype=block.dtype).reshape(n, 1, 1, -1)
     floor = _noise_floor(noise_sigmas, block.shape, block.dtype, xp, signal)
-    valid = xp.isfinite(block)
-    coverage = xp.sum(xp.all(valid, axis=-1), axis=0)
+    coverage = xp.sum(_all_channels(valid), axis=0)
     # The rounds only ever drop samples of pixels with three or more kept (the first round takes
     # the mask as its own: it is not needed after them).
     if params.rejection == "winsorized_sigma_clip":

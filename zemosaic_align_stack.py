@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import logging
 import math
+import operator
 from collections import deque
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, replace
@@ -34,7 +35,7 @@ from zemosaic_config import (ALIGN_METHODS, COMBINE_METHODS, NORMALIZE_METHODS, 
                              require_choice)
 import zemosaic_photometry as zph
 from zemosaic_utils import (bilinear_gather, compute_pixel_mapping, map_threads, mapping_coordinates,
-                            sigma_clipped_stats, subsample)
+                            over_channels, sigma_clipped_stats, subsample)
 
 logger = logging.getLogger(__name__)
 
@@ -777,25 +778,13 @@ def stack_block(block, weights, params: StackParams, xp=np, noise_sigmas=None, s
         # Dithered frames leave NaN margins in every row of a block, which would send the whole
         # block down the per-pixel-count quantile path (a gather per quantile, ~1.5x slower).
         # Pixels are independent: the columns every frame covers take the plain path.
-        full = xp.nonzero(_all_channels(xp.all(valid, axis=(0, 1))))[0]
+        full = xp.nonzero(over_channels(operator.and_, xp.all(valid, axis=(0, 1))))[0]
         if full.size:
             a, b = int(full[0]), int(full[-1]) + 1
             if b - a == full.size and b - a < block.shape[2]:  # one run of covered columns
                 return _stack_column_spans(block, valid, (slice(0, a), slice(a, b), slice(b, None)),
                                            weights, params, xp, noise_sigmas, signal)
     return _stack_columns(block, valid, weights, params, xp, noise_sigmas, signal)
-
-
-def _all_channels(mask):
-    """Return ``mask`` and-ed over its last (channel) axis.
-
-    Written as one ``&`` per channel: NumPy reduces a short last axis element by element, ten
-    times slower (3.5 ms against 0.3 ms for a block of 50 frames x 5 rows).
-    """
-    result = mask[..., 0]
-    for c in range(1, mask.shape[-1]):
-        result = result & mask[..., c]
-    return result
 
 
 def _stack_column_spans(block, valid, spans, weights, params, xp, noise_sigmas, signal):
@@ -816,7 +805,7 @@ def _stack_columns(block, valid, weights, params, xp, noise_sigmas, signal):
     w = xp.ones((n, 1, 1, block.shape[-1]), block.dtype) if weights is None else \
         xp.asarray(weights, dtype=block.dtype).reshape(n, 1, 1, -1)
     floor = _noise_floor(noise_sigmas, block.shape, block.dtype, xp, signal)
-    coverage = xp.sum(_all_channels(valid), axis=0)
+    coverage = xp.sum(over_channels(operator.and_, valid), axis=0)
     # The rounds only ever drop samples of pixels with three or more kept (the first round takes
     # the mask as its own: it is not needed after them).
     if params.rejection == "winsorized_sigma_clip":

@@ -19,8 +19,8 @@ import numpy as np
 from astropy.wcs import WCS
 
 import zemosaic_fits as zfits
-from zemosaic_utils import (_percentiles_gpu, bilinear_gather, block_mean, mad_sigma, map_threads, sky_level,
-                            subsample)
+from zemosaic_utils import (_percentiles_gpu, bilinear_gather, block_mean, mad_sigma, map_threads, over_channels,
+                            sky_level, subsample)
 
 __all__ = [
     "display_orientation",
@@ -99,12 +99,12 @@ class _DisplayCurve:
     def apply(self, band: np.ndarray) -> np.ndarray:
         """Return a band of rows stretched to float32 ``(h, W, 3)`` in [0, 1]."""
         scaled = np.clip((self.balanced(band) - self.black) / (self.white - self.black), 0.0, None)
-        level = scaled.mean(axis=2)
+        level = over_channels(np.add, scaled) / np.float32(scaled.shape[2])  # = mean(axis=2)
         with np.errstate(invalid="ignore", divide="ignore"):
             gain = np.where(level > 0, np.arcsinh(self.beta * level) / (math.asinh(self.beta) * level), 0.0)
             stretched = scaled * gain[:, :, np.newaxis]
             # A channel above 1 would clip and shift the hue: scale the pixel down instead.
-            peak = stretched.max(axis=2, keepdims=True)
+            peak = over_channels(np.maximum, stretched)[:, :, np.newaxis]
             stretched = np.where(peak > 1.0, stretched / peak, stretched)
         stretched = np.nan_to_num(stretched, nan=0.0, posinf=0.0, neginf=0.0)
         if stretched.shape[2] == 1:
@@ -129,7 +129,8 @@ def _display_curve(image: np.ndarray, wb_gains: Sequence[float] | None) -> _Disp
             sky, grey = levels.astype(np.float32), float(levels.mean())
             gains = np.ones(channels, np.float32) if wb_gains is None else np.asarray(wb_gains, np.float32)
     curve = _DisplayCurve(sky, gains, grey, 0.0, 1.0, 1.0)
-    levels = _display_levels(curve.balanced(sample).mean(axis=2))
+    balanced = curve.balanced(sample)
+    levels = _display_levels(over_channels(np.add, balanced) / np.float32(balanced.shape[2]))
     if levels is None:
         return None
     black, white, background = levels

@@ -37,7 +37,8 @@ from dataclasses import dataclass, replace
 
 import numpy as np
 
-from zemosaic_utils import block_mean, mad_sigma, map_threads, sigma_clipped_stats, sky_level, subsample, to_numpy
+from zemosaic_utils import (block_mean, mad_sigma, map_threads, over_channels, sigma_clipped_stats, sky_level,
+                            subsample, to_numpy)
 
 logger = logging.getLogger(__name__)
 
@@ -1123,7 +1124,8 @@ def white_balance(image_hwc, star_kappa: float = 20.0, smooth_px: float = 8.0,
                                   range(n_ch)), -1)
     peak = np.nanmax(image, axis=(0, 1))
     with np.errstate(invalid="ignore"):
-        stars = np.all(detail > star_kappa * noise, axis=-1) & np.all(image < 0.8 * peak, axis=-1)
+        stars = over_channels(np.logical_and, detail > star_kappa * noise) & \
+            over_channels(np.logical_and, image < 0.8 * peak)
     source = "stars"
     if stars.sum() < 50:
         lum = np.mean(above, axis=-1)

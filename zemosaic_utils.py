@@ -193,6 +193,19 @@ def map_threads(fn, items, threads: int | None = None) -> list:
 # --------------------------------------------------------------------------------------------------
 
 
+def over_channels(op, array):
+    """Return ``op`` folded over the last (channel) axis: ``op(op(a[..., 0], a[..., 1]), a[..., 2])``.
+
+    NumPy reduces a short last axis element by element, about ten times slower than one
+    element-wise operation per channel (``all(axis=-1)`` of a 50-frame stacking block: 3.5 ms
+    against 0.3 ms). The order of the operations is the reduction's, so sums come out the same.
+    """
+    result = array[..., 0]
+    for c in range(1, array.shape[-1]):
+        result = op(result, array[..., c])
+    return result
+
+
 def mad_sigma(values, xp=np, centre=None, axis=None):
     """Return the MAD-sigma ``1.4826 * median(|values - centre|)`` (centre: the median) along ``axis``.
 

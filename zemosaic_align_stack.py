@@ -610,15 +610,18 @@ def _clip_test(values, keep, centre, deviations, n_kept, scale, floor, params, x
     return keep
 
 
-def _combine(block, keep, weights, combine, xp):
-    """Return the combination of kept samples: weighted mean or median; NaN where none is kept."""
+def _combine(block, keep, weights, combine, xp, finite=False):
+    """Return the combination of kept samples: weighted mean or median; NaN where none is kept.
+
+    ``finite``: the block holds no NaN, so a zero weight alone leaves a sample out of the mean.
+    """
     if combine == "median":
         masked = xp.where(keep, block, xp.nan)
         srt = xp.sort(masked, axis=0)
         return sorted_quantile(srt, xp.sum(keep, axis=0), 0.5, xp)
     w = xp.where(keep, weights, 0)
     wsum = xp.sum(w, axis=0)
-    num = xp.sum(xp.where(keep, block, 0) * w, axis=0)
+    num = xp.sum((block if finite else xp.where(keep, block, 0)) * w, axis=0)
     return xp.where(wsum > 0, num / xp.where(wsum > 0, wsum, 1), xp.nan)
 
 
@@ -814,7 +817,7 @@ def _stack_columns(block, valid, weights, params, xp, noise_sigmas, signal):
         keep = _iterative_keep(block, params, xp, _kappa_sigma_round, floor, valid)
     else:
         keep = valid
-    image = _combine(block, keep, w, params.combine, xp)
+    image = _combine(block, keep, w, params.combine, xp, finite=bool(xp.all(valid)))
     return image.astype(xp.float32), coverage.astype(xp.float32)
 
 
@@ -864,7 +867,10 @@ def stack_in_chunks(stack, gains, offsets, weights, params: StackParams, xp=np,
 
     def chunk(r0):
         r1 = min(h, r0 + rows)
-        block = to_device(np.ascontiguousarray(stack[:, r0:r1], dtype=np.float32))
+        raw = np.asarray(stack[:, r0:r1], dtype=np.float32)
+        if g is None or xp is not np:  # on the CPU the normalisation below makes the copy
+            raw = np.ascontiguousarray(raw)
+        block = to_device(raw)
         if g is not None:
             block = block * g + o  # NaN stays NaN
         img, cov = stack_block(block, weights, params, xp, noise_sigmas,

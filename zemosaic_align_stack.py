@@ -415,12 +415,12 @@ def frame_noise_sigmas(stack, gains=None, xp=np, n_max: int = 120_000, threads: 
     return sigmas
 
 
-def reference_signal_map(stack, gains=None, offsets=None) -> np.ndarray:
+def reference_signal_map(stack, gains=None, offsets=None, threads: int = 1) -> np.ndarray:
     """Return the :func:`signal_map` of the stack's first frame (the reference), normalised.
 
     Where the reference has no data, the first other frame that has some stands in (a region seen
     only by other frames has stars too). The noise is the reference's clipped sigma, measured on a
-    subsample of its valid pixels.
+    subsample of its valid pixels. ``threads``: see :func:`signal_map`.
     """
     n, n_ch = stack.shape[0], stack.shape[-1]
     g = np.ones((n, n_ch)) if gains is None else np.asarray(gains, np.float64)
@@ -438,7 +438,7 @@ def reference_signal_map(stack, gains=None, offsets=None) -> np.ndarray:
         frame[missing] = values
         still = ~np.isfinite(values)
         missing = tuple(index[still] for index in missing)
-    return signal_map(frame, noise)
+    return signal_map(frame, noise, threads=threads)
 
 
 def noise_variance_weights(stack, gains=None, xp=np, sigmas=None):
@@ -724,22 +724,24 @@ class NoiseFloor:
         return NoiseFloor(self.sigma[:, 0, 0, :][:, active[2]], signal)
 
 
-def signal_map(frame, noise, radius: int = SIGNAL_RADIUS_PX) -> np.ndarray:
+def signal_map(frame, noise, radius: int = SIGNAL_RADIUS_PX, threads: int = 1) -> np.ndarray:
     """Return ``(H, W, C)`` float32: the local contrast around each pixel, from the reference.
 
     The contrast is the range (maximum minus minimum) of the 3x3-smoothed ``frame`` within
     ``radius`` pixels, lowered by twice the ``(C,)`` noise sigma, the range smoothed noise alone
     reaches: about 0 on the sky and on smooth nebulosity, where nothing but noise is expected and
     the rejection keeps its full strength; a star's peak above its surroundings on and near a star.
-    No data counts as 0, and so does a channel whose noise is not finite.
+    No data counts as 0, and so does a channel whose noise is not finite. ``threads`` channels
+    are filtered at once (SciPy's filters release the GIL).
     """
     from scipy.ndimage import maximum_filter, minimum_filter, uniform_filter
 
     out = np.zeros(frame.shape, np.float32)
     size = 2 * radius + 1
-    for c in range(frame.shape[-1]):
+
+    def channel(c):
         if not np.isfinite(noise[c]):
-            continue
+            return
         plane = np.asarray(frame[..., c], np.float32)
         # No data is filled with a typical level (of a subsample: the filled pixels give 0 anyway).
         sample = subsample(plane, _FLOOR_SUBSAMPLE)
@@ -747,6 +749,8 @@ def signal_map(frame, noise, radius: int = SIGNAL_RADIUS_PX) -> np.ndarray:
         smooth = uniform_filter(np.where(np.isfinite(plane), plane, fill), 3)
         contrast = maximum_filter(smooth, size) - minimum_filter(smooth, size) - np.float32(2.0 * noise[c])
         out[..., c] = np.where(np.isfinite(plane), np.maximum(contrast, 0.0), 0.0)
+
+    map_threads(channel, range(frame.shape[-1]), threads)
     return out
 
 
@@ -855,7 +859,7 @@ def stack_in_chunks(stack, gains, offsets, weights, params: StackParams, xp=np,
     if params.rejection != "none":
         if noise_sigmas is None:
             noise_sigmas = frame_noise_sigmas(stack, gains, n_max=_FLOOR_SUBSAMPLE)
-        signal = reference_signal_map(stack, gains, offsets)
+        signal = reference_signal_map(stack, gains, offsets, threads)
     to_device = to_device or (lambda a: a)
     to_host = to_host or (lambda a: a)
     n, h, w, c = stack.shape

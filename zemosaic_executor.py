@@ -474,7 +474,13 @@ class PoolExecutor(_FutureExecutor):
                                             initargs=(os.getpid(), list(sys.path), modules))
 
     def _submit(self, call, *args):
-        return self._pool.submit(call, *args)
+        try:
+            return self._pool.submit(call, *args)
+        except (cf.process.BrokenProcessPool, OSError, EOFError) as exc:
+            # A worker could not even start: the pool broke while earlier ones started (the
+            # forkserver dies when importing the calling script runs a pipeline), a race with
+            # the same cause as a pool that breaks under a running task.
+            raise WorkersLost(_reason(exc)) from exc
 
     def _as_completed(self, futures, timeout):
         done, _ = cf.wait(futures, timeout=timeout, return_when=cf.FIRST_COMPLETED)

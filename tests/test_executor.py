@@ -154,6 +154,29 @@ def test_pool_returns_results_and_errors_per_task(tmp_path):
     assert outcomes[2].error == "ValueError: three is not welcome"
 
 
+def test_a_worker_that_cannot_start_means_workers_lost(tmp_path, monkeypatch):
+    """The pool can break while it is still starting workers (the forkserver dies when importing
+    the calling script runs a pipeline): the error comes from submitting a task, not from a
+    result, and must read as lost workers too, not escape as an OSError."""
+    pool = zexec.PoolExecutor(2)
+    started = []
+
+    def submit_then_break(call, *args):
+        if started:
+            raise OSError(9, "Bad file descriptor")
+        started.append(call)
+        return original(call, *args)
+
+    original = pool._pool.submit
+    monkeypatch.setattr(pool._pool, "submit", submit_then_break)
+    try:
+        flag = zexec.CancelFlag(str(tmp_path / ".cancel"))
+        with pytest.raises(zexec.WorkersLost, match="Bad file descriptor"):
+            list(pool.run(square_or_fail, [1, 2], _Ctx(), flag))
+    finally:
+        pool.close()
+
+
 def test_cancel_stops_running_pool_tasks_between_frames(tmp_path):
     cancel = threading.Event()
     pool = zexec.PoolExecutor(2)

@@ -1,6 +1,7 @@
 """Photometric fidelity across panels on synthetic scenes (issue 13): ZeMosaic vs plain co-adds.
 
-Run: ``.venv/bin/python benchmarks/bench_photometry.py [--frames-per-panel N] [--keep DIR] [--seeds 5-12]``.
+Run: ``.venv/bin/python benchmarks/bench_photometry.py [--frames-per-panel N] [--keep DIR]
+[--seeds 5-12 [--sweep-size full]]``.
 
 Scenes (2x2 panels of 480x270 synthetic Seestar frames, sky-dominated: sky ~3000 ADU, frame
 transparency 0.84-1.00, sky pedestal jitter +-6 %):
@@ -19,7 +20,8 @@ panel's flux scale from the median panel's, largest relative spread of R/G or B/
 panels, largest residual step across a tile edge in sky-noise units, the mosaic's R/G and B/G
 against the truth's. After the table, the panels' brightness and colour spreads as the run's own
 coefficients make them (``photometry_truth.coefficient_figures``), free of the mosaic's noise;
-with ``--seeds 5-12`` also the two-night scene's spreads over those seeds.
+with ``--seeds 5-12`` also the two-night scene's spreads over those seeds (``--sweep-size
+full``: with frames of the Seestar's size, whose overlaps are as wide as a real mosaic's).
 """
 
 from __future__ import annotations
@@ -151,7 +153,7 @@ def scene(name, options, frames_per_panel, work):
     return rows, gains, wb, pt.coefficient_figures(root, result.report.to_dict()["tiles"])
 
 
-def seed_sweep(seeds, frames_per_panel, work):
+def seed_sweep(seeds, frames_per_panel, work, size="small"):
     """Return lines: the two-night scene's panel spreads from the run's own coefficients, per seed.
 
     One seed's figure depends on where that scene's stars fall in the overlaps; the spread over
@@ -159,13 +161,13 @@ def seed_sweep(seeds, frames_per_panel, work):
     """
     lines, colour = [], []
     for seed in seeds:
-        root = Path(work, f"two_nights_seed{seed}")
+        root = Path(work, f"two_nights_{size}_seed{seed}")
         zemosaic_synth.generate_dataset(root, panels=(2, 2), frames_per_panel=frames_per_panel,
-                                        seed=seed, size="small", **BASE, **SCENES["two nights"])
+                                        seed=seed, size=size, **BASE, **SCENES["two nights"])
         config = config_from_dict({"input_folder": str(root / "frames"), "output_folder": str(root / "out")})
         own = pt.coefficient_figures(root, zw.run_mosaic(config).report.to_dict()["tiles"])
         colour.append(own["colour_spread"])
-        lines.append(f"two nights, seed {seed:>3}: gain spread {100 * own['gain_spread']:.2f}%, "
+        lines.append(f"two nights, {size} frames, seed {seed:>3}: gain spread {100 * own['gain_spread']:.2f}%, "
                      f"colour spread {100 * own['colour_spread']:.2f}%")
     lines.append(f"colour spread over {len(seeds)} seeds: {100 * min(colour):.2f}-{100 * max(colour):.2f}%, "
                  f"mean {100 * float(np.mean(colour)):.2f}%")
@@ -183,6 +185,8 @@ def main(argv=None) -> int:
     parser.add_argument("--keep", help="folder for the scenes (default: a temporary one)")
     parser.add_argument("--seeds", type=_seed_range, default=[],
                         help="also sweep the two-night scene over these seeds (e.g. 5-12)")
+    parser.add_argument("--sweep-size", choices=("small", "full"), default="small",
+                        help="frame size of the seed sweep (full: 1080 x 1920 px, about 25 s a seed)")
     args = parser.parse_args(argv)
     work = args.keep or tempfile.mkdtemp(prefix="zm_bench_photo_")
     print("siril-cli:", shutil.which("siril-cli") or "not installed (skipped)")
@@ -201,7 +205,7 @@ def main(argv=None) -> int:
                          f"white balance R,G,B {wb}; from the run's own coefficients: gain spread "
                          f"{100 * own['gain_spread']:.2f}%, colour spread {100 * own['colour_spread']:.2f}%")
             print("\n".join(lines[-len(rows):]), flush=True)
-        sweep = seed_sweep(args.seeds, args.frames_per_panel, work) if args.seeds else []
+        sweep = seed_sweep(args.seeds, args.frames_per_panel, work, args.sweep_size) if args.seeds else []
     finally:
         if not args.keep:
             shutil.rmtree(work, ignore_errors=True)

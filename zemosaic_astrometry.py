@@ -59,6 +59,10 @@ MIN_STARS_TO_SOLVE = 8
 # A star match is trusted when this many stars agree to within this many pixels (full frame).
 _MIN_MATCHED_STARS = 8
 _MATCH_TOLERANCE_PX = 2.0
+# Window half-size and Gaussian weight (px) of the full-resolution centroids of alignment stars:
+# a Seestar star (FWHM 2.5-4 px) and its sky border fit in the window.
+_CENTROID_RADIUS_PX = 5
+_CENTROID_SIGMA_PX = 1.5
 # Seed of astroalign's RANSAC: the same two star lists always give the same match.
 _RANSAC_SEED = 0
 _ransac_lock = threading.Lock()
@@ -148,11 +152,11 @@ def superpixel_image(data, factor: int = SOLVE_BINNING) -> np.ndarray:
     return (grey * np.float32(1.0 / (b * b * image.shape[2]))).astype(np.float32, copy=False)
 
 
-def detect_stars(image2d, max_stars: int = 150, threshold_sigma: float = 5.0) -> np.ndarray:
+def detect_stars(image2d, max_stars: int = 150, threshold_sigma: float = 5.0, min_pixels: int = 5) -> np.ndarray:
     """Return ``(N, 2)`` star positions ``(x, y)``, brightest first, at most ``max_stars``.
 
-    Background and noise from a mesh of up to 64 px; sources above ``threshold_sigma`` with at least 5
-    pixels. Saturated and very extended sources (flagged blends, truncated at the edge) are kept
+    Background and noise from a mesh of up to 64 px; sources above ``threshold_sigma`` with at least
+    ``min_pixels`` pixels. Saturated and very extended sources (flagged blends, truncated at the edge) are kept
     out: their centroids are the least precise and matching needs precision, not completeness.
     """
     import sep
@@ -170,7 +174,7 @@ def detect_stars(image2d, max_stars: int = 150, threshold_sigma: float = 5.0) ->
     residual = data - background.back()
     try:
         sources = sep.extract(residual, threshold_sigma, err=background.globalrms, mask=mask,
-                              minarea=5)
+                              minarea=min_pixels)
     except Exception as exc:  # sep raises plain Exceptions (e.g. too many sources)
         logger.debug("star detection failed: %s", exc)
         return np.zeros((0, 2))
@@ -179,6 +183,46 @@ def detect_stars(image2d, max_stars: int = 150, threshold_sigma: float = 5.0) ->
     sources = sources[keep]
     order = np.argsort(-sources["flux"])[:max_stars]
     return np.column_stack([sources["x"][order], sources["y"][order]]).astype(np.float64)
+
+
+def refine_centroids(image, xy, radius: int = _CENTROID_RADIUS_PX, sigma: float = _CENTROID_SIGMA_PX,
+                     rounds: int = 4) -> np.ndarray:
+    """Return ``(N, 2)`` star positions ``(x, y)`` refined on a full-resolution image.
+
+    ``image`` is ``(H, W)`` or ``(H, W, C)`` (its channels are summed); ``xy`` are approximate
+    positions (e.g. found on superpixels). Each star's light above the median of its window's
+    border, weighted by a Gaussian of ``sigma`` px around the current position, gives the next
+    position (a windowed centroid, as SExtractor's XWIN; ``rounds`` iterations). A star whose
+    window leaves the image, holds no data or no light, or whose centroid runs away by more than
+    ``radius`` keeps its approximate position.
+    """
+    xy = np.asarray(xy, dtype=np.float64).reshape(-1, 2)
+    refined = xy.copy()
+    h, w = image.shape[:2]
+    cx, cy = np.rint(xy[:, 0]).astype(np.int64), np.rint(xy[:, 1]).astype(np.int64)
+    inside = np.flatnonzero((cx >= radius) & (cx < w - radius) & (cy >= radius) & (cy < h - radius))
+    if inside.size == 0:
+        return refined
+    dy, dx = np.mgrid[-radius:radius + 1, -radius:radius + 1]
+    cx, cy = cx[inside, None, None], cy[inside, None, None]
+    windows = np.asarray(image[cy + dy, cx + dx], dtype=np.float64)
+    if windows.ndim == 4:
+        windows = windows.sum(axis=-1)
+    border = np.maximum(np.abs(dy), np.abs(dx)) == radius
+    light = np.clip(windows - np.median(windows[:, border], axis=1)[:, None, None], 0.0, None)
+    px, py = (cx + dx).astype(np.float64), (cy + dy).astype(np.float64)
+    x, y = xy[inside, 0].copy(), xy[inside, 1].copy()
+    with np.errstate(invalid="ignore", divide="ignore"):
+        for _ in range(rounds):
+            weight = light * np.exp(-((px - x[:, None, None]) ** 2 + (py - y[:, None, None]) ** 2)
+                                    / (2.0 * sigma**2))
+            total = weight.sum(axis=(1, 2))
+            x = (weight * px).sum(axis=(1, 2)) / total
+            y = (weight * py).sum(axis=(1, 2)) / total
+    good = np.isfinite(x) & np.isfinite(y) & (np.abs(x - xy[inside, 0]) <= radius) \
+        & (np.abs(y - xy[inside, 1]) <= radius)
+    refined[inside[good], 0], refined[inside[good], 1] = x[good], y[good]
+    return refined
 
 
 def _binned_to_full(xy, factor: int = SOLVE_BINNING) -> np.ndarray:
@@ -607,13 +651,14 @@ def wcs_from_star_match(frame_stars, frame_shape_hw, reference_stars, reference_
     return tan_wcs_from_points(x, y, ra, dec, ((w - 1) / 2.0, (h - 1) / 2.0))
 
 
-def frame_stars(data, binning: int = SOLVE_BINNING) -> np.ndarray:
+def frame_stars(data, binning: int = SOLVE_BINNING, min_pixels: int = 5) -> np.ndarray:
     """Return a frame's stars (full-resolution ``(x, y)``) found on its superpixel image.
 
     The 2x2 default suits raw Bayer data and plate solving; ``binning=1`` finds the stars of a
-    debayered frame at full resolution, two to three times more precisely.
+    debayered frame at full resolution, two to three times more precisely. ``min_pixels``: see
+    :func:`detect_stars`.
     """
-    return _binned_to_full(detect_stars(superpixel_image(data, binning)), binning)
+    return _binned_to_full(detect_stars(superpixel_image(data, binning), min_pixels=min_pixels), binning)
 
 
 # --------------------------------------------------------------------------------------------------

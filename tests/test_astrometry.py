@@ -375,3 +375,58 @@ def test_real_seestar_subs_of_two_nights_all_reach_the_mosaic(tmp_path):
         assert za.wcs_pixel_offset(wcs, truth, (1920, 1080)) < 0.3, name
     sources = [e["wcs"] for e in result.report.used_frame_wcs()]
     assert sources.count("solved") <= 3  # solve few, match many
+
+
+def _gaussian_stars(rng, n, shape=(400, 600), fwhm=2.6, sky=1000.0, noise=10.0):
+    """Return ``(image (H, W, 3), true (x, y))``: round Gaussian stars at random sub-pixel positions."""
+    h, w = shape
+    xy = np.column_stack([rng.uniform(20, w - 20, n), rng.uniform(20, h - 20, n)])
+    sigma = fwhm / 2.3548
+    yy, xx = np.mgrid[-8:9, -8:9]
+    image = np.full((h, w), sky)
+    for (x, y), flux in zip(xy, np.exp(rng.uniform(np.log(2e3), np.log(5e4), n))):
+        ix, iy = int(x), int(y)
+        image[iy - 8:iy + 9, ix - 8:ix + 9] += flux / (2 * np.pi * sigma**2) * np.exp(
+            -((xx - (x - ix)) ** 2 + (yy - (y - iy)) ** 2) / (2 * sigma**2))
+    image = image + rng.normal(0, noise, image.shape)
+    return np.repeat(image[..., None], 3, axis=2).astype(np.float32), xy
+
+
+def test_refined_centroids_recover_sub_pixel_positions_from_rough_ones():
+    rng = np.random.default_rng(4)
+    image, truth = _gaussian_stars(rng, 60)
+    rough = truth + rng.uniform(-1.0, 1.0, truth.shape)  # e.g. 2x2 superpixel positions
+    refined = za.refine_centroids(image, rough)
+    error = np.hypot(*(refined - truth).T)
+    from scipy.spatial import cKDTree
+
+    neighbour, _ = cKDTree(truth).query(truth, k=2)
+    alone = neighbour[:, 1] > 12  # a neighbour in the window pulls the centroid, as it would any
+    assert np.median(error) < 0.02 and np.max(error[alone]) < 0.1, np.sort(error[alone])[-5:]
+    # A star too near the edge, or in no data, keeps its rough position.
+    edge = za.refine_centroids(image, np.array([[2.0, 2.0]]))
+    assert np.array_equal(edge, [[2.0, 2.0]])
+    blank = image.copy()
+    blank[:] = np.nan
+    assert np.array_equal(za.refine_centroids(blank, rough[:3]), rough[:3])
+
+
+def test_alignment_stars_on_superpixels_are_as_precise_as_at_full_resolution():
+    """A dense frame's alignment stars come from 2x2 superpixels, refined at full resolution: they
+    must land on the true positions as well as a full-resolution detection does."""
+    import zemosaic_align_stack as zas
+
+    rng = np.random.default_rng(5)
+    image, truth = _gaussian_stars(rng, 220)
+    fast = zas.alignment_stars(image)
+    full = za.frame_stars(image, binning=1)
+    assert len(fast) >= zas._SUPERPIXEL_STARS
+
+    def errors(found):
+        from scipy.spatial import cKDTree
+
+        dist, _ = cKDTree(truth).query(found)
+        return dist[dist < 1.0]
+
+    assert len(errors(fast)) >= 0.9 * len(fast)
+    assert np.median(errors(fast)) <= 1.1 * np.median(errors(full)), (np.median(errors(fast)), np.median(errors(full)))

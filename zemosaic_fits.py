@@ -642,10 +642,12 @@ def write_atomic(path: str | os.PathLike, write: Callable[[BinaryIO], None]) -> 
     folder, name = os.path.split(os.path.abspath(path))
     # Leading '.' and '.tmp' suffix: a folder scan for *.fit* never picks it up.
     tmp = os.path.join(folder, f".{name}.{uuid.uuid4().hex}.tmp")
-    # O_EXCL: never clobber anything; mode "wb" (not "xb") because astropy only
-    # accepts the usual mode strings on a file object.
-    fh = open(tmp, "wb", opener=lambda name, flags: os.open(name, flags | os.O_EXCL, 0o666))
     try:
+        # Opened inside the try: an exception raised between the file's creation and the with
+        # block (SIGTERM arrives as one, at any point) must remove it too.
+        # O_EXCL: never clobber anything; mode "wb" (not "xb") because astropy only
+        # accepts the usual mode strings on a file object.
+        fh = open(tmp, "wb", opener=lambda name, flags: os.open(name, flags | os.O_EXCL, 0o666))
         with fh:
             write(fh)
             fh.flush()

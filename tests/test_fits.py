@@ -544,3 +544,21 @@ def test_correct_hot_pixels_fixes_hot_pixels_not_stars():
     assert changed == hot
     for y, x in hot:  # replaced by the same-colour neighbourhood, close to the true value
         assert abs(cleaned[y, x] - truth[y, x]) < 60
+
+
+def test_an_interrupt_right_after_the_temp_file_is_created_leaves_nothing(tmp_path, monkeypatch):
+    """SIGTERM arrives as an exception at any point of an atomic write, even between creating the
+    temporary file and writing to it: the folder must be left as it was."""
+    import builtins
+
+    real_open = builtins.open
+
+    def open_then_interrupt(*args, **kwargs):
+        real_open(*args, **kwargs).close()
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(builtins, "open", open_then_interrupt)
+    with pytest.raises(KeyboardInterrupt):
+        zf.write_text_atomic(tmp_path / "manifest.json", "{}")
+    monkeypatch.undo()
+    assert list(tmp_path.iterdir()) == []

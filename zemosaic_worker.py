@@ -1144,6 +1144,7 @@ def run_mosaic(config: MosaicConfig, progress=None, cancel: threading.Event | No
     t_start = time.perf_counter()
     _check_folders(config)
     lock = _take_output_folder(config)
+    zexec.warm_up(config.dask_scheduler, config.num_processing_workers)  # while frames are scanned
     run = Run(config, progress=progress, cancel=cancel)
     report = run.report
     try:

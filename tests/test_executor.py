@@ -177,6 +177,25 @@ def test_a_worker_that_cannot_start_means_workers_lost(tmp_path, monkeypatch):
         pool.close()
 
 
+def test_warm_up_starts_the_pool_server_only_for_a_local_pool(monkeypatch):
+    import multiprocessing.forkserver as forkserver
+
+    started = []
+    monkeypatch.setattr(forkserver, "ensure_running", lambda: started.append(threading.current_thread().name))
+
+    def warm(*args):
+        zexec.warm_up(*args)
+        for thread in threading.enumerate():
+            if thread.name == "zemosaic-forkserver":
+                thread.join(10)
+
+    warm("", 1)
+    warm("local", 4)
+    assert started == []
+    warm("", 2)
+    assert started == ["zemosaic-forkserver"]
+
+
 def test_cancel_stops_running_pool_tasks_between_frames(tmp_path):
     cancel = threading.Event()
     pool = zexec.PoolExecutor(2)

@@ -1042,7 +1042,7 @@ def _colour_terms(n, pairs, anchor):
     # a large one applied almost in full. One factor for all channels keeps the ratios between
     # them; shrinking each channel by its own k^2 / (k^2 + sigma^2) pulled a tile's imprecise G
     # term to a third and so moved its R/G and B/G by ~1 % (2.4 % mean colour spread over eight
-    # synthetic two-night scenes, against 2.0 % now).
+    # synthetic two-night scenes, against 2.1 % now).
     with np.errstate(divide="ignore", invalid="ignore"):
         shrink = np.clip(1.0 - log_c.shape[1] / chi2, 0.0, 1.0)
     return np.where(significant[:, None], log_c * shrink[:, None], 0.0)

@@ -20,6 +20,7 @@ is more than 100x slower for the same result.
 
 from __future__ import annotations
 
+import functools
 import logging
 import math
 import operator
@@ -517,14 +518,60 @@ def sorted_quantile(sorted_block, n_valid, q, xp):
     return xp.where(n_valid > 0, out, xp.nan)
 
 
+#: Frames up to which a block is sorted by a compare-exchange network: NumPy sorts each pixel's
+#: few samples as a separate small, strided array, 3-5x slower than whole-plane minimum/maximum
+#: (N = 6: 9 against 2 ms a block); from ~24 frames its own sort wins.
+_SORT_NETWORK_MAX = 16
+
+
+@functools.lru_cache(maxsize=None)
+def _merge_network(n: int) -> tuple:
+    """Return the compare-exchange pairs ``(i, j)``, i < j, of Batcher's odd-even merge sort of n."""
+    pairs, p = [], 1
+    while p < n:
+        k = p
+        while k >= 1:
+            for j in range(k % p, n - k, 2 * k):
+                for i in range(min(k, n - j - k)):
+                    if (i + j) // (2 * p) == (i + j + k) // (2 * p):
+                        pairs.append((i + j, i + j + k))
+            k //= 2
+        p *= 2
+    return tuple(pairs)
+
+
+def sort_frames(block, xp=np):
+    """Return ``xp.sort(block, axis=0)``: each pixel's samples in order, NaN last.
+
+    A block of at most :data:`_SORT_NETWORK_MAX` frames goes through a sorting network on whole
+    planes (NaN as +inf, then the last ``count`` of each pixel set back to NaN): the same values.
+    """
+    n = block.shape[0]
+    if n > _SORT_NETWORK_MAX:
+        return xp.sort(block, axis=0)
+    nan = xp.isnan(block)
+    n_nan = xp.sum(nan, axis=0)
+    has_nan = bool(xp.any(n_nan))
+    planes = [xp.where(nan[i], xp.inf, block[i]) if has_nan else block[i].copy() for i in range(n)]
+    for i, j in _merge_network(n):
+        low = xp.minimum(planes[i], planes[j])
+        xp.maximum(planes[i], planes[j], out=planes[j])
+        planes[i] = low
+    out = xp.stack(planes)
+    if has_nan:
+        rank = xp.arange(n).reshape((n,) + (1,) * (block.ndim - 1))
+        out = xp.where(rank >= n - n_nan[None], xp.nan, out)
+    return out
+
+
 def _sort_and_count(block, xp, has_nonfinite=None):
     """Return ``(sorted block, n_valid)``: NaN sorts last; n_valid is an int for all-finite blocks."""
     if has_nonfinite is None:
         has_nonfinite = not bool(xp.all(xp.isfinite(block)))
     if not has_nonfinite:
-        return xp.sort(block, axis=0), int(block.shape[0])
+        return sort_frames(block, xp), int(block.shape[0])
     block = xp.where(xp.isfinite(block), block, xp.nan)  # inf is not data either
-    return xp.sort(block, axis=0), xp.sum(xp.isfinite(block), axis=0)
+    return sort_frames(block, xp), xp.sum(xp.isfinite(block), axis=0)
 
 
 def winsorize_block(block, winsor_limits, xp=np, has_nonfinite=None):
@@ -628,7 +675,7 @@ def _combine(block, keep, weights, combine, xp, finite=False):
     """
     if combine == "median":
         masked = xp.where(keep, block, xp.nan)
-        srt = xp.sort(masked, axis=0)
+        srt = sort_frames(masked, xp)
         return sorted_quantile(srt, xp.sum(keep, axis=0), 0.5, xp)
     w = xp.where(keep, weights, 0)
     wsum = xp.sum(w, axis=0)
@@ -670,7 +717,7 @@ def _kappa_sigma_round(values, keep, params, xp, masked=True, floor=None):
     noise of its frame ``floor`` (:func:`_clip_test`).
     """
     current = xp.where(keep, values, xp.nan)
-    srt = xp.sort(current, axis=0)
+    srt = sort_frames(current, xp)
     n_kept = xp.sum(keep, axis=0)
     centre = sorted_quantile(srt, n_kept, 0.5, xp)
 

@@ -302,3 +302,17 @@ def test_real_cupy_parity(rng):
         ok = np.isfinite(cpu[0])
         assert np.array_equal(ok, np.isfinite(gpu[0]))
         assert np.max(np.abs(cpu[0][ok] - gpu[0][ok]) / np.abs(cpu[0][ok])) < 1e-5
+
+
+@pytest.mark.parametrize("n", [1, 2, 3, 5, 6, 8, 11, 16, 17])
+def test_sort_frames_is_numpy_sort_along_the_frames(rng, n):
+    """The sorting network for few frames gives exactly ``np.sort(axis=0)``: NaN last, inf before it."""
+    block = rng.normal(0, 1, (n, 7, 9, 3)).astype(np.float32)
+    block[rng.random(block.shape) < 0.2] = np.nan
+    block[rng.random(block.shape) < 0.02] = np.inf
+    block[rng.random(block.shape) < 0.02] = -np.inf
+    block[:, 0, 0] = np.nan  # a pixel with no data
+    block[:, 0, 1] = 1.5  # ties
+    np.testing.assert_array_equal(stk.sort_frames(block), np.sort(block, axis=0))
+    finite = rng.normal(0, 1, (n, 4, 5, 3)).astype(np.float32)
+    np.testing.assert_array_equal(stk.sort_frames(finite), np.sort(finite, axis=0))

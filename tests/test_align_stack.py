@@ -304,7 +304,7 @@ def test_real_cupy_parity(rng):
         assert np.max(np.abs(cpu[0][ok] - gpu[0][ok]) / np.abs(cpu[0][ok])) < 1e-5
 
 
-@pytest.mark.parametrize("n", [1, 2, 3, 5, 6, 8, 11, 16, 17])
+@pytest.mark.parametrize("n", [1, 2, 3, 5, 6, 8, 11, 16, 17, 24, 25])
 def test_sort_frames_is_numpy_sort_along_the_frames(rng, n):
     """The sorting network for few frames gives exactly ``np.sort(axis=0)``: NaN last, inf before it."""
     block = rng.normal(0, 1, (n, 7, 9, 3)).astype(np.float32)

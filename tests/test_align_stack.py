@@ -316,3 +316,13 @@ def test_sort_frames_is_numpy_sort_along_the_frames(rng, n):
     np.testing.assert_array_equal(stk.sort_frames(block), np.sort(block, axis=0))
     finite = rng.normal(0, 1, (n, 4, 5, 3)).astype(np.float32)
     np.testing.assert_array_equal(stk.sort_frames(finite), np.sort(finite, axis=0))
+
+
+@pytest.mark.parametrize("size", [3, 5, 7, 9])
+def test_window_extremes_are_scipys_maximum_and_minimum_filters(rng, size):
+    from scipy.ndimage import maximum_filter, minimum_filter
+
+    plane = rng.normal(0, 1, (61, 47)).astype(np.float32)
+    plane[10:14, 20:22] = 5.0  # a plateau: ties
+    np.testing.assert_array_equal(stk._window_extreme(plane, size, np.maximum), maximum_filter(plane, size))
+    np.testing.assert_array_equal(stk._window_extreme(plane, size, np.minimum), minimum_filter(plane, size))

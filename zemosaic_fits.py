@@ -473,25 +473,88 @@ def _bayer_taps(pattern: str, py: int, px: int, colour: str) -> list[tuple[int, 
             if kernel[dy + 1, dx + 1] and pattern[2 * ((py + dy) % 2) + (px + dx) % 2] == colour]
 
 
-def _padded_subgrids(raw: np.ndarray) -> tuple[dict, dict]:
+def _padded_subgrids(raw: np.ndarray, with_validity: bool = True) -> tuple[dict, dict]:
     """Return the four Bayer sub-grids of ``raw`` as float64 values and 0/1 validity, padded.
 
     Sub-grid ``(qy, qx)`` is ``raw[qy::2, qx::2]``, contiguous, with a border of "no sample"
     (value 0, validity 0) one pixel wide all round, so that a neighbour beyond the frame edge is
-    an ordinary neighbour with weight 0. NaN samples are no sample either.
+    an ordinary neighbour with weight 0. NaN samples are no sample either. Without
+    ``with_validity`` (every sample finite) the values are copied as they are and no validity is
+    returned.
     """
     h, w = raw.shape
     values, valid = {}, {}
     for qy in (0, 1):
         for qx in (0, 1):
             sub = raw[qy::2, qx::2]
-            ok = np.isfinite(sub)
             inner = (slice(1, 1 + sub.shape[0]), slice(1, 1 + sub.shape[1]))
             values[qy, qx] = np.zeros(((h + 1) // 2 + 2, (w + 1) // 2 + 2))
+            if not with_validity:
+                values[qy, qx][inner] = sub
+                continue
+            ok = np.isfinite(sub)
             values[qy, qx][inner] = np.where(ok, sub, 0.0)
             valid[qy, qx] = np.zeros_like(values[qy, qx])
             valid[qy, qx][inner] = ok
     return values, valid
+
+
+def _neighbour_slices(key: str, py: int, px: int, colour: str, ny: int, nx: int):
+    """Yield ``(sub-grid, slice, weight)`` of each tap of ``colour`` at cell position ``(py, px)``.
+
+    Neighbour row ``py + dy`` is row ``(py + dy) // 2 + i`` of sub-grid ``(py + dy) % 2``.
+    """
+    for dy, dx, k in _bayer_taps(key, py, px, colour):
+        oy, ox = 1 + (py + dy) // 2, 1 + (px + dx) // 2
+        yield ((py + dy) % 2, (px + dx) % 2), np.s_[oy:oy + ny, ox:ox + nx], k
+
+
+def _debayer_masked(raw: np.ndarray, key: str) -> np.ndarray:
+    """The normalised convolution with NaN samples and the frame edges left out (any size)."""
+    h, w = raw.shape
+    values, valid = _padded_subgrids(raw)
+    rgb = np.empty((h, w, 3), dtype=np.float32)
+    for py in (0, 1):
+        for px in (0, 1):
+            ny, nx = len(range(py, h, 2)), len(range(px, w, 2))
+            if ny == 0 or nx == 0:
+                continue
+            for channel, colour in enumerate("RGB"):
+                total = weight = 0.0
+                for q, window, k in _neighbour_slices(key, py, px, colour, ny, nx):
+                    total = total + k * values[q][window]
+                    weight = weight + k * valid[q][window]
+                rgb[py::2, px::2, channel] = np.divide(total, weight, out=np.full((ny, nx), np.nan),
+                                                       where=weight > 0)
+    return rgb
+
+
+def _debayer_finite(raw: np.ndarray, key: str) -> np.ndarray:
+    """The normalised convolution of a mosaic with every sample finite, at least 4x4 pixels.
+
+    Away from the edges every colour's taps weigh 4 in all (see the kernels), so the sum is
+    divided by 4 with no weight map (exact, as 4 is a power of two); the first and last rows and
+    columns, where taps fall outside the frame, are taken from :func:`_debayer_masked` of a strip
+    that starts on an even row or column (the Bayer phase is kept).
+    """
+    h, w = raw.shape
+    values, _ = _padded_subgrids(raw, with_validity=False)
+    rgb = np.empty((h, w, 3), dtype=np.float32)
+    for py in (0, 1):
+        for px in (0, 1):
+            ny, nx = len(range(py, h, 2)), len(range(px, w, 2))
+            for channel, colour in enumerate("RGB"):
+                total = 0.0
+                for q, window, k in _neighbour_slices(key, py, px, colour, ny, nx):
+                    total = total + k * values[q][window]
+                total *= 0.25
+                rgb[py::2, px::2, channel] = total
+    last_row, last_col = (h - 3) & ~1, (w - 3) & ~1
+    rgb[0] = _debayer_masked(raw[:3], key)[0]
+    rgb[-1] = _debayer_masked(raw[last_row:], key)[-1]
+    rgb[:, 0] = _debayer_masked(raw[:, :3], key)[:, 0]
+    rgb[:, -1] = _debayer_masked(raw[:, last_col:], key)[:, -1]
+    return rgb
 
 
 def debayer_bilinear(raw: np.ndarray, pattern: str = "GRBG") -> np.ndarray:
@@ -506,7 +569,8 @@ def debayer_bilinear(raw: np.ndarray, pattern: str = "GRBG") -> np.ndarray:
     Computed per position in the 2x2 cell on the four colour sub-grids: each
     output pixel adds only the 1, 2 or 4 neighbours that carry the colour, not
     a full 3x3 convolution of every channel (same sums in the same order, so
-    the same values).
+    the same values). A mosaic with no NaN (the usual raw frame) needs no
+    weight map inside the edges: half the work.
     """
     key = pattern.strip().upper() if isinstance(pattern, str) else pattern
     if key not in BAYER_PATTERNS:
@@ -515,26 +579,9 @@ def debayer_bilinear(raw: np.ndarray, pattern: str = "GRBG") -> np.ndarray:
     raw = np.asarray(raw)
     if raw.ndim != 2:
         raise ValueError(f"a Bayer mosaic must be 2-D, got shape {raw.shape}")
-    h, w = raw.shape
-    # float64 keeps sum(w * v) / sum(w) bit-exact for float32 / 16-bit input.
-    values, valid = _padded_subgrids(raw)
-    rgb = np.empty((h, w, 3), dtype=np.float32)
-    for py in (0, 1):
-        for px in (0, 1):
-            ny, nx = len(range(py, h, 2)), len(range(px, w, 2))
-            if ny == 0 or nx == 0:
-                continue
-            for channel, colour in enumerate("RGB"):
-                total = weight = 0.0
-                for dy, dx, k in _bayer_taps(key, py, px, colour):
-                    # Neighbour row py + dy is row (py + dy) // 2 + i of sub-grid (py + dy) % 2.
-                    q = ((py + dy) % 2, (px + dx) % 2)
-                    oy, ox = 1 + (py + dy) // 2, 1 + (px + dx) // 2
-                    total = total + k * values[q][oy:oy + ny, ox:ox + nx]
-                    weight = weight + k * valid[q][oy:oy + ny, ox:ox + nx]
-                rgb[py::2, px::2, channel] = np.divide(total, weight, out=np.full((ny, nx), np.nan),
-                                                       where=weight > 0)
-    return rgb
+    if min(raw.shape) >= 4 and np.isfinite(raw).all():
+        return _debayer_finite(raw, key)
+    return _debayer_masked(raw, key)
 
 
 # --------------------------------------------------------------------------

@@ -35,8 +35,8 @@ import zemosaic_astrometry as zastro
 from zemosaic_config import (ALIGN_METHODS, COMBINE_METHODS, NORMALIZE_METHODS, REJECTION_ALGORITHMS,
                              require_choice)
 import zemosaic_photometry as zph
-from zemosaic_utils import (bilinear_gather, compute_pixel_mapping, map_threads, mapping_coordinates,
-                            over_channels, sigma_clipped_stats, subsample)
+from zemosaic_utils import (bilinear_gather, channel_planes, compute_pixel_mapping, map_threads, mapping_coordinates,
+                            over_channels, scatter_channels, sigma_clipped_stats, subsample)
 
 logger = logging.getLogger(__name__)
 
@@ -150,12 +150,12 @@ def warp_image(image, y_src, x_src, xp=np, band_pixels: int = _WARP_BAND_PIXELS)
     h, w = y_src.shape
     n_ch = image.shape[2]
     rows_per_chunk = max(1, band_pixels // w)
-    columns = xp.ascontiguousarray(xp.asarray(image, dtype=xp.float32)).reshape(-1, n_ch)
+    planes = channel_planes(image, xp)
     out = xp.empty((h, w, n_ch), dtype=xp.float32)
     for r0 in range(0, h, rows_per_chunk):
         r1 = min(h, r0 + rows_per_chunk)
-        out[r0:r1] = bilinear_gather(columns, image.shape[:2], y_src[r0:r1], x_src[r0:r1], xp,
-                                     nan_outside=True).reshape(r1 - r0, w, n_ch)
+        scatter_channels(out[r0:r1], bilinear_gather(planes, image.shape[:2], y_src[r0:r1], x_src[r0:r1], xp,
+                                                     nan_outside=True))
     return out
 
 

@@ -19,8 +19,8 @@ import numpy as np
 from astropy.wcs import WCS
 
 import zemosaic_fits as zfits
-from zemosaic_utils import (_percentiles_gpu, bilinear_gather, block_mean, mad_sigma, map_threads, over_channels,
-                            sky_level, subsample)
+from zemosaic_utils import (_percentiles_gpu, bilinear_gather, block_mean, channel_planes, mad_sigma, map_threads,
+                            over_channels, scatter_channels, sky_level, subsample)
 
 __all__ = [
     "display_orientation",
@@ -244,7 +244,7 @@ def _resampled(image: np.ndarray, matrix: np.ndarray) -> np.ndarray:
     # Output (u, v) -> input (x, y) = inv(M) ((u, v) + low).
     inverse = np.linalg.inv(matrix)
     origin = inverse @ low
-    columns = np.ascontiguousarray(image, dtype=np.float32).reshape(-1, n_ch)
+    planes = channel_planes(image, np)
     out = np.empty((out_h, out_w, n_ch), np.float32)
     rows = max(1, _RESAMPLE_BAND_PIXELS // out_w)
     u = np.arange(out_w, dtype=np.float64)[None, :]
@@ -254,8 +254,7 @@ def _resampled(image: np.ndarray, matrix: np.ndarray) -> np.ndarray:
         v = np.arange(r0, r1, dtype=np.float64)[:, None]
         x = inverse[0, 0] * u + inverse[0, 1] * v + origin[0]
         y = inverse[1, 0] * u + inverse[1, 1] * v + origin[1]
-        out[r0:r1] = bilinear_gather(columns, (height, width), y, x, np, nan_outside=True).reshape(
-            r1 - r0, out_w, n_ch)
+        scatter_channels(out[r0:r1], bilinear_gather(planes, (height, width), y, x, np, nan_outside=True))
 
     map_threads(band, range(0, out_h, rows))
     return out

@@ -557,14 +557,16 @@ def _reason(exc: BaseException) -> str:
     return f"{type(exc).__name__}: {text[0]}" if text else type(exc).__name__
 
 
-def warm_up(dask_scheduler: str, num_processing_workers: int) -> None:
-    """Start, in the background, the server that a local pool's workers fork from.
+def warm_up(dask_scheduler: str, num_processing_workers: int, n_tasks: int) -> None:
+    """Start, in the background, the server that the local pool for ``n_tasks`` tile tasks forks from.
 
-    It imports the pipeline once (0.6-0.8 s); started when a run begins, that happens while the
-    frames are scanned and solved, and the pool's workers then start at once. Nothing happens
-    when the configuration runs tiles in this process or on Dask, or without ``forkserver``.
+    It imports the pipeline once (0.6-0.8 s, a core's worth); started as soon as the tiles are
+    known, that happens while the run checks which tiles it can reuse, and the pool's workers
+    then start at once. Nothing happens when :func:`make_executor` would run the tiles in this
+    process (one tile, one worker) or on Dask, or without ``forkserver``: an idle server would
+    only take a core from the tile being built.
     """
-    if dask_scheduler or resolve_workers(num_processing_workers) <= 1 \
+    if dask_scheduler or min(resolve_workers(num_processing_workers), n_tasks) <= 1 \
             or "forkserver" not in multiprocessing.get_all_start_methods():
         return
     import multiprocessing.forkserver as forkserver

@@ -1151,7 +1151,6 @@ def run_mosaic(config: MosaicConfig, progress=None, cancel: threading.Event | No
     t_start = time.perf_counter()
     _check_folders(config)
     lock = _take_output_folder(config)
-    zexec.warm_up(config.dask_scheduler, config.num_processing_workers)  # while frames are scanned
     run = Run(config, progress=progress, cancel=cancel)
     report = run.report
     try:
@@ -1162,6 +1161,7 @@ def run_mosaic(config: MosaicConfig, progress=None, cancel: threading.Event | No
             raise PipelineError(f"no usable frame in {config.input_folder} "
                                 f"({len(report.frames_skipped)} skipped)")
         groups = run.timed("group", group_frames, run, records)
+        zexec.warm_up(config.dask_scheduler, config.num_processing_workers, len(groups))
         tiles = run.timed("master_tiles", build_master_tiles, run, records, groups)
         if not tiles:
             raise PipelineError("no master tile could be built: every frame was skipped")

@@ -177,7 +177,7 @@ def test_a_worker_that_cannot_start_means_workers_lost(tmp_path, monkeypatch):
         pool.close()
 
 
-def test_warm_up_starts_the_pool_server_only_for_a_local_pool(monkeypatch):
+def test_warm_up_starts_the_pool_server_only_for_a_local_pool_of_several_tiles(monkeypatch):
     import multiprocessing.forkserver as forkserver
 
     started = []
@@ -189,10 +189,11 @@ def test_warm_up_starts_the_pool_server_only_for_a_local_pool(monkeypatch):
             if thread.name == "zemosaic-forkserver":
                 thread.join(10)
 
-    warm("", 1)
-    warm("local", 4)
+    warm("", 1, 5)
+    warm("local", 4, 5)
+    warm("", 2, 1)  # one tile runs in this process: a server would only idle
     assert started == []
-    warm("", 2)
+    warm("", 2, 2)
     assert started == ["zemosaic-forkserver"]
 
 

@@ -668,17 +668,31 @@ def _overlapping_pairs(low: LowResTiles, min_pixels: int = _MIN_OVERLAP):
                 yield i, j, both
 
 
-def _smooth_nan(image2d, sigma):
-    """Gaussian smoothing that ignores NaN (normalised convolution); NaN stays NaN."""
+def _smooth_nan(image2d, sigma, smoothed_valid=None):
+    """Gaussian smoothing that ignores NaN (normalised convolution); NaN stays NaN.
+
+    ``smoothed_valid``: the same Gaussian of ``isfinite(image2d)``, when the caller has it (the
+    channels of an image share their footprint: one filter instead of one per channel).
+    """
     from scipy.ndimage import gaussian_filter
 
     if sigma <= 0:
         return image2d
     valid = np.isfinite(image2d)
     num = gaussian_filter(np.where(valid, image2d, 0.0), sigma)
-    den = gaussian_filter(valid.astype(np.float64), sigma)
+    den = gaussian_filter(valid.astype(np.float64), sigma) if smoothed_valid is None else smoothed_valid
     with np.errstate(invalid="ignore", divide="ignore"):
         return np.where(valid & (den > 0.05), num / den, np.nan)
+
+
+def _shared_smoothed_footprint(image_hwc, sigma):
+    """Return the Gaussian of the finite pixels shared by every channel, or None if they differ."""
+    from scipy.ndimage import gaussian_filter
+
+    valid = np.isfinite(image_hwc[..., 0])
+    if any(not np.array_equal(valid, np.isfinite(image_hwc[..., c])) for c in range(1, image_hwc.shape[-1])):
+        return None
+    return gaussian_filter(valid.astype(np.float64), sigma)
 
 
 def _pair_offsets(low: LowResTiles, gains):
@@ -1132,8 +1146,9 @@ def white_balance(image_hwc, star_kappa: float = 20.0, smooth_px: float = 8.0,
     # the nebula in its colour (36 ADU too high in R on the demo mosaic) and tints the sky.
     sky = np.array([sky_level(subsample(sample[:, c], 200_000)) for c in range(n_ch)])
     noise = np.array([sigma_clipped_stats(sample[:, c])[1] for c in range(n_ch)])
+    footprint = _shared_smoothed_footprint(image, smooth_px)
     above = image - sky
-    detail = np.stack(map_threads(lambda c: image[..., c] - _smooth_nan(image[..., c], smooth_px),
+    detail = np.stack(map_threads(lambda c: image[..., c] - _smooth_nan(image[..., c], smooth_px, footprint),
                                   range(n_ch)), -1)
     peak = np.nanmax(image, axis=(0, 1))
     with np.errstate(invalid="ignore"):

@@ -1,5 +1,7 @@
 """Pixel mapping and the reproject-and-coadd engines against astropy reproject."""
 
+import warnings
+
 import numpy as np
 import pytest
 from scipy.ndimage import binary_erosion
@@ -214,3 +216,26 @@ def test_sigma_clipped_stats_equal_the_textbook_loop(dtype):
         v[rng.integers(0, n, n // 10)] = np.nan
         for values in (v, np.round(v)):  # ties
             assert zu.sigma_clipped_stats(values) == _clipped_stats_reference(values)
+
+
+@pytest.mark.parametrize("factor", [1, 2, 3, 5, 16])
+@pytest.mark.parametrize("full_blocks_only", [False, True])
+def test_block_mean_is_the_nan_mean_of_each_block(factor, full_blocks_only):
+    """Blocks cut at the edges, NaN pixels and channels of their own: the mean of the valid pixels."""
+    rng = np.random.default_rng(factor)
+    image = rng.normal(1000, 30, (37, 53, 3)).astype(np.float32)
+    image[rng.random(image.shape) < 0.1] = np.nan
+    image[:6, :9] = np.nan
+    h, w = -(-37 // factor) * factor, -(-53 // factor) * factor
+    padded = np.full((h, w, 3), np.nan)
+    padded[:37, :53] = image
+    blocks = padded.reshape(h // factor, factor, w // factor, factor, 3)
+    with np.errstate(all="ignore"), warnings.catch_warnings():
+        warnings.simplefilter("ignore", RuntimeWarning)
+        expected = np.nanmean(blocks, axis=(1, 3))
+    if full_blocks_only:
+        expected[~np.isfinite(blocks).all(axis=(1, 3))] = np.nan
+    result = zu.block_mean(image, factor, full_blocks_only, band_rows=2)
+    assert result.shape == expected.shape and result.dtype == np.float32
+    np.testing.assert_array_equal(np.isnan(result), np.isnan(expected))
+    np.testing.assert_allclose(result, expected, rtol=1e-6, equal_nan=True)

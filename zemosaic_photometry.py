@@ -37,8 +37,8 @@ from dataclasses import dataclass, replace
 
 import numpy as np
 
-from zemosaic_utils import (block_mean, mad_sigma, map_threads, over_channels, sigma_clipped_stats, sky_level,
-                            subsample, to_numpy)
+from zemosaic_utils import (block_mean, mad_sigma, map_threads, median_last_axis, over_channels, sigma_clipped_stats,
+                            sky_level, subsample, to_numpy)
 
 logger = logging.getLogger(__name__)
 
@@ -226,8 +226,9 @@ def aperture_fluxes(image, stars: ReferenceStars, xp=np, saturation: float = SAT
     ys, xs = xp.asarray(stars.ys)[:, None], xp.asarray(stars.xs)[:, None]
     ap = image[ys + xp.asarray(stars.aperture[0])[None], xs + xp.asarray(stars.aperture[1])[None]]
     an = image[ys + xp.asarray(stars.annulus[0])[None], xs + xp.asarray(stars.annulus[1])[None]]
-    sky = xp.median(an, axis=1)  # (n, C); NaN when the annulus leaves the footprint
-    noise = mad_sigma(an, xp, sky[:, None], axis=1) * math.sqrt(ap.shape[1])
+    an = xp.ascontiguousarray(xp.moveaxis(an, 1, 2))  # (n, C, annulus pixels): medians along rows
+    sky = median_last_axis(an, xp)  # (n, C); NaN when the annulus leaves the footprint
+    noise = 1.4826 * median_last_axis(xp.abs(an - sky[..., None]), xp) * math.sqrt(ap.shape[1])
     excess = ap - sky[:, None]
     flux = xp.sum(excess, axis=1)
     top = xp.max(excess, axis=1)

@@ -249,3 +249,21 @@ def test_nonzero_indices_are_numpys(shape):
     assert len(got) == len(expected)
     for a, b in zip(got, expected):
         np.testing.assert_array_equal(a, b)
+
+
+@pytest.mark.parametrize("length", [0, 1, 2, 7, 1200])
+def test_median_last_axis_is_numpys_median_bit_for_bit(length):
+    rng = np.random.default_rng(length)
+    values = rng.normal(1000, 30, (40, 3, length)).astype(np.float32)
+    if length:
+        values[5, 1, length // 2] = np.nan
+        values[7, :, 0] = np.inf
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", RuntimeWarning)
+        expected = np.median(values, axis=-1)
+    got = zu.median_last_axis(values)
+    assert got.dtype == expected.dtype and got.shape == expected.shape
+    if length == 0:  # NumPy's NaN of an empty median is negative; NaN all the same
+        assert np.isnan(got).all()
+    else:
+        assert got.tobytes() == expected.tobytes()

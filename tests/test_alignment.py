@@ -250,6 +250,17 @@ def test_warp_is_map_coordinates_for_all_channels_at_once():
     assert np.max(np.abs(ours[ok] - theirs[ok]) / np.abs(theirs[ok])) < 1e-6
 
 
+def test_affine_warp_makes_its_coordinates_band_by_band_with_the_same_bytes():
+    rng = np.random.default_rng(8)
+    image = rng.normal(100.0, 10.0, (40, 56, 3)).astype(np.float32)
+    image[:, :3] = np.nan
+    angle = np.radians(-2.5)
+    matrix = np.array([[np.cos(angle), -np.sin(angle), 1.7], [np.sin(angle), np.cos(angle), -2.2], [0, 0, 1]])
+    whole = stk.warp_image(image, *stk.affine_source_coords(matrix, (47, 61)))
+    for band_pixels in (61, 200, 10_000):
+        assert stk.warp_affine(image, matrix, (47, 61), band_pixels=band_pixels).tobytes() == whole.tobytes()
+
+
 def test_star_match_is_a_repeatable_least_squares_fixed_point():
     """The refined match is the fit to the stars it matches, and RANSAC in front of it is seeded."""
     import zemosaic_astrometry as za

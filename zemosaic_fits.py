@@ -31,7 +31,7 @@ from astropy.io import fits
 from astropy.utils.exceptions import AstropyWarning
 from astropy.wcs import WCS, SingularMatrixError
 
-from zemosaic_utils import mad_sigma
+from zemosaic_utils import mad_sigma, median_last_axis, nonzero_indices
 
 logger = logging.getLogger(__name__)
 
@@ -288,15 +288,19 @@ def _header_wcs(header: fits.Header, shape_hw: tuple[int, int]) -> WCS:
 
 
 def _inspect(path: str, hdul: fits.HDUList, size: int,
-             require_wcs: bool = True) -> tuple[FrameInfo, int, str]:
-    """Build the FrameInfo of an open file; also return HDU index and layout."""
+             require_wcs: bool = True, read_wcs: bool = True) -> tuple[FrameInfo, int, str]:
+    """Build the FrameInfo of an open file; also return HDU index and layout.
+
+    Without ``read_wcs`` (the caller has the frame's WCS) the header's WCS is not parsed:
+    ``info.wcs`` is None.
+    """
     index, hdu = _find_image_hdu(hdul)
     header = hdu.header.copy()
     shape_hw, layout, planes = _layout(header)
     _check_data_present(hdul, index, hdu, header, size)
     wcs, wcs_problem = None, None
     try:
-        wcs = _header_wcs(header, shape_hw)
+        wcs = _header_wcs(header, shape_hw) if read_wcs else None
     except FrameError as exc:
         if require_wcs:
             raise
@@ -347,7 +351,8 @@ def _read_pixels(hdul: fits.HDUList, index: int, header: fits.Header) -> np.ndar
         # unsigned-via-BZERO integers still carry the physical blank value.
         blank = header["BLANK"] * header.get("BSCALE", 1) + header.get("BZERO", 0)
         data[raw == blank] = np.nan
-    data[~np.isfinite(data)] = np.nan  # +-inf is as useless as NaN: "no data"
+    if not np.issubdtype(raw.dtype, np.integer):  # integers convert to finite floats
+        data[~np.isfinite(data)] = np.nan  # +-inf is as useless as NaN: "no data"
     return data
 
 
@@ -355,7 +360,7 @@ def _check_has_signal(data: np.ndarray) -> None:
     finite = np.isfinite(data)
     if not finite.any():
         raise FrameError("no finite pixels")
-    if not np.any(data[finite] != 0):
+    if not np.any(finite & (data != 0)):
         raise FrameError("all pixels are zero")
 
 
@@ -370,8 +375,8 @@ def _ring_median(padded: np.ndarray, ys: np.ndarray, xs: np.ndarray) -> np.ndarr
     step one pixel outside it.
     """
     ring = np.stack([padded[ys + 3 + dy, xs + 3 + dx] for dy in (-2, 0, 2) for dx in (-2, 0, 2)
-                     if (dy, dx) != (0, 0)])
-    return np.median(ring, axis=0)
+                     if (dy, dx) != (0, 0)], axis=-1)
+    return median_last_axis(ring)
 
 
 def correct_hot_pixels(raw: np.ndarray, kappa: float = 8.0, neighbour_fraction: float = 0.2):
@@ -402,7 +407,7 @@ def correct_hot_pixels(raw: np.ndarray, kappa: float = 8.0, neighbour_fraction: 
     # Cheap pre-selection: only pixels well above their same-colour cross can be hot (stars too);
     # the exact 8-neighbour median is computed for those few only.
     with np.errstate(invalid="ignore"):
-        ys, xs = np.nonzero(rough > 0.5 * kappa * sigma)
+        ys, xs = nonzero_indices(rough > 0.5 * kappa * sigma)
     if ys.size == 0:
         return data, 0
     med = _ring_median(padded, ys, xs)
@@ -448,7 +453,7 @@ def load_frame(path: str | os.PathLike, debayer: bool = True, hot_pixels: bool =
     """
     path = os.fspath(path)
     with _quiet_astropy(), _open_fits(path) as (hdul, size):
-        info, index, layout = _inspect(path, hdul, size, require_wcs and wcs is None)
+        info, index, layout = _inspect(path, hdul, size, require_wcs and wcs is None, read_wcs=wcs is None)
         data = _read_pixels(hdul, index, info.header)
     _check_has_signal(data)
     image = _to_hwc(data, layout, info.bayer_pattern, debayer, hot_pixels)

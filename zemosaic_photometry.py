@@ -37,8 +37,8 @@ from dataclasses import dataclass, replace
 
 import numpy as np
 
-from zemosaic_utils import (block_mean, mad_sigma, map_threads, median_last_axis, over_channels, sigma_clipped_stats,
-                            sky_level, subsample, to_numpy)
+from zemosaic_utils import (block_mean, mad_sigma, map_threads, median_last_axis, nonzero_indices, over_channels,
+                            sigma_clipped_stats, sky_level, subsample, to_numpy)
 
 logger = logging.getLogger(__name__)
 
@@ -192,7 +192,7 @@ def _local_maxima(snr, threshold: float, margin: int, xp):
     """
     h, w = snr.shape
     inner = snr[margin:h - margin, margin:w - margin] > threshold  # NaN compares False
-    ys, xs = xp.nonzero(inner)
+    ys, xs = nonzero_indices(inner, xp)
     ys, xs = ys + margin, xs + margin
     v = snr[ys, xs]
     peak = xp.ones(v.shape, dtype=bool)

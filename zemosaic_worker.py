@@ -727,8 +727,9 @@ def _run_tile_tasks(run, todo, manifest, n_groups: int):
         max(1, zexec.resolve_workers(config.num_processing_workers) // executor.workers)
     for task, _ in todo:
         task.ram_share, task.threads = executor.memory_share, threads
-    if executor.workers > 1:  # this process waits meanwhile: import the grid's library (0.4 s) now
-        threading.Thread(target=importlib.import_module, args=("reproject.mosaicking",), daemon=True).start()
+    # The grid's library takes 0.4 s to import: while tiles are built, this process waits on the
+    # workers, or its threads spend most of their time in NumPy, which leaves the GIL free.
+    threading.Thread(target=importlib.import_module, args=("reproject.mosaicking",), daemon=True).start()
     flag = zexec.CancelFlag(os.path.join(todo[0][0].cache_dir, ".cancel"))
     tiles = []
     try:

@@ -288,7 +288,7 @@ def _encode_png(rgb: np.ndarray) -> bytes:
     filtered[1:, 1:] = rows[1:] - rows[:-1]  # uint8 arithmetic wraps modulo 256 as PNG wants
     header = struct.pack(">IIBBBBB", width, height, 8, 2, 0, 0, 0)
     return (_PNG_SIGNATURE + _png_chunk(b"IHDR", header)
-            + _png_chunk(b"IDAT", zlib.compress(filtered.tobytes(), 6))
+            + _png_chunk(b"IDAT", zlib.compress(filtered.tobytes(), 1))
             + _png_chunk(b"IEND", b""))
 
 

@@ -31,6 +31,7 @@ the flux scale and the colour balance of the majority are kept). Everything is d
 
 from __future__ import annotations
 
+import functools
 import logging
 import math
 from dataclasses import dataclass, replace
@@ -1148,23 +1149,24 @@ def white_balance(image_hwc, star_kappa: float = 20.0, smooth_px: float = 8.0,
     sky = np.array([sky_level(subsample(sample[:, c], 200_000)) for c in range(n_ch)])
     noise = np.array([sigma_clipped_stats(sample[:, c])[1] for c in range(n_ch)])
     footprint = _shared_smoothed_footprint(image, smooth_px)
-    above = image - sky
-    detail = np.stack(map_threads(lambda c: image[..., c] - _smooth_nan(image[..., c], smooth_px, footprint),
-                                  range(n_ch)), -1)
-    peak = np.nanmax(image, axis=(0, 1))
+    # Channel planes throughout: an (H, W, C) float64 detail image cost more to interleave and
+    # compare over its short channel axis than the smoothing itself.
+    detail = map_threads(lambda c: image[..., c] - _smooth_nan(image[..., c], smooth_px, footprint), range(n_ch))
     with np.errstate(invalid="ignore"):
-        stars = over_channels(np.logical_and, detail > star_kappa * noise) & \
-            over_channels(np.logical_and, image < 0.8 * peak)
+        stars = functools.reduce(np.logical_and, [
+            (detail[c] > star_kappa * noise[c]) & (image[..., c] < 0.8 * np.nanmax(image[..., c]))
+            for c in range(n_ch)])
     source = "stars"
+    flux = np.stack([plane[stars] for plane in detail], axis=-1)
     if stars.sum() < 50:
+        above = image - sky
         lum = np.mean(above, axis=-1)
         finite = np.isfinite(lum)
         stars = finite & (lum >= np.percentile(lum[finite], 99)) & np.all(above > 0, axis=-1)
         source = "bright pixels"
-        detail = above
+        flux = above[stars]
     if stars.sum() < 10:
         return WhiteBalance(np.ones(n_ch), sky, "none")
-    flux = detail[stars]
     share = np.median(flux / flux.mean(axis=1, keepdims=True), axis=0)
     gains = share[1] / share if n_ch == 3 else 1.0 / share
     logger.info("Display white balance from %d %s: gains R,G,B = %s", int(stars.sum()), source,

@@ -522,19 +522,25 @@ def _as_hwc(array, xp):
 
 
 def _weighted_planes(data, weight, xp):
-    """Return ``(2C, H * W)`` float32 planes ``[w_0 .. w_{C-1}, w_0 I_0 .. w_{C-1} I_{C-1}]``.
+    """Return the float32 planes an input adds to the co-add, and whether its channels share a weight.
 
-    NaN carries no weight: it is zeroed only inside the products, never turned into a value.
+    The planes are ``[w, w I_0 .. w I_{C-1}]`` when every channel has data at the same pixels (one
+    weight plane serves them all: a third fewer gathers), ``[w_0 .. w_{C-1}, w_0 I_0 ..]``
+    otherwise; each is ``(H + 2) * (W + 2)`` long, the image bordered by one pixel of zeros (see
+    :func:`bilinear_gather`). NaN carries no weight: it is zeroed only inside the products, never
+    turned into a value.
     """
     h, w_px, c = data.shape
-    planes = xp.empty((2 * c, h * w_px), xp.float32)
+    finite = [xp.isfinite(data[..., k]) for k in range(c)]
+    shared = all(bool(xp.array_equal(finite[0], f)) for f in finite[1:])
+    n_weights = 1 if shared else c
+    planes = xp.zeros((n_weights + c, h + 2, w_px + 2), xp.float32)
+    inner = (slice(1, h + 1), slice(1, w_px + 1))
     for k in range(c):
-        plane = data[..., k].reshape(-1)
-        finite = xp.isfinite(plane)
-        flat_weight = weight.reshape(-1)
-        planes[k] = xp.where(finite, flat_weight, xp.float32(0))
-        planes[c + k] = xp.where(finite, plane * flat_weight, xp.float32(0))
-    return planes
+        if k < n_weights:
+            planes[(k,) + inner] = xp.where(finite[k], weight, xp.float32(0))
+        planes[(n_weights + k,) + inner] = xp.where(finite[k], data[..., k] * weight, xp.float32(0))
+    return planes.reshape(n_weights + c, -1), shared
 
 
 def channel_planes(image, xp):
@@ -551,49 +557,50 @@ def bilinear_gather(planes, shape_in, y, x, xp, nan_outside: bool = False, windo
     alike. The planes are channel-major so that every product runs along the ``n`` samples:
     broadcasting a weight over a short channel axis is several times slower.
 
-    Default (the co-add): outside the image counts as 0 (with weight 0), interpolated up to half a
-    pixel beyond the edge pixel centres as astropy's reproject does, so a tile's weight falls off
-    smoothly at its border. With ``nan_outside`` (alignment) it is ``scipy.ndimage.map_coordinates``
-    with ``order=1, mode="constant", cval=nan``: NaN outside ``[0, n - 1]`` on either axis, and
-    NaN wherever one of the four neighbours is NaN, even one of weight 0 (a sample on the last row
+    With ``nan_outside`` (alignment, display) it is ``scipy.ndimage.map_coordinates`` with
+    ``order=1, mode="constant", cval=nan``: NaN outside ``[0, n - 1]`` on either axis, and NaN
+    wherever one of the four neighbours is NaN, even one of weight 0 (a sample on the last row
     or column takes its neighbours from the row or column before).
 
+    Without it (the co-add) each plane is the image bordered by one pixel of zeros,
+    ``(H + 2) * (W + 2)`` long (:func:`_weighted_planes`): outside the image counts as 0 (with
+    weight 0), interpolated up to a pixel beyond the edge pixel centres as astropy's reproject
+    does, so a tile's weight falls off smoothly at its border. Coordinates are clamped to the
+    border, where every corner but the zeros has weight 0: no bounds test per corner.
+
     ``window`` ``(y0, x0, h, w)``: the planes hold only that window of the ``shape_in`` image
-    (the pixels the coordinates can reach, :func:`_source_window`); coordinates stay those of the
-    whole image, so the result is the same as with every pixel's planes.
+    (the pixels the coordinates can reach, :func:`_source_window`, bordered by zeros too);
+    coordinates stay those of the whole image, so the result is the same as with every pixel's
+    planes.
     """
     h, w = shape_in
-    wy0, wx0, _wh, ww = window if window is not None else (0, 0, h, w)
+    wy0, wx0, wh, ww = window if window is not None else (0, 0, h, w)
     y = y.ravel()
     x = x.ravel()
-    y0f = xp.floor(y)
-    x0f = xp.floor(x)
     if nan_outside:
         inside = (y >= 0) & (y <= h - 1) & (x >= 0) & (x <= w - 1)
-        y0f = xp.clip(y0f, 0, max(h - 2, 0))
-        x0f = xp.clip(x0f, 0, max(w - 2, 0))
+        y0f = xp.clip(xp.floor(y), 0, max(h - 2, 0))
+        x0f = xp.clip(xp.floor(x), 0, max(w - 2, 0))
+        stride = ww
+        # An image one pixel high or wide has no second row or column: its own stands in (weight 0).
+        step_y, step_x = min(h - 1, 1), min(w - 1, 1)
+    else:  # bordered planes: the window's row -1 and column -1 are the border's
+        y = xp.clip(y - (wy0 - 1), 0, wh + 1)
+        x = xp.clip(x - (wx0 - 1), 0, ww + 1)
+        y0f = xp.minimum(xp.floor(y), wh)
+        x0f = xp.minimum(xp.floor(x), ww)
+        wy0 = wx0 = 0
+        stride = ww + 2
+        step_y = step_x = 1
     fy = (y - y0f).astype(xp.float32)
     fx = (x - x0f).astype(xp.float32)
-    y0 = y0f.astype(xp.int64)
-    x0 = x0f.astype(xp.int64)
-    # Clamped corners are always inside an image of at least 2x2 pixels: no bounds test needed.
-    clamped = nan_outside and h >= 2 and w >= 2
-    if clamped:
-        base = (y0 - wy0) * ww + (x0 - wx0)
+    base = (y0f.astype(xp.int64) - wy0) * stride + (x0f.astype(xp.int64) - wx0)
     out = None
     for dy, wy in ((0, 1 - fy), (1, fy)):
-        yy = y0 + dy
         for dx, wx in ((0, 1 - fx), (1, fx)):
             # In place: a fresh product array per corner costs more than the product.
-            if clamped:
-                term = xp.take(planes, base + (dy * ww + dx), axis=1)
-                term *= wy * wx
-            else:
-                xx = x0 + dx
-                ok = (yy >= 0) & (yy < h) & (xx >= 0) & (xx < w)
-                index = xp.where(ok, (yy - wy0) * ww + (xx - wx0), 0)
-                term = xp.take(planes, index, axis=1)
-                term *= wy * wx * ok
+            term = xp.take(planes, base + (dy * step_y * stride + dx * step_x), axis=1)
+            term *= wy * wx
             if out is None:
                 out = term
             else:
@@ -632,6 +639,7 @@ class _CoaddInput:
     """One input of the co-add, ready to gather: its weighted planes (of its source window)."""
 
     planes: object
+    shared_weight: bool  # one weight plane for every channel
     shape_in: tuple
     window: tuple
     mapping: PixelMapping
@@ -647,7 +655,7 @@ def _coadd_input(data, weight, mapping: PixelMapping, xp) -> _CoaddInput | None:
     data = _as_hwc(data[crop], xp)
     weight = xp.ones(data.shape[:2], xp.float32) if weight is None else \
         xp.nan_to_num(xp.asarray(weight[crop], xp.float32), nan=0.0, posinf=0.0, neginf=0.0)
-    return _CoaddInput(_weighted_planes(data, weight, xp), shape_in, window, mapping)
+    return _CoaddInput(*_weighted_planes(data, weight, xp), shape_in, window, mapping)
 
 
 def _accumulate_rows(sums, r0: int, r1: int, source: _CoaddInput, xp) -> None:
@@ -658,7 +666,14 @@ def _accumulate_rows(sums, r0: int, r1: int, source: _CoaddInput, xp) -> None:
         return
     y_in, x_in = mapping_coordinates(mapping, a - mapping.y0, b - mapping.y0, xp)
     sampled = bilinear_gather(source.planes, source.shape_in, y_in, x_in, xp, window=source.window)
-    sums[:, a - r0:b - r0, mapping.x0:mapping.x1] += sampled.reshape(-1, b - a, mapping.x1 - mapping.x0)
+    sampled = sampled.reshape(-1, b - a, mapping.x1 - mapping.x0)
+    rows, cols = slice(a - r0, b - r0), slice(mapping.x0, mapping.x1)
+    n_ch = sums.shape[0] // 2
+    if source.shared_weight:
+        sums[:n_ch, rows, cols] += sampled[:1]
+        sums[n_ch:, rows, cols] += sampled[1:]
+    else:
+        sums[:, rows, cols] += sampled
 
 
 def _coadd_fast(data_list, weights_list, mappings, shape_out, xp, rows_per_chunk):

@@ -806,8 +806,22 @@ def _colour_axis_cards(header: fits.Header) -> None:
     header.set("CD3_3", 1.0, "one plane per pixel along axis 3", after="CD2_2")
 
 
+def _fits_dtype(dtype) -> np.dtype:
+    """Return ``dtype`` in FITS byte order (big-endian) when it is a float; as it is otherwise
+    (astropy writes unsigned integers through BZERO)."""
+    dtype = np.dtype(dtype)
+    return dtype.newbyteorder(">") if dtype.kind == "f" else dtype
+
+
 def _image_hdu(data: np.ndarray, wcs: WCS, header_cards: Any, primary: bool) -> fits.PrimaryHDU:
-    """Return an HDU of ``data`` (2-D or ``(C, H, W)``) with its WCS and provenance cards."""
+    """Return an HDU of ``data`` (2-D or ``(C, H, W)``) with its WCS and provenance cards.
+
+    Float data is copied in FITS byte order (big-endian): astropy writes it as it is, where it
+    would byteswap the caller's array in place and back, two passes and a hazard for any thread
+    reading that array meanwhile (two files written at once from one coverage map failed their
+    checksums).
+    """
+    data = np.ascontiguousarray(data, dtype=_fits_dtype(data.dtype))
     hdu = fits.PrimaryHDU(data) if primary else fits.ImageHDU(data)
     hdu.header.extend(_sky_header(wcs))
     if data.ndim == 3:
@@ -830,13 +844,13 @@ def write_image_fits(path: str | os.PathLike, image_hwc: np.ndarray, wcs: WCS,
     frame (RADESYS, EQUINOX), and every HDU carries CHECKSUM/DATASUM.
     """
     image = as_hwc_float32(image_hwc)
-    planes = np.ascontiguousarray(np.moveaxis(image, -1, 0)).astype(dtype, copy=False)
+    planes = np.ascontiguousarray(np.moveaxis(image, -1, 0), dtype=_fits_dtype(dtype))
     hdus = [_image_hdu(planes, wcs, header_cards, True)]
     if coverage is not None:
         cov = np.asarray(coverage, dtype=np.float32)
         if cov.shape != image.shape[:2]:
             raise ValueError(f"coverage shape {cov.shape} does not match image {image.shape[:2]}")
-        extension = _image_hdu(np.ascontiguousarray(cov), wcs, None, False)
+        extension = _image_hdu(cov, wcs, None, False)
         extension.header["EXTNAME"] = "COVERAGE"
         hdus.append(extension)
     write_fits_atomic(path, fits.HDUList(hdus))
@@ -850,7 +864,7 @@ def write_plane_fits(path: str | os.PathLike, plane_hw: np.ndarray, wcs: WCS,
     The form every peer reads alike: SWarp and Montage take the first plane of a cube and list
     every extension with a WCS as another image, so per-channel and coverage files are plain.
     """
-    plane = np.ascontiguousarray(np.asarray(plane_hw, dtype=dtype))
+    plane = np.ascontiguousarray(plane_hw, dtype=_fits_dtype(dtype))
     if plane.ndim != 2:
         raise ValueError(f"expected a 2-D plane, got shape {plane.shape}")
     write_fits_atomic(path, fits.HDUList([_image_hdu(plane, wcs, header_cards, True)]))

@@ -565,3 +565,22 @@ def test_an_interrupt_right_after_the_temp_file_is_created_leaves_nothing(tmp_pa
         zf.write_text_atomic(tmp_path / "manifest.json", "{}")
     monkeypatch.undo()
     assert list(tmp_path.iterdir()) == []
+
+
+def test_one_array_written_to_several_fits_files_at_once(tmp_path):
+    """The writers never byteswap the caller's array in place: written from four threads at once,
+    every file passes its checksum and holds the array's values, and the array is unchanged."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    from conftest import make_tan_wcs
+
+    plane = np.random.default_rng(3).normal(100, 5, (1500, 1200)).astype(np.float32)
+    before = plane.tobytes()
+    wcs = make_tan_wcs(10.0, 20.0, plane.shape)
+    paths = [tmp_path / f"p{k}.fits" for k in range(4)]
+    with ThreadPoolExecutor(4) as pool:
+        list(pool.map(lambda p: zf.write_plane_fits(p, plane, wcs.deepcopy()), paths))
+    assert plane.tobytes() == before
+    for p in paths:
+        with fits.open(p, checksum=True) as hdul:  # a failed checksum is a warning: errors here
+            np.testing.assert_array_equal(hdul[0].data, plane)

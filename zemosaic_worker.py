@@ -12,7 +12,6 @@ configure where it goes.
 
 from __future__ import annotations
 
-import importlib
 import json
 import logging
 import os
@@ -38,8 +37,8 @@ import zemosaic_solve as zsolve
 from zemosaic_config import MosaicConfig, config_to_dict
 from zemosaic_executor import Cancelled  # noqa: F401  (part of this module's API)
 from zemosaic_utils import (GpuBackendError, block_mean, compute_pixel_mapping, gpu_available,
-                            gpu_unavailable_reason, map_threads, over_channels, reproject_and_coadd,
-                            unit_vectors)
+                            gpu_unavailable_reason, map_threads, optimal_celestial_grid, over_channels,
+                            reproject_and_coadd, unit_vectors)
 
 __version__ = "0.1.0"
 
@@ -727,9 +726,6 @@ def _run_tile_tasks(run, todo, manifest, n_groups: int):
         max(1, zexec.resolve_workers(config.num_processing_workers) // executor.workers)
     for task, _ in todo:
         task.ram_share, task.threads = executor.memory_share, threads
-    # The grid's library takes 0.4 s to import: while tiles are built, this process waits on the
-    # workers, or its threads spend most of their time in NumPy, which leaves the GIL free.
-    threading.Thread(target=importlib.import_module, args=("reproject.mosaicking",), daemon=True).start()
     flag = zexec.CancelFlag(os.path.join(todo[0][0].cache_dir, ".cancel"))
     tiles = []
     try:
@@ -799,11 +795,7 @@ def build_master_tiles(run, records, groups) -> list[MasterTile]:
 
 def mosaic_grid(tiles: list[MasterTile]):
     """Phase 4: the optimal TAN grid over all tiles (auto-rotated); returns ``(wcs, (H, W))``."""
-    from reproject.mosaicking import find_optimal_celestial_wcs
-
-    wcs, shape = find_optimal_celestial_wcs([(t.image.shape[:2], t.wcs) for t in tiles],
-                                            projection="TAN", auto_rotate=True)
-    return wcs, tuple(int(s) for s in shape)
+    return optimal_celestial_grid([(t.image.shape[:2], t.wcs) for t in tiles], auto_rotate=True)
 
 
 # --------------------------------------------------------------------------------------------------

@@ -66,6 +66,29 @@ def test_small_box_reads_only_its_window_with_the_same_result(monkeypatch):
     np.testing.assert_array_equal(windowed[1], whole[1])
 
 
+@pytest.mark.parametrize("case", ["one", "mosaic", "mixed scales", "ra wrap", "near the pole"])
+def test_optimal_grid_is_reprojects(case):
+    """The mosaic grid is astropy reproject's find_optimal_celestial_wcs (auto-rotated TAN): the
+    same shape, and every pixel of it on the same sky position to 1e-8 px."""
+    from reproject.mosaicking import find_optimal_celestial_wcs
+
+    rng = np.random.default_rng(len(case))
+    centres = {"one": [(10.0, 20.0)], "mosaic": [(10.0, 20.0), (10.4, 20.1), (10.1, 20.45), (10.5, 20.5)],
+               "mixed scales": [(150.0, -30.0), (150.3, -29.8), (149.8, -30.2)],
+               "ra wrap": [(359.9, 1.0), (0.15, 1.2)], "near the pole": [(45.0, 89.7), (200.0, 89.6)]}[case]
+    inputs = []
+    for k, (ra, dec) in enumerate(centres):
+        shape = (int(rng.integers(300, 1200)), int(rng.integers(300, 1200)))
+        scale = (2.4 if case != "mixed scales" else 1.5 + k) / 3600.0
+        inputs.append((shape, make_tan_wcs(ra, dec, shape, float(rng.uniform(-180, 180)), scale_deg=scale)))
+    theirs, their_shape = find_optimal_celestial_wcs(inputs, projection="TAN", auto_rotate=True)
+    ours, our_shape = zu.optimal_celestial_grid(inputs)
+    assert our_shape == tuple(their_shape)
+    ys, xs = np.mgrid[0:our_shape[0]:41j, 0:our_shape[1]:37j]
+    x, y = ours.all_world2pix(*theirs.all_pix2world(xs.ravel(), ys.ravel(), 0), 0)
+    assert np.max(np.hypot(x - xs.ravel(), y - ys.ravel())) < 1e-8
+
+
 def test_channels_with_their_own_footprints_coadd_as_they_would_alone():
     """Channels sharing their pixels gather one weight plane; a channel with holes of its own, its
     own weights: either way each channel is what co-adding it alone gives, byte for byte."""

@@ -305,6 +305,11 @@ def _display_image(image_hwc: np.ndarray, wcs: WCS | None, max_size: int | None)
     return image if wcs is None else north_up(image, wcs)
 
 
+def _resolved(wb_gains):
+    """Return the white balance gains, calling ``wb_gains`` first when it is a function."""
+    return wb_gains() if callable(wb_gains) else wb_gains
+
+
 def write_preview_png(path: str | os.PathLike, image_hwc: np.ndarray,
                       max_size: int = 2048, wb_gains: Sequence[float] | None = None,
                       wcs: WCS | None = None) -> None:
@@ -313,10 +318,11 @@ def write_preview_png(path: str | os.PathLike, image_hwc: np.ndarray,
     The image is block-averaged (NaN-aware) by the smallest integer factor that
     fits, turned north up / east left when ``wcs`` (the image's WCS) is given,
     stretched with :func:`stretch_for_display` (white balanced with ``wb_gains``)
-    and written atomically.
+    and written atomically. ``wb_gains`` may be a function that returns the gains: it is called
+    once the image is turned, so that they can be measured meanwhile.
     """
     image = _display_image(image_hwc, wcs, max_size)
-    png = _encode_png(stretch_for_display(image, wb_gains))
+    png = _encode_png(stretch_for_display(image, _resolved(wb_gains)))
     zfits.write_atomic(path, lambda fh: fh.write(png))
 
 
@@ -326,10 +332,12 @@ def write_display_tiff(path: str | os.PathLike, image_hwc: np.ndarray, wcs: WCS 
 
     The product a person edits further (GIMP, Photoshop, Siril): the same stretch as the
     preview, with 65536 levels so further curves do not posterise. Written atomically.
+    ``wb_gains``: as for :func:`write_preview_png`.
     """
     import tifffile  # only the display export needs it
 
-    rgb = stretch_for_display(_display_image(image_hwc, wcs, None), wb_gains, dtype=np.uint16)
+    image = _display_image(image_hwc, wcs, None)
+    rgb = stretch_for_display(image, _resolved(wb_gains), dtype=np.uint16)
     zfits.write_atomic(path, lambda fh: tifffile.imwrite(fh, rgb, photometric="rgb",
                                                     software="ZeMosaic"))
 

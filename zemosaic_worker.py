@@ -21,6 +21,7 @@ import tempfile
 import threading
 import time
 from collections import Counter
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -1045,17 +1046,21 @@ def write_outputs(run, mosaic, coverage, wcs_out, tiles) -> dict:
     out = config.output_folder
     paths = {key: os.path.join(out, name) for key, name in OUTPUT_NAMES.items()}
     cards = _mosaic_cards(config, report, tiles)
-    wb_cards, wb_gains = _white_balance_cards(report, mosaic)
-    # Independent files at once, the longest first (the full-size TIFF): while one compresses or
-    # sums (releasing the GIL), another stretches. astropy's WCS is not thread-safe: copies.
+    # Independent files at once, the longest first (the full-size TIFF), while the white balance
+    # is measured: the display products are turned north up meanwhile, and while one file
+    # compresses or sums (releasing the GIL) another stretches. WCSs are not thread-safe: copies.
     preview_wcs, display_wcs, coverage_wcs = (wcs_out.deepcopy() for _ in range(3))
-    map_threads(lambda write: write(), [
-        lambda: zdisp.write_display_tiff(paths["display"], mosaic, wcs=display_wcs, wb_gains=wb_gains),
-        lambda: zdisp.write_preview_png(paths["preview"], mosaic, wb_gains=wb_gains, wcs=preview_wcs),
-        lambda: zfits.write_image_fits(paths["mosaic"], mosaic, wcs_out, coverage=coverage,
-                                       header_cards=cards + wb_cards),
-        lambda: zfits.write_plane_fits(paths["coverage"], coverage, coverage_wcs, header_cards=[
-            ("BUNIT", "", "sum of weights: frames x tile weight"), *cards[:3]])])
+    with ThreadPoolExecutor(1, thread_name_prefix="white-balance") as pool:
+        balance = pool.submit(_white_balance_cards, report, mosaic)
+        map_threads(lambda write: write(), [
+            lambda: zdisp.write_display_tiff(paths["display"], mosaic, wcs=display_wcs,
+                                             wb_gains=lambda: balance.result()[1]),
+            lambda: zfits.write_plane_fits(paths["coverage"], coverage, coverage_wcs, header_cards=[
+                ("BUNIT", "", "sum of weights: frames x tile weight"), *cards[:3]]),
+            lambda: zdisp.write_preview_png(paths["preview"], mosaic, wcs=preview_wcs,
+                                            wb_gains=lambda: balance.result()[1]),
+            lambda: zfits.write_image_fits(paths["mosaic"], mosaic, wcs_out, coverage=coverage,
+                                           header_cards=cards + balance.result()[0])])
     if config.save_channel_files and mosaic.shape[2] == 3:
         for c, colour in enumerate("RGB"):
             paths[f"channel_{colour}"] = os.path.join(out, CHANNEL_NAME.format(colour))

@@ -38,7 +38,7 @@ from dataclasses import dataclass, replace
 
 import numpy as np
 
-from zemosaic_utils import (block_mean, mad_sigma, map_threads, median_last_axis, nonzero_indices, over_channels,
+from zemosaic_utils import (block_mean, mad_sigma, map_threads, median_last_axis, nonzero_indices,
                             sigma_clipped_stats, sky_level, subsample, to_numpy)
 
 logger = logging.getLogger(__name__)

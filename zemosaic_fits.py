@@ -534,6 +534,10 @@ def _debayer_masked(raw: np.ndarray, key: str) -> np.ndarray:
     return rgb
 
 
+#: Rows of 2x2 cells per band of the debayer.
+_DEBAYER_BAND_CELLS = 64
+
+
 def _debayer_finite(raw: np.ndarray, key: str) -> np.ndarray:
     """The normalised convolution of a mosaic with every sample finite, at least 4x4 pixels.
 
@@ -545,15 +549,18 @@ def _debayer_finite(raw: np.ndarray, key: str) -> np.ndarray:
     h, w = raw.shape
     values, _ = _padded_subgrids(raw, with_validity=False)
     rgb = np.empty((h, w, 3), dtype=np.float32)
-    for py in (0, 1):
-        for px in (0, 1):
-            ny, nx = len(range(py, h, 2)), len(range(px, w, 2))
-            for channel, colour in enumerate("RGB"):
-                total = 0.0
-                for q, window, k in _neighbour_slices(key, py, px, colour, ny, nx):
-                    total = total + k * values[q][window]
-                total *= 0.25
-                rgb[py::2, px::2, channel] = total
+    # Bands of cell rows: each sum's float64 temporaries stay in the CPU caches (2x faster).
+    for r0 in range(0, (h + 1) // 2, _DEBAYER_BAND_CELLS):
+        for py in (0, 1):
+            ny = min(len(range(py, h, 2)), r0 + _DEBAYER_BAND_CELLS) - r0
+            for px in (0, 1):
+                nx = len(range(px, w, 2))
+                for channel, colour in enumerate("RGB"):
+                    total = 0.0
+                    for q, (rows, cols), k in _neighbour_slices(key, py, px, colour, ny, nx):
+                        total = total + k * values[q][rows.start + r0:rows.stop + r0, cols]
+                    total *= 0.25
+                    rgb[2 * r0 + py:2 * (r0 + ny) + py:2, px::2, channel] = total
     last_row, last_col = (h - 3) & ~1, (w - 3) & ~1
     rgb[0] = _debayer_masked(raw[:3], key)[0]
     rgb[-1] = _debayer_masked(raw[last_row:], key)[-1]

@@ -1048,7 +1048,9 @@ def write_outputs(run, mosaic, coverage, wcs_out, tiles) -> dict:
     cards = _mosaic_cards(config, report, tiles)
     # Independent files at once, the longest first (the full-size TIFF), while the white balance
     # is measured: the display products are turned north up meanwhile, and while one file
-    # compresses or sums (releasing the GIL) another stretches. WCSs are not thread-safe: copies.
+    # compresses or sums (releasing the GIL) another stretches. A thread per file: the FITS file
+    # waits for the balance's cards without holding a display product up. WCSs are not
+    # thread-safe: copies.
     preview_wcs, display_wcs, coverage_wcs = (wcs_out.deepcopy() for _ in range(3))
     with ThreadPoolExecutor(1, thread_name_prefix="white-balance") as pool:
         balance = pool.submit(_white_balance_cards, report, mosaic)
@@ -1060,7 +1062,7 @@ def write_outputs(run, mosaic, coverage, wcs_out, tiles) -> dict:
             lambda: zdisp.write_preview_png(paths["preview"], mosaic, wcs=preview_wcs,
                                             wb_gains=lambda: balance.result()[1]),
             lambda: zfits.write_image_fits(paths["mosaic"], mosaic, wcs_out, coverage=coverage,
-                                           header_cards=cards + balance.result()[0])])
+                                           header_cards=cards + balance.result()[0])], threads=4)
     if config.save_channel_files and mosaic.shape[2] == 3:
         for c, colour in enumerate("RGB"):
             paths[f"channel_{colour}"] = os.path.join(out, CHANNEL_NAME.format(colour))

@@ -856,8 +856,11 @@ class AssemblyInputs:
 
     def coadd(self, gains, offsets, label):
         """Co-add ``gain * tile - offset`` (per tile, per channel); returns ``(mosaic, coverage (H,W,C), gpu_all)``."""
-        images = map_threads(lambda k: self.tiles[k].image * np.asarray(gains[k], np.float32)
-                             - np.asarray(offsets[k], np.float32), range(len(self.tiles)))
+        def rows(v, k):  # whole rows: a (C,) operand makes NumPy loop over runs of C values
+            return stk.frame_rows(np.asarray(v)[None], self.tiles[k].image.shape[1], np.float32, np)[0]
+
+        images = map_threads(lambda k: self.tiles[k].image * rows(gains[k], k) - rows(offsets[k], k),
+                             range(len(self.tiles)))
         return coadd_channels(self, images, label)
 
 
@@ -884,7 +887,7 @@ def coadd_channels(inputs: AssemblyInputs, tile_images, label="Assembly"):
             gpu_all = False
     if not gpu_all:
         mosaic, coverage = coadd(False)
-    for c in range(coverage.shape[-1]):
+    for c in range(coverage.shape[-1] if logger.isEnabledFor(logging.DEBUG) else 0):
         logger.debug("%s channel %d gpu=%s cov_stats(min,max)=(%.3g,%.3g)", label, c, gpu_all,
                      float(coverage[..., c].min()), float(coverage[..., c].max()))
     return mosaic, coverage, gpu_all
@@ -1046,11 +1049,9 @@ def write_outputs(run, mosaic, coverage, wcs_out, tiles) -> dict:
     out = config.output_folder
     paths = {key: os.path.join(out, name) for key, name in OUTPUT_NAMES.items()}
     cards = _mosaic_cards(config, report, tiles)
-    # Independent files at once, the longest first (the full-size TIFF), while the white balance
-    # is measured: the display products are turned north up meanwhile, and while one file
-    # compresses or sums (releasing the GIL) another stretches. A thread per file: the FITS file
-    # waits for the balance's cards without holding a display product up. WCSs are not
-    # thread-safe: copies.
+    # A thread per file while the white balance is measured: the display products are turned north
+    # up meanwhile, the FITS file waits for the balance's cards without holding them up, and while
+    # one file compresses or sums (releasing the GIL) another stretches. WCSs: copies (not thread-safe).
     preview_wcs, display_wcs, coverage_wcs = (wcs_out.deepcopy() for _ in range(3))
     with ThreadPoolExecutor(1, thread_name_prefix="white-balance") as pool:
         balance = pool.submit(_white_balance_cards, report, mosaic)

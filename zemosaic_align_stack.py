@@ -141,19 +141,19 @@ def wcs_source_coords(wcs_source, shape_source, wcs_reference, shape_reference, 
 _WARP_BAND_PIXELS = 32_768
 
 
-def warp_image(image, y_src, x_src, xp=np, band_pixels: int = _WARP_BAND_PIXELS):
+def warp_image(image, y_src, x_src, xp=np, band_pixels: int = _WARP_BAND_PIXELS, out=None):
     """Resample an ``(H, W, C)`` image at source coordinates with bilinear interpolation.
 
     One gather per row band serves every channel (:func:`zemosaic_utils.bilinear_gather`, the
     co-add's kernel), with ``map_coordinates``'s ``order=1``/``cval=nan`` edge rules: pixels
     outside the source footprint (and next to source NaN) are NaN — the footprint propagates
     (``propagate_mask=True`` in the seeds' words); zeros there became coloured bands after
-    normalisation.
+    normalisation. ``out``: the ``(H, W, C)`` float32 array to write into (default: a new one).
     """
-    return _warp_bands(image, y_src.shape, lambda r0, r1: (y_src[r0:r1], x_src[r0:r1]), xp, band_pixels)
+    return _warp_bands(image, y_src.shape, lambda r0, r1: (y_src[r0:r1], x_src[r0:r1]), xp, band_pixels, out)
 
 
-def warp_affine(image, matrix: np.ndarray, shape_hw, xp=np, band_pixels: int = _WARP_BAND_PIXELS):
+def warp_affine(image, matrix: np.ndarray, shape_hw, xp=np, band_pixels: int = _WARP_BAND_PIXELS, out=None):
     """Return :func:`warp_image` at :func:`affine_source_coords` of ``matrix`` on a ``shape_hw`` grid.
 
     The same values; the coordinates exist for one band at a time (two float64 frames fewer to
@@ -162,16 +162,17 @@ def warp_affine(image, matrix: np.ndarray, shape_hw, xp=np, band_pixels: int = _
     width = shape_hw[1]
     return _warp_bands(image, shape_hw,
                        lambda r0, r1: affine_source_coords(matrix, (r1 - r0, width), xp, first_row=r0),
-                       xp, band_pixels)
+                       xp, band_pixels, out)
 
 
-def _warp_bands(image, shape_hw, band_coords, xp, band_pixels: int):
-    """Return the ``shape_hw`` warp of ``image``, gathering at ``band_coords(r0, r1)`` band by band."""
+def _warp_bands(image, shape_hw, band_coords, xp, band_pixels: int, out=None):
+    """Return the ``shape_hw`` warp of ``image``, gathering at ``band_coords(r0, r1)`` band by band
+    (into ``out`` when given)."""
     h, w = shape_hw
     n_ch = image.shape[2]
     rows_per_chunk = max(1, band_pixels // w)
     planes = channel_planes(image, xp)
-    out = xp.empty((h, w, n_ch), dtype=xp.float32)
+    out = xp.empty((h, w, n_ch), dtype=xp.float32) if out is None else out
     for r0 in range(0, h, rows_per_chunk):
         r1 = min(h, r0 + rows_per_chunk)
         y, x = band_coords(r0, r1)
@@ -228,24 +229,27 @@ def crop_canvas(stack, canvas: Canvas, wcs_reference, shape_reference, frames):
     return stack[:, dy:dy + h, dx:dx + w], used
 
 
-def place_reference(reference, canvas: Canvas):
-    """Return the reference frame on its canvas (an exact copy, NaN around it)."""
-    if canvas.shape == reference.shape[:2]:
+def place_reference(reference, canvas: Canvas, out=None):
+    """Return the reference frame on its canvas (an exact copy, NaN around it), in ``out`` when given."""
+    if out is None and canvas.shape == reference.shape[:2]:
         return np.asarray(reference, dtype=np.float32)
-    out = np.full(canvas.shape + reference.shape[2:], np.nan, np.float32)
+    if out is None:
+        out = np.empty(canvas.shape + reference.shape[2:], np.float32)
+    out.fill(np.nan)
     oy, ox = canvas.offset
     out[oy:oy + reference.shape[0], ox:ox + reference.shape[1]] = reference
     return out
 
 
 def align_frame(image, reference, method="astroalign", wcs=None, wcs_reference=None,
-                canvas: Canvas | None = None, reference_stars=None):
+                canvas: Canvas | None = None, reference_stars=None, out=None):
     """Return one ``(H, W, C)`` frame resampled onto the reference grid, NaN outside its footprint.
 
     ``method="astroalign"`` matches stars and falls back to the WCS when matching fails and both
     WCSs are given; ``method="wcs"`` uses the WCSs only. ``canvas`` (default: the reference grid)
     is the output grid. ``reference_stars`` (:func:`alignment_stars` of the reference) saves
-    detecting them again for every frame of a group. Raises :class:`AlignmentError`.
+    detecting them again for every frame of a group. ``out``: the canvas-sized float32 array to
+    write into (default: a new one). Raises :class:`AlignmentError`.
     """
     require_choice("method", method, ALIGN_METHODS)
     canvas = canvas or Canvas(reference.shape[:2], (0, 0), wcs_reference)
@@ -260,7 +264,7 @@ def align_frame(image, reference, method="astroalign", wcs=None, wcs_reference=N
         guess = None if guess is None else shift @ guess
         try:
             matrix = find_star_transform(alignment_stars(image), reference_stars, guess)
-            return warp_affine(image, matrix @ shift, canvas.shape)
+            return warp_affine(image, matrix @ shift, canvas.shape, out=out)
         except AlignmentError as exc:
             if not have_wcs:
                 raise
@@ -268,7 +272,7 @@ def align_frame(image, reference, method="astroalign", wcs=None, wcs_reference=N
     if not have_wcs:
         raise AlignmentError("WCS alignment needs the WCS of the frame and of the reference")
     y_src, x_src = wcs_source_coords(wcs, image.shape[:2], canvas.wcs, canvas.shape)
-    return warp_image(image, y_src, x_src)
+    return warp_image(image, y_src, x_src, out=out)
 
 
 def _frame_data(frame):
@@ -307,7 +311,9 @@ def _collect_aligned(attempt, n: int, canvas: Canvas, threads: int, out, on_fram
     """Run ``attempt(i, canvas)`` for frames ``0..n-1``; returns ``(aligned, failed)``.
 
     ``attempt`` returns the aligned frame or the exception that makes it fail. Successes are
-    packed into ``out`` in order when it is given (``aligned`` then holds their slots).
+    packed into ``out`` in order when it is given (``aligned`` then holds their slots); an array
+    ``out`` (a stack in RAM) has frame ``i`` written into ``out[i]`` by ``attempt`` itself, and
+    is only packed when a frame before it failed.
     """
     threads = max(1, threads)
     aligned, failed, n_ok = [None] * n, [], 0
@@ -317,7 +323,11 @@ def _collect_aligned(attempt, n: int, canvas: Canvas, threads: int, out, on_fram
             if isinstance(result, Exception):
                 failed.append((i, str(result)))
             else:
-                if out is not None:
+                if isinstance(out, np.ndarray):
+                    if n_ok != i:  # earlier slots are done: frames arrive in order
+                        out[n_ok] = out[i]
+                    result = n_ok
+                elif out is not None:
                     # The slot, not out[n_ok]: read back from a disk-backed stack, every frame
                     # would be held in memory again.
                     out[n_ok], result = result, n_ok
@@ -369,14 +379,16 @@ def align_images_in_group(images, reference_index, wcs_list=None, method="astroa
 
     def attempt(i, own_canvas):
         """Return frame ``i`` on the canvas, or the exception that makes it fail."""
+        # Straight into a stack in RAM: no frame-sized copy and no fresh frame of memory each.
+        slot = out[i] if isinstance(out, np.ndarray) else None
         if i == reference_index:
-            return place_reference(reference, own_canvas)
+            return place_reference(reference, own_canvas, out=slot)
         try:
             image = _frame_data(images[i])
             if image.shape[2] != reference.shape[2]:
                 raise AlignmentError("channel count differs from the reference frame")
             return align_frame(image, reference, method, wcs_of(i), canvas=own_canvas,
-                               reference_stars=reference_stars)
+                               reference_stars=reference_stars, out=slot)
         except (AlignmentError, *skip) as exc:
             return exc
 

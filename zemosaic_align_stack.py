@@ -475,15 +475,20 @@ def reference_signal_map(stack, gains=None, offsets=None, threads: int = 1) -> n
         frame[..., c] *= g32[0, c]
         frame[..., c] += o32[0, c]
     noise = [sigma_clipped_stats(subsample(frame, _FLOOR_SUBSAMPLE)[..., c])[1] for c in range(n_ch)]
-    # Only the missing samples are read from the other frames (a few per cent at the margins).
+    # Only the missing samples are taken from the other frames (a few per cent at the margins),
+    # ``threads`` frames read at once: corners no frame covers keep every frame in the loop, and
+    # a disk-backed stack reads each of them whole.
     missing = nonzero_indices(~np.isfinite(frame))
-    for i in range(1, n):
+    for first in range(1, n, max(1, threads)):
         if missing[0].size == 0:
             break
-        values = np.asarray(stack[i][missing], np.float32) * g32[i][missing[2]] + o32[i][missing[2]]
-        frame[missing] = values
-        still = ~np.isfinite(values)
-        missing = tuple(index[still] for index in missing)
+        batch = range(first, min(n, first + max(1, threads)))
+        taken = map_threads(lambda i, at=missing: np.asarray(stack[i][at], np.float32), batch, threads)
+        for i, raw in zip(batch, taken):  # in frame order: the first frame with data wins
+            still = ~np.isfinite(frame[missing])
+            pick = tuple(index[still] for index in missing)
+            frame[pick] = raw[still] * g32[i][pick[2]] + o32[i][pick[2]]
+        missing = tuple(index[~np.isfinite(frame[missing])] for index in missing)
     return signal_map(frame, noise, threads=threads)
 
 

@@ -326,3 +326,24 @@ def test_window_extremes_are_scipys_maximum_and_minimum_filters(rng, size):
     plane[10:14, 20:22] = 5.0  # a plateau: ties
     np.testing.assert_array_equal(stk._window_extreme(plane, size, np.maximum), maximum_filter(plane, size))
     np.testing.assert_array_equal(stk._window_extreme(plane, size, np.minimum), minimum_filter(plane, size))
+
+
+def test_reference_gaps_filled_by_the_first_frame_with_data_whatever_the_threads():
+    rng = np.random.default_rng(4)
+    n, h, w = 7, 60, 80
+    stack = rng.normal(1000, 10, (n, h, w, 3)).astype(np.float32)
+    for i in range(n):
+        stack[i, :int(rng.integers(0, 12))] = np.nan
+        stack[i, :, w - 12 + int(rng.integers(0, 12)):] = np.nan
+    stack[2, 30:40, 10:20, 1] = np.nan
+    gains, offsets = 1 + 0.02 * rng.random((n, 3)), rng.random((n, 3))
+    # The definition: normalised frames, each gap of the reference from the first frame with data.
+    normalised = stack * gains[:, None, None, :].astype(np.float32) + offsets[:, None, None, :].astype(np.float32)
+    first = np.argmax(np.isfinite(normalised), axis=0)
+    filled = np.take_along_axis(normalised, first[None], axis=0)[0]
+    noise = [stk.sigma_clipped_stats(stk.subsample(normalised[0], stk._FLOOR_SUBSAMPLE)[..., c])[1]
+             for c in range(3)]
+    expected = stk.signal_map(filled, noise)
+    assert np.isnan(normalised[0]).any() and np.isnan(filled).any()  # gaps, and corners no frame covers
+    for threads in (1, 2, 3):
+        assert stk.reference_signal_map(stack, gains, offsets, threads).tobytes() == expected.tobytes()

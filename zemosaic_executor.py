@@ -61,13 +61,9 @@ def resolve_workers(requested: int) -> int:
 
 #: Largest aligned stack kept in RAM (bytes). A larger one goes to a :class:`DiskStack`, which
 #: the stacking reads a block of rows at a time: from the OS page cache while RAM is plentiful,
-#: at the cost of a few memory copies, so the process stays near 0.5 GB plus the stack's RAM
-#: part however many frames a group has instead of holding the whole stack.
+#: at the cost of a few memory copies (about 1 s for 50 full-size frames), so the process stays
+#: near 0.5 GB however many frames a group has instead of holding the whole stack.
 STACK_RAM_MAX = 2**30
-#: Share of the RAM budget that a disk-backed stack keeps in RAM anyway (its first frames):
-#: copying a frame into the page cache and back costs far more than keeping it (63 ms of a core
-#: to write 25 MB on a 2-core VM), and half the budget keeps a 50-frame group's peak near 1.2 GB.
-DISK_STACK_RAM_SHARE = 0.5
 
 
 def stack_ram_budget() -> int:
@@ -94,14 +90,11 @@ def allocate_stack(shape, cache_dir: str, ram_share: int = 1):
     that share of the RAM budget.
     """
     nbytes = int(np.prod(shape)) * 4
-    budget = stack_ram_budget() // max(1, ram_share)
-    if nbytes <= budget:
+    if nbytes <= stack_ram_budget() // max(1, ram_share):
         return np.empty(shape, np.float32)
     os.makedirs(cache_dir, exist_ok=True)
-    in_ram = int(budget * DISK_STACK_RAM_SHARE) // max(1, nbytes // shape[0])
-    logger.info("Aligned stack of %.1f GB goes to a disk cache in %s (%d of its %d frames kept in RAM)",
-                nbytes / 2**30, cache_dir, in_ram, shape[0])
-    return DiskStack.create(cache_dir, shape, in_ram)
+    logger.info("Aligned stack of %.1f GB goes to a disk cache in %s", nbytes / 2**30, cache_dir)
+    return DiskStack.create(cache_dir, shape)
 
 
 def release_stack(stack) -> None:
@@ -111,20 +104,17 @@ def release_stack(stack) -> None:
 
 
 class _StackFile:
-    """The storage of a :class:`DiskStack`: its first ``len(head)`` frames in RAM, the others in a
-    file, with positional reads and writes under one lock (frames are written by several threads
-    at once)."""
+    """The file of a :class:`DiskStack`: positional reads and writes under one lock (frames are
+    written by several threads at once)."""
 
-    def __init__(self, path: str, shape: tuple, frames_in_ram: int = 0):
+    def __init__(self, path: str, shape: tuple):
         self.path, self.shape = path, tuple(int(v) for v in shape)
-        self.head = np.empty((frames_in_ram,) + self.shape[1:], np.float32)
         self.handle = open(path, "r+b", buffering=0)
         self.lock = threading.Lock()
 
     def row_offset(self, frame: int, row: int) -> int:
-        """Return the file offset of a row of a frame that is not in RAM."""
         _n, h, w, c = self.shape
-        return (((frame - len(self.head)) * h + row) * w * c) * 4
+        return ((frame * h + row) * w * c) * 4
 
     def write(self, offset: int, data: np.ndarray) -> None:
         with self.lock:
@@ -153,22 +143,19 @@ class DiskStack:
 
     The accesses the stacking makes: ``stack[i] = frame`` writes a frame, ``stack[i]`` reads one
     (an array); slices (``stack[:n]``, ``stack[:, y0:y1, x0:x1]``) are views of the same file, and
-    an array of a view (``np.asarray(stack[:, r0:r1])``) reads it. The first frames may be kept in
-    RAM (``frames_in_ram``): the same accesses, without the copies.
+    an array of a view (``np.asarray(stack[:, r0:r1])``) reads it.
     """
 
     def __init__(self, store: _StackFile, frames: range, rows: range, cols: range):
         self._store, self._frames, self._rows, self._cols = store, frames, rows, cols
 
     @classmethod
-    def create(cls, folder: str, shape, frames_in_ram: int = 0) -> "DiskStack":
-        """Return a new stack of ``shape`` in a temporary file of ``folder``, its first
-        ``frames_in_ram`` frames in RAM."""
-        frames_in_ram = min(max(0, int(frames_in_ram)), int(shape[0]))
+    def create(cls, folder: str, shape) -> "DiskStack":
+        """Return a new stack of ``shape`` in a temporary file of ``folder``."""
         handle = tempfile.NamedTemporaryFile(dir=folder, prefix=".stack_", suffix=".tmp", delete=False)
         with handle:
-            handle.truncate((int(shape[0]) - frames_in_ram) * int(np.prod(shape[1:])) * 4)
-        store = _StackFile(handle.name, shape, frames_in_ram)
+            handle.truncate(int(np.prod(shape)) * 4)
+        store = _StackFile(handle.name, shape)
         n, h, w, _c = store.shape
         return cls(store, range(n), range(h), range(w))
 
@@ -211,9 +198,6 @@ class DiskStack:
         if frame.shape != self.shape[1:]:
             raise ValueError(f"frame of shape {frame.shape} for a stack of {self.shape}")
         f = self._frames[index]
-        if f < len(self._store.head):
-            self._store.head[f, self._rows.start:self._rows.stop, self._cols.start:self._cols.stop] = frame
-            return
         full_width = len(self._cols) == self._store.shape[2]
         if full_width:
             self._store.write(self._store.row_offset(f, self._rows.start), frame)
@@ -228,10 +212,6 @@ class DiskStack:
         if rows and len(self._cols):
             buffer = None if full_width else np.empty((rows, self._store.shape[2], self.shape[3]), np.float32)
             for k, f in enumerate(self._frames):
-                if f < len(self._store.head):
-                    out[k] = self._store.head[f, self._rows.start:self._rows.stop,
-                                              self._cols.start:self._cols.stop]
-                    continue
                 offset = self._store.row_offset(f, self._rows.start)
                 if full_width:
                     self._store.read_into(offset, out[k])
@@ -243,7 +223,6 @@ class DiskStack:
     def close(self) -> None:
         """Close and delete the stack's file (every view of it becomes unusable)."""
         store = self._store
-        store.head = store.head[:0]  # the RAM part goes too
         if not store.handle.closed:
             store.handle.close()
         try:

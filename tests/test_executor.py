@@ -1,7 +1,6 @@
 """Tile tasks on every executor: in-process, a local process pool, a Dask cluster — same mosaic."""
 
 import logging
-import os
 import threading
 import time
 
@@ -91,19 +90,14 @@ def test_stacks_share_the_ram_budget_between_parallel_tiles(tmp_path, monkeypatc
     in_ram = zexec.allocate_stack((10, 10, 10, 3), str(tmp_path), ram_share=1)
     on_disk = zexec.allocate_stack((10, 10, 10, 3), str(tmp_path), ram_share=2)
     assert isinstance(in_ram, np.ndarray) and isinstance(on_disk, zexec.DiskStack)
-    # Half its share of the budget (6 000 bytes) stays in RAM: two 1 200-byte frames of ten.
-    assert len(on_disk._store.head) == int(6000 * zexec.DISK_STACK_RAM_SHARE) // 1200 == 2
     zexec.release_stack(on_disk[:, 2:5])  # a view releases the file too
     assert not list(tmp_path.iterdir())
 
 
-@pytest.mark.parametrize("frames_in_ram", [0, 2, 5])
-def test_disk_stack_reads_back_what_was_written_through_any_view(tmp_path, frames_in_ram):
+def test_disk_stack_reads_back_what_was_written_through_any_view(tmp_path):
     rng = np.random.default_rng(1)
     truth = rng.normal(size=(5, 7, 9, 3)).astype(np.float32)
-    stack = zexec.DiskStack.create(str(tmp_path), truth.shape, frames_in_ram)
-    file_frames = os.path.getsize(stack._store.path) // truth[0].nbytes
-    assert file_frames == 5 - frames_in_ram  # the frames kept in RAM take no room in the file
+    stack = zexec.DiskStack.create(str(tmp_path), truth.shape)
     for i in range(5):
         stack[i] = truth[i]
     assert np.array_equal(np.asarray(stack), truth) and np.array_equal(stack[-1], truth[-1])

@@ -8,6 +8,7 @@ Files are written atomically (:func:`zemosaic_fits.write_atomic`).
 
 from __future__ import annotations
 
+import functools
 import math
 import os
 import struct
@@ -97,19 +98,27 @@ class _DisplayCurve:
         return ((image - self.sky) * self.gains + self.grey).astype(np.float32)
 
     def apply(self, band: np.ndarray) -> np.ndarray:
-        """Return a band of rows stretched to float32 ``(h, W, 3)`` in [0, 1]."""
-        scaled = np.clip((self.balanced(band) - self.black) / (self.white - self.black), 0.0, None)
-        level = over_channels(np.add, scaled) / np.float32(scaled.shape[2])  # = mean(axis=2)
+        """Return a band of rows stretched to float32 ``(h, W, 3)`` in [0, 1].
+
+        Computed on channel planes: the same values as on the ``(h, W, C)`` band, where NumPy
+        would loop over runs of C values for every operand broadcast along the channels.
+        """
+        planes = [band[..., c] for c in range(band.shape[2])]
+        if self.sky is not None:
+            planes = [((p - self.sky[c]) * self.gains[c] + self.grey).astype(np.float32) for c, p in enumerate(planes)]
+        scaled = [np.clip((p - self.black) / (self.white - self.black), 0.0, None) for p in planes]
+        level = functools.reduce(np.add, scaled) / np.float32(len(scaled))  # = mean over channels
         with np.errstate(invalid="ignore", divide="ignore"):
             gain = np.where(level > 0, np.arcsinh(self.beta * level) / (math.asinh(self.beta) * level), 0.0)
-            stretched = scaled * gain[:, :, np.newaxis]
+            stretched = [p * gain for p in scaled]
             # A channel above 1 would clip and shift the hue: scale the pixel down instead.
-            peak = over_channels(np.maximum, stretched)[:, :, np.newaxis]
-            stretched = np.where(peak > 1.0, stretched / peak, stretched)
-        stretched = np.nan_to_num(stretched, nan=0.0, posinf=0.0, neginf=0.0)
-        if stretched.shape[2] == 1:
-            stretched = np.repeat(stretched, 3, axis=2)
-        return np.clip(stretched, 0.0, 1.0).astype(np.float32)
+            peak = functools.reduce(np.maximum, stretched)
+            stretched = [np.where(peak > 1.0, p / peak, p) for p in stretched]
+        out = np.empty(band.shape[:2] + (3,), np.float32)
+        for c in range(3):  # mono is replicated to RGB
+            p = np.nan_to_num(stretched[min(c, len(stretched) - 1)], nan=0.0, posinf=0.0, neginf=0.0)
+            out[..., c] = np.clip(p, 0.0, 1.0)
+        return out
 
 
 def _display_curve(image: np.ndarray, wb_gains: Sequence[float] | None) -> _DisplayCurve | None:

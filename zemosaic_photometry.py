@@ -670,31 +670,30 @@ def _overlapping_pairs(low: LowResTiles, min_pixels: int = _MIN_OVERLAP):
                 yield i, j, both
 
 
-def _smooth_nan(image2d, sigma, smoothed_valid=None):
-    """Gaussian smoothing that ignores NaN (normalised convolution); NaN stays NaN.
+def _smooth_nan(image2d, sigma):
+    """Gaussian smoothing that ignores NaN (normalised convolution); NaN stays NaN."""
+    return _smooth_nan_planes([image2d], sigma)[0]
 
-    ``smoothed_valid``: the same Gaussian of ``isfinite(image2d)``, when the caller has it (the
-    channels of an image share their footprint: one filter instead of one per channel).
+
+def _smooth_nan_planes(planes, sigma) -> list:
+    """Return :func:`_smooth_nan` of every plane, their Gaussians computed at once on every core.
+
+    Planes with the same pixels of data (the channels of an image) share one Gaussian of that
+    footprint instead of one each.
     """
     from scipy.ndimage import gaussian_filter
 
     if sigma <= 0:
-        return image2d
-    valid = np.isfinite(image2d)
-    num = gaussian_filter(np.where(valid, image2d, 0.0), sigma)
-    den = gaussian_filter(valid.astype(np.float64), sigma) if smoothed_valid is None else smoothed_valid
+        return list(planes)
+    valid = [np.isfinite(p) for p in planes]
+    footprint = [0 if k and np.array_equal(v, valid[0]) else k for k, v in enumerate(valid)]
+    inputs = [np.where(v, p, 0.0) for p, v in zip(planes, valid)] + \
+        [valid[k].astype(np.float64) for k in sorted(set(footprint))]
+    smoothed = map_threads(lambda a: gaussian_filter(a, sigma), inputs)
+    dens = dict(zip(sorted(set(footprint)), smoothed[len(planes):]))
     with np.errstate(invalid="ignore", divide="ignore"):
-        return np.where(valid & (den > 0.05), num / den, np.nan)
-
-
-def _shared_smoothed_footprint(image_hwc, sigma):
-    """Return the Gaussian of the finite pixels shared by every channel, or None if they differ."""
-    from scipy.ndimage import gaussian_filter
-
-    valid = np.isfinite(image_hwc[..., 0])
-    if any(not np.array_equal(valid, np.isfinite(image_hwc[..., c])) for c in range(1, image_hwc.shape[-1])):
-        return None
-    return gaussian_filter(valid.astype(np.float64), sigma)
+        return [np.where(v & (dens[f] > 0.05), num / dens[f], np.nan)
+                for v, num, f in zip(valid, smoothed[:len(planes)], footprint)]
 
 
 def _pair_offsets(low: LowResTiles, gains):
@@ -1148,10 +1147,10 @@ def white_balance(image_hwc, star_kappa: float = 20.0, smooth_px: float = 8.0,
     # the nebula in its colour (36 ADU too high in R on the demo mosaic) and tints the sky.
     sky = np.array([sky_level(subsample(sample[:, c], 200_000)) for c in range(n_ch)])
     noise = np.array([sigma_clipped_stats(sample[:, c])[1] for c in range(n_ch)])
-    footprint = _shared_smoothed_footprint(image, smooth_px)
     # Channel planes throughout: an (H, W, C) float64 detail image cost more to interleave and
     # compare over its short channel axis than the smoothing itself.
-    detail = map_threads(lambda c: image[..., c] - _smooth_nan(image[..., c], smooth_px, footprint), range(n_ch))
+    detail = [image[..., c] - smooth
+              for c, smooth in enumerate(_smooth_nan_planes([image[..., c] for c in range(n_ch)], smooth_px))]
     with np.errstate(invalid="ignore"):
         stars = functools.reduce(np.logical_and, [
             (detail[c] > star_kappa * noise[c]) & (image[..., c] < 0.8 * np.nanmax(image[..., c]))

@@ -446,7 +446,8 @@ def photometric_gain(frame, reference, xp=np, stars: ReferenceStars | None = Non
     """
     n_ch = frame.shape[-1]
     f_sub, r_sub = subsample(frame, _SAMPLE), subsample(reference, _SAMPLE)
-    joint = xp.all(xp.isfinite(f_sub) & xp.isfinite(r_sub), axis=-1)
+    joint = functools.reduce(xp.logical_and, [xp.isfinite(f_sub[..., c]) & xp.isfinite(r_sub[..., c])
+                                               for c in range(n_ch)])  # not all(axis=-1): 3-wide runs
     f, r = f_sub[joint], r_sub[joint]
     if f.shape[0] < 100:
         return None, "fewer than 100 jointly valid pixels"

@@ -517,6 +517,7 @@ def _neighbour_slices(key: str, py: int, px: int, colour: str, ny: int, nx: int)
 def _debayer_masked(raw: np.ndarray, key: str) -> np.ndarray:
     """The normalised convolution with NaN samples and the frame edges left out (any size)."""
     h, w = raw.shape
+    # float64 keeps sum(w * v) / sum(w) bit-exact for float32 / 16-bit input.
     values, valid = _padded_subgrids(raw)
     rgb = np.empty((h, w, 3), dtype=np.float32)
     for py in (0, 1):

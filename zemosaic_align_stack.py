@@ -8,7 +8,9 @@ Normalisation (``linear_fit``) measures each frame's gain on the signal — aper
 reference's bright unsaturated stars at the same aligned positions — as a weighted ratio of sums,
 grey unless the channels are precise and really differ; offsets match the sky per channel.
 Rejection tests each sample against the median and the spread of the *other* samples of its
-pixel, never less than its frame's noise, so that it works with 3-10 frames.
+pixel, never less than its frame's noise, so that it works with 3-10 frames, nor less than the
+spread expected near the stars of the consensus of all frames (their per-pixel median), which no
+single frame's trail can enter.
 
 Conventions: images are float32 ``(H, W, C)``; a stack is ``(N, H, W, C)``; NaN means "no data"
 and is never turned into a number before stacking. Every statistic is NaN-aware.
@@ -458,42 +460,6 @@ def frame_noise_sigmas(stack, gains=None, xp=np, n_max: int = 120_000, threads: 
     return sigmas
 
 
-def reference_signal_map(stack, gains=None, offsets=None, threads: int = 1) -> np.ndarray:
-    """Return the :func:`signal_map` of the stack's first frame (the reference), normalised.
-
-    Where the reference has no data, the first other frame that has some stands in (a region seen
-    only by other frames has stars too). The noise is the reference's clipped sigma, measured on a
-    subsample of its valid pixels. ``threads``: see :func:`signal_map`.
-    """
-    n, n_ch = stack.shape[0], stack.shape[-1]
-    g = np.ones((n, n_ch)) if gains is None else np.asarray(gains, np.float64)
-    o = np.zeros((n, n_ch)) if offsets is None else np.asarray(offsets, np.float64)
-
-    g32, o32 = g.astype(np.float32), o.astype(np.float32)
-    frame = np.array(stack[0], np.float32)
-    for c in range(n_ch):  # channel by channel: see frame_rows
-        frame[..., c] *= g32[0, c]
-        frame[..., c] += o32[0, c]
-    noise = [sigma_clipped_stats(subsample(frame, _FLOOR_SUBSAMPLE)[..., c])[1] for c in range(n_ch)]
-    # Only the missing samples are taken from the other frames (a few per cent at the margins),
-    # ``threads`` frames read at once: corners no frame covers keep every frame in the loop, and
-    # a disk-backed stack reads each of them whole.
-    # Flat indices: a gather through three index arrays costs several times one through one.
-    flat = frame.reshape(-1)
-    missing = np.flatnonzero(~np.isfinite(flat))
-    for first in range(1, n, max(1, threads)):
-        if missing.size == 0:
-            break
-        batch = range(first, min(n, first + max(1, threads)))
-        taken = map_threads(lambda i, at=missing: np.asarray(stack[i], np.float32).reshape(-1)[at], batch, threads)
-        for i, raw in zip(batch, taken):  # in frame order: the first frame with data wins
-            found = np.flatnonzero(~np.isfinite(flat[missing]) & np.isfinite(raw))
-            at, channel = missing[found], missing[found] % n_ch
-            flat[at] = raw[found] * g32[i][channel] + o32[i][channel]
-        missing = missing[~np.isfinite(flat[missing])]
-    return signal_map(frame, noise, threads=threads)
-
-
 def noise_variance_weights(stack, gains=None, xp=np, sigmas=None):
     """Return ``(N, C)`` weights ``1 / sigma^2`` of the normalised frames, the best frame = 1 per channel.
 
@@ -724,7 +690,7 @@ def _combine(block, keep, weights, combine, xp, finite=False):
     return xp.where(wsum > 0, num / xp.where(wsum > 0, wsum, 1), xp.nan)
 
 
-def _winsorized_round(values, keep, params, xp, masked, floor=None):
+def _winsorized_round(values, keep, params, xp, masked, floor=None, stats=None):
     """One round of winsorized sigma clipping; returns the new keep mask.
 
     The kept samples are winsorized at their quantiles; the centre is their median. Each sample is
@@ -732,13 +698,15 @@ def _winsorized_round(values, keep, params, xp, masked, floor=None):
     Gaussian noise and raised to ``floor``, the noise of its frame (:func:`_clip_test`).
     ``masked`` says whether ``values`` must first be masked with ``keep`` (False only on a first
     round, where ``keep`` is just "finite" and an all-finite block can take the plain quantile path).
+    ``stats``: the first round's :class:`PixelStats` of the block, already measured (no sort).
     """
     current = xp.where(keep, values, xp.nan) if masked else values
     has_nonfinite = masked or not bool(xp.all(keep))
-    sorted_block, n_valid = _sort_and_count(current, xp, has_nonfinite)
-    low = sorted_quantile(sorted_block, n_valid, params.winsor_limits[0], xp)
-    high = sorted_quantile(sorted_block, n_valid, 1.0 - params.winsor_limits[1], xp)
-    centre = sorted_quantile(sorted_block, n_valid, 0.5, xp)
+    if stats is not None:
+        centre, low, high = stats.centre, stats.low, stats.high
+        n_valid = stats.n_valid if has_nonfinite else int(values.shape[0])
+    else:
+        centre, low, high, n_valid = _sorted_statistics(current, params, xp, has_nonfinite)
 
     def deviations(column):
         """Winsorized deviations from the centre, for the pixels of ``column`` (None: all)."""
@@ -751,16 +719,15 @@ def _winsorized_round(values, keep, params, xp, masked, floor=None):
     return _clip_test(values, keep, centre, deviations, n_valid, scale, floor, params, xp)
 
 
-def _kappa_sigma_round(values, keep, params, xp, masked=True, floor=None):
+def _kappa_sigma_round(values, keep, params, xp, masked=True, floor=None, stats=None):
     """One round of kappa-sigma clipping around the median of the kept samples.
 
     Each sample is tested against the standard deviation of the other kept samples, raised to the
-    noise of its frame ``floor`` (:func:`_clip_test`).
+    noise of its frame ``floor`` (:func:`_clip_test`). ``stats``: see :func:`_winsorized_round`.
     """
     current = xp.where(keep, values, xp.nan)
-    srt = sort_frames(current, xp)
     n_kept = xp.sum(keep, axis=0)
-    centre = sorted_quantile(srt, n_kept, 0.5, xp)
+    centre = sorted_quantile(sort_frames(current, xp), n_kept, 0.5, xp) if stats is None else stats.centre
 
     def deviations(column):
         """Deviations of the kept samples from the centre, for the pixels of ``column`` (None: all)."""
@@ -771,17 +738,18 @@ def _kappa_sigma_round(values, keep, params, xp, masked=True, floor=None):
     return _clip_test(values, keep, centre, deviations, n_kept, 1.0, floor, params, xp)
 
 
-def _iterative_keep(block, params, xp, one_round, floor=None, valid=None):
+def _iterative_keep(block, params, xp, one_round, floor=None, valid=None, stats=None):
     """Return the keep mask after rounds of ``one_round`` until no pixel changes (or the cap).
 
     Repeating the clip on the survivors matters: two outliers in one pixel (a trail crossing a hot
     pixel) inflate the first round's sigma enough to hide the smaller one. Only pixels whose mask
     changed in the previous round are recomputed — the others would give the same answer — so
     later rounds cost a tiny fraction of the first. ``floor`` is the :class:`NoiseFloor` of the
-    block (:func:`_noise_floor`), or None; ``valid`` its finite mask, when the caller has it.
+    block (:func:`_noise_floor`), or None; ``valid`` its finite mask, when the caller has it;
+    ``stats`` its :class:`PixelStats`, when already measured (the first round then sorts nothing).
     """
     keep = xp.isfinite(block) if valid is None else valid
-    new_keep = one_round(block, keep, params, xp, masked=False, floor=floor)
+    new_keep = one_round(block, keep, params, xp, masked=False, floor=floor, stats=stats)
     active = nonzero_indices(xp.any(new_keep != keep, axis=0), xp)
     keep = new_keep
     for _ in range(params.max_iterations - 1):
@@ -847,7 +815,7 @@ def _window_extreme(plane, size: int, op):
 
 
 def signal_map(frame, noise, radius: int = SIGNAL_RADIUS_PX, threads: int = 1) -> np.ndarray:
-    """Return ``(H, W, C)`` float32: the local contrast around each pixel, from the reference.
+    """Return ``(H, W, C)`` float32: the local contrast around each pixel of ``frame``.
 
     The contrast is the range (maximum minus minimum) of the 3x3-smoothed ``frame`` within
     ``radius`` pixels, lowered by twice the ``(C,)`` noise sigma, the range smoothed noise alone
@@ -902,44 +870,102 @@ def frame_rows(per_frame, width: int, dtype, xp):
     return xp.ascontiguousarray(xp.broadcast_to(values, (n, 1, width, c)))
 
 
-def stack_block(block, weights, params: StackParams, xp=np, noise_sigmas=None, signal=None):
+@dataclass(frozen=True)
+class PixelStats:
+    """Per-pixel statistics of all the valid samples of a stack (or block), from one sort.
+
+    ``centre`` is their median, ``low``/``high`` their winsor quantiles (None unless the rejection
+    is winsorized), ``n_valid`` their count, each ``(..., h, W, C)``. They serve the first round of
+    rejection and the consensus the rejection protects (:func:`consensus_signal_map`).
+    """
+
+    centre: object
+    low: object = None
+    high: object = None
+    n_valid: object = None
+
+    def part(self, index, convert=lambda a: a) -> "PixelStats":
+        """Return the statistics of ``arr[index]`` for each array, passed through ``convert``."""
+        return PixelStats(*(None if a is None else convert(a[index])
+                            for a in (self.centre, self.low, self.high, self.n_valid)))
+
+
+def _sorted_statistics(block, params: StackParams, xp, has_nonfinite=None):
+    """Return ``(centre, low, high, n_valid)`` of a block's valid samples along axis 0 (one sort).
+
+    ``low``/``high`` are None unless ``params`` is winsorized; ``n_valid`` is an int when every
+    sample is valid.
+    """
+    sorted_block, n_valid = _sort_and_count(block, xp, has_nonfinite)
+    centre = sorted_quantile(sorted_block, n_valid, 0.5, xp)
+    if params.rejection != "winsorized_sigma_clip":
+        return centre, None, None, n_valid
+    low = sorted_quantile(sorted_block, n_valid, params.winsor_limits[0], xp)
+    high = sorted_quantile(sorted_block, n_valid, 1.0 - params.winsor_limits[1], xp)
+    return centre, low, high, n_valid
+
+
+def _covered_column_spans(valid, xp):
+    """Return ``(before, covered, after)`` column slices of a block, or None.
+
+    Dithered frames leave NaN margins in every row of a block, which would send the whole block
+    down the per-pixel-count quantile path (a gather per quantile, ~1.5x slower). Pixels are
+    independent: the one run of columns every frame covers takes the plain path. None when no
+    column, or every column, is covered.
+    """
+    full = xp.nonzero(over_channels(operator.and_, xp.all(valid, axis=(0, 1))))[0]
+    if not full.size:
+        return None
+    a, b = int(full[0]), int(full[-1]) + 1
+    if b - a != full.size or b - a == valid.shape[2]:
+        return None
+    return slice(0, a), slice(a, b), slice(b, None)
+
+
+def block_statistics(block, params: StackParams, xp=np) -> PixelStats:
+    """Return the :class:`PixelStats` of an ``(N, h, W, C)`` block, ``n_valid`` as an array."""
+    valid = xp.isfinite(block)
+    spans = _covered_column_spans(valid, xp) or (slice(None),)
+    shape = block.shape[1:]
+    out = [xp.empty(shape, block.dtype) for _ in range(3)] + [xp.empty(shape, xp.int32)]
+    for cols in spans:
+        part = block[:, :, cols]
+        if not part.shape[2]:
+            continue
+        found = _sorted_statistics(part, params, xp, not bool(xp.all(valid[:, :, cols])))
+        for target, value in zip(out, found):
+            target[:, cols] = value
+    return PixelStats(out[0], *(out[1:3] if params.rejection == "winsorized_sigma_clip" else (None, None)),
+                      out[3])
+
+
+def stack_block(block, weights, params: StackParams, xp=np, noise_sigmas=None, signal=None, stats=None):
     """Reject and combine one ``(N, h, W, C)`` block; returns ``(image (h, W, C), coverage (h, W))``.
 
     ``weights`` is ``(N, C)`` (per frame and channel) or None. ``noise_sigmas`` ``(N, C)`` is each
     frame's noise sigma in the block's units (:func:`frame_noise_sigmas`): the least spread a sample
     is tested against, which makes rejection work with 3-10 frames; ``signal``, the block's rows of
-    the :func:`signal_map`, adds the spread expected near stars (:class:`NoiseFloor`), so their
-    cores and wings are not clipped. Pixels with fewer than three
-    valid samples are the combination of what they have (no rejection); no valid sample gives NaN.
-    Coverage counts the frames valid in every channel.
+    the :func:`consensus_signal_map`, adds the spread expected near stars (:class:`NoiseFloor`), so
+    their cores and wings are not clipped. ``stats``: the block's :class:`PixelStats`, when already
+    measured. Pixels with fewer than three valid samples are the combination of what they have (no
+    rejection); no valid sample gives NaN. Coverage counts the frames valid in every channel.
     """
     valid = xp.isfinite(block)
-    if params.rejection != "none":
-        # Dithered frames leave NaN margins in every row of a block, which would send the whole
-        # block down the per-pixel-count quantile path (a gather per quantile, ~1.5x slower).
-        # Pixels are independent: the columns every frame covers take the plain path.
-        full = xp.nonzero(over_channels(operator.and_, xp.all(valid, axis=(0, 1))))[0]
-        if full.size:
-            a, b = int(full[0]), int(full[-1]) + 1
-            if b - a == full.size and b - a < block.shape[2]:  # one run of covered columns
-                return _stack_column_spans(block, valid, (slice(0, a), slice(a, b), slice(b, None)),
-                                           weights, params, xp, noise_sigmas, signal)
-    return _stack_columns(block, valid, weights, params, xp, noise_sigmas, signal)
-
-
-def _stack_column_spans(block, valid, spans, weights, params, xp, noise_sigmas, signal):
-    """Return :func:`stack_block` of a block computed on each span of columns separately."""
+    spans = _covered_column_spans(valid, xp) if params.rejection != "none" else None
+    if spans is None:
+        return _stack_columns(block, valid, weights, params, xp, noise_sigmas, signal, stats)
     image = xp.empty(block.shape[1:], xp.float32)
     coverage = xp.empty(block.shape[1:3], xp.float32)
     for cols in spans:
-        part = None if signal is None else signal[:, cols]
         if block[:, :, cols].shape[2]:
             image[:, cols], coverage[:, cols] = _stack_columns(
-                block[:, :, cols], valid[:, :, cols], weights, params, xp, noise_sigmas, part)
+                block[:, :, cols], valid[:, :, cols], weights, params, xp, noise_sigmas,
+                None if signal is None else signal[:, cols],
+                None if stats is None else stats.part((slice(None), cols)))
     return image, coverage
 
 
-def _stack_columns(block, valid, weights, params, xp, noise_sigmas, signal):
+def _stack_columns(block, valid, weights, params, xp, noise_sigmas, signal, stats=None):
     """Return :func:`stack_block` of one block (``valid``: its finite mask), every column on the same path."""
     n = block.shape[0]
     w = frame_rows(np.ones((n, block.shape[-1])) if weights is None else weights, block.shape[2], block.dtype, xp)
@@ -948,9 +974,9 @@ def _stack_columns(block, valid, weights, params, xp, noise_sigmas, signal):
     # The rounds only ever drop samples of pixels with three or more kept (the first round takes
     # the mask as its own: it is not needed after them).
     if params.rejection == "winsorized_sigma_clip":
-        keep = _iterative_keep(block, params, xp, _winsorized_round, floor, valid)
+        keep = _iterative_keep(block, params, xp, _winsorized_round, floor, valid, stats)
     elif params.rejection == "kappa_sigma":
-        keep = _iterative_keep(block, params, xp, _kappa_sigma_round, floor, valid)
+        keep = _iterative_keep(block, params, xp, _kappa_sigma_round, floor, valid, stats)
     else:
         keep = valid
     image = _combine(block, keep, w, params.combine, xp, finite=bool(xp.all(valid)))
@@ -986,41 +1012,96 @@ def stack_in_chunks(stack, gains, offsets, weights, params: StackParams, xp=np,
     rows depend on nothing else, so the result is the same for any number). ``progress(done_rows,
     total)`` is called after each chunk, in order, in the calling thread.
     Returns host float32 ``(image (H, W, C), coverage (H, W))``.
+
+    With rejection, a first pass over the chunks measures every pixel's :class:`PixelStats`: the
+    consensus of all frames, whose stars the rejection protects (:func:`consensus_signal_map`), and
+    the statistics of the first rejection round, which the second pass then does not sort again.
     """
-    signal = None
-    if params.rejection != "none":
-        if noise_sigmas is None:
-            noise_sigmas = frame_noise_sigmas(stack, gains, n_max=_FLOOR_SUBSAMPLE)
-        signal = reference_signal_map(stack, gains, offsets, threads)
     to_device = to_device or (lambda a: a)
     to_host = to_host or (lambda a: a)
     n, h, w, c = stack.shape
     rows = rows_per_chunk or rows_for_budget(n, w, c, budget_bytes)
-    image = np.empty((h, w, c), np.float32)
-    coverage = np.empty((h, w), np.float32)
     g = None if gains is None else frame_rows(np.asarray(gains), w, xp.float32, xp)
     o = None if offsets is None else frame_rows(np.asarray(offsets), w, xp.float32, xp)
 
-    def chunk(r0):
-        r1 = min(h, r0 + rows)
+    def normalised(r0, r1):
         raw = np.asarray(stack[:, r0:r1], dtype=np.float32)
         if g is None or xp is not np:  # on the CPU the normalisation below makes the copy
             raw = np.ascontiguousarray(raw)
         block = to_device(raw)
-        if g is not None:
-            block = block * g + o  # NaN stays NaN
-        img, cov = stack_block(block, weights, params, xp, noise_sigmas,
-                               None if signal is None else to_device(signal[r0:r1]))
+        return block if g is None else block * g + o  # NaN stays NaN
+
+    stats = signal = None
+    if params.rejection != "none":
+        if noise_sigmas is None:
+            noise_sigmas = frame_noise_sigmas(stack, gains, n_max=_FLOOR_SUBSAMPLE)
+        stats = _stack_statistics(normalised, (h, w, c), rows, params, xp, to_host, threads)
+        signal = consensus_signal_map(stats, threads)
+    image = np.empty((h, w, c), np.float32)
+    coverage = np.empty((h, w), np.float32)
+
+    def chunk(r0, r1):
+        img, cov = stack_block(normalised(r0, r1), weights, params, xp, noise_sigmas,
+                               None if signal is None else to_device(signal[r0:r1]),
+                               None if stats is None else stats.part(slice(r0, r1), to_device))
         image[r0:r1], coverage[r0:r1] = to_host(img), to_host(cov)
+
+    _over_row_chunks(chunk, h, rows, xp, threads, progress)
+    return image, coverage
+
+
+def _over_row_chunks(fn, h: int, rows: int, xp, threads: int, progress=None) -> None:
+    """Run ``fn(r0, r1)`` on every chunk of ``rows`` rows of ``h``, ``threads`` at once on the CPU.
+
+    ``progress(r1, h)`` is called after each chunk, in order, in the calling thread. A device keeps
+    its context per thread: GPU chunks stay in the calling thread.
+    """
+    def run(r0):
+        r1 = min(h, r0 + rows)
+        fn(r0, r1)
         return r1
 
-    # A device keeps its context per thread: GPU chunks stay in the calling thread.
     with ThreadPoolExecutor(max(1, threads), thread_name_prefix="stack") as pool:
-        starts = range(0, h, rows)
-        for r1 in (pool.map if xp is np and threads > 1 else map)(chunk, starts):
+        for r1 in (pool.map if xp is np and threads > 1 else map)(run, range(0, h, rows)):
             if progress is not None:
                 progress(r1, h)
-    return image, coverage
+
+
+def _stack_statistics(normalised, shape, rows: int, params: StackParams, xp, to_host, threads: int) -> PixelStats:
+    """Return the host :class:`PixelStats` of the normalised stack, ``normalised(r0, r1)`` a chunk at a time."""
+    winsorized = params.rejection == "winsorized_sigma_clip"
+    out = PixelStats(np.empty(shape, np.float32), *(np.empty(shape, np.float32) if winsorized else None
+                                                    for _ in range(2)), np.empty(shape, np.int32))
+
+    def chunk(r0, r1):
+        found = block_statistics(normalised(r0, r1), params, xp)
+        for target, value in zip((out.centre, out.low, out.high, out.n_valid),
+                                 (found.centre, found.low, found.high, found.n_valid)):
+            if target is not None:
+                target[r0:r1] = to_host(value)
+
+    _over_row_chunks(chunk, shape[0], rows, xp, threads)
+    return out
+
+
+#: Samples a pixel needs for its median to be a consensus that one frame cannot decide.
+_CONSENSUS_MIN_FRAMES = 3
+
+
+def consensus_signal_map(stats: PixelStats, threads: int = 1) -> np.ndarray:
+    """Return the :func:`signal_map` of the per-pixel median of all frames, what rejection protects.
+
+    A star is in most frames and so in their median; a satellite trail, a plane or a cosmic ray
+    in one frame is not: one sample cannot move the median of three or more past the others. Any
+    one frame's contrast (the reference's, say) would make its own trail "signal" and protect it.
+    Pixels with fewer than :data:`_CONSENSUS_MIN_FRAMES` samples (not rejected anyway) count as no
+    data, so a two-frame pixel's trail does not raise its neighbours' floor. The noise is the
+    median image's own clipped sigma. ``threads``: see :func:`signal_map`.
+    """
+    median = np.where(stats.n_valid >= _CONSENSUS_MIN_FRAMES, stats.centre, np.float32(np.nan))
+    sample = subsample(median, _FLOOR_SUBSAMPLE)
+    noise = [sigma_clipped_stats(sample[..., c])[1] for c in range(median.shape[-1])]
+    return signal_map(median, noise, threads=threads)
 
 
 def stack_winsorized_sigma_clip(frames, weights=None, kappa_low=3.0, kappa_high=3.0,

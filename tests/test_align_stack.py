@@ -34,7 +34,7 @@ def _slow_winsorized(stack, weights, kl, kh, limits, combine, noise, signal):
 
     Each round: centre = median of the kept samples; every sample is tested against the winsorized
     standard deviation (ddof=1, unbiased for Gaussian noise) of the *other* kept samples, raised to
-    its frame's noise sigma combined with SIGNAL_SPREAD times the reference's local contrast;
+    its frame's noise sigma combined with SIGNAL_SPREAD times the consensus's local contrast;
     pixels with fewer than three kept samples are left alone.
     """
     n, h, w, c = stack.shape
@@ -99,7 +99,7 @@ def test_winsorized_matches_slow_reference(rng, combine):
     img, _ = stk.stack_in_chunks(stack, None, None, weights if combine == "mean" else None, params,
                                  rows_per_chunk=7, noise_sigmas=noise)
     ref = _slow_winsorized(stack, weights if combine == "mean" else None, 2.5, 3.0, (0.1, 0.05), combine,
-                           noise, stk.reference_signal_map(stack))
+                           noise, _consensus_signal(stack))
     assert np.array_equal(np.isnan(img), np.isnan(ref))
     ok = np.isfinite(ref)
     assert np.max(np.abs(img[ok] - ref[ok]) / np.abs(ref[ok])) < 1e-5
@@ -328,7 +328,18 @@ def test_window_extremes_are_scipys_maximum_and_minimum_filters(rng, size):
     np.testing.assert_array_equal(stk._window_extreme(plane, size, np.minimum), minimum_filter(plane, size))
 
 
-def test_reference_gaps_filled_by_the_first_frame_with_data_whatever_the_threads():
+def _consensus_signal(normalised):
+    """The definition: the signal map of each pixel's median over all frames with data (NaN where
+    fewer than three have some), its noise the median image's clipped sigma."""
+    count = np.sum(np.isfinite(normalised), axis=0)
+    with np.errstate(all="ignore"), pytest.warns(RuntimeWarning):
+        median = np.nanmedian(normalised, axis=0)
+    median = np.where(count >= 3, median, np.nan).astype(np.float32)
+    noise = [stk.sigma_clipped_stats(stk.subsample(median, stk._FLOOR_SUBSAMPLE)[..., c])[1] for c in range(3)]
+    return stk.signal_map(median, noise)
+
+
+def test_consensus_signal_is_the_median_of_all_frames_whatever_the_threads(monkeypatch):
     rng = np.random.default_rng(4)
     n, h, w = 7, 60, 80
     stack = rng.normal(1000, 10, (n, h, w, 3)).astype(np.float32)
@@ -337,13 +348,13 @@ def test_reference_gaps_filled_by_the_first_frame_with_data_whatever_the_threads
         stack[i, :, w - 12 + int(rng.integers(0, 12)):] = np.nan
     stack[2, 30:40, 10:20, 1] = np.nan
     gains, offsets = 1 + 0.02 * rng.random((n, 3)), rng.random((n, 3))
-    # The definition: normalised frames, each gap of the reference from the first frame with data.
     normalised = stack * gains[:, None, None, :].astype(np.float32) + offsets[:, None, None, :].astype(np.float32)
-    first = np.argmax(np.isfinite(normalised), axis=0)
-    filled = np.take_along_axis(normalised, first[None], axis=0)[0]
-    noise = [stk.sigma_clipped_stats(stk.subsample(normalised[0], stk._FLOOR_SUBSAMPLE)[..., c])[1]
-             for c in range(3)]
-    expected = stk.signal_map(filled, noise)
-    assert np.isnan(normalised[0]).any() and np.isnan(filled).any()  # gaps, and corners no frame covers
+    expected = _consensus_signal(normalised)
+    seen = []
+    monkeypatch.setattr(stk, "signal_map", lambda frame, noise, threads=1, f=stk.signal_map:
+                        seen.append(f(frame, noise)) or seen[-1])
+    params = stk.StackParams()
     for threads in (1, 2, 3):
-        assert stk.reference_signal_map(stack, gains, offsets, threads).tobytes() == expected.tobytes()
+        stk.stack_in_chunks(stack, gains, offsets, None, params, rows_per_chunk=9, threads=threads)
+        np.testing.assert_allclose(seen[-1], expected, rtol=1e-5, atol=1e-3)
+    assert seen[0].tobytes() == seen[1].tobytes() == seen[2].tobytes()

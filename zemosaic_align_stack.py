@@ -38,7 +38,8 @@ from zemosaic_config import (ALIGN_METHODS, COMBINE_METHODS, NORMALIZE_METHODS, 
                              require_choice)
 import zemosaic_photometry as zph
 from zemosaic_utils import (bilinear_gather, channel_planes, compute_pixel_mapping, map_threads, mapping_coordinates,
-                            nonzero_indices, over_channels, scatter_channels, sigma_clipped_stats, subsample)
+                            nonzero_indices, over_channels, pixel_noise_sigma, scatter_channels, sigma_clipped_stats,
+                            subsample)
 
 logger = logging.getLogger(__name__)
 
@@ -438,23 +439,41 @@ def normalization_coefficients(stack, reference_index, method="linear_fit", xp=n
     return gains, offsets
 
 
-def frame_noise_sigmas(stack, gains=None, xp=np, n_max: int = 120_000, threads: int = 1):
-    """Return the ``(N, C)`` noise sigma of every frame after normalisation by ``gains``.
+#: Pixel differences per frame whose spread sets its noise: 120 000 give sigma to ~0.3 %.
+_NOISE_SUBSAMPLE = 120_000
 
-    Sigma is the clipped MAD-sigma of a subsample (about ``n_max`` pixels) of each frame's valid
-    pixels: the sky noise, which stars and nebulosity barely move. A frame or channel without an
+
+def image_noise_sigmas(image, n_max: int = _NOISE_SUBSAMPLE, xp=np) -> np.ndarray:
+    """Return the ``(C,)`` pixel noise sigma of an ``(H, W, C)`` image (NaN where not measurable).
+
+    :func:`zemosaic_utils.pixel_noise_sigma` of each channel (about ``n_max`` pixel differences):
+    the noise, which the sky's gradients and nebulosity do not widen. Measured on a frame before
+    it is resampled, it is the frame's own noise; after, it depends on the frame's sub-pixel shift
+    too (bilinear resampling averages neighbours: up to 2x less sigma at half-pixel shifts).
+    """
+    image = xp.asarray(image)
+    return np.array([pixel_noise_sigma(image[..., c], n_max, xp) for c in range(image.shape[-1])], np.float64)
+
+
+def frame_noise_sigmas(stack, gains=None, xp=np, n_max: int = _NOISE_SUBSAMPLE, threads: int = 1):
+    """Return the ``(N, C)`` noise sigma of every frame of a stack after normalisation by ``gains``.
+
+    Each is :func:`image_noise_sigmas` of the frame as it is in the stack: for aligned frames,
+    the spread of their samples, which the rejection tests against. A frame or channel without an
     estimate gets the median of the others (0 when no frame has one), so it never becomes NaN
     downstream. ``threads`` frames are measured at once.
     """
     n, n_ch = stack.shape[0], stack.shape[-1]
     gains = np.ones((n, n_ch)) if gains is None else np.asarray(gains, dtype=np.float64)
+    raw = map_threads(lambda i: image_noise_sigmas(stack[i], n_max, xp), range(n), threads)
+    return filled_noise_sigmas(np.array(raw, dtype=np.float64).reshape(n, n_ch) * gains)
 
-    def raw_sigmas(i):
-        sub = xp.asarray(subsample(stack[i], n_max))
-        return [sigma_clipped_stats(sub[..., c], xp)[1] for c in range(n_ch)]
 
-    sigmas = np.array(map_threads(raw_sigmas, range(n), threads), dtype=np.float64).reshape(n, n_ch) * gains
-    for c in range(n_ch):
+def filled_noise_sigmas(sigmas) -> np.ndarray:
+    """Return ``(N, C)`` sigmas with each missing or non-positive one replaced by its channel's median
+    (0 when no frame has one), so that none becomes NaN downstream."""
+    sigmas = np.array(sigmas, dtype=np.float64)
+    for c in range(sigmas.shape[1]):
         ok = np.isfinite(sigmas[:, c]) & (sigmas[:, c] > 0)
         sigmas[~ok, c] = np.median(sigmas[ok, c]) if ok.any() else 0.0
     return sigmas
@@ -463,8 +482,9 @@ def frame_noise_sigmas(stack, gains=None, xp=np, n_max: int = 120_000, threads: 
 def noise_variance_weights(stack, gains=None, xp=np, sigmas=None):
     """Return ``(N, C)`` weights ``1 / sigma^2`` of the normalised frames, the best frame = 1 per channel.
 
-    Sigma is the clipped MAD-sigma of each frame's valid pixels after normalisation
-    (:func:`frame_noise_sigmas`; pass ``sigmas`` when already measured).
+    ``sigmas``: each frame's noise in normalised units, best measured before the frames were
+    resampled (:func:`image_noise_sigmas` times the gains), so that frames of equal noise weigh
+    the same whatever their sub-pixel shifts; without it, :func:`frame_noise_sigmas` of ``stack``.
     """
     sigmas = frame_noise_sigmas(stack, gains, xp) if sigmas is None else np.asarray(sigmas, np.float64)
     with np.errstate(divide="ignore", invalid="ignore"):

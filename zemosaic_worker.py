@@ -506,13 +506,24 @@ def _first_loadable(records, order, config, ctx, skipped):
     return None, None
 
 
+def _noise_measured(loader, noise: dict, key):
+    """Return ``loader`` that also puts its frame's :func:`zemosaic_align_stack.image_noise_sigmas`
+    in ``noise[key]``: the noise of the frame as loaded, before resampling changes it."""
+    def load():
+        data = loader()
+        noise[key] = stk.image_noise_sigmas(data)
+        return data
+    return load
+
+
 def _load_and_align_group(task: TileTask, ctx, skipped: list):
-    """Load, debayer and align a group's frames; returns ``(stack, used records, tile WCS)``.
+    """Load, debayer and align a group's frames; returns ``(stack, used records, tile WCS, noise)``.
 
     The reference (the frame nearest the group centre that loads) is loaded first and sits in
     slot 0; the others are loaded and aligned onto its canvas by
     :func:`zemosaic_align_stack.align_images_in_group`, ``task.threads`` at a time, into a
-    preallocated (possibly disk-backed) stack. Frames that fail to load or align are appended to
+    preallocated (possibly disk-backed) stack. ``noise`` is the ``(n used, C)`` sky noise of each
+    used frame as loaded (before resampling). Frames that fail to load or align are appended to
     ``skipped`` with their reason.
     """
     records, config = task.records, task.config
@@ -520,8 +531,9 @@ def _load_and_align_group(task: TileTask, ctx, skipped: list):
     order = [ref_i] + [i for i in range(len(records)) if i != ref_i]
     first, reference = _first_loadable(records, order, config, ctx, skipped)
     if reference is None:
-        return None, [], None
+        return None, [], None, None
     group = [records[i] for i in order[first:]]
+    noise = {0: stk.image_noise_sigmas(reference)}
     shape_ref = reference.shape[:2]
     # Sized by every frame of the group: their pixels are not read yet.
     canvas = stk.group_canvas(group[0].wcs, shape_ref, [(r.wcs, r.info.shape_hw) for r in records])
@@ -536,7 +548,8 @@ def _load_and_align_group(task: TileTask, ctx, skipped: list):
 
     try:
         aligned, failed = stk.align_images_in_group(
-            [reference] + [_frame_loader(r, config) for r in group[1:]], 0, [r.wcs for r in group],
+            [reference] + [_noise_measured(_frame_loader(r, config), noise, k + 1) for k, r in enumerate(group[1:])],
+            0, [r.wcs for r in group],
             config.align_method, canvas=canvas, out=stack, threads=task.threads, on_frame=on_frame,
             skip=(zfits.FrameError,))
     except BaseException:  # a cancel or an error: a disk-backed stack's file goes with it
@@ -544,10 +557,11 @@ def _load_and_align_group(task: TileTask, ctx, skipped: list):
         raise
     skipped += [{"path": group[k].path, "reason": reason} for k, reason in failed]
     used = [r for r, frame in zip(group, aligned) if frame is not None]
+    used_noise = np.array([noise[k] for k, frame in enumerate(aligned) if frame is not None])
     if len(used) < len(records):
         stack, canvas = stk.crop_canvas(stack, canvas, group[0].wcs, shape_ref,
                                         [(r.wcs, r.info.shape_hw) for r in used])
-    return stack, used, canvas.wcs
+    return stack, used, canvas.wcs, used_noise
 
 
 def _photometric_reference(gains, offsets):
@@ -562,30 +576,35 @@ def _photometric_reference(gains, offsets):
     return gains / scale, offsets / scale
 
 
-def _frame_photometry(used, gains, offsets, weights) -> list:
-    """Return, per stacked frame, ``{"path", "gain_rgb", "offset_rgb", "weight_rgb"}`` (JSON-able)."""
+def _frame_photometry(used, gains, offsets, weights, noise) -> list:
+    """Return, per stacked frame, ``{"path", "gain_rgb", "offset_rgb", "weight_rgb", "noise_rgb"}``
+    (JSON-able; ``noise_rgb``: its sky noise sigma in ADU as loaded)."""
     n, n_ch = gains.shape
     weights = np.ones((n, n_ch)) if weights is None else weights
     return [{"path": r.path, "gain_rgb": [round(float(v), 6) for v in g],
-             "offset_rgb": [round(float(v), 3) for v in o], "weight_rgb": [round(float(v), 6) for v in w]}
-            for r, g, o, w in zip(used, gains, offsets, weights)]
+             "offset_rgb": [round(float(v), 3) for v in o], "weight_rgb": [round(float(v), 6) for v in w],
+             "noise_rgb": [round(float(v), 3) for v in sigma]}
+            for r, g, o, w, sigma in zip(used, gains, offsets, weights, noise)]
 
 
-def _stack_group(stack, n_used, config, use_gpu, tile_label, threads=1):
+def _stack_group(stack, noise, config, use_gpu, tile_label, threads=1):
     """Normalise, weight, reject and combine an aligned stack, ``threads`` frames or chunks at once.
 
+    ``noise`` is the ``(n, C)`` sky noise of the stack's first n frames before resampling: it sets
+    the weights, so that frames of equal noise weigh the same whatever their sub-pixel shifts
+    (resampling lowers a frame's pixel noise by up to 2x, and the reference is not resampled).
+    The rejection's floor is the spread of the aligned samples, measured on the aligned frames.
     Returns ``(image, coverage, backend, (gains, offsets, weights))``, the coefficients per frame.
     """
-    view = stack[:n_used]
+    view = stack[:len(noise)]
     gains, offsets = stk.normalization_coefficients(view, 0, config.stacking_normalize_method,
                                                     threads=threads)
     if config.stacking_normalize_method == "linear_fit":
         gains, offsets = _photometric_reference(gains, offsets)
-    # One noise measurement per frame serves the weights and the rejection's noise floor.
     sigmas = stk.frame_noise_sigmas(view, gains, threads=threads)
     weights = None
     if config.stacking_weighting_method == "noise_variance":
-        weights = stk.noise_variance_weights(view, gains, sigmas=sigmas)
+        weights = stk.noise_variance_weights(view, gains, sigmas=stk.filled_noise_sigmas(noise * gains))
     params = stk.StackParams(config.stacking_rejection_algorithm, config.stacking_kappa_low,
                              config.stacking_kappa_high, tuple(config.stacking_winsor_limits),
                              config.stacking_final_combine_method,
@@ -650,11 +669,11 @@ def build_master_tile(task: TileTask, ctx) -> TileResult:
     config, label = task.config, task.label
     skipped: list = []
     logger.debug("MT_COVERAGE: propagate_mask=True (%s, %d frames)", label, len(task.records))
-    stack, used, tile_wcs = _load_and_align_group(task, ctx, skipped)
+    stack, used, tile_wcs, noise = _load_and_align_group(task, ctx, skipped)
     if not used:
         return TileResult(None, None, "", [], "", "", skipped)
     try:
-        image, coverage, backend, coefficients = _stack_group(stack, len(used), config, task.use_gpu, label,
+        image, coverage, backend, coefficients = _stack_group(stack, noise, config, task.use_gpu, label,
                                                              task.threads)
     finally:
         zexec.release_stack(stack)
@@ -666,7 +685,7 @@ def build_master_tile(task: TileTask, ctx) -> TileResult:
     # The tile is used with the WCS its file holds, as a resumed run reads it: same mosaic.
     return TileResult(image, coverage, zfits.wcs_to_cd_header(tile_wcs).tostring(),
                       [r.path for r in used], used[0].path, backend, skipped,
-                      _frame_photometry(used, *coefficients))
+                      _frame_photometry(used, *coefficients, noise))
 
 
 def _tile_key(members, config) -> str:

@@ -307,3 +307,19 @@ def test_median_last_axis_is_numpys_median_bit_for_bit(length):
         assert np.isnan(got).all()
     else:
         assert got.tobytes() == expected.tobytes()
+
+
+def test_pixel_noise_sigma_ignores_sky_structure_and_integer_steps(rng):
+    """The noise of a plane with a gradient, a nebula and stars, rounded to integer ADU as raw
+    frames are: within 1 % of the truth, where the pixels' own clipped spread is several times it."""
+    h, w = 600, 400
+    yy, xx = np.mgrid[:h, :w]
+    sky = 1000 + 0.8 * yy + 300 * np.exp(-((yy - 300) ** 2 + (xx - 200) ** 2) / (2 * 80.0**2))
+    stars = np.zeros((h, w))
+    stars[rng.integers(5, h - 5, 300), rng.integers(5, w - 5, 300)] = rng.uniform(500, 5000, 300)
+    for sigma in (8.0, 40.0):
+        plane = np.round(sky + stars + rng.normal(0, sigma, (h, w)))
+        assert zu.pixel_noise_sigma(plane) == pytest.approx(sigma, rel=0.01)
+        assert zu.sigma_clipped_stats(plane)[1] > 2 * sigma
+    plane[:, :50] = np.nan  # no data is left out
+    assert zu.pixel_noise_sigma(plane) == pytest.approx(40.0, rel=0.015)

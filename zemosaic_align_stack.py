@@ -47,6 +47,11 @@ logger = logging.getLogger(__name__)
 _SUPERPIXEL_STARS = 100
 
 
+#: Samples a pixel needs for rejection: fewer are combined as they are (there is no telling the
+#: odd one out), and fewer do not make a median that one frame cannot decide.
+MIN_REJECTION_FRAMES = 3
+
+
 class AlignmentError(Exception):
     """A frame could not be aligned onto the reference (its reason is the message)."""
 
@@ -668,8 +673,8 @@ def _clip_test(values, keep, centre, deviations, n_kept, scale, floor, params, x
         candidate &= keep
     index = nonzero_indices(candidate, xp)
     if not isinstance(n_kept, int):
-        index = tuple(i[n_kept[index[1:]] >= 3] for i in index)
-    elif n_kept < 3:
+        index = tuple(i[n_kept[index[1:]] >= MIN_REJECTION_FRAMES] for i in index)
+    elif n_kept < MIN_REJECTION_FRAMES:
         return keep
     if index[0].size == 0:
         return keep
@@ -1104,8 +1109,6 @@ def _stack_statistics(normalised, shape, rows: int, params: StackParams, xp, to_
     return out
 
 
-#: Samples a pixel needs for its median to be a consensus that one frame cannot decide.
-_CONSENSUS_MIN_FRAMES = 3
 
 
 def consensus_signal_map(stats: PixelStats, threads: int = 1) -> np.ndarray:
@@ -1114,11 +1117,11 @@ def consensus_signal_map(stats: PixelStats, threads: int = 1) -> np.ndarray:
     A star is in most frames and so in their median; a satellite trail, a plane or a cosmic ray
     in one frame is not: one sample cannot move the median of three or more past the others. Any
     one frame's contrast (the reference's, say) would make its own trail "signal" and protect it.
-    Pixels with fewer than :data:`_CONSENSUS_MIN_FRAMES` samples (not rejected anyway) count as no
+    Pixels with fewer than :data:`MIN_REJECTION_FRAMES` samples (not rejected anyway) count as no
     data, so a two-frame pixel's trail does not raise its neighbours' floor. The noise is the
     median image's own clipped sigma. ``threads``: see :func:`signal_map`.
     """
-    median = np.where(stats.n_valid >= _CONSENSUS_MIN_FRAMES, stats.centre, np.float32(np.nan))
+    median = np.where(stats.n_valid >= MIN_REJECTION_FRAMES, stats.centre, np.float32(np.nan))
     sample = subsample(median, _FLOOR_SUBSAMPLE)
     noise = [sigma_clipped_stats(sample[..., c])[1] for c in range(median.shape[-1])]
     return signal_map(median, noise, threads=threads)

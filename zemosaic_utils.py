@@ -790,8 +790,12 @@ def _coadd_input(data, weight, mapping: PixelMapping, xp) -> _CoaddInput | None:
     return _CoaddInput(*_weighted_planes(data, weight, xp), shape_in, window, mapping)
 
 
-def _accumulate_rows(sums, r0: int, r1: int, source: _CoaddInput, xp) -> None:
-    """Add one input, resampled, into ``sums``: the ``(2C, r1 - r0, W)`` float64 output rows r0..r1."""
+def _accumulate_rows(sums, r0: int, r1: int, source: _CoaddInput, xp, trusted_weight=None) -> None:
+    """Add one input, resampled, into ``sums``: the ``(2C, r1 - r0, W)`` float64 output rows r0..r1.
+
+    With ``trusted_weight``, ``sums`` is ``(4C, ...)``: the samples whose (resampled) weight reaches
+    it are added into the last 2C planes too.
+    """
     mapping = source.mapping
     a, b = max(r0, mapping.y0), min(r1, mapping.y1)
     if a >= b:
@@ -800,15 +804,27 @@ def _accumulate_rows(sums, r0: int, r1: int, source: _CoaddInput, xp) -> None:
     sampled = bilinear_gather(source.planes, source.shape_in, y_in, x_in, xp, window=source.window)
     sampled = sampled.reshape(-1, b - a, mapping.x1 - mapping.x0)
     rows, cols = slice(a - r0, b - r0), slice(mapping.x0, mapping.x1)
-    n_ch = sums.shape[0] // 2
-    if source.shared_weight:
+    n_ch = sampled.shape[0] - 1 if source.shared_weight else sampled.shape[0] // 2
+    _add_planes(sums[:2 * n_ch], rows, cols, sampled, n_ch, source.shared_weight)
+    if trusted_weight is not None:
+        trusted = sampled[:1 if source.shared_weight else n_ch] >= trusted_weight
+        if source.shared_weight:
+            sampled = xp.where(trusted, sampled, 0.0)
+        else:
+            sampled = xp.where(xp.concatenate([trusted, trusted]), sampled, 0.0)
+        _add_planes(sums[2 * n_ch:], rows, cols, sampled, n_ch, source.shared_weight)
+
+
+def _add_planes(sums, rows, cols, sampled, n_ch: int, shared_weight: bool) -> None:
+    """Add gathered ``[w, w*I]`` planes into ``(2C, ...)`` sums (one ``w`` plane for all channels when shared)."""
+    if shared_weight:
         sums[:n_ch, rows, cols] += sampled[:1]
         sums[n_ch:, rows, cols] += sampled[1:]
     else:
         sums[:, rows, cols] += sampled
 
 
-def _coadd_fast(data_list, weights_list, mappings, shape_out, xp, rows_per_chunk):
+def _coadd_fast(data_list, weights_list, mappings, shape_out, xp, rows_per_chunk, trusted_weight=None):
     """Mean co-add with the ``fast`` engine on backend ``xp``.
 
     Returns ``(mosaic (H, W, C), coverage (H, W, C))`` on ``xp``, float32; the mosaic is NaN where
@@ -816,6 +832,7 @@ def _coadd_fast(data_list, weights_list, mappings, shape_out, xp, rows_per_chunk
     added into the band's float64 sums in turn, so the sums never take the whole mosaic's memory.
     On the CPU the bands run on every core (NumPy's gathers and sums release the GIL); each band's
     result does not depend on the others, so it is the same for any number of threads.
+    ``trusted_weight``: see :func:`reproject_and_coadd`.
     """
     n_ch = np.shape(data_list[0])[-1] if np.ndim(data_list[0]) == 3 else 1
     todo = [(d, w, m) for d, w, m in zip(data_list, weights_list, mappings) if m is not None]
@@ -828,9 +845,9 @@ def _coadd_fast(data_list, weights_list, mappings, shape_out, xp, rows_per_chunk
 
     def band(r0):
         r1 = min(height, r0 + rows_per_chunk)
-        sums = xp.zeros((2 * n_ch, r1 - r0, width), dtype=xp.float64)
+        sums = xp.zeros((2 * n_ch * (1 if trusted_weight is None else 2), r1 - r0, width), dtype=xp.float64)
         for source in inputs:
-            _accumulate_rows(sums, r0, r1, source, xp)
+            _accumulate_rows(sums, r0, r1, source, xp, trusted_weight)
         mosaic[r0:r1], coverage[r0:r1] = _normalised_sums(sums, n_ch, xp)
 
     starts = range(0, height, rows_per_chunk)
@@ -845,8 +862,9 @@ def _coadd_fast(data_list, weights_list, mappings, shape_out, xp, rows_per_chunk
 def _normalised_sums(sums, n_ch, xp):
     """Return float32 ``(mosaic, coverage)`` ``(rows, W, C)`` of a band from its planes of sums.
 
-    ``sums`` is ``(2C, rows, W)``: ``[sum w, sum w*I]``. Tiny weight sums are float rounding at
-    the very edge of a footprint: they mean "no data".
+    ``sums`` is ``(2C, rows, W)``: ``[sum w, sum w*I]``, or ``(4C, ...)`` with the trusted samples'
+    sums after them, whose mean then stands wherever they have weight. Tiny weight sums are float
+    rounding at the very edge of a footprint: they mean "no data".
     """
     shape = sums.shape[1:] + (n_ch,)
     mosaic, coverage = xp.empty(shape, xp.float32), xp.empty(shape, xp.float32)
@@ -855,6 +873,10 @@ def _normalised_sums(sums, n_ch, xp):
         solid = sum_w > 1e-6
         mosaic[..., k] = xp.where(solid, sum_wi / xp.where(solid, sum_w, 1.0), xp.nan)
         coverage[..., k] = xp.where(solid, sum_w, 0.0)
+        if sums.shape[0] > 2 * n_ch:
+            trusted_w, trusted_wi = sums[2 * n_ch + k], sums[3 * n_ch + k]
+            lead = trusted_w > 1e-6
+            mosaic[..., k] = xp.where(lead, trusted_wi / xp.where(lead, trusted_w, 1.0), mosaic[..., k])
     return mosaic, coverage
 
 
@@ -865,8 +887,13 @@ def _squeeze_like(inputs, mosaic, coverage):
     return mosaic, coverage
 
 
+def _coadd_bytes_per_pixel(n_ch: int, trusted_weight) -> int:
+    """Return the working bytes per output pixel of a band of :func:`_coadd_fast`."""
+    return 32 * (2 * n_ch * (1 if trusted_weight is None else 2) + 2)
+
+
 def gpu_reproject_and_coadd_impl(data_list, wcs_list, wcs_out, shape_out, weights_list=None,
-                                 mappings=None):
+                                 mappings=None, trusted_weight=None):
     """Run the ``fast`` co-add engine on the GPU; returns host float32 ``(mosaic, coverage)``.
 
     ``data_list`` holds 2-D images or ``(H, W, C)`` images (all channels in one pass, sharing the
@@ -885,14 +912,15 @@ def gpu_reproject_and_coadd_impl(data_list, wcs_list, wcs_out, shape_out, weight
     ]
     # NumPy standing in for CuPy uses the CPU engine's small chunks (see reproject_and_coadd).
     budget = free_gpu_memory_bytes() // 4 if xp is not np else 16 * 2**20
-    rows = _rows_per_chunk(shape_out[1], budget, 32 * (2 * n_ch + 2))
+    rows = _rows_per_chunk(shape_out[1], budget, _coadd_bytes_per_pixel(n_ch, trusted_weight))
     mosaic, coverage = halving_rows_on_oom(
-        lambda r: _coadd_fast(data_list, weights_list, mappings, shape_out, xp, r), rows, xp, "co-add")
+        lambda r: _coadd_fast(data_list, weights_list, mappings, shape_out, xp, r, trusted_weight),
+        rows, xp, "co-add")
     return _squeeze_like(data_list, to_numpy(mosaic), to_numpy(coverage))
 
 
 def reproject_and_coadd(data_list, wcs_list, wcs_out, shape_out, weights_list=None, engine="fast",
-                        use_gpu=False, mappings=None):
+                        use_gpu=False, mappings=None, trusted_weight=None):
     """Co-add images onto an output grid with a weighted mean; returns ``(mosaic, coverage)``.
 
     Parameters
@@ -905,6 +933,10 @@ def reproject_and_coadd(data_list, wcs_list, wcs_out, shape_out, weights_list=No
         ``"reproject"`` (astropy reproject's ``reproject_and_coadd`` with ``reproject_interp``)
     use_gpu : run the ``fast`` engine on CuPy; raises :class:`GpuBackendError` when that fails
     mappings : precomputed :class:`PixelMapping` per image
+    trusted_weight : samples whose (resampled) weight is below it count only where no sample
+        reaches it; their weight still counts in the coverage. With master-tile coverage as the
+        weights and the frames rejection needs, a tile's edge stacked from one or two frames
+        (nothing rejected there: a satellite trail survives) yields to a tile that rejected.
 
     Returns
     -------
@@ -914,32 +946,43 @@ def reproject_and_coadd(data_list, wcs_list, wcs_out, shape_out, weights_list=No
     n = len(data_list)
     weights_list = list(weights_list) if weights_list is not None else [None] * n
     if engine == "reproject":
-        return _coadd_with_reproject(data_list, wcs_list, wcs_out, shape_out, weights_list)
+        return _coadd_with_reproject(data_list, wcs_list, wcs_out, shape_out, weights_list, trusted_weight)
     require_choice("engine", engine, ASSEMBLY_ENGINES)
     if mappings is None:
         mappings = [compute_pixel_mapping(w, np.shape(d)[:2], wcs_out, shape_out)
                     for d, w in zip(data_list, wcs_list)]
     if use_gpu:
         return gpu_reproject_and_coadd_impl(data_list, wcs_list, wcs_out, shape_out, weights_list,
-                                            mappings)
+                                            mappings, trusted_weight)
     n_ch = 1 if np.ndim(data_list[0]) == 2 else np.shape(data_list[0])[-1]
     # Small chunks (a few MB of temporaries) stay in cache and reuse freed memory: measured
     # faster on the CPU than large ones, whose fresh allocations cost page faults.
-    rows = _rows_per_chunk(shape_out[1], 16 * 2**20, 32 * (2 * n_ch + 2))
-    mosaic, coverage = _coadd_fast(data_list, weights_list, mappings, shape_out, np, rows)
+    rows = _rows_per_chunk(shape_out[1], 16 * 2**20, _coadd_bytes_per_pixel(n_ch, trusted_weight))
+    mosaic, coverage = _coadd_fast(data_list, weights_list, mappings, shape_out, np, rows, trusted_weight)
     return _squeeze_like(data_list, mosaic, coverage)
 
 
-def _coadd_with_reproject(data_list, wcs_list, wcs_out, shape_out, weights_list):
-    """Reference engine: astropy reproject's ``reproject_and_coadd`` with ``reproject_interp``."""
+def _coadd_with_reproject(data_list, wcs_list, wcs_out, shape_out, weights_list, trusted_weight=None):
+    """Reference engine: astropy reproject's ``reproject_and_coadd`` with ``reproject_interp``.
+
+    ``trusted_weight`` (see :func:`reproject_and_coadd`) is applied to the input weights: a second
+    co-add of the trusted pixels alone stands wherever it has data.
+    """
     from reproject import reproject_interp
     from reproject.mosaicking import reproject_and_coadd as rp_coadd
 
     if np.ndim(data_list[0]) == 3:  # one call per channel, as reproject takes 2-D images
         results = [_coadd_with_reproject([d[..., c] for d in data_list], wcs_list, wcs_out,
-                                         shape_out, weights_list)
+                                         shape_out, weights_list, trusted_weight)
                    for c in range(np.shape(data_list[0])[-1])]
         return np.stack([m for m, _ in results], -1), np.stack([c for _, c in results], -1)
+    if trusted_weight is not None:
+        weights = [np.ones(np.shape(d)) if w is None else np.asarray(w, np.float64)
+                   for d, w in zip(data_list, weights_list)]
+        mosaic, coverage = _coadd_with_reproject(data_list, wcs_list, wcs_out, shape_out, weights)
+        trusted = [np.where(w >= trusted_weight, w, 0.0) for w in weights]
+        lead, lead_coverage = _coadd_with_reproject(data_list, wcs_list, wcs_out, shape_out, trusted)
+        return np.where(lead_coverage > 0, lead, mosaic), coverage
     inputs = [(np.asarray(d, np.float64), w) for d, w in zip(data_list, wcs_list)]
     weights = None
     if any(w is not None for w in weights_list):

@@ -892,9 +892,12 @@ def coadd_channels(inputs: AssemblyInputs, tile_images, label="Assembly"):
     channels.
     """
     def coadd(use_gpu):
+        # A tile's pixels stacked from fewer frames than rejection needs (its dithered edges)
+        # yield to a tile that rejected: a trail there survived its own stack.
         return reproject_and_coadd(tile_images, [t.wcs for t in inputs.tiles], inputs.wcs_out,
                                    inputs.shape_out, [t.coverage for t in inputs.tiles],
-                                   engine=inputs.engine, use_gpu=use_gpu, mappings=inputs.mappings)
+                                   engine=inputs.engine, use_gpu=use_gpu, mappings=inputs.mappings,
+                                   trusted_weight=stk.MIN_REJECTION_FRAMES)
 
     gpu_all = bool(inputs.use_gpu and inputs.engine == "fast")
     if gpu_all:

@@ -184,11 +184,11 @@ def test_out_of_memory_halves_the_gpu_chunk_and_retries(monkeypatch, numpy_as_gp
     expected = zu.reproject_and_coadd(data, wcs_list, wcs_out, out_shape, weights)
     real, rows_tried = zu._coadd_fast, []
 
-    def tight(data_list, weights_list, mappings, shape_out, xp, rows):
+    def tight(data_list, weights_list, mappings, shape_out, xp, rows, trusted_weight=None):
         rows_tried.append(rows)
         if rows > 40:
             raise MemoryError("out of memory")
-        return real(data_list, weights_list, mappings, shape_out, xp, rows)
+        return real(data_list, weights_list, mappings, shape_out, xp, rows, trusted_weight)
 
     mosaic, coverage = _coadd_with(monkeypatch, tight)
     assert rows_tried == [rows_tried[0] // 2**k for k in range(len(rows_tried))]
@@ -323,3 +323,29 @@ def test_pixel_noise_sigma_ignores_sky_structure_and_integer_steps(rng):
         assert zu.sigma_clipped_stats(plane)[1] > 2 * sigma
     plane[:, :50] = np.nan  # no data is left out
     assert zu.pixel_noise_sigma(plane) == pytest.approx(40.0, rel=0.015)
+
+
+@pytest.mark.parametrize("engine", ["fast", "gpu path", "reproject"])
+def test_samples_below_the_trusted_weight_yield_where_a_trusted_one_exists(engine, numpy_as_gpu):
+    """A tile's edge stacked from two frames (a trail survived there) yields to an overlapping tile
+    of six frames; alone, it stands as it is; coverage still counts every frame."""
+    shape = (60, 80)
+    wcs_a, wcs_b = make_tan_wcs(10.0, 20.0, shape), make_tan_wcs(10.0 + 30 * 2.39 / 3600 / np.cos(np.radians(20)), 20.0, shape)
+    a = np.full(shape, 500.0, np.float32)  # the untrusted edge carries a trail: 500 against 100
+    b = np.full(shape, 100.0, np.float32)
+    weights = [np.full(shape, 2.0, np.float32), np.full(shape, 6.0, np.float32)]
+    wcs_out = make_tan_wcs(10.0 + 15 * 2.39 / 3600 / np.cos(np.radians(20)), 20.0, (60, 120))
+    if engine == "gpu path":
+        mosaic, coverage = zu.gpu_reproject_and_coadd_impl([a, b], [wcs_a, wcs_b], wcs_out, (60, 120), weights,
+                                                           trusted_weight=3)
+    else:
+        mosaic, coverage = zu.reproject_and_coadd([a, b], [wcs_a, wcs_b], wcs_out, (60, 120), weights,
+                                                  engine=engine, trusted_weight=3)
+    both = binary_erosion(coverage > 7.5, iterations=2)
+    only_a = binary_erosion((coverage > 1.5) & (coverage < 2.5), iterations=2)
+    assert both.sum() > 500 and only_a.sum() > 200
+    np.testing.assert_allclose(mosaic[both], 100.0, rtol=1e-5)
+    np.testing.assert_allclose(coverage[both], 8.0, rtol=1e-4)
+    np.testing.assert_allclose(mosaic[only_a], 500.0, rtol=1e-5)
+    plain, _ = zu.reproject_and_coadd([a, b], [wcs_a, wcs_b], wcs_out, (60, 120), weights, engine="fast")
+    np.testing.assert_allclose(plain[both], 200.0, rtol=1e-5)  # without the rule: (2*500 + 6*100) / 8

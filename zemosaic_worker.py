@@ -924,7 +924,8 @@ def run_second_pass_coverage_renorm(inputs: AssemblyInputs, low: zph.LowResTiles
     :func:`zemosaic_photometry.two_pass_gains`). Backends never mix across channels (see
     :func:`coadd_channels`); one summary line names the backend used.
     """
-    gains = zph.two_pass_gains(low, match, config.two_pass_cov_sigma_px, config.two_pass_cov_gain_clip)
+    gains = zph.two_pass_gains(low, match, config.two_pass_cov_sigma_px, config.two_pass_cov_gain_clip,
+                               overlap_images(inputs.tiles, low, inputs.wcs_out, inputs.shape_out))
     logger.info("[TwoPass] tile gains: %s", ", ".join(f"{g:.4f}" for g in gains))
     total = match.gains * gains[:, None]
     offsets = zph.background_offsets(low, total) if config.match_background \
@@ -938,7 +939,8 @@ def overlap_images(tiles: list[MasterTile], low: zph.LowResTiles, wcs_out, shape
     """Return a function of ``(i, j, coarse overlap mask)`` giving tiles i and j at full resolution.
 
     Both are resampled alone onto the box of the output grid that holds their overlap (NaN where a
-    tile has no data), for :func:`zemosaic_photometry.block_pair_slopes`.
+    tile has no data), for :func:`zemosaic_photometry.block_pair_slopes` (pass 1) and
+    :func:`zemosaic_photometry.overlap_cell_ratios` (Two-Pass).
     """
     def images(i, j, both):
         rows, cols = np.nonzero(both)

@@ -83,6 +83,38 @@ def _tiles(gain_errors, seed=0, noise=1.0):
     return tiles
 
 
+def _with_sky_planes(tiles, planes):
+    """Add to each tile its own sky plane: ``(in x, in y)`` peak to peak, in fractions of the sky."""
+    yy, xx = np.mgrid[: TILE_SHAPE[0], : TILE_SHAPE[1]]
+    for tile, (in_x, in_y) in zip(tiles, planes):
+        plane = in_x * (xx / (TILE_SHAPE[1] - 1) - 0.5) + in_y * (yy / (TILE_SHAPE[0] - 1) - 0.5)
+        tile.image += (plane[..., None] * SKY).astype(np.float32)
+    return tiles
+
+
+#: Sky planes of 6-12 % of the sky peak to peak along each axis (16-18 % corner to corner), of
+#: either sign, a different one in every tile.
+GRADIENTS = [(0.10, -0.06), (-0.12, 0.06), (0.06, 0.12), (-0.08, -0.10)]
+
+
+def _satellite_trail(image):
+    """A bright trail (300 ADU, 3 px wide) crossing the tile at 10 degrees, along most of its lower overlap."""
+    yy, xx = np.mgrid[: TILE_SHAPE[0], : TILE_SHAPE[1]]
+    distance = (yy - 25) * np.cos(np.radians(10)) - (xx - 60) * np.sin(np.radians(10))
+    image += (300 * np.exp(-0.5 * (distance / 1.3) ** 2))[..., None].astype(np.float32)
+
+
+def _star_halo(image):
+    """A wide halo (300 ADU, sigma 20 px) in the overlap, as a bright star's glow in one tile only."""
+    yy, xx = np.mgrid[: TILE_SHAPE[0], : TILE_SHAPE[1]]
+    image += (300 * np.exp(-((yy - 25) ** 2 + (xx - 90) ** 2) / (2 * 20.0**2)))[..., None].astype(np.float32)
+
+
+def _hot_column(image):
+    """A column 300 ADU too bright along the whole tile, inside its overlap with the tile beside it."""
+    image[:, 160] += 300.0
+
+
 def _assemble(tiles, **changes):
     config = MosaicConfig(**changes)
     wcs, shape = zw.mosaic_grid(tiles)
@@ -250,3 +282,29 @@ def test_gpu_code_path_with_numpy_matches_cpu(caplog, numpy_as_gpu):
     assert np.array_equal(ok, np.isfinite(gpu))
     assert np.max(np.abs(gpu[ok] - cpu[ok]) / np.abs(cpu[ok])) < 1e-5
     assert np.allclose(cov_gpu, cov_cpu, rtol=1e-5)
+
+
+def _two_pass_gains(tiles):
+    """Two-Pass gains of ``tiles`` with pass-1 gain matching off (its gains are then the truth, 1)."""
+    *_x, report = _assemble(tiles, two_pass_coverage_renorm=True, intertile_photometric_match=False)
+    return [e["two_pass_gain"] for e in report.tiles]
+
+
+def test_two_pass_does_not_read_sky_gradients_as_gains():
+    """Tiles that differ only in their sky planes (6-18 % of the sky): no tile is moved."""
+    assert _two_pass_gains(_with_sky_planes(_tiles([1.0, 1.0, 1.0, 1.0]), GRADIENTS)) == [1.0] * 4
+
+
+@pytest.mark.parametrize("artefact", [_satellite_trail, _star_halo, _hot_column])
+def test_two_pass_ignores_an_artefact_in_one_overlap(artefact):
+    """An unrejected trail, halo or hot column in one tile's overlap does not move the tile."""
+    tiles = _tiles([1.0, 1.0, 1.0, 1.0])
+    artefact(tiles[3].image)
+    assert _two_pass_gains(tiles) == [1.0] * 4
+
+
+def test_two_pass_corrects_a_residual_gain_despite_gradients():
+    """One tile 6 % too bright, every tile with its own sky plane: corrected to within 1 %, the others kept."""
+    gains = _two_pass_gains(_with_sky_planes(_tiles([1.0, 1.0, 1.06, 1.0]), GRADIENTS))
+    assert gains[2] * 1.06 == pytest.approx(1.0, abs=0.01), gains
+    assert gains[:2] + gains[3:] == [1.0] * 3

@@ -250,14 +250,15 @@ def place_reference(reference, canvas: Canvas, out=None):
 
 
 def align_frame(image, reference, method="astroalign", wcs=None, wcs_reference=None,
-                canvas: Canvas | None = None, reference_stars=None, out=None):
+                canvas: Canvas | None = None, reference_stars=None, out=None, image_stars=None):
     """Return one ``(H, W, C)`` frame resampled onto the reference grid, NaN outside its footprint.
 
     ``method="astroalign"`` matches stars and falls back to the WCS when matching fails and both
     WCSs are given; ``method="wcs"`` uses the WCSs only. ``canvas`` (default: the reference grid)
     is the output grid. ``reference_stars`` (:func:`alignment_stars` of the reference) saves
-    detecting them again for every frame of a group. ``out``: the canvas-sized float32 array to
-    write into (default: a new one). Raises :class:`AlignmentError`.
+    detecting them again for every frame of a group; ``image_stars``, those of ``image``, when the
+    caller has them. ``out``: the canvas-sized float32 array to write into (default: a new one).
+    Raises :class:`AlignmentError`.
     """
     require_choice("method", method, ALIGN_METHODS)
     canvas = canvas or Canvas(reference.shape[:2], (0, 0), wcs_reference)
@@ -271,7 +272,8 @@ def align_frame(image, reference, method="astroalign", wcs=None, wcs_reference=N
         guess = zastro.wcs_affine(wcs, image.shape[:2], canvas.wcs) if have_wcs else None
         guess = None if guess is None else shift @ guess
         try:
-            matrix = find_star_transform(alignment_stars(image), reference_stars, guess)
+            stars = alignment_stars(image) if image_stars is None else image_stars
+            matrix = find_star_transform(stars, reference_stars, guess)
             return warp_affine(image, matrix @ shift, canvas.shape, out=out)
         except AlignmentError as exc:
             if not have_wcs:
@@ -346,7 +348,8 @@ def _collect_aligned(attempt, n: int, canvas: Canvas, threads: int, out, on_fram
 
 
 def align_images_in_group(images, reference_index, wcs_list=None, method="astroalign", *, canvas=None,
-                          out=None, reference_stars=None, threads: int = 1, on_frame=None, skip=()):
+                          out=None, reference_stars=None, threads: int = 1, on_frame=None, skip=(),
+                          stars_of=None):
     """Align a group of ``(H, W, C)`` frames onto the frame at ``reference_index``.
 
     Parameters
@@ -367,6 +370,8 @@ def align_images_in_group(images, reference_index, wcs_list=None, method="astroa
         reference included (``ok`` False: the frame failed); an exception it raises (a
         cancellation) stops the alignment and propagates
     skip : exception types which, raised by a loader, mean that its frame cannot be used
+    stars_of : ``stars_of(index)``, called after the frame's loader, returns its
+        :func:`alignment_stars` when the caller found them already (None: detected here)
 
     Returns
     -------
@@ -396,7 +401,8 @@ def align_images_in_group(images, reference_index, wcs_list=None, method="astroa
             if image.shape[2] != reference.shape[2]:
                 raise AlignmentError("channel count differs from the reference frame")
             return align_frame(image, reference, method, wcs_of(i), canvas=own_canvas,
-                               reference_stars=reference_stars, out=slot)
+                               reference_stars=reference_stars, out=slot,
+                               image_stars=None if stars_of is None else stars_of(i))
         except (AlignmentError, *skip) as exc:
             return exc
 

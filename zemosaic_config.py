@@ -122,6 +122,14 @@ def _check_float(minimum: float, inclusive: bool) -> Callable[[Any], float]:
     return check
 
 
+def _check_fraction(value: Any) -> float:
+    # 0 would never leave a frame out (a switch does that), above 1 would leave out the median.
+    result = _as_float(value)
+    if not 0.0 < result <= 1.0:
+        raise _Reject()
+    return result
+
+
 def _as_int(value: Any) -> int:
     # An integral float (2.0) is accepted because JSON writers sometimes emit it.
     result = _as_float(value)
@@ -295,6 +303,22 @@ class MosaicConfig:
         ALIGN_METHODS)
     correct_hot_pixels: bool = _bool_spec(
         True, "Replace isolated hot pixels in raw colour frames before debayering.")
+    frame_screening: bool = _bool_spec(
+        True, "Leave out frames far worse than the rest of their group (cloud, defocus, wind, "
+        "bright sky), each with its reason in the run report.")
+    screen_min_star_fraction: float = _spec(
+        0.5, "Leave out a frame whose star count or star brightness is below this fraction of its "
+        "group's median (and screen_kappa spreads below it).",
+        "a number > 0 and <= 1", _check_fraction)
+    screen_max_fwhm_ratio: float = _spec(
+        1.5, "Leave out a frame whose star size (FWHM) is above this many times its group's median "
+        "(and screen_kappa spreads above it).", "a number >= 1", _check_float(1.0, inclusive=True))
+    screen_max_background_ratio: float = _spec(
+        1.5, "Leave out a frame whose sky background is above this many times its group's median "
+        "(and screen_kappa spreads above it).", "a number >= 1", _check_float(1.0, inclusive=True))
+    screen_kappa: float = _number_spec(
+        3.0, "How many robust standard deviations of its group a frame must also stray from the "
+        "group's median to be left out.")
     force_resolve_existing_wcs: bool = _bool_spec(
         False, "Plate-solve every frame again, even those whose file already holds a WCS.")
     astap_executable_path: str = _spec(

@@ -347,6 +347,32 @@ def sigma_clipped_stats(values, xp=np, kappa: float = 3.0, iterations: int = 5):
     return float(med), float(sigma)
 
 
+def smooth_nan(image2d, sigma):
+    """Gaussian smoothing that ignores NaN (normalised convolution); NaN stays NaN."""
+    return smooth_nan_planes([image2d], sigma)[0]
+
+
+def smooth_nan_planes(planes, sigma) -> list:
+    """Return :func:`smooth_nan` of every plane, their Gaussians computed at once on every core.
+
+    Planes with the same pixels of data (the channels of an image) share one Gaussian of that
+    footprint instead of one each.
+    """
+    from scipy.ndimage import gaussian_filter
+
+    if sigma <= 0:
+        return list(planes)
+    valid = [np.isfinite(p) for p in planes]
+    footprint = [0 if k and np.array_equal(v, valid[0]) else k for k, v in enumerate(valid)]
+    inputs = [np.where(v, p, 0.0) for p, v in zip(planes, valid)] + \
+        [valid[k].astype(np.float64) for k in sorted(set(footprint))]
+    smoothed = map_threads(lambda a: gaussian_filter(a, sigma), inputs)
+    dens = dict(zip(sorted(set(footprint)), smoothed[len(planes):]))
+    with np.errstate(invalid="ignore", divide="ignore"):
+        return [np.where(v & (dens[f] > 0.05), num / dens[f], np.nan)
+                for v, num, f in zip(valid, smoothed[:len(planes)], footprint)]
+
+
 #: Standard deviation of a unit Gaussian cut at +-3 sigma: what a 3-sigma clip leaves of it.
 _CLIPPED_GAUSSIAN_STD_3 = 0.98658
 #: Pixels apart of the two samples of a noise difference: beyond the reach of a bilinear debayer

@@ -33,6 +33,8 @@ import zemosaic_display as zdisp
 import zemosaic_executor as zexec
 import zemosaic_fits as zfits
 import zemosaic_photometry as zph
+import zemosaic_quality as zq
+import zemosaic_tile_photometry as ztp
 import zemosaic_runstate as zrun
 import zemosaic_solve as zsolve
 from zemosaic_config import MosaicConfig, config_to_dict
@@ -116,8 +118,9 @@ class FrameRecord:
 class MasterTile:
     """A stacked group: image ``(H, W, C)``, coverage (frames per pixel) and WCS.
 
-    ``frame_photometry``: per stacked frame, the gains, offsets and weights it was stacked with
-    (:func:`_frame_photometry`), for the run report.
+    ``frame_photometry``: per stacked frame, the gains, offsets, weights and noise it was stacked
+    with and its quality (:func:`_frame_photometry`), for the run report; ``reference_reason``:
+    why its reference was chosen.
     """
 
     index: int
@@ -129,6 +132,7 @@ class MasterTile:
     reference: str
     backend: str
     frame_photometry: list = field(default_factory=list)
+    reference_reason: str = ""
 
 
 @dataclass
@@ -431,13 +435,6 @@ def group_frames(run: Run, records: list[FrameRecord]) -> list[list[int]]:
 # --------------------------------------------------------------------------------------------------
 
 
-def _reference_index(records: list[FrameRecord]) -> int:
-    """Return the index of the frame whose centre is nearest the group's mean centre."""
-    vec = unit_vectors([r.ra for r in records], [r.dec for r in records])
-    centre = vec.mean(axis=0)
-    return int(np.argmax(vec @ centre))
-
-
 @dataclass
 class TileTask:
     """Everything one master tile needs, picklable: a task for any executor (:mod:`zemosaic_executor`).
@@ -478,6 +475,7 @@ class TileResult:
     backend: str
     skipped: list
     frame_photometry: list = field(default_factory=list)
+    reference_reason: str = ""
 
 
 def _tile_name(index: int) -> str:
@@ -492,48 +490,105 @@ def _frame_loader(rec, config):
     return lambda: zfits.load_frame(rec.path, hot_pixels=config.correct_hot_pixels, wcs=rec.wcs).data
 
 
-def _first_loadable(records, order, config, ctx, skipped):
-    """Return ``(position in order, data)`` of the first frame of ``order`` that loads, or ``(None, None)``.
+@dataclass(frozen=True)
+class FrameMeasures:
+    """What is measured once on a frame as loaded (before resampling): its stars
+    (:func:`zemosaic_align_stack.alignment_stars`), its quality (:mod:`zemosaic_quality`) and its
+    ``(C,)`` noise (:func:`zemosaic_align_stack.image_noise_sigmas`)."""
 
-    Frames that fail to load are appended to ``skipped`` with their reason.
+    stars: np.ndarray
+    quality: zq.FrameQuality
+    noise: np.ndarray
+
+
+def measure_frame(data) -> FrameMeasures:
+    """Return the :class:`FrameMeasures` of a loaded ``(H, W, C)`` frame."""
+    stars = stk.alignment_stars(data)
+    return FrameMeasures(stars, zq.frame_quality(data, stars), stk.image_noise_sigmas(data))
+
+
+def _measuring_loader(rec, config, measures: dict, key, loaded: dict):
+    """Return a loader of ``rec`` that puts its :class:`FrameMeasures` in ``measures[key]``.
+
+    A frame already in ``loaded`` (and measured) is handed over from there instead of read again.
     """
-    for position, i in enumerate(order):
-        ctx.check_cancel()
-        try:
-            return position, _frame_loader(records[i], config)()
-        except zfits.FrameError as exc:
-            skipped.append({"path": records[i].path, "reason": str(exc)})
-    return None, None
-
-
-def _noise_measured(loader, noise: dict, key):
-    """Return ``loader`` that also puts its frame's :func:`zemosaic_align_stack.image_noise_sigmas`
-    in ``noise[key]``: the noise of the frame as loaded, before resampling changes it."""
     def load():
-        data = loader()
-        noise[key] = stk.image_noise_sigmas(data)
+        if key in loaded:
+            return loaded.pop(key)
+        data = _frame_loader(rec, config)()
+        measures[key] = measure_frame(data)
         return data
     return load
 
 
-def _load_and_align_group(task: TileTask, ctx, skipped: list):
-    """Load, debayer and align a group's frames; returns ``(stack, used records, tile WCS, noise)``.
+def _reference_candidates(records, config, ctx, skipped, measures: dict, loaded: dict):
+    """Load and measure the frames nearest the group centre; returns ``(candidates, unloadable)``.
 
-    The reference (the frame nearest the group centre that loads) is loaded first and sits in
-    slot 0; the others are loaded and aligned onto its canvas by
+    ``candidates``: the indices of up to :data:`zemosaic_quality.REFERENCE_CANDIDATES` of them that
+    loaded, nearest first, their data left in ``loaded`` for the alignment; ``unloadable``: those
+    that failed to load on the way, appended to ``skipped`` with the reason.
+    """
+    candidates, unloadable = [], set()
+    for i in zq.centre_order([r.ra for r in records], [r.dec for r in records]):
+        if len(candidates) == zq.REFERENCE_CANDIDATES:
+            break
+        ctx.check_cancel()
+        try:
+            loaded[i] = _frame_loader(records[i], config)()
+        except zfits.FrameError as exc:
+            skipped.append({"path": records[i].path, "reason": str(exc)})
+            unloadable.add(i)
+            continue
+        measures[i] = measure_frame(loaded[i])
+        candidates.append(i)
+    return candidates, unloadable
+
+
+def _screened_positions(group, measures: list, config) -> dict:
+    """Return ``{position: reason}`` of the aligned frames of ``group`` that screening leaves out.
+
+    Frames are compared within their observing session (:func:`zemosaic_quality.observing_sessions`:
+    a night's sky and an exposure's star light are not another's); the reference, in position 0,
+    is the tile's grid and stays.
+    """
+    sessions = zq.observing_sessions([r.info.date_obs for r in group], [r.info.exptime for r in group])
+    screened = {}
+    for session in sessions:
+        found = zq.screen_frames([measures[p].quality for p in session], config)
+        screened.update({session[k]: reason for k, reason in found.items() if session[k] != 0})
+    return screened
+
+
+def _pack_frames(stack, keep: list) -> None:
+    """Move the frames at positions ``keep`` (ascending) to the front of ``stack``, in order."""
+    for new, old in enumerate(keep):
+        if new != old:
+            stack[new] = stack[old]
+
+
+def _load_and_align_group(task: TileTask, ctx, skipped: list):
+    """Load, measure, screen and align a group's frames.
+
+    Returns ``(stack, used records, tile WCS, used FrameMeasures, reference reason)``. The
+    reference is chosen by quality among the frames nearest the group centre
+    (:func:`zemosaic_quality.choose_reference`: no trail, most stars, sharpest) and sits in slot
+    0; the others are loaded, measured and aligned onto its canvas by
     :func:`zemosaic_align_stack.align_images_in_group`, ``task.threads`` at a time, into a
-    preallocated (possibly disk-backed) stack. ``noise`` is the ``(n used, C)`` sky noise of each
-    used frame as loaded (before resampling). Frames that fail to load or align are appended to
+    preallocated (possibly disk-backed) stack, their stars found once for both. Frames that fail
+    to load or align, or that screening leaves out (:func:`_screened_positions`), are appended to
     ``skipped`` with their reason.
     """
     records, config = task.records, task.config
-    ref_i = _reference_index(records)
-    order = [ref_i] + [i for i in range(len(records)) if i != ref_i]
-    first, reference = _first_loadable(records, order, config, ctx, skipped)
-    if reference is None:
-        return None, [], None, None
-    group = [records[i] for i in order[first:]]
-    noise = {0: stk.image_noise_sigmas(reference)}
+    measures, loaded = {}, {}
+    candidates, unloadable = _reference_candidates(records, config, ctx, skipped, measures, loaded)
+    if not candidates:
+        return None, [], None, [], ""
+    ref_i, reason = zq.choose_reference({i: measures[i].quality for i in candidates}, candidates,
+                                        names=[os.path.basename(r.path) for r in records])
+    logger.debug("%s: reference %s", task.label, reason)
+    order = [ref_i] + [i for i in range(len(records)) if i != ref_i and i not in unloadable]
+    group = [records[i] for i in order]
+    reference = loaded.pop(ref_i)
     shape_ref = reference.shape[:2]
     # Sized by every frame of the group: their pixels are not read yet.
     canvas = stk.group_canvas(group[0].wcs, shape_ref, [(r.wcs, r.info.shape_hw) for r in records])
@@ -543,25 +598,31 @@ def _load_and_align_group(task: TileTask, ctx, skipped: list):
     def on_frame(k, ok):
         ctx.check_cancel()
         if ok:
-            ctx.advance("master_tiles", first + k + 1, len(order),
+            ctx.advance("master_tiles", len(unloadable) + k + 1, len(records),
                         f"{task.label}: aligned {os.path.basename(group[k].path)}")
 
     try:
         aligned, failed = stk.align_images_in_group(
-            [reference] + [_noise_measured(_frame_loader(r, config), noise, k + 1) for k, r in enumerate(group[1:])],
-            0, [r.wcs for r in group],
-            config.align_method, canvas=canvas, out=stack, threads=task.threads, on_frame=on_frame,
-            skip=(zfits.FrameError,))
+            [reference] + [_measuring_loader(records[i], config, measures, i, loaded) for i in order[1:]],
+            0, [r.wcs for r in group], config.align_method, canvas=canvas, out=stack,
+            reference_stars=measures[ref_i].stars, threads=task.threads, on_frame=on_frame,
+            skip=(zfits.FrameError,), stars_of=lambda k: measures[order[k]].stars)
     except BaseException:  # a cancel or an error: a disk-backed stack's file goes with it
         zexec.release_stack(stack)
         raise
-    skipped += [{"path": group[k].path, "reason": reason} for k, reason in failed]
-    used = [r for r, frame in zip(group, aligned) if frame is not None]
-    used_noise = np.array([noise[k] for k, frame in enumerate(aligned) if frame is not None])
+    skipped += [{"path": group[k].path, "reason": why} for k, why in failed]
+    ok = [k for k, frame in enumerate(aligned) if frame is not None]
+    used, used_measures = [group[k] for k in ok], [measures[order[k]] for k in ok]
+    screened = _screened_positions(used, used_measures, config)
+    if screened:
+        skipped += [{"path": used[p].path, "reason": f"screened out: {why}"} for p, why in screened.items()]
+        keep = [p for p in range(len(used)) if p not in screened]
+        _pack_frames(stack, keep)
+        used, used_measures = [used[p] for p in keep], [used_measures[p] for p in keep]
     if len(used) < len(records):
         stack, canvas = stk.crop_canvas(stack, canvas, group[0].wcs, shape_ref,
                                         [(r.wcs, r.info.shape_hw) for r in used])
-    return stack, used, canvas.wcs, used_noise
+    return stack, used, canvas.wcs, used_measures, reason
 
 
 def _photometric_reference(gains, offsets):
@@ -576,15 +637,16 @@ def _photometric_reference(gains, offsets):
     return gains / scale, offsets / scale
 
 
-def _frame_photometry(used, gains, offsets, weights, noise) -> list:
-    """Return, per stacked frame, ``{"path", "gain_rgb", "offset_rgb", "weight_rgb", "noise_rgb"}``
-    (JSON-able; ``noise_rgb``: its sky noise sigma in ADU as loaded)."""
+def _frame_photometry(used, gains, offsets, weights, measures) -> list:
+    """Return, per stacked frame, ``{"path", "gain_rgb", "offset_rgb", "weight_rgb", "noise_rgb",
+    "quality"}`` (JSON-able; ``noise_rgb``: its noise sigma in ADU as loaded; ``quality``: its
+    :class:`zemosaic_quality.FrameQuality`)."""
     n, n_ch = gains.shape
     weights = np.ones((n, n_ch)) if weights is None else weights
     return [{"path": r.path, "gain_rgb": [round(float(v), 6) for v in g],
              "offset_rgb": [round(float(v), 3) for v in o], "weight_rgb": [round(float(v), 6) for v in w],
-             "noise_rgb": [round(float(v), 3) for v in sigma]}
-            for r, g, o, w, sigma in zip(used, gains, offsets, weights, noise)]
+             "noise_rgb": [round(float(v), 3) for v in m.noise], "quality": m.quality.to_dict()}
+            for r, g, o, w, m in zip(used, gains, offsets, weights, measures)]
 
 
 def _stack_group(stack, noise, config, use_gpu, tile_label, threads=1):
@@ -669,12 +731,12 @@ def build_master_tile(task: TileTask, ctx) -> TileResult:
     config, label = task.config, task.label
     skipped: list = []
     logger.debug("MT_COVERAGE: propagate_mask=True (%s, %d frames)", label, len(task.records))
-    stack, used, tile_wcs, noise = _load_and_align_group(task, ctx, skipped)
+    stack, used, tile_wcs, measures, reference_reason = _load_and_align_group(task, ctx, skipped)
     if not used:
         return TileResult(None, None, "", [], "", "", skipped)
     try:
-        image, coverage, backend, coefficients = _stack_group(stack, noise, config, task.use_gpu, label,
-                                                             task.threads)
+        image, coverage, backend, coefficients = _stack_group(stack, np.array([m.noise for m in measures]),
+                                                             config, task.use_gpu, label, task.threads)
     finally:
         zexec.release_stack(stack)
     zfits.write_image_fits(os.path.join(task.tiles_dir, _tile_name(task.index)), image, tile_wcs,
@@ -685,7 +747,7 @@ def build_master_tile(task: TileTask, ctx) -> TileResult:
     # The tile is used with the WCS its file holds, as a resumed run reads it: same mosaic.
     return TileResult(image, coverage, zfits.wcs_to_cd_header(tile_wcs).tostring(),
                       [r.path for r in used], used[0].path, backend, skipped,
-                      _frame_photometry(used, *coefficients, noise))
+                      _frame_photometry(used, *coefficients, measures), reference_reason)
 
 
 def _tile_key(members, config) -> str:
@@ -702,7 +764,7 @@ def _reuse_tile(index, entry, tiles_dir, report) -> MasterTile:
         report.skip(skipped["path"], skipped["reason"])
     logger.info("tile %03d: reused from an earlier run (%d frame(s))", index, len(entry["frames"]))
     return MasterTile(index, image, coverage, wcs, path, list(entry["frames"]), entry["reference"],
-                      entry["backend"], entry.get("frame_photometry", []))
+                      entry["backend"], entry.get("frame_photometry", []), entry.get("reference_reason", ""))
 
 
 def _finished_tile(task: TileTask, outcome, report) -> MasterTile | None:
@@ -724,7 +786,7 @@ def _finished_tile(task: TileTask, outcome, report) -> MasterTile | None:
         return None
     return MasterTile(task.index, result.image, result.coverage, zfits.wcs_from_text(result.wcs_text),
                       os.path.join(task.tiles_dir, _tile_name(task.index)), result.frames,
-                      result.reference, result.backend, result.frame_photometry)
+                      result.reference, result.backend, result.frame_photometry, result.reference_reason)
 
 
 def _run_tile_tasks(run, todo, manifest, n_groups: int):
@@ -756,7 +818,8 @@ def _run_tile_tasks(run, todo, manifest, n_groups: int):
                 manifest.record(_tile_name(task.index), key, frames=tile.frames,
                                 reference=tile.reference, backend=tile.backend,
                                 skipped=outcome.result.skipped,
-                                frame_photometry=tile.frame_photometry)
+                                frame_photometry=tile.frame_photometry,
+                                reference_reason=tile.reference_reason)
                 tiles.append(tile)
             run.advance("master_tiles", n_groups - len(todo) + k + 1, n_groups, f"{task.label} done")
     except zexec.WorkersLost as exc:
@@ -801,6 +864,7 @@ def build_master_tiles(run, records, groups) -> list[MasterTile]:
     for t in tiles:
         report.tiles.append({"index": t.index, "file": os.path.relpath(t.path, config.output_folder),
                              "frames": len(t.frames), "reference": t.reference,
+                             "reference_reason": t.reference_reason,
                              "backend": t.backend, "reused": t.index in reused,
                              "frame_photometry": t.frame_photometry})
     manifest.keep_only(os.path.basename(t.path) for t in tiles)
@@ -838,7 +902,7 @@ def downsampled_wcs(wcs, factor: int):
     return small
 
 
-def low_res_tiles(tiles: list[MasterTile], wcs_out, shape_out, max_side: int = 800) -> zph.LowResTiles:
+def low_res_tiles(tiles: list[MasterTile], wcs_out, shape_out, max_side: int = 800) -> ztp.LowResTiles:
     """Return the tiles on a grid of ``factor`` x ``factor`` output-pixel blocks (long side <= ``max_side``).
 
     Matching statistics need overlaps, not resolution: the coarse grid makes them cheap. Each tile
@@ -859,7 +923,7 @@ def low_res_tiles(tiles: list[MasterTile], wcs_out, shape_out, max_side: int = 8
                                             [np.nan_to_num(coverage)])
         images.append(image)
         weights.append(over_channels(np.minimum, weight))
-    return zph.LowResTiles(images, weights, factor)
+    return ztp.LowResTiles(images, weights, factor)
 
 
 @dataclass
@@ -915,32 +979,32 @@ def coadd_channels(inputs: AssemblyInputs, tile_images, label="Assembly"):
     return mosaic, coverage, gpu_all
 
 
-def run_second_pass_coverage_renorm(inputs: AssemblyInputs, low: zph.LowResTiles,
-                                    match: zph.TileMatch, config):
+def run_second_pass_coverage_renorm(inputs: AssemblyInputs, low: ztp.LowResTiles,
+                                    match: ztp.TileMatch, config):
     """Two-Pass: one gain per tile (all channels) from the pass-1 tiles, new offsets, a second co-add.
 
     Returns ``(mosaic (H,W,C), coverage (H,W), gains, gpu_all)``. The gains multiply the pass-1
     gains; they stay 1 where the pass-1 tiles already agree (see
-    :func:`zemosaic_photometry.two_pass_gains`). Backends never mix across channels (see
+    :func:`zemosaic_tile_photometry.two_pass_gains`). Backends never mix across channels (see
     :func:`coadd_channels`); one summary line names the backend used.
     """
-    gains = zph.two_pass_gains(low, match, config.two_pass_cov_sigma_px, config.two_pass_cov_gain_clip,
+    gains = ztp.two_pass_gains(low, match, config.two_pass_cov_sigma_px, config.two_pass_cov_gain_clip,
                                overlap_images(inputs.tiles, low, inputs.wcs_out, inputs.shape_out))
     logger.info("[TwoPass] tile gains: %s", ", ".join(f"{g:.4f}" for g in gains))
     total = match.gains * gains[:, None]
-    offsets = zph.background_offsets(low, total) if config.match_background \
+    offsets = ztp.background_offsets(low, total) if config.match_background \
         else match.offsets * gains[:, None]
     mosaic, coverage, gpu_all = inputs.coadd(total, offsets, "[TwoPass]")
     logger.info("[TwoPass] Two-pass reprojection backend: gpu_all=%s", gpu_all)
     return mosaic, over_channels(np.minimum, coverage), gains, gpu_all
 
 
-def overlap_images(tiles: list[MasterTile], low: zph.LowResTiles, wcs_out, shape_out):
+def overlap_images(tiles: list[MasterTile], low: ztp.LowResTiles, wcs_out, shape_out):
     """Return a function of ``(i, j, coarse overlap mask)`` giving tiles i and j at full resolution.
 
     Both are resampled alone onto the box of the output grid that holds their overlap (NaN where a
-    tile has no data), for :func:`zemosaic_photometry.block_pair_slopes` (pass 1) and
-    :func:`zemosaic_photometry.overlap_cell_ratios` (Two-Pass).
+    tile has no data), for :func:`zemosaic_tile_photometry.block_pair_slopes` (pass 1) and
+    :func:`zemosaic_tile_photometry.overlap_cell_ratios` (Two-Pass).
     """
     def images(i, j, both):
         rows, cols = np.nonzero(both)
@@ -953,16 +1017,16 @@ def overlap_images(tiles: list[MasterTile], low: zph.LowResTiles, wcs_out, shape
     return images
 
 
-def _tile_match(tiles, low, config, wcs_out, shape_out) -> zph.TileMatch:
+def _tile_match(tiles, low, config, wcs_out, shape_out) -> ztp.TileMatch:
     """Pass-1 photometric corrections: gains and offsets solved from the overlaps, or none."""
     n, n_ch = len(tiles), tiles[0].image.shape[2]
     if low is None:
-        return zph.TileMatch(np.ones((n, n_ch)), np.zeros((n, n_ch)), np.zeros(n, bool))
-    return zph.match_tiles(low, config.intertile_photometric_match, config.match_background,
+        return ztp.TileMatch(np.ones((n, n_ch)), np.zeros((n, n_ch)), np.zeros(n, bool))
+    return ztp.match_tiles(low, config.intertile_photometric_match, config.match_background,
                            overlap_images(tiles, low, wcs_out, shape_out))
 
 
-def _record_match(report, tiles, match: zph.TileMatch) -> None:
+def _record_match(report, tiles, match: ztp.TileMatch) -> None:
     """Write each tile's pass-1 gains and offsets into its entry of the run report."""
     for tile, gains, offsets, colour in zip(tiles, match.gains, match.offsets, match.colour_applied):
         entry = report.tile_entry(tile.index)

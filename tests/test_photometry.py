@@ -224,7 +224,7 @@ def test_colour_terms_shrink_together_keeping_their_ratios():
     """A tile of another night whose G term is imprecise: its R, G and B terms are damped by one
     factor, so the colour ratios between its channels stay as measured (a G term shrunk alone,
     to a third here, moved R/G and B/G by ~1 %)."""
-    import zemosaic_photometry as zp
+    import zemosaic_tile_photometry as zp
 
     d = np.array([0.0, np.log(1.10), np.log(0.99), np.log(0.90)])  # grey, then R, G, B
     sigma = np.array([0.01, 0.006, 0.02, 0.008])
@@ -238,7 +238,7 @@ def test_colour_terms_shrink_together_keeping_their_ratios():
 
 def test_a_large_colour_change_is_applied_even_when_measured_coarsely():
     """Another night's balance (B 15 % off) measured to 3 % per pair: applied, not dropped."""
-    import zemosaic_photometry as zp
+    import zemosaic_tile_photometry as zp
 
     d = np.array([0.0, 0.0, 0.0, np.log(1.15)])  # tile 0 ~ s * tile 1: grey, then R, G, B
     pairs = [(0, 1, d, np.full(4, 0.03)), (0, 2, d, np.full(4, 0.03)), (1, 2, np.zeros(4), np.full(4, 0.03))]
@@ -249,7 +249,7 @@ def test_a_large_colour_change_is_applied_even_when_measured_coarsely():
 
 
 def test_colour_terms_at_their_noise_are_not_applied():
-    import zemosaic_photometry as zp
+    import zemosaic_tile_photometry as zp
 
     d = np.array([0.0, 0.02, 0.0, -0.03])
     pairs = [(0, 1, d, np.full(4, 0.03)), (0, 2, d, np.full(4, 0.03)), (1, 2, np.zeros(4), np.full(4, 0.03))]

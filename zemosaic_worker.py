@@ -33,17 +33,17 @@ import zemosaic_display as zdisp
 import zemosaic_executor as zexec
 import zemosaic_fits as zfits
 import zemosaic_photometry as zph
-import zemosaic_quality as zq
 import zemosaic_tile_photometry as ztp
 import zemosaic_runstate as zrun
 import zemosaic_solve as zsolve
 from zemosaic_config import MosaicConfig, config_to_dict
 from zemosaic_executor import Cancelled  # noqa: F401  (part of this module's API)
+from zemosaic_master_tile import (CACHE_DIR, STACK_CACHE_DIR, TileTask,  # noqa: F401  (API)
+                                  build_master_tile, settings_history, tile_name)
 from zemosaic_utils import (GpuBackendError, block_mean, compute_pixel_mapping, gpu_available,
                             gpu_unavailable_reason, map_threads, optimal_celestial_grid, over_channels,
                             reproject_and_coadd, unit_vectors)
-
-__version__ = "0.1.0"
+from zemosaic_version import __version__
 
 logger = logging.getLogger(__name__)
 
@@ -59,9 +59,7 @@ UINT16_NAME = "zemosaic_mosaic_uint16.fits"
 OUTPUT_NAMES = {"mosaic": MOSAIC_NAME, "coverage": COVERAGE_NAME, "preview": PREVIEW_NAME,
                 "display": DISPLAY_NAME, "report": REPORT_NAME}
 TILES_DIR = "master_tiles"
-CACHE_DIR = ".zemosaic_cache"
 WCS_CACHE_DIR = "wcs"
-STACK_CACHE_DIR = "stacks"
 
 PHASES = ("scan", "solve", "group", "master_tiles", "grid", "assembly", "write")
 
@@ -435,321 +433,6 @@ def group_frames(run: Run, records: list[FrameRecord]) -> list[list[int]]:
 # --------------------------------------------------------------------------------------------------
 
 
-@dataclass
-class TileTask:
-    """Everything one master tile needs, picklable: a task for any executor (:mod:`zemosaic_executor`).
-
-    ``ram_share``: how many tile tasks may run at once on one machine (they share its RAM budget);
-    ``threads``: the cores the task may use (frames aligned, chunks stacked at once).
-    Workers read the frames and write the tile through these paths.
-    """
-
-    index: int
-    records: list
-    config: MosaicConfig
-    tiles_dir: str
-    use_gpu: bool
-    ram_share: int = 1
-    threads: int = 1
-
-    @property
-    def label(self) -> str:
-        return f"tile {self.index:03d}"
-
-    @property
-    def cache_dir(self) -> str:
-        return os.path.join(self.config.output_folder, CACHE_DIR, STACK_CACHE_DIR)
-
-
-@dataclass
-class TileResult:
-    """What a tile task returns: the tile (``image`` None when no frame could be loaded), its WCS
-    as header text (it travels between processes unchanged), used frames, and the frames skipped
-    (``{"path", "reason"}``) and the frames' photometry for the caller's report."""
-
-    image: np.ndarray | None
-    coverage: np.ndarray | None
-    wcs_text: str
-    frames: list
-    reference: str
-    backend: str
-    skipped: list
-    frame_photometry: list = field(default_factory=list)
-    reference_reason: str = ""
-
-
-def _tile_name(index: int) -> str:
-    return f"master_tile_{index:03d}.fits"
-
-
-def _frame_loader(rec, config):
-    """Return a zero-argument callable that loads a frame's debayered data.
-
-    It raises :class:`zemosaic_fits.FrameError` when the frame cannot be used.
-    """
-    return lambda: zfits.load_frame(rec.path, hot_pixels=config.correct_hot_pixels, wcs=rec.wcs).data
-
-
-@dataclass(frozen=True)
-class FrameMeasures:
-    """What is measured once on a frame as loaded (before resampling): its stars
-    (:func:`zemosaic_align_stack.alignment_stars`), its quality (:mod:`zemosaic_quality`) and its
-    ``(C,)`` noise (:func:`zemosaic_align_stack.image_noise_sigmas`)."""
-
-    stars: np.ndarray
-    quality: zq.FrameQuality
-    noise: np.ndarray
-
-
-def measure_frame(data) -> FrameMeasures:
-    """Return the :class:`FrameMeasures` of a loaded ``(H, W, C)`` frame."""
-    stars = stk.alignment_stars(data)
-    return FrameMeasures(stars, zq.frame_quality(data, stars), stk.image_noise_sigmas(data))
-
-
-def _measuring_loader(rec, config, measures: dict, key, loaded: dict):
-    """Return a loader of ``rec`` that puts its :class:`FrameMeasures` in ``measures[key]``.
-
-    A frame already in ``loaded`` (and measured) is handed over from there instead of read again.
-    """
-    def load():
-        if key in loaded:
-            return loaded.pop(key)
-        data = _frame_loader(rec, config)()
-        measures[key] = measure_frame(data)
-        return data
-    return load
-
-
-def _reference_candidates(records, config, ctx, skipped, measures: dict, loaded: dict):
-    """Load and measure the frames nearest the group centre; returns ``(candidates, unloadable)``.
-
-    ``candidates``: the indices of up to :data:`zemosaic_quality.REFERENCE_CANDIDATES` of them that
-    loaded, nearest first, their data left in ``loaded`` for the alignment; ``unloadable``: those
-    that failed to load on the way, appended to ``skipped`` with the reason.
-    """
-    candidates, unloadable = [], set()
-    for i in zq.centre_order([r.ra for r in records], [r.dec for r in records]):
-        if len(candidates) == zq.REFERENCE_CANDIDATES:
-            break
-        ctx.check_cancel()
-        try:
-            loaded[i] = _frame_loader(records[i], config)()
-        except zfits.FrameError as exc:
-            skipped.append({"path": records[i].path, "reason": str(exc)})
-            unloadable.add(i)
-            continue
-        measures[i] = measure_frame(loaded[i])
-        candidates.append(i)
-    return candidates, unloadable
-
-
-def _screened_positions(group, measures: list, config) -> dict:
-    """Return ``{position: reason}`` of the aligned frames of ``group`` that screening leaves out.
-
-    Frames are compared within their observing session (:func:`zemosaic_quality.observing_sessions`:
-    a night's sky and an exposure's star light are not another's); the reference, in position 0,
-    is the tile's grid and stays.
-    """
-    sessions = zq.observing_sessions([r.info.date_obs for r in group], [r.info.exptime for r in group])
-    screened = {}
-    for session in sessions:
-        found = zq.screen_frames([measures[p].quality for p in session], config)
-        screened.update({session[k]: reason for k, reason in found.items() if session[k] != 0})
-    return screened
-
-
-def _pack_frames(stack, keep: list) -> None:
-    """Move the frames at positions ``keep`` (ascending) to the front of ``stack``, in order."""
-    for new, old in enumerate(keep):
-        if new != old:
-            stack[new] = stack[old]
-
-
-def _load_and_align_group(task: TileTask, ctx, skipped: list):
-    """Load, measure, screen and align a group's frames.
-
-    Returns ``(stack, used records, tile WCS, used FrameMeasures, reference reason)``. The
-    reference is chosen by quality among the frames nearest the group centre
-    (:func:`zemosaic_quality.choose_reference`: no trail, most stars, sharpest) and sits in slot
-    0; the others are loaded, measured and aligned onto its canvas by
-    :func:`zemosaic_align_stack.align_images_in_group`, ``task.threads`` at a time, into a
-    preallocated (possibly disk-backed) stack, their stars found once for both. Frames that fail
-    to load or align, or that screening leaves out (:func:`_screened_positions`), are appended to
-    ``skipped`` with their reason.
-    """
-    records, config = task.records, task.config
-    measures, loaded = {}, {}
-    candidates, unloadable = _reference_candidates(records, config, ctx, skipped, measures, loaded)
-    if not candidates:
-        return None, [], None, [], ""
-    ref_i, reason = zq.choose_reference({i: measures[i].quality for i in candidates}, candidates,
-                                        names=[os.path.basename(r.path) for r in records])
-    logger.debug("%s: reference %s", task.label, reason)
-    order = [ref_i] + [i for i in range(len(records)) if i != ref_i and i not in unloadable]
-    group = [records[i] for i in order]
-    reference = loaded.pop(ref_i)
-    shape_ref = reference.shape[:2]
-    # Sized by every frame of the group: their pixels are not read yet.
-    canvas = stk.group_canvas(group[0].wcs, shape_ref, [(r.wcs, r.info.shape_hw) for r in records])
-    stack = zexec.allocate_stack((len(group),) + canvas.shape + reference.shape[2:],
-                                 task.cache_dir, task.ram_share)
-
-    def on_frame(k, ok):
-        ctx.check_cancel()
-        if ok:
-            ctx.advance("master_tiles", len(unloadable) + k + 1, len(records),
-                        f"{task.label}: aligned {os.path.basename(group[k].path)}")
-
-    try:
-        aligned, failed = stk.align_images_in_group(
-            [reference] + [_measuring_loader(records[i], config, measures, i, loaded) for i in order[1:]],
-            0, [r.wcs for r in group], config.align_method, canvas=canvas, out=stack,
-            reference_stars=measures[ref_i].stars, threads=task.threads, on_frame=on_frame,
-            skip=(zfits.FrameError,), stars_of=lambda k: measures[order[k]].stars)
-    except BaseException:  # a cancel or an error: a disk-backed stack's file goes with it
-        zexec.release_stack(stack)
-        raise
-    skipped += [{"path": group[k].path, "reason": why} for k, why in failed]
-    ok = [k for k, frame in enumerate(aligned) if frame is not None]
-    used, used_measures = [group[k] for k in ok], [measures[order[k]] for k in ok]
-    screened = _screened_positions(used, used_measures, config)
-    if screened:
-        skipped += [{"path": used[p].path, "reason": f"screened out: {why}"} for p, why in screened.items()]
-        keep = [p for p in range(len(used)) if p not in screened]
-        _pack_frames(stack, keep)
-        used, used_measures = [used[p] for p in keep], [used_measures[p] for p in keep]
-    if len(used) < len(records):
-        stack, canvas = stk.crop_canvas(stack, canvas, group[0].wcs, shape_ref,
-                                        [(r.wcs, r.info.shape_hw) for r in used])
-    return stack, used, canvas.wcs, used_measures, reason
-
-
-def _photometric_reference(gains, offsets):
-    """Return coefficients rescaled to the level of the most transparent frame of the group.
-
-    Normalisation maps every frame onto the geometric reference; clouds and haze only dim a frame,
-    so the frame needing the smallest gain is the clearest and its level is the best estimate of
-    the true flux. The rescale is one number for all channels (haze is grey): per-channel noise in
-    that one frame's gains must not tint the tile.
-    """
-    scale = float(np.min(np.mean(gains, axis=1)))
-    return gains / scale, offsets / scale
-
-
-def _frame_photometry(used, gains, offsets, weights, measures) -> list:
-    """Return, per stacked frame, ``{"path", "gain_rgb", "offset_rgb", "weight_rgb", "noise_rgb",
-    "quality"}`` (JSON-able; ``noise_rgb``: its noise sigma in ADU as loaded; ``quality``: its
-    :class:`zemosaic_quality.FrameQuality`)."""
-    n, n_ch = gains.shape
-    weights = np.ones((n, n_ch)) if weights is None else weights
-    return [{"path": r.path, "gain_rgb": [round(float(v), 6) for v in g],
-             "offset_rgb": [round(float(v), 3) for v in o], "weight_rgb": [round(float(v), 6) for v in w],
-             "noise_rgb": [round(float(v), 3) for v in m.noise], "quality": m.quality.to_dict()}
-            for r, g, o, w, m in zip(used, gains, offsets, weights, measures)]
-
-
-def _stack_group(stack, noise, config, use_gpu, tile_label, threads=1):
-    """Normalise, weight, reject and combine an aligned stack, ``threads`` frames or chunks at once.
-
-    ``noise`` is the ``(n, C)`` sky noise of the stack's first n frames before resampling: it sets
-    the weights, so that frames of equal noise weigh the same whatever their sub-pixel shifts
-    (resampling lowers a frame's pixel noise by up to 2x, and the reference is not resampled).
-    The rejection's floor is the spread of the aligned samples, measured on the aligned frames.
-    Returns ``(image, coverage, backend, (gains, offsets, weights))``, the coefficients per frame.
-    """
-    view = stack[:len(noise)]
-    gains, offsets = stk.normalization_coefficients(view, 0, config.stacking_normalize_method,
-                                                    threads=threads)
-    if config.stacking_normalize_method == "linear_fit":
-        gains, offsets = _photometric_reference(gains, offsets)
-    sigmas = stk.frame_noise_sigmas(view, gains, threads=threads)
-    weights = None
-    if config.stacking_weighting_method == "noise_variance":
-        weights = stk.noise_variance_weights(view, gains, sigmas=stk.filled_noise_sigmas(noise * gains))
-    params = stk.StackParams(config.stacking_rejection_algorithm, config.stacking_kappa_low,
-                             config.stacking_kappa_high, tuple(config.stacking_winsor_limits),
-                             config.stacking_final_combine_method,
-                             config.stacking_kappa_max_iterations)
-    if use_gpu:
-        from zemosaic_align_stack_gpu import stack_in_chunks_gpu
-
-        try:
-            image, coverage = stack_in_chunks_gpu(view, gains, offsets, weights, params, noise_sigmas=sigmas)
-            return image, coverage, "gpu", (gains, offsets, weights)
-        except GpuBackendError as exc:
-            logger.warning("%s: GPU stacking failed (%s); stacking this tile on CPU", tile_label, exc)
-    image, coverage = _stack_on_cpu(view, gains, offsets, weights, params, sigmas, threads)
-    return image, coverage, "cpu", (gains, offsets, weights)
-
-
-def _stack_on_cpu(stack, gains, offsets, weights, p, sigmas, threads):
-    """Return ``(image, coverage)``; winsorized rejection, the default, goes through its front door."""
-    if p.rejection != "winsorized_sigma_clip":
-        return stk.stack_in_chunks(stack, gains, offsets, weights, p, noise_sigmas=sigmas, threads=threads)
-    return stk.stack_winsorized_sigma_clip(stack, weights, p.kappa_low, p.kappa_high, p.winsor_limits,
-                                           p.combine, max_iterations=p.max_iterations, gains=gains,
-                                           offsets=offsets, noise_sigmas=sigmas, threads=threads)
-
-
-def _settings_history(config) -> list:
-    """Return HISTORY cards naming the program version and every setting of the run."""
-    lines = [f"ZeMosaic {__version__}"]
-    lines += [f"{key} = {json.dumps(value)}" for key, value in config_to_dict(config).items()]
-    return [("HISTORY", zfits.card_text(line, 72)) for line in lines]
-
-
-def _tile_header_cards(config, used, reference, backend) -> list:
-    """Return the provenance cards written into a master tile."""
-    return [
-        ("ZMVERS", __version__, "ZeMosaic version"),
-        ("NFRAMES", len(used), "frames stacked"),
-        ("BUNIT", "adu", "linear, sensor units after normalisation"),
-        *zfits.observation_cards([r.info.header for r in used]),
-        ("REFFRAME", zfits.card_text(os.path.basename(reference)), None),
-        ("NORMMETH", config.stacking_normalize_method, "normalisation"),
-        ("WEIGMETH", config.stacking_weighting_method, "frame weighting"),
-        ("REJALGO", config.stacking_rejection_algorithm, "pixel rejection"),
-        ("KAPPALO", float(config.stacking_kappa_low), "rejection kappa low"),
-        ("KAPPAHI", float(config.stacking_kappa_high), "rejection kappa high"),
-        ("WINSORLO", float(config.stacking_winsor_limits[0]), "winsor limit low"),
-        ("WINSORHI", float(config.stacking_winsor_limits[1]), "winsor limit high"),
-        ("COMBINE", config.stacking_final_combine_method, "final combine"),
-        ("QUANTMTH", "sorted-nan-aware", "NaN-safe winsor quantiles"),
-        ("STACKBE", backend, "stacking backend"),
-        *_settings_history(config),
-    ]
-
-
-def build_master_tile(task: TileTask, ctx) -> TileResult:
-    """Phase 3 for one group, a tile task: align, stack and write ``master_tile_NNN.fits``.
-
-    ``ctx`` gives progress and cancellation (the :class:`Run` in this process, a
-    :class:`zemosaic_executor.WorkerContext` elsewhere). Frames that cannot be used are listed in
-    the result, for the caller's report.
-    """
-    config, label = task.config, task.label
-    skipped: list = []
-    logger.debug("MT_COVERAGE: propagate_mask=True (%s, %d frames)", label, len(task.records))
-    stack, used, tile_wcs, measures, reference_reason = _load_and_align_group(task, ctx, skipped)
-    if not used:
-        return TileResult(None, None, "", [], "", "", skipped)
-    try:
-        image, coverage, backend, coefficients = _stack_group(stack, np.array([m.noise for m in measures]),
-                                                             config, task.use_gpu, label, task.threads)
-    finally:
-        zexec.release_stack(stack)
-    zfits.write_image_fits(os.path.join(task.tiles_dir, _tile_name(task.index)), image, tile_wcs,
-                           coverage=coverage,
-                           header_cards=_tile_header_cards(config, used, used[0].path, backend))
-    logger.info("%s: %d frame(s) stacked (%s, %s)", label, len(used),
-                config.stacking_rejection_algorithm, backend)
-    # The tile is used with the WCS its file holds, as a resumed run reads it: same mosaic.
-    return TileResult(image, coverage, zfits.wcs_to_cd_header(tile_wcs).tostring(),
-                      [r.path for r in used], used[0].path, backend, skipped,
-                      _frame_photometry(used, *coefficients, measures), reference_reason)
-
-
 def _tile_key(members, config) -> str:
     """Return the manifest key of a group's tile: its frames' contents and WCSs, the settings."""
     wcs_texts = [zfits.wcs_to_cd_header(r.wcs).tostring() for r in members]
@@ -758,7 +441,7 @@ def _tile_key(members, config) -> str:
 
 def _reuse_tile(index, entry, tiles_dir, report) -> MasterTile:
     """Return a tile a previous run finished, read back from its file (its skips replayed)."""
-    path = os.path.join(tiles_dir, _tile_name(index))
+    path = os.path.join(tiles_dir, tile_name(index))
     image, wcs, coverage, _ = zfits.read_image_fits(path)
     for skipped in entry.get("skipped", []):
         report.skip(skipped["path"], skipped["reason"])
@@ -785,7 +468,7 @@ def _finished_tile(task: TileTask, outcome, report) -> MasterTile | None:
         logger.warning("%s: no frame could be loaded; tile dropped", task.label)
         return None
     return MasterTile(task.index, result.image, result.coverage, zfits.wcs_from_text(result.wcs_text),
-                      os.path.join(task.tiles_dir, _tile_name(task.index)), result.frames,
+                      os.path.join(task.tiles_dir, tile_name(task.index)), result.frames,
                       result.reference, result.backend, result.frame_photometry, result.reference_reason)
 
 
@@ -815,7 +498,7 @@ def _run_tile_tasks(run, todo, manifest, n_groups: int):
             task, key = todo[outcome.index]
             tile = _finished_tile(task, outcome, report)
             if tile is not None:
-                manifest.record(_tile_name(task.index), key, frames=tile.frames,
+                manifest.record(tile_name(task.index), key, frames=tile.frames,
                                 reference=tile.reference, backend=tile.backend,
                                 skipped=outcome.result.skipped,
                                 frame_photometry=tile.frame_photometry,
@@ -851,7 +534,7 @@ def build_master_tiles(run, records, groups) -> list[MasterTile]:
         run.check_cancel()
         members = [records[i] for i in group]
         key = _tile_key(members, config)
-        entry = manifest.reusable(_tile_name(gi), key) if config.resume == "auto" else None
+        entry = manifest.reusable(tile_name(gi), key) if config.resume == "auto" else None
         if entry is None:
             todo.append((TileTask(gi, members, config, tiles_dir, use_gpu), key))
             continue
@@ -1113,7 +796,7 @@ def _mosaic_cards(config, report, tiles) -> list:
             *zfits.observation_cards(tile_headers),
             ("ASMENG", config.assembly_engine, "assembly engine"),
             ("ASMBE", report.backends.get("assembly", "cpu"), "assembly backend"),
-            *_settings_history(config)]
+            *settings_history(config)]
 
 
 def _uint16_copy(mosaic) -> tuple[np.ndarray, list]:

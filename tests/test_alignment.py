@@ -186,7 +186,7 @@ def test_worker_logs_mt_coverage_and_falls_back_to_cpu(tmp_path, caplog, monkeyp
 
     monkeypatch.setattr(zemosaic_align_stack_gpu, "stack_in_chunks_gpu", broken)
     (tmp_path / "o" / "tiles").mkdir(parents=True)
-    with caplog.at_level(logging.DEBUG, logger="zemosaic_worker"):
+    with caplog.at_level(logging.DEBUG, logger="zemosaic_master_tile"):
         tile = zw.build_master_tile(zw.TileTask(0, records, config, str(tmp_path / "o" / "tiles"),
                                                 use_gpu=True), run)
     assert "MT_COVERAGE: propagate_mask=True" in caplog.text

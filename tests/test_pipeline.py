@@ -303,7 +303,7 @@ def test_cli_debug_shows_traceback_and_mt_coverage(tmp_path):
     cfg.write_text(json.dumps({"input_folder": info["frames_dir"], "output_folder": str(tmp_path / "o")}))
     proc = _cli(cfg, "--log-level", "DEBUG")
     assert proc.returncode == 0, proc.stderr
-    assert "DEBUG zemosaic_worker: MT_COVERAGE: propagate_mask=True (tile 000, 3 frames)" in proc.stderr
+    assert "DEBUG zemosaic_master_tile: MT_COVERAGE: propagate_mask=True (tile 000, 3 frames)" in proc.stderr
     assert "Traceback" not in proc.stderr
     missing = tmp_path / "missing"
     cfg.write_text(json.dumps({"input_folder": str(missing), "output_folder": str(tmp_path / "o2")}))

@@ -1,7 +1,7 @@
 """The classic ZeMosaic pipeline: scan, group, master tiles, grid, assembly, write.
 
 ``run_mosaic(config, progress=None, cancel=None)`` runs it; ``python -m zemosaic_worker
-CONFIG.json`` is the command line. See DESIGN.md section 3 for the phases and outputs.
+CONFIG.json`` is the command line. See docs/architecture.md for the phases and outputs.
 
 Each phase takes the run's :class:`Run`: its settings, its :class:`RunReport` (what the run did,
 returned to the caller as such and written as ``zemosaic_run.json``), the progress callback

@@ -42,6 +42,7 @@ bench: peers $(VENV)/.installed-test
 	$(PY) benchmarks/bench_solve.py
 	$(PY) benchmarks/bench_photometry.py
 	$(PY) benchmarks/bench_debayer.py
+	$(PY) benchmarks/bench_robustness.py
 
 clean:
 	rm -rf $(DEMO) .pytest_cache

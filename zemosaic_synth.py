@@ -23,7 +23,7 @@ with transparency 1.0, *excluding* that frame's own additive sky pedestal::
 
 Each raw Bayer pixel samples only its own colour channel of that expectation
 (GRBG: row 0 = G R G R ..., row 1 = B G B G ...).  On top of it come sensor-fixed
-hot pixels, a satellite trail in exactly one frame, Poisson noise (gain in e-/ADU)
+hot pixels, a satellite trail in one frame (or in chosen frames), Poisson noise (gain in e-/ADU)
 and Gaussian read noise, then rounding and clipping to 0..65535.
 
 Determinism: every random choice is drawn from ``numpy.random.default_rng`` seeded
@@ -108,6 +108,8 @@ __all__ = [
     "load_truth",
     "load_sky_model",
     "expected_frame_rgb",
+    "sky_gradient_plane",
+    "SATELLITE_FRAME_MODES",
     "main",
     # re-exported from zemosaic_synth_sky
     "PIXEL_SCALE_ARCSEC",
@@ -169,7 +171,7 @@ _KNOWN_OPTIONS = {
     "noise": True,
     "hot_pixels": True,  # True -> density default, False/0 -> none, int -> that many
     "satellite": True,
-    "satellite_frame": None,  # None -> random frame index
+    "satellite_frame": None,  # None -> random frame index; int, list of ints, "central", "first_noncentral"
     "fwhm_px": DEFAULT_FWHM_PX,
     "star_density": DEFAULT_STAR_DENSITY,
     "mag_range": DEFAULT_MAG_RANGE,
@@ -181,6 +183,17 @@ _KNOWN_OPTIONS = {
     "write_wcs": True,
     "pointing_error_deg": 0.0,
 }
+
+# Options added later: recorded in truth.json only when set, so that a dataset made without them
+# is byte for byte the one made before they existed.
+_OPTIONAL_OPTIONS = {
+    "satellite_panels": None,  # panels whose frame gets a trail for satellite_frame "central"/...
+    "panel_sky_gradient": None,  # None -> flat sky pedestal; else one (gx, gy) per panel
+}
+_KNOWN_OPTIONS.update(_OPTIONAL_OPTIONS)
+
+#: ``satellite_frame`` values that pick a frame per panel from the planned frame centres.
+SATELLITE_FRAME_MODES = ("central", "first_noncentral")
 
 
 # --------------------------------------------------------------------------------------
@@ -196,19 +209,38 @@ def expected_bayer_frame(
     transparency: float | Sequence[float] = 1.0,
     sky_pedestal_rgb: Sequence[float] = DEFAULT_SKY_PEDESTAL_RGB,
     pattern: str = BAYER_PATTERN,
+    sky_gradient: Sequence[float] | None = None,
 ) -> np.ndarray:
     """Noiseless, defect-free raw frame (float64, (H, W)): ``t*model + pedestal`` per site.
 
     ``transparency`` is one number or one per channel (R, G, B): a coloured transparency
-    models a night whose extinction or colour response differs.
+    models a night whose extinction or colour response differs. ``sky_gradient`` ``(gx, gy)``
+    tilts the pedestal across the sensor (:func:`sky_gradient_plane`).
     """
     raw = model.render_bayer(wcs, shape, pattern)
     if np.ndim(transparency) == 0:
         raw *= float(transparency)
     else:
         raw *= np.asarray(transparency, float)[bayer_channel_map(shape, pattern)]
-    raw += np.asarray(sky_pedestal_rgb, float)[bayer_channel_map(shape, pattern)]
+    pedestal = np.asarray(sky_pedestal_rgb, float)[bayer_channel_map(shape, pattern)]
+    if sky_gradient is not None:
+        pedestal *= sky_gradient_plane(shape, sky_gradient)
+    raw += pedestal
     return raw
+
+
+def sky_gradient_plane(shape: Sequence[int], gradient: Sequence[float]) -> np.ndarray:
+    """Return the ``(H, W)`` factor ``1 + gx * (x / (W-1) - 1/2) + gy * (y / (H-1) - 1/2)``.
+
+    It multiplies a frame's sky pedestal: light pollution or moonlight brightening the sky towards
+    one side of the sensor by the fraction ``gx`` from the left to the right edge and ``gy`` from
+    the first to the last row. Fixed to the sensor, as the horizon is for an alt-az mount.
+    """
+    ny, nx = int(shape[0]), int(shape[1])
+    gx, gy = (float(g) for g in gradient)
+    x = np.linspace(-0.5, 0.5, nx) if nx > 1 else np.zeros(1)
+    y = np.linspace(-0.5, 0.5, ny) if ny > 1 else np.zeros(1)
+    return 1.0 + gx * x[None, :] + gy * y[:, None]
 
 
 def _satellite_image(shape: Sequence[int], trail: dict[str, float]) -> np.ndarray:
@@ -237,17 +269,20 @@ def make_bayer_frame(
     rng: np.random.Generator | None = None,
     hot_pixels: tuple[np.ndarray, np.ndarray, np.ndarray] | None = None,
     satellite: dict[str, float] | None = None,
+    sky_gradient: Sequence[float] | None = None,
 ) -> np.ndarray:
     """Render one raw ``uint16`` Bayer frame.
 
     ``hot_pixels`` is ``(ys, xs, adu)``: dark-current excess added at those sensor
     positions.  ``satellite`` is a dict with ``x0, y0, x1, y1, width_px, peak_adu``
     (sensor pixels), added in the sensor plane (not dimmed by transparency).
+    ``sky_gradient`` ``(gx, gy)``: see :func:`sky_gradient_plane`.
     With ``noise=True`` the signal gets Poisson noise (``gain`` e-/ADU) plus Gaussian
     read noise (``read_noise`` ADU rms); the result is rounded and clipped to 0..65535.
     """
     raw = expected_bayer_frame(model, wcs, shape, transparency=transparency,
-                               sky_pedestal_rgb=sky_pedestal_rgb, pattern=pattern)
+                               sky_pedestal_rgb=sky_pedestal_rgb, pattern=pattern,
+                               sky_gradient=sky_gradient)
     if satellite is not None:
         raw += _satellite_image(shape, satellite)
     if hot_pixels is not None:
@@ -286,10 +321,11 @@ class _FramePlan:
     pointing: tuple[float, float] = (0.0, 0.0)
     satellite: dict[str, float] | None = None
     gain_rgb: tuple[float, float, float] = (1.0, 1.0, 1.0)
+    sky_gradient: tuple[float, float] | None = None
 
     def to_meta(self) -> dict[str, Any]:
-        """Per-frame entry of truth.json."""
-        return {
+        """Per-frame entry of truth.json (``sky_gradient`` only when the frame has one)."""
+        meta = {
             "file": self.name,
             "index": self.index,
             "panel": self.panel,
@@ -308,6 +344,9 @@ class _FramePlan:
             "has_satellite": self.satellite is not None,
             "satellite": None if self.satellite is None else {k: float(v) for k, v in self.satellite.items()},
         }
+        if self.sky_gradient is not None:
+            meta["sky_gradient"] = [float(g) for g in self.sky_gradient]
+        return meta
 
 
 def _frame_header(pl: _FramePlan, opt: dict[str, Any]) -> fits.Header:
@@ -397,6 +436,63 @@ def _panel_gains(spec: Any, n_panels: int) -> list[tuple[float, float, float]]:
     return gains
 
 
+def _panel_sky_gradients(spec: Any, n_panels: int) -> list[tuple[float, float] | None]:
+    """Return one ``(gx, gy)`` sky gradient (or None) per panel from ``panel_sky_gradient``."""
+    if spec is None:
+        return [None] * n_panels
+    if len(spec) != n_panels:
+        raise ValueError(f"panel_sky_gradient needs one entry per panel ({n_panels}), got {len(spec)}")
+    gradients = [tuple(float(g) for g in np.broadcast_to(np.asarray(e, float), (2,))) for e in spec]
+    if not all(abs(gx) + abs(gy) < 2.0 for gx, gy in gradients):
+        raise ValueError(f"panel_sky_gradient entries must keep the sky positive (|gx| + |gy| < 2), got {spec!r}")
+    return gradients
+
+
+def _central_frame(plans: Sequence["_FramePlan"]) -> int:
+    """Return the position in ``plans`` of the frame whose centre is nearest their mean centre."""
+    ra, dec = (np.radians([pl.wcs.wcs.crval[k] for pl in plans]) for k in (0, 1))
+    vec = np.stack([np.cos(dec) * np.cos(ra), np.cos(dec) * np.sin(ra), np.sin(dec)], axis=1)
+    return int(np.argmax(vec @ vec.mean(axis=0)))
+
+
+def _satellite_frames(spec: Any, panels: Any, plans: Sequence["_FramePlan"], fpp: int,
+                      rng: np.random.Generator) -> list[int]:
+    """Return the indices of the frames that get a satellite trail (``satellite_frame``).
+
+    ``None``: one random frame; an int or a list of ints: those frames; ``"central"``: in each
+    panel of ``panels`` (default: every panel) the frame whose centre is nearest the panel's mean
+    centre, the frame a stacker centring its reference picks; ``"first_noncentral"``: the panel's
+    first frame in time order other than that one.
+    """
+    n_frames = len(plans)
+    if spec is None:
+        return [int(rng.integers(0, n_frames))]
+    if isinstance(spec, str):
+        if spec not in SATELLITE_FRAME_MODES:
+            raise ValueError(f"satellite_frame must be an index, a list or one of {SATELLITE_FRAME_MODES}, "
+                             f"got {spec!r}")
+        chosen = range(n_frames // fpp) if panels is None else [int(p) for p in panels]
+        frames = []
+        for p in chosen:
+            if not 0 <= p < n_frames // fpp:
+                raise ValueError(f"satellite_panels entry {p} outside 0..{n_frames // fpp - 1}")
+            central = _central_frame(plans[p * fpp:(p + 1) * fpp])
+            k = central if spec == "central" else (1 if central == 0 else 0)
+            frames.append(p * fpp + k)
+        return frames
+    frames = [int(spec)] if np.ndim(spec) == 0 else [int(i) for i in spec]
+    for i in frames:
+        if not 0 <= i < n_frames:
+            raise ValueError(f"satellite_frame {i} outside 0..{n_frames - 1}")
+    return frames
+
+
+def _recorded_options(opt: dict[str, Any]) -> dict[str, Any]:
+    """Return the options as truth.json records them: the later ones only when set."""
+    return {k: (list(v) if isinstance(v, tuple) else v) for k, v in opt.items()
+            if k not in _OPTIONAL_OPTIONS or v != _OPTIONAL_OPTIONS[k]}
+
+
 def _parse_size(size: str) -> tuple[int, int]:
     try:
         return FRAME_SHAPES[size]
@@ -462,7 +558,13 @@ def generate_dataset(
         through other extinction or on another night with another colour balance;
         recorded per frame as ``gain_rgb``], ``gain`` [0.8 e-/ADU], ``read_noise`` [3 ADU],
         ``noise`` [True], ``hot_pixels`` [True | False | count], ``satellite``
-        [True], ``satellite_frame`` [random], ``fwhm_px`` [2.7], ``star_density``
+        [True], ``satellite_frame`` [random; an index or a list of indices: a trail in each;
+        ``"central"``: in the frame of each panel whose centre is nearest the panel's mean
+        centre; ``"first_noncentral"``: in each panel's first other frame],
+        ``satellite_panels`` [every panel: the panels the two last modes put a trail in],
+        ``panel_sky_gradient`` [None: flat sky; else one ``(gx, gy)`` per panel tilting its
+        frames' sky pedestal across the sensor, see :func:`sky_gradient_plane`; recorded per
+        frame as ``sky_gradient``], ``fwhm_px`` [2.7], ``star_density``
         [6000/deg^2], ``mag_range`` [(6, 16)], ``nebula`` [True], ``exptime`` [10],
         ``start_time`` ["2024-01-15T20:00:00"], ``object_name``, ``star_catalog``
         [None: random stars; ``"tycho2"`` or index file paths: the real stars brighter than
@@ -491,6 +593,7 @@ def generate_dataset(
         raise ValueError("frames_per_panel must be >= 1")
     fpp = int(frames_per_panel)
     panel_gains = _panel_gains(opt["panel_gain_rgb"], nxp * nyp)
+    panel_gradients = _panel_sky_gradients(opt["panel_sky_gradient"], nxp * nyp)
     if not 0.0 <= float(opt["overlap"]) < 1.0:
         raise ValueError(f"overlap must be in [0, 1), got {opt['overlap']!r}")
     shape = _parse_size(size)
@@ -561,6 +664,7 @@ def generate_dataset(
                 date_obs=date, name=f"{_FRAME_NAME_PREFIX}{p:02d}_{i:0{width}d}.fits",
                 pointing=pointing,
                 gain_rgb=panel_gains[p],
+                sky_gradient=panel_gradients[p],
             ))
 
     # ---- truth grid: bounding box of all frame footprints + a margin, North up
@@ -604,11 +708,12 @@ def generate_dataset(
     sat_index = None
     if opt["satellite"]:
         srng = np.random.default_rng([seed, _STREAM_SATELLITE])
-        sat_index = int(opt["satellite_frame"]) if opt["satellite_frame"] is not None else int(
-            srng.integers(0, n_frames))
-        if not 0 <= sat_index < n_frames:
-            raise ValueError(f"satellite_frame {sat_index} outside 0..{n_frames - 1}")
-        plans[sat_index].satellite = _plan_satellite(srng, shape)
+        sat_frames = _satellite_frames(opt["satellite_frame"], opt["satellite_panels"], plans, fpp, srng)
+        for i in sat_frames:  # one draw per trail, in this order: a single trail is as before
+            plans[i].satellite = _plan_satellite(srng, shape)
+        # One trail is recorded as its index, as before; several as the list.
+        multiple = isinstance(opt["satellite_frame"], str) or np.ndim(opt["satellite_frame"]) > 0
+        sat_index = sat_frames if multiple else sat_frames[0]
 
     # ---- frames
     frame_paths: list[str] = []
@@ -618,7 +723,7 @@ def generate_dataset(
             sky_pedestal_rgb=pl.pedestal,
             noise=bool(opt["noise"]), gain=float(opt["gain"]), read_noise=float(opt["read_noise"]),
             rng=np.random.default_rng([seed, _STREAM_NOISE, pl.index]), hot_pixels=hot,
-            satellite=pl.satellite,
+            satellite=pl.satellite, sky_gradient=pl.sky_gradient,
         )
         path = frames_dir / pl.name
         # A uint16 array makes astropy write BITPIX=16 with BZERO=32768, like Seestar.
@@ -668,7 +773,7 @@ def generate_dataset(
         "hot_pixel_adu": [float(a) for a in hot_adu],
         "n_stars": model.n_stars,
         "sky_model": model.params_dict(),
-        "options": {k: (list(v) if isinstance(v, tuple) else v) for k, v in opt.items()},
+        "options": _recorded_options(opt),
     }
     truth_json = truth_dir / "truth.json"
     truth_json.write_text(json.dumps(meta, indent=1))
@@ -733,7 +838,7 @@ def expected_frame_rgb(outdir: str | os.PathLike[str], frame: int | str, model: 
     """Expected noiseless debayered RGB (float32, (H, W, 3)) of one frame.
 
     ``transparency * gain_rgb * model + sky_pedestal`` at every pixel centre (no hot pixels,
-    no satellite).  ``frame`` is an index or a file name; pass ``model`` (from
+    no satellite); the pedestal tilted by the frame's ``sky_gradient`` when it has one.  ``frame`` is an index or a file name; pass ``model`` (from
     :func:`load_sky_model`) to avoid reloading it for many frames.
     """
     meta = json.loads(_truth_paths(outdir)[1].read_text())
@@ -746,7 +851,11 @@ def expected_frame_rgb(outdir: str | os.PathLike[str], frame: int | str, model: 
     rgb = model.render_rgb(wcs, shape)
     rgb *= np.float32(entry["transparency"]) * np.asarray(entry.get("gain_rgb", (1.0, 1.0, 1.0)), np.float32)
     if include_pedestal:
-        rgb += np.asarray(entry["sky_pedestal_rgb"], np.float32)
+        pedestal = np.asarray(entry["sky_pedestal_rgb"], np.float32)
+        if entry.get("sky_gradient") is not None:
+            rgb += sky_gradient_plane(shape, entry["sky_gradient"]).astype(np.float32)[..., None] * pedestal
+        else:
+            rgb += pedestal
     return rgb
 
 

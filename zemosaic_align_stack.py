@@ -6,7 +6,8 @@ device and back. This module never imports CuPy.
 
 Normalisation (``linear_fit``) measures each frame's gain on the signal — aperture fluxes of the
 reference's bright unsaturated stars at the same aligned positions — as a weighted ratio of sums,
-grey unless the channels are precise and really differ; offsets match the sky per channel.
+grey unless the channels are precise and really differ; each frame's sky background (a
+polynomial per channel, :mod:`zemosaic_background`) is subtracted with it in the row chunks.
 Rejection tests each sample against the median and the spread of the *other* samples of its
 pixel, never less than its frame's noise, so that it works with 3-10 frames, nor less than the
 spread expected near the stars of the consensus of all frames (their per-pixel median), which no
@@ -1031,12 +1032,13 @@ CPU_BLOCK_BYTES = 32 * 2**20
 
 def stack_in_chunks(stack, gains, offsets, weights, params: StackParams, xp=np,
                     rows_per_chunk=None, budget_bytes=CPU_BLOCK_BYTES, to_device=None, to_host=None,
-                    progress=None, noise_sigmas=None, threads: int = 1):
+                    progress=None, noise_sigmas=None, threads: int = 1, backgrounds=None):
     """Normalise, reject and combine an ``(N, H, W, C)`` stack in row chunks.
 
     ``stack`` may be a NumPy array or a disk-backed :class:`zemosaic_executor.DiskStack` (only
     the chunks being stacked are in memory). ``gains``/``offsets``/``weights`` are ``(N, C)`` or
-    None. ``noise_sigmas`` ``(N, C)`` is the noise of each normalised frame
+    None; ``backgrounds`` (:class:`zemosaic_background.BackgroundModels` on the stack's canvas, or
+    None) are subtracted after them. ``noise_sigmas`` ``(N, C)`` is the noise of each normalised frame
     (:func:`frame_noise_sigmas`); measured here when rejection needs it and it is not given.
     ``to_device``/``to_host`` move a chunk to the backend of ``xp`` and back (identity on the
     CPU). ``threads`` chunks are stacked at once on the CPU (NumPy releases the GIL; each chunk's
@@ -1060,7 +1062,11 @@ def stack_in_chunks(stack, gains, offsets, weights, params: StackParams, xp=np,
         if g is None or xp is not np:  # on the CPU the normalisation below makes the copy
             raw = np.ascontiguousarray(raw)
         block = to_device(raw)
-        return block if g is None else block * g + o  # NaN stays NaN
+        if g is not None:
+            block = block * g + o  # NaN stays NaN
+        if backgrounds is not None:
+            block = block - backgrounds.rows(r0, r1, w, xp)
+        return block
 
     stats = signal = None
     if params.rejection != "none":
@@ -1135,18 +1141,20 @@ def consensus_signal_map(stats: PixelStats, threads: int = 1) -> np.ndarray:
 
 def stack_winsorized_sigma_clip(frames, weights=None, kappa_low=3.0, kappa_high=3.0,
                                 winsor_limits=(0.05, 0.05), combine="mean", *, max_iterations=5,
-                                gains=None, offsets=None, noise_sigmas=None, threads: int = 1):
+                                gains=None, offsets=None, noise_sigmas=None, threads: int = 1,
+                                backgrounds=None):
     """Stack aligned frames with winsorized sigma clipping on the CPU; returns ``(image, coverage)``.
 
     The front door of the default rejection, under the name the seeds give it:
     :func:`stack_in_chunks` with ``StackParams("winsorized_sigma_clip", ...)``. ``frames`` is a
     list of ``(H, W, C)`` arrays or an ``(N, H, W, C)`` stack (a disk-backed one is read a block
-    at a time), NaN outside each footprint; ``gains``, ``offsets`` and ``noise_sigmas`` are as for
-    :func:`stack_in_chunks`, and so is ``threads``. A pixel without valid samples stays NaN.
+    at a time), NaN outside each footprint; ``gains``, ``offsets``, ``backgrounds`` and
+    ``noise_sigmas`` are as for :func:`stack_in_chunks`, and so is ``threads``. A pixel without
+    valid samples stays NaN.
     """
     if isinstance(frames, (list, tuple)):
         frames = np.stack([np.asarray(f, np.float32) for f in frames])
     params = StackParams("winsorized_sigma_clip", kappa_low, kappa_high, tuple(winsor_limits), combine,
                          max_iterations)
     return stack_in_chunks(frames, gains, offsets, weights, params, noise_sigmas=noise_sigmas,
-                           threads=threads)
+                           threads=threads, backgrounds=backgrounds)

@@ -148,6 +148,16 @@ def _check_int_min(minimum: int) -> Callable[[Any], int]:
     return check
 
 
+def _check_int_choice(choices: tuple[int, ...]) -> Callable[[Any], int]:
+    def check(value: Any) -> int:
+        result = _as_int(value)
+        if result not in choices:
+            raise _Reject()
+        return result
+
+    return check
+
+
 def _check_raw_cap(value: Any) -> int:
     # A cap of 1 would make every master tile a single frame: nothing to stack.
     result = _as_int(value)
@@ -227,6 +237,8 @@ REJECTION_ALGORITHMS = ("winsorized_sigma_clip", "kappa_sigma", "none")
 COMBINE_METHODS = ("mean", "median")
 ALIGN_METHODS = ("astroalign", "wcs")
 ASSEMBLY_ENGINES = ("fast", "reproject")
+BACKGROUND_ORDERS = (0, 1, 2)
+FINAL_BACKGROUND_ORDERS = (1, 2)
 _LOG_LEVELS = ("ERROR", "WARNING", "INFO", "DEBUG")
 _RESUME = ("auto", "off")
 
@@ -338,8 +350,22 @@ class MosaicConfig:
         "0 (no cap) or an integer >= 2", _check_raw_cap)
     assembly_engine: str = _choice_spec(
         "fast", "How master tiles are reprojected onto the mosaic grid.", ASSEMBLY_ENGINES)
+    background_model_order: int = _spec(
+        1, "Sky background removed from each frame and each tile so that overlaps agree: a "
+        "polynomial of this order solved from the overlaps' differences (0: an offset, 1: a "
+        "plane, 2: a curved light dome).", "0, 1 or 2", _check_int_choice(BACKGROUND_ORDERS))
     match_background: bool = _bool_spec(
-        True, "Even out sky brightness between overlapping tiles.")
+        True, "Even out sky brightness and gradients between overlapping tiles.")
+    assembly_feather_px: float = _number_spec(
+        256.0, "Width in pixels over which a tile's weight fades in from its edge, so that what "
+        "differs between tiles spreads over their overlap instead of making a step (never wider "
+        "than the overlap; 0 = no fading).", zero_allowed=True)
+    final_background_extraction: bool = _bool_spec(
+        False, "Remove a smooth background from the finished mosaic, fitted on its sky away "
+        "from stars and objects, for a flat sky.")
+    final_background_order: int = _spec(
+        2, "Order of the polynomial the final background extraction fits (1: a plane, 2: a "
+        "curved one).", "1 or 2", _check_int_choice(FINAL_BACKGROUND_ORDERS))
     intertile_photometric_match: bool = _bool_spec(
         True, "Even out brightness and colour between overlapping tiles (gains from their stars).")
     use_gpu_phase5: bool = _bool_spec(

@@ -107,6 +107,7 @@ OPTION_GROUPS = ("Stacking", "Output", "Plate solving", "Mosaic", "Assembly")
 _CLIPPING = ("stacking_rejection_algorithm", ("winsorized_sigma_clip", "kappa_sigma"))
 _WINSORIZING = ("stacking_rejection_algorithm", ("winsorized_sigma_clip",))
 _TWO_PASS_ON = ("two_pass_coverage_renorm", (True,))
+_EXTRACTION_ON = ("final_background_extraction", (True,))
 
 #: Plain-words names of the drop-down values; the JSON value stays the item's data.
 CHOICE_LABELS: dict[str, dict[str, str]] = {
@@ -155,6 +156,12 @@ OPTION_SPECS: tuple[OptionSpec, ...] = (
     OptionSpec("Assembly", "use_gpu_phase5", "Use GPU"),
     OptionSpec("Assembly", "assembly_engine", "Assembly engine"),
     OptionSpec("Assembly", "match_background", "Match background"),
+    OptionSpec("Assembly", "background_model_order", "Sky model order", maximum=2),
+    OptionSpec("Assembly", "assembly_feather_px", "Feather width (px)", maximum=5000.0, step=16.0,
+               decimals=0, special="no feathering"),
+    OptionSpec("Assembly", "final_background_extraction", "Flatten the final background"),
+    OptionSpec("Assembly", "final_background_order", "Final background order", minimum=1, maximum=2,
+               enabled_if=_EXTRACTION_ON),
     OptionSpec("Assembly", "intertile_photometric_match", "Match tile gains"),
     OptionSpec("Assembly", "two_pass_coverage_renorm", "Two-Pass renormalisation"),
     OptionSpec("Assembly", "two_pass_cov_sigma_px", "Two-Pass smoothing (px)", maximum=5000.0,

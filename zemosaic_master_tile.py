@@ -17,6 +17,7 @@ from dataclasses import dataclass, field
 import numpy as np
 
 import zemosaic_align_stack as stk
+import zemosaic_background as zbg
 import zemosaic_executor as zexec
 import zemosaic_fits as zfits
 import zemosaic_quality as zq
@@ -234,16 +235,23 @@ def _photometric_reference(gains, offsets):
     return gains / scale, offsets / scale
 
 
-def _frame_photometry(used, gains, offsets, weights, measures) -> list:
+def _frame_photometry(used, gains, offsets, weights, backgrounds, measures) -> list:
     """Return, per stacked frame, ``{"path", "gain_rgb", "offset_rgb", "weight_rgb", "noise_rgb",
-    "quality"}`` (JSON-able; ``noise_rgb``: its noise sigma in ADU as loaded; ``quality``: its
-    :class:`zemosaic_quality.FrameQuality`)."""
+    "quality"}`` and, with background models, ``"background"`` (its coefficients per channel)
+    (JSON-able; ``offset_rgb``: what was added at the canvas centre; ``noise_rgb``: its noise
+    sigma in ADU as loaded; ``quality``: its :class:`zemosaic_quality.FrameQuality`)."""
     n, n_ch = gains.shape
     weights = np.ones((n, n_ch)) if weights is None else weights
-    return [{"path": r.path, "gain_rgb": [round(float(v), 6) for v in g],
+    if backgrounds is not None:
+        offsets = offsets - backgrounds.centre_values()
+    rows = [{"path": r.path, "gain_rgb": [round(float(v), 6) for v in g],
              "offset_rgb": [round(float(v), 3) for v in o], "weight_rgb": [round(float(v), 6) for v in w],
              "noise_rgb": [round(float(v), 3) for v in m.noise], "quality": m.quality.to_dict()}
             for r, g, o, w, m in zip(used, gains, offsets, weights, measures)]
+    if backgrounds is not None:
+        for row, coefficients in zip(rows, backgrounds.coefficients):
+            row["background"] = np.round(coefficients, 3).tolist()
+    return rows
 
 
 def _stack_group(stack, noise, config, use_gpu, tile_label, threads=1):
@@ -253,13 +261,21 @@ def _stack_group(stack, noise, config, use_gpu, tile_label, threads=1):
     the weights, so that frames of equal noise weigh the same whatever their sub-pixel shifts
     (resampling lowers a frame's pixel noise by up to 2x, and the reference is not resampled).
     The rejection's floor is the spread of the aligned samples, measured on the aligned frames.
-    Returns ``(image, coverage, backend, (gains, offsets, weights))``, the coefficients per frame.
+    Returns ``(image, coverage, backend, (gains, offsets, weights, backgrounds))``, the
+    coefficients per frame (``backgrounds``: :class:`zemosaic_background.BackgroundModels` on the
+    canvas, or None without normalisation).
     """
     view = stack[:len(noise)]
     gains, offsets = stk.normalization_coefficients(view, 0, config.stacking_normalize_method,
                                                     threads=threads)
     if config.stacking_normalize_method == "linear_fit":
         gains, offsets = _photometric_reference(gains, offsets)
+    backgrounds = None
+    if config.stacking_normalize_method != "none":
+        # The sky of each frame is matched by its background model, solved from the differences
+        # of all the frames (offsets to one reference frame would carry its gradient into all).
+        backgrounds = zbg.frame_models(view, gains, config.background_model_order, threads)
+        offsets = np.zeros_like(offsets)
     sigmas = stk.frame_noise_sigmas(view, gains, threads=threads)
     weights = None
     if config.stacking_weighting_method == "noise_variance":
@@ -272,21 +288,24 @@ def _stack_group(stack, noise, config, use_gpu, tile_label, threads=1):
         from zemosaic_align_stack_gpu import stack_in_chunks_gpu
 
         try:
-            image, coverage = stack_in_chunks_gpu(view, gains, offsets, weights, params, noise_sigmas=sigmas)
-            return image, coverage, "gpu", (gains, offsets, weights)
+            image, coverage = stack_in_chunks_gpu(view, gains, offsets, weights, params, noise_sigmas=sigmas,
+                                                  backgrounds=backgrounds)
+            return image, coverage, "gpu", (gains, offsets, weights, backgrounds)
         except GpuBackendError as exc:
             logger.warning("%s: GPU stacking failed (%s); stacking this tile on CPU", tile_label, exc)
-    image, coverage = _stack_on_cpu(view, gains, offsets, weights, params, sigmas, threads)
-    return image, coverage, "cpu", (gains, offsets, weights)
+    image, coverage = _stack_on_cpu(view, gains, offsets, weights, params, sigmas, threads, backgrounds)
+    return image, coverage, "cpu", (gains, offsets, weights, backgrounds)
 
 
-def _stack_on_cpu(stack, gains, offsets, weights, p, sigmas, threads):
+def _stack_on_cpu(stack, gains, offsets, weights, p, sigmas, threads, backgrounds):
     """Return ``(image, coverage)``; winsorized rejection, the default, goes through its front door."""
     if p.rejection != "winsorized_sigma_clip":
-        return stk.stack_in_chunks(stack, gains, offsets, weights, p, noise_sigmas=sigmas, threads=threads)
+        return stk.stack_in_chunks(stack, gains, offsets, weights, p, noise_sigmas=sigmas, threads=threads,
+                                   backgrounds=backgrounds)
     return stk.stack_winsorized_sigma_clip(stack, weights, p.kappa_low, p.kappa_high, p.winsor_limits,
                                            p.combine, max_iterations=p.max_iterations, gains=gains,
-                                           offsets=offsets, noise_sigmas=sigmas, threads=threads)
+                                           offsets=offsets, noise_sigmas=sigmas, threads=threads,
+                                           backgrounds=backgrounds)
 
 
 def settings_history(config) -> list:

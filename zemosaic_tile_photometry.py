@@ -11,7 +11,8 @@ overlap and solves, for all tiles together,
   the overlaps measure one beyond doubt (another night's colour balance; shrunk towards grey by
   how far it stands above its noise); elsewhere the tile's gain stays grey, since a colour term
   at the level of its noise would only tint the tile;
-* per-tile, per-channel **offsets** that bring the skies together;
+* per-tile, per-channel **background models** (:mod:`zemosaic_background`: polynomials solved from
+  the tiles' differences in the overlaps) that bring the skies and their gradients together;
 * the **Two-Pass** gain: one per tile, for every channel, from the pass-1-corrected tiles, each
   overlap measured in cells along it above each tile's own sky plane (so neither a gradient nor an
   artefact in one tile reads as a gain), kept at 1 where the tiles already agree within their
@@ -30,6 +31,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
+import zemosaic_background as zbg
 from zemosaic_utils import block_mean, mad_sigma, sigma_clipped_stats, smooth_nan
 
 logger = logging.getLogger(__name__)
@@ -86,20 +88,42 @@ class LowResTiles:
     weights: list  # (h, w) float32 per tile
     factor: int  # output pixels per coarse pixel
 
-    def corrected(self, gains, offsets) -> "LowResTiles":
-        """Return the tiles with ``gain * tile - offset`` applied (per tile, per channel)."""
-        images = [img * np.asarray(g, np.float32) - np.asarray(o, np.float32)
-                  for img, g, o in zip(self.images, gains, offsets)]
+    @property
+    def shape_out(self) -> tuple:
+        """The output grid's shape these coarse pixels cover (full-resolution pixels)."""
+        h, w = self.images[0].shape[:2]
+        return h * self.factor, w * self.factor
+
+    def centres(self) -> tuple:
+        """Return the ``(y, x)`` output-grid pixel coordinates ``(h, w)`` of the coarse pixels' centres."""
+        h, w = self.images[0].shape[:2]
+        yy, xx = np.mgrid[0:h, 0:w].astype(np.float64)
+        centre = (self.factor - 1) / 2.0
+        return yy * self.factor + centre, xx * self.factor + centre
+
+    def corrected(self, gains, backgrounds: zbg.BackgroundModels) -> "LowResTiles":
+        """Return the tiles with ``gain * tile - background`` applied (per tile, per channel)."""
+        y, x = self.centres()
+        images = [(img * np.asarray(g, np.float32) - backgrounds.values(k, y, x)).astype(np.float32)
+                  for k, (img, g) in enumerate(zip(self.images, gains))]
         return LowResTiles(images, self.weights, self.factor)
 
 
 @dataclass
 class TileMatch:
-    """Photometric corrections of the tiles: co-add ``gains[k] * tile_k - offsets[k]``."""
+    """Photometric corrections of the tiles: co-add ``gains[k] * tile_k - background_k``.
+
+    ``backgrounds`` are on the output grid's pixels (full resolution).
+    """
 
     gains: np.ndarray  # (n, C)
-    offsets: np.ndarray  # (n, C)
+    backgrounds: zbg.BackgroundModels
     colour_applied: np.ndarray  # (n,) bool: the tile's gains differ per channel
+
+    @classmethod
+    def identity(cls, n: int, n_ch: int, shape_out) -> "TileMatch":
+        """Return the corrections that change nothing."""
+        return cls(np.ones((n, n_ch)), zbg.BackgroundModels.zeros(n, n_ch, 0, shape_out), np.zeros(n, bool))
 
 
 # --------------------------------------------------------------------------------------------------
@@ -128,16 +152,19 @@ def _overlapping_pairs(low: LowResTiles, min_pixels: int = _MIN_OVERLAP):
 
 
 
-def _pair_offsets(low: LowResTiles, gains):
-    """Return pairwise ``(i, j, d_ij[C], w_ij)``: median of ``g_i*tile_i - g_j*tile_j`` in the overlap.
+def overlap_widths(low: LowResTiles) -> np.ndarray:
+    """Return the ``(n,)`` width in output pixels of each tile's narrowest overlap with another (inf: none).
 
-    ``gains`` is ``(n, C)``; the weight is ``sqrt(overlap pixels)``.
+    An overlap's width is twice the largest distance of its pixels from its edge: the width of a
+    strip, the shorter side of a rectangle.
     """
-    pairs = []
-    for i, j, both in _overlapping_pairs(low, 20):
-        diff = low.images[i][both] * gains[i] - low.images[j][both] * gains[j]
-        pairs.append((i, j, np.median(diff, axis=0), np.sqrt(both.sum())))
-    return pairs
+    from scipy.ndimage import distance_transform_edt
+
+    widths = np.full(len(low.images), np.inf)
+    for i, j, both in _overlapping_pairs(low):
+        width = 2.0 * float(distance_transform_edt(np.pad(both, 1)).max()) * low.factor
+        widths[i], widths[j] = min(widths[i], width), min(widths[j], width)
+    return widths
 
 
 def _group_ratio(x, y, bright, faint):
@@ -311,14 +338,15 @@ def _pair_gains(low: LowResTiles, sigma_coarse: float, per_channel: bool, full_r
 
     V = 1 (the luminance, mean of the channels) or, with ``per_channel``, 1 + C (the luminance
     then each channel); see :func:`_pair_slope` for what the sigmas mean. ``full_resolution``, a
-    function of ``(i, j, overlap mask on the coarse grid)`` returning both tiles at full
-    resolution on the box of their overlap, lets each pair be measured by
+    function of ``(i, j, overlap mask on the coarse grid)`` returning ``((y0, x0), (tile i, tile j))``:
+    both tiles at full resolution on the box of their overlap whose first output pixel is
+    ``(y0, x0)``, lets each pair be measured by
     :func:`block_pair_slopes`; the coarse grid serves where that finds too few blocks.
     """
     pairs = []
     for i, j, both in _overlapping_pairs(low):
         if full_resolution is not None and per_channel:
-            found = block_pair_slopes(*full_resolution(i, j, both))
+            found = block_pair_slopes(*full_resolution(i, j, both)[1])
             if found is not None:
                 pairs.append((i, j, found[0], found[1]))
                 continue
@@ -418,22 +446,33 @@ def _connected_to(anchor, n_tiles, edges):
     return seen
 
 
-def background_offsets(low: LowResTiles, gains=None) -> np.ndarray:
-    """Return per-tile, per-channel offsets to subtract so tile skies agree in the overlaps.
+#: Coarse pixels the tiles' background models are solved on, at most (a low-order model needs few).
+_BACKGROUND_BLOCKS = 40_000
 
-    ``gains`` (``(n,)`` or ``(n, C)``) are applied to the tiles before comparing them. Medians of
-    the overlaps, robust least squares anchored on the best-connected tile, offsets centred on
-    the median tile.
+
+def background_models(low: LowResTiles, gains=None, order: int = 1) -> zbg.BackgroundModels:
+    """Return the tiles' background models (output-grid pixels) that make their skies agree in the overlaps.
+
+    ``gains`` (``(n,)`` or ``(n, C)``) are applied to the tiles before comparing them. Solved from
+    the coarse pixels where two or more tiles have solid coverage (half their peak or more), each
+    tile weighted by its coverage there (:func:`zemosaic_background.solve_models`).
     """
     n = len(low.images)
     n_ch = low.images[0].shape[-1]
     gains = np.ones((n, n_ch)) if gains is None else np.broadcast_to(
         np.asarray(gains, float).reshape(n, -1), (n, n_ch))
-    pairs = _pair_offsets(low, gains)
-    offsets, _sigma = _solve_pairwise(n, pairs, n_ch, _best_connected(n, pairs))
-    offsets -= np.median(offsets, axis=0)
-    logger.debug("Background offsets per tile: %s", np.round(offsets, 2).tolist())
-    return offsets
+    solid = [(w > 0.5 * w.max()) & np.all(np.isfinite(img), axis=-1) for img, w in zip(low.images, low.weights)]
+    shared = np.sum(solid, axis=0) >= 2
+    step = max(1, int(np.ceil(np.sqrt(shared.sum() / _BACKGROUND_BLOCKS))))
+    keep = np.zeros_like(shared)
+    keep[::step, ::step] = shared[::step, ::step]
+    y, x = (c[keep] for c in low.centres())
+    levels = np.stack([np.where(ok[keep][:, None], img[keep] * g, np.nan)
+                       for img, ok, g in zip(low.images, solid, gains)], axis=1)
+    weights = np.stack([np.where(ok[keep], w[keep], 0.0) for ok, w in zip(solid, low.weights)], axis=1)
+    models = zbg.solve_models(zbg.BlockLevels(levels, y, x, weights), order, low.shape_out)
+    logger.debug("Tile backgrounds at the grid centre: %s", np.round(models.centre_values(), 2).tolist())
+    return models
 
 
 def _centred(log_values, sigma):
@@ -497,17 +536,18 @@ def _colour_terms(n, pairs, anchor):
     return np.where(significant[:, None], log_c * shrink[:, None], 0.0)
 
 
-def match_tiles(low: LowResTiles, match_gains: bool = True, match_offsets: bool = True,
-                full_resolution=None) -> TileMatch:
-    """Solve gains (from the overlaps' signal) and then offsets (sky) of all tiles together.
+def match_tiles(low: LowResTiles, match_gains: bool = True, match_backgrounds: bool = True,
+                full_resolution=None, order: int = 1) -> TileMatch:
+    """Solve gains (from the overlaps' signal) and then background models of ``order`` of all tiles together.
 
     ``full_resolution`` (see :func:`_pair_gains`) lets the gains be measured at full resolution.
     """
     n = len(low.images)
     n_ch = low.images[0].shape[-1]
     gains, colour = tile_gains(low, True, full_resolution) if match_gains else (np.ones((n, n_ch)), np.zeros(n, bool))
-    offsets = background_offsets(low, gains) if match_offsets else np.zeros((n, n_ch))
-    return TileMatch(gains, offsets, colour)
+    backgrounds = background_models(low, gains, order) if match_backgrounds else \
+        zbg.BackgroundModels.zeros(n, n_ch, order, low.shape_out)
+    return TileMatch(gains, backgrounds, colour)
 
 
 def two_pass_gains(low: LowResTiles, match: TileMatch, sigma_px: float, gain_clip,
@@ -550,16 +590,17 @@ def _two_pass_overlaps(low: LowResTiles, match: TileMatch, sigma_px: float, full
     Full resolution first; the coarse grid (the same estimator, on its overlap pixels only) where
     the full-resolution overlap holds too few blocks or none is given.
     """
-    shifted = low.corrected(match.gains, match.offsets)
+    shifted = low.corrected(match.gains, match.backgrounds)
     overlaps = []
     for i, j, both in _overlapping_pairs(shifted):
         rows, cols = np.nonzero(both)
         block_px = _two_pass_block_px(low.factor * min(np.ptp(rows) + 1, np.ptp(cols) + 1), sigma_px)
         cells = None
         if full_resolution is not None:
-            images = full_resolution(i, j, both)
+            (y0, x0), images = full_resolution(i, j, both)
             cells = overlap_cell_ratios(*(image * np.asarray(match.gains[k], np.float32)
-                                          - np.asarray(match.offsets[k], np.float32)
+                                          - match.backgrounds.select([k]).rows(y0, y0 + image.shape[0], image.shape[1],
+                                                                               x0=x0)[0]
                                           for image, k in zip(images, (i, j))), block_px)
         if cells is None:
             coarse = (np.where(both[..., None], shifted.images[k], np.nan) for k in (i, j))

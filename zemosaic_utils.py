@@ -3,7 +3,7 @@
 Everything numeric here is written once against an array namespace ``xp`` (NumPy or CuPy), so the
 CPU and GPU engines run the same maths and the GPU code path can be tested with NumPy standing in for CuPy.
 
-Conventions (see DESIGN.md): images are float32, NaN means "no data", coverage is a sum of weights
+Conventions (see docs/architecture.md): images are float32, NaN means "no data", coverage is a sum of weights
 (float32, 0 where there is no data) in the same units on every backend.
 """
 
@@ -679,26 +679,31 @@ def _as_hwc(array, xp):
     return array[..., None] if array.ndim == 2 else array
 
 
-def _weighted_planes(data, weight, xp):
+def _weighted_planes(data, weight, xp, feather=None):
     """Return the float32 planes an input adds to the co-add, and whether its channels share a weight.
 
     The planes are ``[w, w I_0 .. w I_{C-1}]`` when every channel has data at the same pixels (one
     weight plane serves them all: a third fewer gathers), ``[w_0 .. w_{C-1}, w_0 I_0 ..]``
     otherwise; each is ``(H + 2) * (W + 2)`` long, the image bordered by one pixel of zeros (see
     :func:`bilinear_gather`). NaN carries no weight: it is zeroed only inside the products, never
-    turned into a value.
+    turned into a value. With a ``feather`` factor the combining weights are ``w * feather`` and
+    the plain weights ``w`` (what the coverage sums) follow them.
     """
     h, w_px, c = data.shape
     finite = [xp.isfinite(data[..., k]) for k in range(c)]
     shared = all(bool(xp.array_equal(finite[0], f)) for f in finite[1:])
     n_weights = 1 if shared else c
-    planes = xp.zeros((n_weights + c, h + 2, w_px + 2), xp.float32)
+    combining = weight if feather is None else weight * feather
+    n_planes = n_weights + c + (0 if feather is None else n_weights)
+    planes = xp.zeros((n_planes, h + 2, w_px + 2), xp.float32)
     inner = (slice(1, h + 1), slice(1, w_px + 1))
     for k in range(c):
         if k < n_weights:
-            planes[(k,) + inner] = xp.where(finite[k], weight, xp.float32(0))
-        planes[(n_weights + k,) + inner] = xp.where(finite[k], data[..., k] * weight, xp.float32(0))
-    return planes.reshape(n_weights + c, -1), shared
+            planes[(k,) + inner] = xp.where(finite[k], combining, xp.float32(0))
+            if feather is not None:
+                planes[(n_weights + c + k,) + inner] = xp.where(finite[k], weight, xp.float32(0))
+        planes[(n_weights + k,) + inner] = xp.where(finite[k], data[..., k] * combining, xp.float32(0))
+    return planes.reshape(n_planes, -1), shared
 
 
 def channel_planes(image, xp):
@@ -792,6 +797,30 @@ def _source_window(mapping: PixelMapping, shape_in) -> tuple[int, int, int, int]
     return y0, x0, y1 - y0, x1 - x0
 
 
+#: A feathered weight never falls below this fraction: where one tile alone has data, it stays.
+FEATHER_FLOOR = 1e-3
+
+
+def feather_ramp(coverage, width_px: float, solid: float = 0.0) -> np.ndarray:
+    """Return a tile's weight factor ``(H, W)`` in (0, 1]: a raised cosine over ``width_px`` from its edge.
+
+    The edge is that of where its ``coverage`` exceeds ``solid`` (or of where it has any, when
+    nothing does): the factor is :data:`FEATHER_FLOOR` outside, rises as ``(1 - cos(pi d /
+    width)) / 2`` with the distance ``d`` inside, and is 1 from ``width_px`` on. Two tiles
+    feathered so hand over smoothly across their overlap instead of at one tile's edge.
+    """
+    cover = np.nan_to_num(np.asarray(coverage, np.float32))
+    inside = cover > solid
+    if not inside.any():
+        inside = cover > 0
+    if width_px <= 0 or not inside.any():
+        return np.where(inside, np.float32(1.0), np.float32(FEATHER_FLOOR))
+    # The array's border is outside too: a footprint that reaches it ends there.
+    distance = scipy.ndimage.distance_transform_edt(np.pad(inside, 1))[1:-1, 1:-1]
+    t = np.clip(distance / float(width_px), 0.0, 1.0)
+    return np.maximum(0.5 - 0.5 * np.cos(np.pi * t), FEATHER_FLOOR).astype(np.float32)
+
+
 @dataclass(frozen=True)
 class _CoaddInput:
     """One input of the co-add, ready to gather: its weighted planes (of its source window)."""
@@ -801,9 +830,10 @@ class _CoaddInput:
     shape_in: tuple
     window: tuple
     mapping: PixelMapping
+    feathered: bool = False  # the planes end with the plain (unfeathered) weights
 
 
-def _coadd_input(data, weight, mapping: PixelMapping, xp) -> _CoaddInput | None:
+def _coadd_input(data, weight, mapping: PixelMapping, xp, feather=None) -> _CoaddInput | None:
     """Return an input prepared for :func:`_accumulate_rows`, or None when it reaches no pixel."""
     shape_in = np.shape(data)[:2]
     window = _source_window(mapping, shape_in)
@@ -813,14 +843,45 @@ def _coadd_input(data, weight, mapping: PixelMapping, xp) -> _CoaddInput | None:
     data = _as_hwc(data[crop], xp)
     weight = xp.ones(data.shape[:2], xp.float32) if weight is None else \
         xp.nan_to_num(xp.asarray(weight[crop], xp.float32), nan=0.0, posinf=0.0, neginf=0.0)
-    return _CoaddInput(*_weighted_planes(data, weight, xp), shape_in, window, mapping)
+    if feather is not None:
+        feather = xp.asarray(feather[crop], xp.float32)
+    return _CoaddInput(*_weighted_planes(data, weight, xp, feather), shape_in, window, mapping, feather is not None)
 
 
-def _accumulate_rows(sums, r0: int, r1: int, source: _CoaddInput, xp, trusted_weight=None) -> None:
-    """Add one input, resampled, into ``sums``: the ``(2C, r1 - r0, W)`` float64 output rows r0..r1.
+@dataclass(frozen=True)
+class _SumLayout:
+    """Where a band's float64 sums keep what (each a block of C planes, C channels).
 
-    With ``trusted_weight``, ``sums`` is ``(4C, ...)``: the samples whose (resampled) weight reaches
-    it are added into the last 2C planes too.
+    ``[sum w, sum w I]`` always (w: the combining weight); then ``sum`` of the plain weights
+    (the coverage) when feathered; then the trusted samples' ``[sum w, sum w I]`` with a
+    trusted weight.
+    """
+
+    n_ch: int
+    feathered: bool
+    trusted: bool
+
+    @property
+    def planes(self) -> int:
+        return self.n_ch * (2 + self.feathered + 2 * self.trusted)
+
+    @property
+    def coverage(self) -> slice:
+        start = 2 * self.n_ch
+        return slice(start, start + self.n_ch) if self.feathered else slice(0, self.n_ch)
+
+    @property
+    def trusted_sums(self) -> slice:
+        start = self.n_ch * (2 + self.feathered)
+        return slice(start, start + 2 * self.n_ch)
+
+
+def _accumulate_rows(sums, r0: int, r1: int, source: _CoaddInput, xp, layout: _SumLayout,
+                     trusted_weight=None) -> None:
+    """Add one input, resampled, into ``sums``: the ``(layout.planes, r1 - r0, W)`` float64 output rows r0..r1.
+
+    With ``trusted_weight``, the samples whose (resampled, plain) weight reaches it are added
+    into the trusted sums too.
     """
     mapping = source.mapping
     a, b = max(r0, mapping.y0), min(r1, mapping.y1)
@@ -830,15 +891,17 @@ def _accumulate_rows(sums, r0: int, r1: int, source: _CoaddInput, xp, trusted_we
     sampled = bilinear_gather(source.planes, source.shape_in, y_in, x_in, xp, window=source.window)
     sampled = sampled.reshape(-1, b - a, mapping.x1 - mapping.x0)
     rows, cols = slice(a - r0, b - r0), slice(mapping.x0, mapping.x1)
-    n_ch = sampled.shape[0] - 1 if source.shared_weight else sampled.shape[0] // 2
-    _add_planes(sums[:2 * n_ch], rows, cols, sampled, n_ch, source.shared_weight)
+    n_ch = layout.n_ch
+    n_w = 1 if source.shared_weight else n_ch
+    combined = sampled[:n_w + n_ch]
+    plain = sampled[n_w + n_ch:] if source.feathered else sampled[:n_w]
+    _add_planes(sums[:2 * n_ch], rows, cols, combined, n_ch, source.shared_weight)
+    if layout.feathered:
+        sums[layout.coverage, rows, cols] += plain
     if trusted_weight is not None:
-        trusted = sampled[:1 if source.shared_weight else n_ch] >= trusted_weight
-        if source.shared_weight:
-            sampled = xp.where(trusted, sampled, 0.0)
-        else:
-            sampled = xp.where(xp.concatenate([trusted, trusted]), sampled, 0.0)
-        _add_planes(sums[2 * n_ch:], rows, cols, sampled, n_ch, source.shared_weight)
+        trusted = plain >= trusted_weight
+        combined = xp.where(trusted if source.shared_weight else xp.concatenate([trusted, trusted]), combined, 0.0)
+        _add_planes(sums[layout.trusted_sums], rows, cols, combined, n_ch, source.shared_weight)
 
 
 def _add_planes(sums, rows, cols, sampled, n_ch: int, shared_weight: bool) -> None:
@@ -850,7 +913,8 @@ def _add_planes(sums, rows, cols, sampled, n_ch: int, shared_weight: bool) -> No
         sums[:, rows, cols] += sampled
 
 
-def _coadd_fast(data_list, weights_list, mappings, shape_out, xp, rows_per_chunk, trusted_weight=None):
+def _coadd_fast(data_list, weights_list, mappings, shape_out, xp, rows_per_chunk, trusted_weight=None,
+                feathers=None):
     """Mean co-add with the ``fast`` engine on backend ``xp``.
 
     Returns ``(mosaic (H, W, C), coverage (H, W, C))`` on ``xp``, float32; the mosaic is NaN where
@@ -858,11 +922,14 @@ def _coadd_fast(data_list, weights_list, mappings, shape_out, xp, rows_per_chunk
     added into the band's float64 sums in turn, so the sums never take the whole mosaic's memory.
     On the CPU the bands run on every core (NumPy's gathers and sums release the GIL); each band's
     result does not depend on the others, so it is the same for any number of threads.
-    ``trusted_weight``: see :func:`reproject_and_coadd`.
+    ``trusted_weight``, ``feathers``: see :func:`reproject_and_coadd`.
     """
     n_ch = np.shape(data_list[0])[-1] if np.ndim(data_list[0]) == 3 else 1
-    todo = [(d, w, m) for d, w, m in zip(data_list, weights_list, mappings) if m is not None]
-    prepare = lambda item: _coadd_input(*item, xp)  # noqa: E731
+    feathers = [None] * len(data_list) if feathers is None else \
+        [np.ones(np.shape(d)[:2], np.float32) if f is None else f for d, f in zip(data_list, feathers)]
+    layout = _SumLayout(n_ch, any(f is not None for f in feathers), trusted_weight is not None)
+    todo = [(d, w, m, f) for d, w, m, f in zip(data_list, weights_list, mappings, feathers) if m is not None]
+    prepare = lambda item: _coadd_input(item[0], item[1], item[2], xp, item[3])  # noqa: E731
     inputs = map_threads(prepare, todo) if xp is np else [prepare(item) for item in todo]
     inputs = [source for source in inputs if source is not None]
     height, width = shape_out
@@ -871,10 +938,10 @@ def _coadd_fast(data_list, weights_list, mappings, shape_out, xp, rows_per_chunk
 
     def band(r0):
         r1 = min(height, r0 + rows_per_chunk)
-        sums = xp.zeros((2 * n_ch * (1 if trusted_weight is None else 2), r1 - r0, width), dtype=xp.float64)
+        sums = xp.zeros((layout.planes, r1 - r0, width), dtype=xp.float64)
         for source in inputs:
-            _accumulate_rows(sums, r0, r1, source, xp, trusted_weight)
-        mosaic[r0:r1], coverage[r0:r1] = _normalised_sums(sums, n_ch, xp)
+            _accumulate_rows(sums, r0, r1, source, xp, layout, trusted_weight)
+        mosaic[r0:r1], coverage[r0:r1] = _normalised_sums(sums, layout, xp)
 
     starts = range(0, height, rows_per_chunk)
     if xp is np:
@@ -885,23 +952,24 @@ def _coadd_fast(data_list, weights_list, mappings, shape_out, xp, rows_per_chunk
     return mosaic, coverage
 
 
-def _normalised_sums(sums, n_ch, xp):
-    """Return float32 ``(mosaic, coverage)`` ``(rows, W, C)`` of a band from its planes of sums.
+def _normalised_sums(sums, layout: _SumLayout, xp):
+    """Return float32 ``(mosaic, coverage)`` ``(rows, W, C)`` of a band from its planes of sums (see :class:`_SumLayout`).
 
-    ``sums`` is ``(2C, rows, W)``: ``[sum w, sum w*I]``, or ``(4C, ...)`` with the trusted samples'
-    sums after them, whose mean then stands wherever they have weight. Tiny weight sums are float
+    The trusted samples' mean stands wherever they have weight. Tiny weight sums are float
     rounding at the very edge of a footprint: they mean "no data".
     """
+    n_ch = layout.n_ch
     shape = sums.shape[1:] + (n_ch,)
     mosaic, coverage = xp.empty(shape, xp.float32), xp.empty(shape, xp.float32)
+    plain = sums[layout.coverage]
     for k in range(n_ch):
         sum_w, sum_wi = sums[k], sums[n_ch + k]
-        solid = sum_w > 1e-6
+        solid = (plain[k] > 1e-6) & (sum_w > 0)
         mosaic[..., k] = xp.where(solid, sum_wi / xp.where(solid, sum_w, 1.0), xp.nan)
-        coverage[..., k] = xp.where(solid, sum_w, 0.0)
-        if sums.shape[0] > 2 * n_ch:
-            trusted_w, trusted_wi = sums[2 * n_ch + k], sums[3 * n_ch + k]
-            lead = trusted_w > 1e-6
+        coverage[..., k] = xp.where(solid, plain[k], 0.0)
+        if layout.trusted:
+            trusted_w, trusted_wi = sums[layout.trusted_sums][k], sums[layout.trusted_sums][n_ch + k]
+            lead = solid & (trusted_w > 0)
             mosaic[..., k] = xp.where(lead, trusted_wi / xp.where(lead, trusted_w, 1.0), mosaic[..., k])
     return mosaic, coverage
 
@@ -913,13 +981,13 @@ def _squeeze_like(inputs, mosaic, coverage):
     return mosaic, coverage
 
 
-def _coadd_bytes_per_pixel(n_ch: int, trusted_weight) -> int:
+def _coadd_bytes_per_pixel(n_ch: int, trusted_weight, feathered: bool = False) -> int:
     """Return the working bytes per output pixel of a band of :func:`_coadd_fast`."""
-    return 32 * (2 * n_ch * (1 if trusted_weight is None else 2) + 2)
+    return 32 * (_SumLayout(n_ch, feathered, trusted_weight is not None).planes + 2)
 
 
 def gpu_reproject_and_coadd_impl(data_list, wcs_list, wcs_out, shape_out, weights_list=None,
-                                 mappings=None, trusted_weight=None):
+                                 mappings=None, trusted_weight=None, feathers=None):
     """Run the ``fast`` co-add engine on the GPU; returns host float32 ``(mosaic, coverage)``.
 
     ``data_list`` holds 2-D images or ``(H, W, C)`` images (all channels in one pass, sharing the
@@ -938,15 +1006,15 @@ def gpu_reproject_and_coadd_impl(data_list, wcs_list, wcs_out, shape_out, weight
     ]
     # NumPy standing in for CuPy uses the CPU engine's small chunks (see reproject_and_coadd).
     budget = free_gpu_memory_bytes() // 4 if xp is not np else 16 * 2**20
-    rows = _rows_per_chunk(shape_out[1], budget, _coadd_bytes_per_pixel(n_ch, trusted_weight))
+    rows = _rows_per_chunk(shape_out[1], budget, _coadd_bytes_per_pixel(n_ch, trusted_weight, feathers is not None))
     mosaic, coverage = halving_rows_on_oom(
-        lambda r: _coadd_fast(data_list, weights_list, mappings, shape_out, xp, r, trusted_weight),
+        lambda r: _coadd_fast(data_list, weights_list, mappings, shape_out, xp, r, trusted_weight, feathers),
         rows, xp, "co-add")
     return _squeeze_like(data_list, to_numpy(mosaic), to_numpy(coverage))
 
 
 def reproject_and_coadd(data_list, wcs_list, wcs_out, shape_out, weights_list=None, engine="fast",
-                        use_gpu=False, mappings=None, trusted_weight=None):
+                        use_gpu=False, mappings=None, trusted_weight=None, feathers=None):
     """Co-add images onto an output grid with a weighted mean; returns ``(mosaic, coverage)``.
 
     Parameters
@@ -963,6 +1031,8 @@ def reproject_and_coadd(data_list, wcs_list, wcs_out, shape_out, weights_list=No
         reaches it; their weight still counts in the coverage. With master-tile coverage as the
         weights and the frames rejection needs, a tile's edge stacked from one or two frames
         (nothing rejected there: a satellite trail survives) yields to a tile that rejected.
+    feathers : list of 2-D factors in (0, 1] (or None entries) multiplying each input's weight in
+        the mean only (:func:`feather_ramp`): the coverage stays the sum of the plain weights
 
     Returns
     -------
@@ -972,48 +1042,57 @@ def reproject_and_coadd(data_list, wcs_list, wcs_out, shape_out, weights_list=No
     n = len(data_list)
     weights_list = list(weights_list) if weights_list is not None else [None] * n
     if engine == "reproject":
-        return _coadd_with_reproject(data_list, wcs_list, wcs_out, shape_out, weights_list, trusted_weight)
+        return _coadd_with_reproject(data_list, wcs_list, wcs_out, shape_out, weights_list, trusted_weight,
+                                     feathers)
     require_choice("engine", engine, ASSEMBLY_ENGINES)
     if mappings is None:
         mappings = [compute_pixel_mapping(w, np.shape(d)[:2], wcs_out, shape_out)
                     for d, w in zip(data_list, wcs_list)]
     if use_gpu:
         return gpu_reproject_and_coadd_impl(data_list, wcs_list, wcs_out, shape_out, weights_list,
-                                            mappings, trusted_weight)
+                                            mappings, trusted_weight, feathers)
     n_ch = 1 if np.ndim(data_list[0]) == 2 else np.shape(data_list[0])[-1]
     # Small chunks (a few MB of temporaries) stay in cache and reuse freed memory: measured
     # faster on the CPU than large ones, whose fresh allocations cost page faults.
-    rows = _rows_per_chunk(shape_out[1], 16 * 2**20, _coadd_bytes_per_pixel(n_ch, trusted_weight))
-    mosaic, coverage = _coadd_fast(data_list, weights_list, mappings, shape_out, np, rows, trusted_weight)
+    rows = _rows_per_chunk(shape_out[1], 16 * 2**20, _coadd_bytes_per_pixel(n_ch, trusted_weight, feathers is not None))
+    mosaic, coverage = _coadd_fast(data_list, weights_list, mappings, shape_out, np, rows, trusted_weight,
+                                   feathers)
     return _squeeze_like(data_list, mosaic, coverage)
 
 
-def _coadd_with_reproject(data_list, wcs_list, wcs_out, shape_out, weights_list, trusted_weight=None):
+def _coadd_with_reproject(data_list, wcs_list, wcs_out, shape_out, weights_list, trusted_weight=None,
+                          feathers=None):
     """Reference engine: astropy reproject's ``reproject_and_coadd`` with ``reproject_interp``.
 
-    ``trusted_weight`` (see :func:`reproject_and_coadd`) is applied to the input weights: a second
-    co-add of the trusted pixels alone stands wherever it has data.
+    ``trusted_weight`` and ``feathers`` (see :func:`reproject_and_coadd`) are applied to the input
+    weights: a second co-add of the trusted pixels alone stands wherever it has data; with
+    feathers the mean uses the feathered weights and a co-add of the plain weights gives the
+    coverage.
     """
+    if np.ndim(data_list[0]) == 3:  # one call per channel, as reproject takes 2-D images
+        results = [_coadd_with_reproject([d[..., c] for d in data_list], wcs_list, wcs_out,
+                                         shape_out, weights_list, trusted_weight, feathers)
+                   for c in range(np.shape(data_list[0])[-1])]
+        return np.stack([m for m, _ in results], -1), np.stack([c for _, c in results], -1)
+    weights = [np.ones(np.shape(d)) if w is None else np.nan_to_num(np.asarray(w, np.float64))
+               for d, w in zip(data_list, weights_list)]
+    combining = weights if feathers is None else [w if f is None else w * f for w, f in zip(weights, feathers)]
+    mosaic, coverage = _reproject_mean(data_list, wcs_list, wcs_out, shape_out, combining)
+    if feathers is not None:
+        coverage = _reproject_mean(data_list, wcs_list, wcs_out, shape_out, weights)[1]
+    if trusted_weight is not None:
+        trusted = [np.where(w >= trusted_weight, c, 0.0) for w, c in zip(weights, combining)]
+        lead, lead_coverage = _reproject_mean(data_list, wcs_list, wcs_out, shape_out, trusted)
+        mosaic = np.where(lead_coverage > 0, lead, mosaic)
+    return mosaic, coverage
+
+
+def _reproject_mean(data_list, wcs_list, wcs_out, shape_out, weights):
+    """Return reproject's weighted mean of 2-D images and its sum of weights, float32, NaN where none."""
     from reproject import reproject_interp
     from reproject.mosaicking import reproject_and_coadd as rp_coadd
 
-    if np.ndim(data_list[0]) == 3:  # one call per channel, as reproject takes 2-D images
-        results = [_coadd_with_reproject([d[..., c] for d in data_list], wcs_list, wcs_out,
-                                         shape_out, weights_list, trusted_weight)
-                   for c in range(np.shape(data_list[0])[-1])]
-        return np.stack([m for m, _ in results], -1), np.stack([c for _, c in results], -1)
-    if trusted_weight is not None:
-        weights = [np.ones(np.shape(d)) if w is None else np.asarray(w, np.float64)
-                   for d, w in zip(data_list, weights_list)]
-        mosaic, coverage = _coadd_with_reproject(data_list, wcs_list, wcs_out, shape_out, weights)
-        trusted = [np.where(w >= trusted_weight, w, 0.0) for w in weights]
-        lead, lead_coverage = _coadd_with_reproject(data_list, wcs_list, wcs_out, shape_out, trusted)
-        return np.where(lead_coverage > 0, lead, mosaic), coverage
     inputs = [(np.asarray(d, np.float64), w) for d, w in zip(data_list, wcs_list)]
-    weights = None
-    if any(w is not None for w in weights_list):
-        weights = [np.ones(np.shape(d)) if w is None else np.asarray(w, np.float64)
-                   for d, w in zip(data_list, weights_list)]
     mosaic, footprint = rp_coadd(inputs, wcs_out, shape_out=tuple(shape_out), input_weights=weights,
                                  reproject_function=reproject_interp, combine_function="mean")
     footprint = np.nan_to_num(footprint, nan=0.0, posinf=0.0, neginf=0.0)

@@ -29,6 +29,7 @@ from astropy.io import fits
 
 import zemosaic_align_stack as stk
 import zemosaic_astrometry as zastro
+import zemosaic_background as zbg
 import zemosaic_display as zdisp
 import zemosaic_executor as zexec
 import zemosaic_fits as zfits
@@ -40,7 +41,7 @@ from zemosaic_config import MosaicConfig, config_to_dict
 from zemosaic_executor import Cancelled  # noqa: F401  (part of this module's API)
 from zemosaic_master_tile import (CACHE_DIR, STACK_CACHE_DIR, TileTask,  # noqa: F401  (API)
                                   build_master_tile, settings_history, tile_name)
-from zemosaic_utils import (GpuBackendError, block_mean, compute_pixel_mapping, gpu_available,
+from zemosaic_utils import (GpuBackendError, block_mean, compute_pixel_mapping, feather_ramp, gpu_available,
                             gpu_unavailable_reason, map_threads, optimal_celestial_grid, over_channels,
                             reproject_and_coadd, unit_vectors)
 from zemosaic_version import __version__
@@ -148,6 +149,8 @@ class RunReport:
     outputs: dict = field(default_factory=dict)
     mosaic_shape: list = field(default_factory=list)
     white_balance: dict = field(default_factory=dict)
+    tile_background_model: dict = field(default_factory=dict)
+    background_extraction: dict = field(default_factory=dict)
     version: str = __version__
 
     def skip(self, path: str, reason: str, quiet: bool = False) -> None:
@@ -184,6 +187,8 @@ class RunReport:
             "timings_s": {k: round(v, 3) for k, v in self.timings_s.items()},
             "outputs": self.outputs,
             "white_balance": self.white_balance,
+            "tile_background_model": self.tile_background_model,
+            "background_extraction": self.background_extraction,
         }
 
 
@@ -611,7 +616,7 @@ def low_res_tiles(tiles: list[MasterTile], wcs_out, shape_out, max_side: int = 8
 
 @dataclass
 class AssemblyInputs:
-    """What both assembly passes share: tiles, output grid, pixel mappings and backend choice."""
+    """What both assembly passes share: tiles, output grid, pixel mappings, feathers and backend choice."""
 
     tiles: list
     wcs_out: object
@@ -619,15 +624,52 @@ class AssemblyInputs:
     mappings: list
     engine: str
     use_gpu: bool
+    feathers: list | None = None
 
-    def coadd(self, gains, offsets, label):
-        """Co-add ``gain * tile - offset`` (per tile, per channel); returns ``(mosaic, coverage (H,W,C), gpu_all)``."""
+    def coadd(self, gains, backgrounds: zbg.BackgroundModels, label):
+        """Co-add ``gain * tile - background`` (per tile, per channel); returns ``(mosaic, coverage (H,W,C), gpu_all)``.
+
+        ``backgrounds`` are on the output grid; each is refitted on its tile's own pixels.
+        """
         def rows(v, k):  # whole rows: a (C,) operand makes NumPy loop over runs of C values
             return stk.frame_rows(np.asarray(v)[None], self.tiles[k].image.shape[1], np.float32, np)[0]
 
-        images = map_threads(lambda k: self.tiles[k].image * rows(gains[k], k) - rows(offsets[k], k),
-                             range(len(self.tiles)))
+        def corrected(k):
+            image = self.tiles[k].image * rows(gains[k], k)
+            if np.any(backgrounds.coefficients[k]):
+                image -= tile_background(self.tiles[k], backgrounds, k, self.wcs_out)
+            return image
+
+        images = map_threads(corrected, range(len(self.tiles)))
         return coadd_channels(self, images, label)
+
+
+def tile_background(tile, backgrounds: zbg.BackgroundModels, k: int, wcs_out, points: int = 12) -> np.ndarray:
+    """Return tile ``k``'s background model (on the output grid) on the tile's own pixels, ``(H, W, C)``.
+
+    Refitted from a grid of ``points`` x ``points`` tile pixels mapped onto the output grid through
+    the WCSs: a polynomial stays one of the same order under the near-affine map between them.
+    """
+    h, w = tile.image.shape[:2]
+    y_t, x_t = (a.ravel() for a in np.meshgrid(np.linspace(0, h - 1, points), np.linspace(0, w - 1, points),
+                                                indexing="ij"))
+    x_o, y_o = wcs_out.world_to_pixel_values(*tile.wcs.pixel_to_world_values(x_t, y_t))
+    return backgrounds.in_frame(k, (h, w), y_o, x_o, y_t, x_t).image(0, (h, w))
+
+
+def tile_feathers(tiles, low: ztp.LowResTiles, width_px: float) -> list | None:
+    """Return each tile's :func:`zemosaic_utils.feather_ramp`, over ``width_px`` or its narrowest overlap if less.
+
+    The ramp starts where the tile's pixels are stacked from enough frames to be trusted (see
+    :func:`coadd_channels`); a tile that overlaps nothing is not feathered. None: no feathering.
+    """
+    if width_px <= 0 or low is None:
+        return None
+    widths = np.minimum(ztp.overlap_widths(low), width_px)
+    logger.debug("Feather widths per tile (px): %s", np.round(widths, 1).tolist())
+    return map_threads(lambda k: None if not np.isfinite(widths[k]) else
+                       feather_ramp(tiles[k].coverage, widths[k], stk.MIN_REJECTION_FRAMES - 0.5),
+                       range(len(tiles)))
 
 
 def coadd_channels(inputs: AssemblyInputs, tile_images, label="Assembly"):
@@ -644,7 +686,7 @@ def coadd_channels(inputs: AssemblyInputs, tile_images, label="Assembly"):
         return reproject_and_coadd(tile_images, [t.wcs for t in inputs.tiles], inputs.wcs_out,
                                    inputs.shape_out, [t.coverage for t in inputs.tiles],
                                    engine=inputs.engine, use_gpu=use_gpu, mappings=inputs.mappings,
-                                   trusted_weight=stk.MIN_REJECTION_FRAMES)
+                                   trusted_weight=stk.MIN_REJECTION_FRAMES, feathers=inputs.feathers)
 
     gpu_all = bool(inputs.use_gpu and inputs.engine == "fast")
     if gpu_all:
@@ -675,9 +717,9 @@ def run_second_pass_coverage_renorm(inputs: AssemblyInputs, low: ztp.LowResTiles
                                overlap_images(inputs.tiles, low, inputs.wcs_out, inputs.shape_out))
     logger.info("[TwoPass] tile gains: %s", ", ".join(f"{g:.4f}" for g in gains))
     total = match.gains * gains[:, None]
-    offsets = ztp.background_offsets(low, total) if config.match_background \
-        else match.offsets * gains[:, None]
-    mosaic, coverage, gpu_all = inputs.coadd(total, offsets, "[TwoPass]")
+    backgrounds = ztp.background_models(low, total, config.background_model_order) if config.match_background \
+        else match.backgrounds.scaled(gains)
+    mosaic, coverage, gpu_all = inputs.coadd(total, backgrounds, "[TwoPass]")
     logger.info("[TwoPass] Two-pass reprojection backend: gpu_all=%s", gpu_all)
     return mosaic, over_channels(np.minimum, coverage), gains, gpu_all
 
@@ -686,7 +728,7 @@ def overlap_images(tiles: list[MasterTile], low: ztp.LowResTiles, wcs_out, shape
     """Return a function of ``(i, j, coarse overlap mask)`` giving tiles i and j at full resolution.
 
     Both are resampled alone onto the box of the output grid that holds their overlap (NaN where a
-    tile has no data), for :func:`zemosaic_tile_photometry.block_pair_slopes` (pass 1) and
+    tile has no data), returned with the box's first output pixel ``(y0, x0)``, for :func:`zemosaic_tile_photometry.block_pair_slopes` (pass 1) and
     :func:`zemosaic_tile_photometry.overlap_cell_ratios` (Two-Pass).
     """
     def images(i, j, both):
@@ -695,26 +737,34 @@ def overlap_images(tiles: list[MasterTile], low: ztp.LowResTiles, wcs_out, shape
         y0, y1 = rows.min() * f, min((rows.max() + 1) * f, shape_out[0])
         x0, x1 = cols.min() * f, min((cols.max() + 1) * f, shape_out[1])
         box_wcs = wcs_out.slice((slice(y0, y1), slice(x0, x1)))
-        return tuple(reproject_and_coadd([tiles[k].image], [tiles[k].wcs], box_wcs, (y1 - y0, x1 - x0))[0]
-                     for k in (i, j))
+        return (y0, x0), tuple(reproject_and_coadd([tiles[k].image], [tiles[k].wcs], box_wcs, (y1 - y0, x1 - x0))[0]
+                               for k in (i, j))
     return images
 
 
 def _tile_match(tiles, low, config, wcs_out, shape_out) -> ztp.TileMatch:
-    """Pass-1 photometric corrections: gains and offsets solved from the overlaps, or none."""
+    """Pass-1 photometric corrections: gains and background models solved from the overlaps, or none."""
     n, n_ch = len(tiles), tiles[0].image.shape[2]
     if low is None:
-        return ztp.TileMatch(np.ones((n, n_ch)), np.zeros((n, n_ch)), np.zeros(n, bool))
+        return ztp.TileMatch.identity(n, n_ch, shape_out)
     return ztp.match_tiles(low, config.intertile_photometric_match, config.match_background,
-                           overlap_images(tiles, low, wcs_out, shape_out))
+                           overlap_images(tiles, low, wcs_out, shape_out), config.background_model_order)
 
 
-def _record_match(report, tiles, match: ztp.TileMatch) -> None:
-    """Write each tile's pass-1 gains and offsets into its entry of the run report."""
-    for tile, gains, offsets, colour in zip(tiles, match.gains, match.offsets, match.colour_applied):
+def _record_match(report, tiles, match: ztp.TileMatch, wcs_out) -> None:
+    """Write each tile's pass-1 gains and background into its entry of the run report.
+
+    ``offset_rgb`` is the background subtracted at the tile's centre; ``background`` its model's
+    coefficients on the output grid (the report's ``tile_background_model`` says how to read them).
+    """
+    report.tile_background_model = match.backgrounds.to_dict()
+    for k, (tile, gains, colour) in enumerate(zip(tiles, match.gains, match.colour_applied)):
+        h, w = tile.image.shape[:2]
+        x, y = wcs_out.world_to_pixel_values(*tile.wcs.pixel_to_world_values((w - 1) / 2.0, (h - 1) / 2.0))
         entry = report.tile_entry(tile.index)
         entry["gain_rgb"] = [round(float(g), 5) for g in gains]
-        entry["offset_rgb"] = [round(float(o), 3) for o in offsets]
+        entry["offset_rgb"] = [round(float(o), 3) for o in match.backgrounds.values(k, float(y), float(x))]
+        entry["background"] = np.round(match.backgrounds.coefficients[k], 4).tolist()
         entry["gain_per_channel"] = bool(colour)
 
 
@@ -730,7 +780,7 @@ def assemble_mosaic(run, tiles, wcs_out, shape_out):
         or config.two_pass_coverage_renorm
     low = low_res_tiles(tiles, wcs_out, shape_out) if need_low and n > 1 else None
     match = _tile_match(tiles, low, config, wcs_out, shape_out)
-    _record_match(report, tiles, match)
+    _record_match(report, tiles, match, wcs_out)
     run.check_cancel()
     mappings = []
     for k, t in enumerate(tiles):
@@ -741,8 +791,9 @@ def assemble_mosaic(run, tiles, wcs_out, shape_out):
     if use_gpu and not gpu_available():
         logger.warning("GPU asked for assembly but not usable (%s); using CPU", gpu_unavailable_reason())
         use_gpu = False
-    inputs = AssemblyInputs(tiles, wcs_out, shape_out, mappings, config.assembly_engine, use_gpu)
-    mosaic, coverage, gpu_all = inputs.coadd(match.gains, match.offsets, "Assembly")
+    inputs = AssemblyInputs(tiles, wcs_out, shape_out, mappings, config.assembly_engine, use_gpu,
+                            tile_feathers(tiles, low, config.assembly_feather_px))
+    mosaic, coverage, gpu_all = inputs.coadd(match.gains, match.backgrounds, "Assembly")
     coverage = over_channels(np.minimum, coverage)  # channels share tile weights: their coverages agree
     run.advance("assembly", n + 1, n + 2, "pass 1 done")
     report.backends["assembly"] = "gpu" if gpu_all else "cpu"
@@ -752,6 +803,11 @@ def assemble_mosaic(run, tiles, wcs_out, shape_out):
         report.backends["two_pass"] = "gpu" if gpu_all else "cpu"
         for tile, gain in zip(tiles, gains):
             report.tile_entry(tile.index)["two_pass_gain"] = round(float(gain), 5)
+    if config.final_background_extraction:
+        mosaic, extraction = zbg.extract_background(mosaic, config.final_background_order)
+        report.background_extraction = extraction.to_dict()
+        logger.info("Background extraction: order %d fitted on %.0f %% of the mosaic's blocks",
+                    config.final_background_order, 100 * extraction.sky_fraction)
     run.advance("assembly", n + 2, n + 2, "co-add done")
     return mosaic, coverage
 
@@ -796,6 +852,11 @@ def _mosaic_cards(config, report, tiles) -> list:
             *zfits.observation_cards(tile_headers),
             ("ASMENG", config.assembly_engine, "assembly engine"),
             ("ASMBE", report.backends.get("assembly", "cpu"), "assembly backend"),
+            ("BKGORDER", config.background_model_order, "sky model order of frames and tiles"),
+            ("FEATHER", config.assembly_feather_px, "[px] tile edge fade-in width"),
+            ("BKGEXTR", bool(report.background_extraction), "smooth background removed from the mosaic"),
+            *([("BKGXORD", config.final_background_order, "order of the removed background")]
+              if report.background_extraction else []),
             *settings_history(config)]
 
 

@@ -175,7 +175,7 @@ def test_two_pass_reduces_gain_step_and_keeps_colour(caplog):
     others = [0, 2, 3]
     gap1 = abs(step1[1] - np.mean(step1[others]))
     gap2 = abs(step2[1] - np.mean(step2[others]))
-    assert gap1 > 0.1
+    assert gap1 > 0.05  # part of the 12 % step is smooth nebula, which the background planes take up
     assert gap2 < gap1 / 5, (step1, step2)
     assert np.allclose(step2[others], 1.0, atol=0.01)  # the flux scale of the good tiles is kept
     assert np.allclose(_colour_ratios(pass2, wcs, shape), _colour_ratios(pass1, wcs, shape), rtol=0.005)

@@ -184,11 +184,11 @@ def test_out_of_memory_halves_the_gpu_chunk_and_retries(monkeypatch, numpy_as_gp
     expected = zu.reproject_and_coadd(data, wcs_list, wcs_out, out_shape, weights)
     real, rows_tried = zu._coadd_fast, []
 
-    def tight(data_list, weights_list, mappings, shape_out, xp, rows, trusted_weight=None):
+    def tight(data_list, weights_list, mappings, shape_out, xp, rows, trusted_weight=None, feathers=None):
         rows_tried.append(rows)
         if rows > 40:
             raise MemoryError("out of memory")
-        return real(data_list, weights_list, mappings, shape_out, xp, rows, trusted_weight)
+        return real(data_list, weights_list, mappings, shape_out, xp, rows, trusted_weight, feathers)
 
     mosaic, coverage = _coadd_with(monkeypatch, tight)
     assert rows_tried == [rows_tried[0] // 2**k for k in range(len(rows_tried))]

@@ -19,7 +19,9 @@ with transparency 1.0, *excluding* that frame's own additive sky pedestal::
 
     frame_rgb(pixel) ~= transparency * gain_rgb * truth_rgb(sky position of pixel) + sky_pedestal_rgb
 
-``gain_rgb`` is 1 unless the ``panel_gain_rgb`` option gives a panel another signal gain.
+``gain_rgb`` is 1 unless the ``panel_gain_rgb`` option gives a panel another signal gain. The
+pedestal is flat unless ``panel_sky_gradient`` shapes it (a gradient and a light dome fixed to the
+sensor, see ``sky_gradient_plane``); ``panel_sky_level`` scales it per panel.
 
 Each raw Bayer pixel samples only its own colour channel of that expectation
 (GRBG: row 0 = G R G R ..., row 1 = B G B G ...).  On top of it come sensor-fixed
@@ -188,7 +190,8 @@ _KNOWN_OPTIONS = {
 # is byte for byte the one made before they existed.
 _OPTIONAL_OPTIONS = {
     "satellite_panels": None,  # panels whose frame gets a trail for satellite_frame "central"/...
-    "panel_sky_gradient": None,  # None -> flat sky pedestal; else one (gx, gy) per panel
+    "panel_sky_gradient": None,  # None -> flat sky pedestal; else per panel (gx, gy[, dome]) or two of them
+    "panel_sky_level": None,  # None -> 1; else one factor per panel on its frames' sky pedestal
 }
 _KNOWN_OPTIONS.update(_OPTIONAL_OPTIONS)
 
@@ -214,8 +217,8 @@ def expected_bayer_frame(
     """Noiseless, defect-free raw frame (float64, (H, W)): ``t*model + pedestal`` per site.
 
     ``transparency`` is one number or one per channel (R, G, B): a coloured transparency
-    models a night whose extinction or colour response differs. ``sky_gradient`` ``(gx, gy)``
-    tilts the pedestal across the sensor (:func:`sky_gradient_plane`).
+    models a night whose extinction or colour response differs. ``sky_gradient`` ``(gx, gy)`` or
+    ``(gx, gy, dome)`` shapes the pedestal across the sensor (:func:`sky_gradient_plane`).
     """
     raw = model.render_bayer(wcs, shape, pattern)
     if np.ndim(transparency) == 0:
@@ -230,17 +233,45 @@ def expected_bayer_frame(
 
 
 def sky_gradient_plane(shape: Sequence[int], gradient: Sequence[float]) -> np.ndarray:
-    """Return the ``(H, W)`` factor ``1 + gx * (x / (W-1) - 1/2) + gy * (y / (H-1) - 1/2)``.
+    """Return the ``(H, W)`` factor ``1 + gx*x + gy*y + dome*2*(x**2 + y**2)`` of a frame's sky.
 
-    It multiplies a frame's sky pedestal: light pollution or moonlight brightening the sky towards
-    one side of the sensor by the fraction ``gx`` from the left to the right edge and ``gy`` from
-    the first to the last row. Fixed to the sensor, as the horizon is for an alt-az mount.
+    ``x = col / (W-1) - 1/2`` and ``y = row / (H-1) - 1/2`` run from -1/2 to 1/2 across the
+    sensor. ``gradient`` is ``(gx, gy)`` or ``(gx, gy, dome)``: light pollution or moonlight
+    brightening the sky by the fraction ``gx`` from the left to the right edge and ``gy`` from the
+    first to the last row, and a light dome ``dome`` (0 at the centre, ``dome`` at the corners).
+    It multiplies the frame's sky pedestal and is fixed to the sensor, as the horizon is for an
+    alt-az mount.
     """
     ny, nx = int(shape[0]), int(shape[1])
-    gx, gy = (float(g) for g in gradient)
+    gx, gy, dome = _gradient_terms(gradient)
     x = np.linspace(-0.5, 0.5, nx) if nx > 1 else np.zeros(1)
     y = np.linspace(-0.5, 0.5, ny) if ny > 1 else np.zeros(1)
-    return 1.0 + gx * x[None, :] + gy * y[:, None]
+    plane = 1.0 + gx * x[None, :] + gy * y[:, None]
+    if dome:
+        plane += dome * 2.0 * (x[None, :] ** 2 + y[:, None] ** 2)
+    return plane
+
+
+def _gradient_terms(gradient: Sequence[float]) -> tuple[float, float, float]:
+    """Return ``(gx, gy, dome)`` of a 2- or 3-value sky gradient (dome 0 when absent)."""
+    terms = [float(g) for g in gradient]
+    if len(terms) not in (2, 3):
+        raise ValueError(f"a sky gradient is (gx, gy) or (gx, gy, dome), got {gradient!r}")
+    return terms[0], terms[1], terms[2] if len(terms) == 3 else 0.0
+
+
+def _gradient_min(gradient: Sequence[float]) -> float:
+    """Smallest value of :func:`sky_gradient_plane` over the sensor, exactly.
+
+    The factor is ``1 + f(x; gx) + f(y; gy)`` with ``f(t; g) = g*t + 2*dome*t**2``, so its minimum
+    is 1 plus the minimum of each 1-D quadratic on [-1/2, 1/2] (an end or the clipped vertex).
+    """
+    gx, gy, dome = _gradient_terms(gradient)
+    total = 1.0
+    for g in (gx, gy):
+        ts = [-0.5, 0.5] + ([float(np.clip(-g / (4.0 * dome), -0.5, 0.5))] if dome > 0 else [])
+        total += min(g * t + 2.0 * dome * t * t for t in ts)
+    return total
 
 
 def _satellite_image(shape: Sequence[int], trail: dict[str, float]) -> np.ndarray:
@@ -276,7 +307,7 @@ def make_bayer_frame(
     ``hot_pixels`` is ``(ys, xs, adu)``: dark-current excess added at those sensor
     positions.  ``satellite`` is a dict with ``x0, y0, x1, y1, width_px, peak_adu``
     (sensor pixels), added in the sensor plane (not dimmed by transparency).
-    ``sky_gradient`` ``(gx, gy)``: see :func:`sky_gradient_plane`.
+    ``sky_gradient`` ``(gx, gy)`` or ``(gx, gy, dome)``: see :func:`sky_gradient_plane`.
     With ``noise=True`` the signal gets Poisson noise (``gain`` e-/ADU) plus Gaussian
     read noise (``read_noise`` ADU rms); the result is rounded and clipped to 0..65535.
     """
@@ -321,10 +352,11 @@ class _FramePlan:
     pointing: tuple[float, float] = (0.0, 0.0)
     satellite: dict[str, float] | None = None
     gain_rgb: tuple[float, float, float] = (1.0, 1.0, 1.0)
-    sky_gradient: tuple[float, float] | None = None
+    sky_gradient: tuple[float, ...] | None = None
+    sky_level: float | None = None
 
     def to_meta(self) -> dict[str, Any]:
-        """Per-frame entry of truth.json (``sky_gradient`` only when the frame has one)."""
+        """Per-frame entry of truth.json (``sky_gradient``, ``sky_level`` only when the frame has one)."""
         meta = {
             "file": self.name,
             "index": self.index,
@@ -346,6 +378,8 @@ class _FramePlan:
         }
         if self.sky_gradient is not None:
             meta["sky_gradient"] = [float(g) for g in self.sky_gradient]
+        if self.sky_level is not None:
+            meta["sky_level"] = float(self.sky_level)
         return meta
 
 
@@ -436,16 +470,62 @@ def _panel_gains(spec: Any, n_panels: int) -> list[tuple[float, float, float]]:
     return gains
 
 
-def _panel_sky_gradients(spec: Any, n_panels: int) -> list[tuple[float, float] | None]:
-    """Return one ``(gx, gy)`` sky gradient (or None) per panel from ``panel_sky_gradient``."""
+def _panel_sky_gradients(spec: Any, n_panels: int) -> list[list[tuple[float, ...]] | None]:
+    """Return, per panel, its list of sky gradients (one, or two for two nights) or None.
+
+    An entry of ``panel_sky_gradient`` is one number (``gx = gy``), ``(gx, gy)``, ``(gx, gy,
+    dome)`` or a list of two of those. A gradient is kept as 2 values when its dome is 0, so a
+    dataset without domes records (and renders) exactly what it did before domes existed.
+    """
     if spec is None:
         return [None] * n_panels
     if len(spec) != n_panels:
         raise ValueError(f"panel_sky_gradient needs one entry per panel ({n_panels}), got {len(spec)}")
-    gradients = [tuple(float(g) for g in np.broadcast_to(np.asarray(e, float), (2,))) for e in spec]
-    if not all(abs(gx) + abs(gy) < 2.0 for gx, gy in gradients):
-        raise ValueError(f"panel_sky_gradient entries must keep the sky positive (|gx| + |gy| < 2), got {spec!r}")
-    return gradients
+    panels = []
+    for entry in spec:
+        nights = list(entry) if _is_two_nights(entry) else [entry]
+        panels.append([_one_gradient(g) for g in nights])
+    if not all(_gradient_min(g) > 0.0 for nights in panels for g in nights):
+        raise ValueError(f"panel_sky_gradient entries must keep the sky positive over the sensor, got {spec!r}")
+    return panels
+
+
+def _is_two_nights(entry: Any) -> bool:
+    """Whether a ``panel_sky_gradient`` entry is a list of two gradients, not one gradient."""
+    if not isinstance(entry, (list, tuple, np.ndarray)) or len(entry) == 0 or np.ndim(entry[0]) == 0:
+        return False
+    if len(entry) != 2:
+        raise ValueError(f"a two-night panel_sky_gradient entry holds 2 gradients, got {entry!r}")
+    return True
+
+
+def _one_gradient(entry: Any) -> tuple[float, ...]:
+    """``(gx, gy)`` or, with a non-zero dome, ``(gx, gy, dome)`` of one gradient entry."""
+    values = np.atleast_1d(np.asarray(entry, float))
+    if values.size == 1:
+        values = np.repeat(values, 2)
+    gx, gy, dome = _gradient_terms(values)
+    return (gx, gy, dome) if dome else (gx, gy)
+
+
+def _frame_gradient(nights: list[tuple[float, ...]] | None, k: int, fpp: int) -> tuple[float, ...] | None:
+    """Sky gradient of a panel's ``k``-th frame: a two-night panel's first ``ceil(fpp/2)`` frames
+    take its first gradient, the others its second."""
+    if nights is None:
+        return None
+    return nights[0] if len(nights) == 1 or k < (fpp + 1) // 2 else nights[1]
+
+
+def _panel_sky_levels(spec: Any, n_panels: int) -> list[float] | None:
+    """Return one sky-pedestal factor per panel from ``panel_sky_level`` (None when not set)."""
+    if spec is None:
+        return None
+    if np.ndim(spec) != 1 or len(spec) != n_panels:
+        raise ValueError(f"panel_sky_level needs one number per panel ({n_panels}), got {spec!r}")
+    levels = [float(x) for x in spec]
+    if not all(x > 0 for x in levels):
+        raise ValueError(f"panel_sky_level entries must be > 0, got {spec!r}")
+    return levels
 
 
 def _central_frame(plans: Sequence["_FramePlan"]) -> int:
@@ -562,10 +642,15 @@ def generate_dataset(
         ``"central"``: in the frame of each panel whose centre is nearest the panel's mean
         centre; ``"first_noncentral"``: in each panel's first other frame],
         ``satellite_panels`` [every panel: the panels the two last modes put a trail in],
-        ``panel_sky_gradient`` [None: flat sky; else one ``(gx, gy)`` per panel tilting its
-        frames' sky pedestal across the sensor, see :func:`sky_gradient_plane`; recorded per
-        frame as ``sky_gradient``], ``fwhm_px`` [2.7], ``star_density``
-        [6000/deg^2], ``mag_range`` [(6, 16)], ``nebula`` [True], ``exptime`` [10],
+        ``panel_sky_gradient`` [None: flat sky; else one entry per panel shaping its frames'
+        sky pedestal across the sensor: ``(gx, gy)`` or ``(gx, gy, dome)`` (a light dome), see
+        :func:`sky_gradient_plane`, or a list of two of those, "two nights in one panel": the
+        panel's first ``ceil(frames_per_panel / 2)`` frames take the first, the others the
+        second; recorded per frame as ``sky_gradient``, 2 values when its dome is 0, else 3],
+        ``panel_sky_level`` [None: 1; else one factor per panel multiplying its frames' sky
+        pedestal, the sky brightening as the altitude changes; recorded per frame as
+        ``sky_level``, and already included in its ``sky_pedestal_rgb``], ``fwhm_px`` [2.7],
+        ``star_density`` [6000/deg^2], ``mag_range`` [(6, 16)], ``nebula`` [True], ``exptime`` [10],
         ``start_time`` ["2024-01-15T20:00:00"], ``object_name``, ``star_catalog``
         [None: random stars; ``"tycho2"`` or index file paths: the real stars brighter than
         mag 11 where they are, read from astrometry.net index files, so the frames can be
@@ -594,6 +679,7 @@ def generate_dataset(
     fpp = int(frames_per_panel)
     panel_gains = _panel_gains(opt["panel_gain_rgb"], nxp * nyp)
     panel_gradients = _panel_sky_gradients(opt["panel_sky_gradient"], nxp * nyp)
+    panel_levels = _panel_sky_levels(opt["panel_sky_level"], nxp * nyp)
     if not 0.0 <= float(opt["overlap"]) < 1.0:
         raise ValueError(f"overlap must be in [0, 1), got {opt['overlap']!r}")
     shape = _parse_size(size)
@@ -657,6 +743,9 @@ def generate_dataset(
             transp = float(rng.uniform(lo, hi))
             common = rng.uniform(-jit, jit)
             ped = ped0 * (1.0 + common) * (1.0 + rng.uniform(-jit / 3.0, jit / 3.0, 3))
+            level = None if panel_levels is None else panel_levels[p]
+            if level is not None:
+                ped = ped * level
             date = (t0 + _dt.timedelta(seconds=float(opt["exptime"]) * i)).isoformat(timespec="milliseconds")
             plans.append(_FramePlan(
                 index=i, panel=p, ix=ix, iy=iy, wcs=make_tan_wcs(ra, dec, rot, shape, scale),
@@ -664,7 +753,8 @@ def generate_dataset(
                 date_obs=date, name=f"{_FRAME_NAME_PREFIX}{p:02d}_{i:0{width}d}.fits",
                 pointing=pointing,
                 gain_rgb=panel_gains[p],
-                sky_gradient=panel_gradients[p],
+                sky_gradient=_frame_gradient(panel_gradients[p], k, fpp),
+                sky_level=level,
             ))
 
     # ---- truth grid: bounding box of all frame footprints + a margin, North up
@@ -838,7 +928,9 @@ def expected_frame_rgb(outdir: str | os.PathLike[str], frame: int | str, model: 
     """Expected noiseless debayered RGB (float32, (H, W, 3)) of one frame.
 
     ``transparency * gain_rgb * model + sky_pedestal`` at every pixel centre (no hot pixels,
-    no satellite); the pedestal tilted by the frame's ``sky_gradient`` when it has one.  ``frame`` is an index or a file name; pass ``model`` (from
+    no satellite); the pedestal shaped by the frame's ``sky_gradient`` (2 or 3 values, see
+    :func:`sky_gradient_plane`) when it has one, and scaled by its ``sky_level`` (recorded within
+    ``sky_pedestal_rgb``).  ``frame`` is an index or a file name; pass ``model`` (from
     :func:`load_sky_model`) to avoid reloading it for many frames.
     """
     meta = json.loads(_truth_paths(outdir)[1].read_text())

@@ -382,6 +382,106 @@ def test_satellite_trail_in_exactly_one_frame(noisy):
 
 
 # --------------------------------------------------------------------------------------
+# Sky gradients, light domes, two nights in one panel, per-panel sky levels
+# --------------------------------------------------------------------------------------
+
+GRADIENT_KW = dict(panels=(2, 1), frames_per_panel=3, seed=4, size="small", noise=False,
+                   hot_pixels=False, satellite=False)
+TWO_NIGHTS = [(0.02, 0.12, 0.04), [(-0.03, 0.15, 0.03), (0.04, -0.10)]]
+LEVELS = [0.8, 1.2]
+
+
+@pytest.fixture(scope="module")
+def domed(tmp_path_factory):
+    """Noiseless 2x1 x 3 frames: a dome in panel 0, two nights in panel 1, sky levels 0.8 / 1.2;
+    and the same scene without the new options."""
+    out = tmp_path_factory.mktemp("synth_domed")
+    new = zs.generate_dataset(out / "new", panel_sky_gradient=TWO_NIGHTS, panel_sky_level=LEVELS, **GRADIENT_KW)
+    old = zs.generate_dataset(out / "old", **GRADIENT_KW)
+    return {"new": new, "old": old, "root": out}
+
+
+def test_sky_gradient_plane_dome():
+    plane = zs.sky_gradient_plane((5, 7), (0.0, 0.0, 0.04))
+    assert plane[2, 3] == pytest.approx(1.0)
+    for y, x in ((0, 0), (0, -1), (-1, 0), (-1, -1)):
+        assert plane[y, x] == pytest.approx(1.04)
+    np.testing.assert_array_equal(zs.sky_gradient_plane((5, 7), (0.1, -0.2, 0.0)),
+                                  zs.sky_gradient_plane((5, 7), (0.1, -0.2)))
+    tilted = zs.sky_gradient_plane((5, 7), (0.1, -0.2, 0.03))
+    assert tilted[0, -1] - tilted[0, 0] == pytest.approx(0.1)
+    assert tilted[-1, 3] - tilted[0, 3] == pytest.approx(-0.2)
+
+
+def test_domed_frames_are_expected_frame_rgb(domed):
+    """Noise off: every Bayer site is the rounded expectation, dome, two nights and levels included."""
+    root = Path(domed["new"]["truth_dir"]).parent
+    model = zs.load_sky_model(root)
+    cmap = zs.bayer_channel_map(SMALL_SHAPE)
+    for idx, path in enumerate(domed["new"]["frame_paths"]):
+        raw, _ = _read(path)
+        exp = zs.expected_frame_rgb(root, idx, model)
+        want = np.clip(np.rint(np.take_along_axis(exp, cmap[..., None], axis=-1)[..., 0]), 0, 65535)
+        diff = np.abs(raw - want)
+        assert diff.max() <= 1.0 and np.mean(diff == 0) > 0.999
+
+
+def test_two_nights_split_and_recorded_gradients(domed):
+    _, _, meta = zs.load_truth(Path(domed["new"]["truth_dir"]).parent)
+    grads = [f["sky_gradient"] for f in meta["frames"]]
+    # Panel 0: one domed gradient, 3 values; panel 1: its first ceil(3/2) = 2 frames in time
+    # order take the first night's gradient, the last frame the second (no dome: 2 values).
+    assert grads[:3] == [[0.02, 0.12, 0.04]] * 3
+    assert grads[3:] == [[-0.03, 0.15, 0.03]] * 2 + [[0.04, -0.10]]
+    assert meta["options"]["panel_sky_level"] == LEVELS
+    # The two nights differ in the frames themselves: the sky's vertical slope changes sign.
+    root = Path(domed["new"]["truth_dir"]).parent
+    slopes = []
+    for idx in (3, 4, 5):
+        sky = zs.expected_frame_rgb(root, idx) - zs.expected_frame_rgb(root, idx, include_pedestal=False)
+        slopes.append(float(np.mean(sky[-20:, :, 1]) - np.mean(sky[:20, :, 1])))
+    assert slopes[0] > 0 and slopes[1] > 0 and slopes[2] < 0
+
+
+def test_sky_level_scales_the_pedestal_only(domed):
+    """Same seed with and without the options: pedestals scaled by the panel's level, the rest equal."""
+    _, _, new = zs.load_truth(Path(domed["new"]["truth_dir"]).parent)
+    _, _, old = zs.load_truth(Path(domed["old"]["truth_dir"]).parent)
+    for fn, fo in zip(new["frames"], old["frames"]):
+        level = LEVELS[fn["panel"]]
+        assert fn["sky_level"] == level and "sky_level" not in fo and "sky_gradient" not in fo
+        np.testing.assert_allclose(fn["sky_pedestal_rgb"], np.array(fo["sky_pedestal_rgb"]) * level, rtol=1e-12)
+        assert fn["transparency"] == fo["transparency"] and fn["center_ra"] == fo["center_ra"]
+    assert "panel_sky_level" not in old["options"] and "panel_sky_gradient" not in old["options"]
+
+
+def test_zero_dome_is_the_old_two_value_gradient(tmp_path):
+    kw = dict(panels=(1, 1), frames_per_panel=1, seed=2, size="small")
+    a = zs.generate_dataset(tmp_path / "a", panel_sky_gradient=[(0.05, -0.1)], **kw)
+    b = zs.generate_dataset(tmp_path / "b", panel_sky_gradient=[(0.05, -0.1, 0.0)], **kw)
+    assert Path(a["frame_paths"][0]).read_bytes() == Path(b["frame_paths"][0]).read_bytes()
+    assert json.loads(Path(b["truth_json"]).read_text())["frames"][0]["sky_gradient"] == [0.05, -0.1]
+
+
+def test_gradient_and_level_validation(tmp_path):
+    kw = dict(panels=(1, 1), frames_per_panel=1, size="small")
+    with pytest.raises(ValueError, match="positive"):
+        zs.generate_dataset(tmp_path, panel_sky_gradient=[(1.2, 0.9)], **kw)
+    with pytest.raises(ValueError, match="positive"):  # a negative dome darkens the corners below 0
+        zs.generate_dataset(tmp_path, panel_sky_gradient=[(0.5, 0.5, -0.6)], **kw)
+    with pytest.raises(ValueError, match="positive"):
+        zs.generate_dataset(tmp_path, panel_sky_gradient=[[(0.1, 0.1), (1.5, 1.0)]], **kw)
+    with pytest.raises(ValueError, match="2 gradients"):
+        zs.generate_dataset(tmp_path, panel_sky_gradient=[[(0.1, 0.1)] * 3], **kw)
+    with pytest.raises(ValueError, match="one number per panel"):
+        zs.generate_dataset(tmp_path, panel_sky_level=[1.0, 1.1], **kw)
+    with pytest.raises(ValueError, match="> 0"):
+        zs.generate_dataset(tmp_path, panel_sky_level=[0.0], **kw)
+    # A positive dome lifts the sky: a tilt the plane alone could not take is fine with it.
+    assert zs._gradient_min((1.9, 0.0, 0.5)) > 0 and zs._gradient_min((2.1, 0.0)) < 0
+
+
+# --------------------------------------------------------------------------------------
 # API errors and CLI
 # --------------------------------------------------------------------------------------
 

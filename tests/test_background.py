@@ -201,3 +201,31 @@ def test_extraction_flattens_a_gradient_and_keeps_the_nebula():
     assert flux == pytest.approx(1.0, abs=0.02)
     # The nebula's wings stand above the blocks' 0.1 ADU noise out to 350 px: about half the field.
     assert 0.3 < extraction.sky_fraction < 0.7
+
+
+@pytest.mark.parametrize("gpu_path", [False, True])
+def test_stacking_subtracts_each_frames_background_row_chunk_by_chunk(gpu_path, monkeypatch):
+    """The stack of frames with their backgrounds subtracted in the row chunks is the stack of the
+    frames corrected beforehand (small chunks: the models are evaluated on each chunk's rows)."""
+    import zemosaic_align_stack as stk
+    from zemosaic_align_stack_gpu import stack_in_chunks_gpu
+
+    if gpu_path:
+        monkeypatch.setattr(zu, "get_xp", lambda use_gpu=False: np)
+    rng = np.random.default_rng(8)
+    shape = (5, 70, 90, 3)
+    models = zbg.BackgroundModels(rng.normal(0, 20, (5, 3, 6)), 2, *zbg._frame_of(shape[1:3]))
+    frames = rng.normal(500.0, 5.0, shape).astype(np.float32)
+    frames[2, :20, :30] = np.nan
+    gains = rng.uniform(0.9, 1.1, (5, 3))
+    params = stk.StackParams("winsorized_sigma_clip", 3.0, 3.0, (0.05, 0.05), "mean", 5)
+    corrected = (frames * gains[:, None, None, :] - np.stack([models.image(k, shape[1:3]) for k in range(5)]))
+    expected = stk.stack_in_chunks(corrected.astype(np.float32), None, None, None, params, rows_per_chunk=16)
+    if gpu_path:
+        found = stack_in_chunks_gpu(frames, gains, np.zeros((5, 3)), None, params, backgrounds=models,
+                                    budget_bytes=40_000)
+    else:
+        found = stk.stack_in_chunks(frames, gains, np.zeros((5, 3)), None, params, rows_per_chunk=16,
+                                    backgrounds=models)
+    np.testing.assert_allclose(found[0], expected[0], rtol=1e-5, atol=2e-3)
+    np.testing.assert_array_equal(found[1], expected[1])

@@ -425,6 +425,10 @@ class PreviewView(QScrollArea):
         """True when an image is shown (rather than a message)."""
         return not self._image.isNull()
 
+    def image(self) -> QPixmap:
+        """Return the image shown, at its own size (null while a message is shown)."""
+        return self._image
+
     def set_image(self, image: QPixmap) -> None:
         """Show ``image`` at the current zoom."""
         self._image = image
@@ -561,10 +565,19 @@ class MainWindow(QMainWindow):
         right.addStretch(1)
         columns.addLayout(right)
         self.options_boxes = [box for box, _form in forms.values()]
+        # The options scroll: the window's height must not be the sum of every option's row.
+        holder = QWidget()
+        holder.setLayout(columns)
+        scroll = QScrollArea()
+        scroll.setWidget(holder)
+        scroll.setWidgetResizable(True)
+        scroll.setHorizontalScrollBarPolicy(Qt.ScrollBarPolicy.ScrollBarAlwaysOff)
+        scroll.setFrameShape(QScrollArea.Shape.NoFrame)
+        scroll.setMinimumWidth(holder.sizeHint().width() + scroll.verticalScrollBar().sizeHint().width())
+        self.options_scroll = scroll
         layout = QVBoxLayout()
-        layout.addLayout(columns)
+        layout.addWidget(scroll, stretch=1)
         layout.addLayout(self._build_config_buttons())
-        layout.addStretch(1)
         return layout
 
     def _update_dependent_options(self, *_args) -> None:

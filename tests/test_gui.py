@@ -438,19 +438,19 @@ def test_last_good_preview_stays_after_failure_and_cancel(window, qtbot, tmp_pat
     _fake_run(monkeypatch, tmp_path, None)
     _run_once(window, qtbot)
     assert window.status_label.text().startswith("Done")
-    good = window.preview_label.pixmap().toImage()
+    good = window.preview_view.image().toImage()
     assert not good.isNull() and window.preview_caption.text() == ""
 
     _fake_run(monkeypatch, tmp_path, PipelineError("no usable frame"))
     _run_once(window, qtbot)
     assert window.status_label.text() == "Failed" and len(window.errors) == 1
-    assert window.preview_label.pixmap().toImage() == good
+    assert window.preview_view.image().toImage() == good
     assert "failed" in window.preview_caption.text()
 
     _fake_run(monkeypatch, tmp_path, Cancelled("cancelled by user"))
     _run_once(window, qtbot)
     assert window.status_label.text() == "Cancelled"
-    assert window.preview_label.pixmap().toImage() == good
+    assert window.preview_view.image().toImage() == good
     assert "Cancelled" in window.preview_caption.text()
 
 

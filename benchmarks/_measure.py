@@ -72,6 +72,68 @@ def siril_env(work_dir) -> dict:
     return {**os.environ, "XDG_CONFIG_HOME": os.path.join(str(work_dir), "siril-config")}
 
 
+class MontageError(RuntimeError):
+    """A Montage program failed: its exit status was not 0 or its status line was not OK."""
+
+
+def _montage_value(text: str):
+    text = text.strip()
+    if text.startswith('"') and text.endswith('"'):
+        return text[1:-1]
+    try:
+        return int(text)
+    except ValueError:
+        pass
+    try:
+        return float(text)
+    except ValueError:
+        return text
+
+
+def parse_montage_status(text: str) -> dict | None:
+    """Return the fields of the last ``[struct stat="...", key=value, ...]`` line of ``text``.
+
+    Montage programs report one such line (on stdout, or in the ``-s`` status file); string
+    values are quoted, numbers are not. None when there is no such line.
+    """
+    found = None
+    for line in text.splitlines():
+        line = line.strip()
+        if line.startswith("[struct") and line.endswith("]"):
+            found = line[len("[struct"):-1]
+    if found is None:
+        return None
+    fields, key, value, quoted = {}, None, "", False
+    token = ""
+    for ch in found + ",":  # split on commas outside quotes, then on the first "="
+        if ch == '"':
+            quoted = not quoted
+        if ch == "," and not quoted:
+            key, _, value = token.partition("=")
+            if key.strip():
+                fields[key.strip()] = _montage_value(value)
+            token = ""
+        else:
+            token += ch
+    return fields
+
+
+def run_montage(args, cwd=None, timeout: float = 600) -> dict:
+    """Run a Montage program (``args[0]``) and return its status fields (``stat`` is ``"OK"``).
+
+    Raises :class:`MontageError` with Montage's own message when the program exits non-zero,
+    prints no status line or reports ``stat="ERROR"`` (or anything but OK).
+    """
+    args = [str(a) for a in args]
+    proc = subprocess.run(args, cwd=cwd, capture_output=True, text=True, timeout=timeout,
+                          check=False)
+    status = parse_montage_status(proc.stdout)
+    if proc.returncode != 0 or status is None or status.get("stat") != "OK":
+        detail = (status or {}).get("msg") or (proc.stdout + proc.stderr).strip()[-2000:]
+        raise MontageError(f"{' '.join(args)} failed (exit {proc.returncode}): {detail}")
+    return status
+
+
 def run_child(cmd, cwd=None, env=None) -> ChildRun:
     """Run ``cmd`` to completion; return its wall time, its own peak RSS and its output.
 

@@ -515,8 +515,9 @@ def residual_seam_steps(resid, clean, feet, band_px=45, segment_px=64, exclusive
     footprint.
 
     Returns ``[{"tile": i, "other": j, "step_sigma": the worst channel's step (signed),
-    "step_sigma_rgb": [...], "step_adu_rgb": [...], "n_segments": n}, ...]``, edges with no
-    segment left out.
+    "step_sigma_rgb": [...], "step_adu_rgb": [...], "step_err_sigma_rgb": the steps' standard
+    errors from their segments' scatter, "n_segments": n}, ...]``, edges with no segment left
+    out.
     """
     count = np.sum(feet, axis=0)
     sigma = pixel_noise(resid, clean & (count == 1))
@@ -533,16 +534,19 @@ def residual_seam_steps(resid, clean, feet, band_px=45, segment_px=64, exclusive
             steps = _edge_steps(resid[box], s[box], edge[box], region[box] & clean[box], band_px,
                                 segment_px, min_samples)
             if len(steps):
-                edges.append(_edge_entry(i, j, np.median(steps, axis=0), sigma, len(steps)))
+                edges.append(_edge_entry(i, j, steps, sigma))
     return edges
 
 
-def _edge_entry(i, j, adu, sigma, n_segments):
-    """One entry of :func:`residual_seam_steps`."""
+def _edge_entry(i, j, steps, sigma):
+    """One entry of :func:`residual_seam_steps` from its segments' steps ``(n, C)`` (ADU)."""
+    adu = np.median(steps, axis=0)
+    # Standard error of a median: 1.253 sigma / sqrt(n), sigma from the segments' own scatter.
+    err = 1.2533 * 1.4826 * np.median(np.abs(steps - adu), axis=0) / np.sqrt(len(steps))
     z = adu / sigma
     return {"tile": i, "other": j, "step_sigma": float(z[np.argmax(np.abs(z))]),
             "step_sigma_rgb": [float(v) for v in z], "step_adu_rgb": [float(v) for v in adu],
-            "n_segments": int(n_segments)}
+            "step_err_sigma_rgb": [float(v) for v in err / sigma], "n_segments": int(len(steps))}
 
 
 def overlap_dips(mosaic, truth, feet, block_px=64, side_px=150, order=2, min_fill=0.25, min_blocks=3):

@@ -141,6 +141,9 @@ def test_feather_ramp_rises_from_the_trusted_edge_over_its_width():
     assert ramp[150, 80] == pytest.approx(0.5, abs=0.02)  # half way
     assert ramp[150, 160] == 1.0 and ramp[0, 160] < 1.0  # the array's border is an edge too
     assert np.all(np.diff(ramp[150, 30:131]) >= 0)
+    # A wide ramp's distance is measured on 4 px blocks: within 3 px, 0.02 of a 256 px ramp.
+    wide = zu.feather_ramp(coverage, 256.0, solid=2.5)
+    assert wide[150, 158] == pytest.approx(0.5, abs=0.02)
 
 
 def _two_tiles(offset=(0.0, 0.0)):

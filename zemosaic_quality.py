@@ -9,7 +9,7 @@ defocus, wind, twilight), each with its reason; :func:`choose_reference` picks t
 reference among the frames nearest its centre by quality. A trail alone never excludes a frame
 (the stack's rejection removes it); it only keeps the frame from being the reference.
 
-Conventions (DESIGN.md): frames are float32 ``(H, W, C)`` in ADU, NaN means "no data"; every
+Conventions (docs/architecture.md): frames are float32 ``(H, W, C)`` in ADU, NaN means "no data"; every
 statistic here ignores NaN.
 """
 

@@ -245,8 +245,9 @@ def block_mean(image: np.ndarray, factor: int, full_blocks_only: bool = False,
     """
     height, width, channels = image.shape
     out_h, out_w = -(-height // factor), -(-width // factor)
+    if full_blocks_only:
+        return _full_block_means(image, factor, out_h, out_w)
     result = np.empty((out_h, out_w, channels), dtype=np.float32)
-    needed = factor * factor if full_blocks_only else 1
 
     # Bands of output rows bound the temporary memory on very large mosaics, and run on every core.
     # Each channel's block sums add the factor**2 strided sub-grids: every operation runs along a
@@ -265,9 +266,23 @@ def block_mean(image: np.ndarray, factor: int, full_blocks_only: bool = False,
                     total[:part.shape[0], :part.shape[1]] += part
                     count[:part.shape[0], :part.shape[1]] += valid[dy::factor, dx::factor]
             result[top:top + rows, :, c] = np.divide(total, count, out=np.full(total.shape, np.nan),
-                                                     where=count >= needed)
+                                                     where=count > 0)
 
     map_threads(band, range(0, out_h, band_rows))
+    return result
+
+
+def _full_block_means(image, factor: int, out_h: int, out_w: int) -> np.ndarray:
+    """Return :func:`block_mean` with ``full_blocks_only``: a NaN anywhere in a block makes it NaN,
+    as it does in a sum, so the blocks are summed as they are, rows first (whole rows at a time),
+    then columns; the blocks cut by the image's edge are NaN."""
+    height, width, channels = image.shape
+    by, bx = height // factor, width // factor
+    result = np.full((out_h, out_w, channels), np.nan, np.float32)
+    if by and bx:
+        inner = np.asarray(image[:by * factor, :bx * factor], np.float32)
+        rows = inner.reshape(by, factor, bx * factor * channels).sum(axis=1, dtype=np.float64)
+        result[:by, :bx] = rows.reshape(by, bx, factor, channels).sum(axis=2) / (factor * factor)
     return result
 
 

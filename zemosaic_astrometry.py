@@ -20,7 +20,6 @@ Coordinates follow NumPy/astropy: 0-based pixel ``(x, y)`` with ``x`` the column
 
 from __future__ import annotations
 
-import contextlib
 import glob
 import hashlib
 import json
@@ -29,7 +28,6 @@ import os
 import shutil
 import subprocess
 import tempfile
-import threading
 import time
 import warnings
 from dataclasses import dataclass
@@ -38,6 +36,8 @@ import numpy as np
 from astropy.io import fits
 from astropy.utils.exceptions import AstropyWarning
 from astropy.wcs import WCS
+
+from zemosaic_files import write_text_atomic
 
 logger = logging.getLogger(__name__)
 
@@ -63,13 +63,21 @@ _MATCH_TOLERANCE_PX = 2.0
 # a Seestar star (FWHM 2.5-4 px) and its sky border fit in the window.
 _CENTROID_RADIUS_PX = 5
 _CENTROID_SIGMA_PX = 1.5
-# Seed of astroalign's RANSAC: the same two star lists always give the same match.
-_RANSAC_SEED = 0
-_ransac_lock = threading.Lock()
+# Width (px) of the Tukey weights that settle a triangle match before its refinement: twice the
+# match tolerance, so that every star the refinement may keep counts, with a smooth weight.
+_SETTLE_WIDTH_PX = 2.0 * _MATCH_TOLERANCE_PX
+# The settling fit stops when no star moves by more than this (px), or after so many rounds.
+_SETTLE_STEP_PX = 1e-9
+_SETTLE_ROUNDS = 100
 
 
 class SolveError(Exception):
     """A frame could not be given a WCS; the message is the reason shown to the user."""
+
+
+class MatchError(SolveError):
+    """Two star lists could not be matched: too few stars, no consistent transform, or too few
+    stars agreeing with it. The frame is plate-solved on its own, or aligned by its WCS."""
 
 
 # --------------------------------------------------------------------------------------------------
@@ -176,7 +184,12 @@ def detect_stars(image2d, max_stars: int = 150, threshold_sigma: float = 5.0, mi
     try:
         sources = sep.extract(residual, threshold_sigma, err=background.globalrms, mask=mask,
                               minarea=min_pixels)
-    except Exception as exc:  # sep raises plain Exceptions (e.g. too many sources)
+    except Exception as exc:
+        # sep reports its own limits (too many pixels above the threshold, too many blended
+        # objects) as plain Exceptions: a field it cannot extract has no stars for us. Any
+        # subclass (TypeError, ValueError, MemoryError...) is a bug or the machine's, not the field's.
+        if type(exc) is not Exception:
+            raise
         logger.debug("star detection failed: %s", exc)
         return np.zeros((0, 2))
     keep = (sources["flag"] & (sep.OBJ_TRUNC | sep.OBJ_MERGED)) == 0
@@ -304,20 +317,45 @@ def rescale_binned_wcs(wcs_binned, shape_hw, factor: int = SOLVE_BINNING) -> WCS
 
 
 def _read_wcs_text(path: str) -> WCS:
-    """Return the celestial WCS of a header file (a FITS header, or ASTAP's text .wcs file)."""
+    """Return the celestial WCS of a header file (a FITS header, or ASTAP's text .wcs file).
+
+    A file astropy cannot read as a header with a WCS (a card it cannot parse, a WCS card of the
+    wrong type, a WCS wcslib rejects) raises :class:`SolveError`.
+    """
     with open(path, "rb") as fh:
         raw = fh.read()
     try:
-        header = fits.Header.fromstring(raw.decode("ascii", errors="replace"),
-                                        sep="" if b"\n" not in raw[:2880] else "\n")
-    except Exception as exc:
+        header = _solution_header(raw)
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", AstropyWarning)
+            wcs = WCS(header, relax=True)
+    except (ValueError, KeyError, fits.VerifyError) as exc:  # astropy's documented errors
         raise SolveError(f"unreadable solution file: {exc}") from exc
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore", AstropyWarning)
-        wcs = WCS(header, relax=True)
     if not wcs.has_celestial:
         raise SolveError("the solver wrote no celestial WCS")
     return wcs.celestial
+
+
+def _solution_header(raw: bytes) -> fits.Header:
+    """Return a solution file's header, ready for astropy's WCS.
+
+    Its non-standard cards are fixed as astropy fixes them when it formats a header (before
+    anything reads them), the image size cards go (the WCS does not need them, and nothing here
+    checks them against the image), and its WCS cards are checked
+    (:func:`zemosaic_fits.wcs_card_problem`: :class:`SolveError`). A card astropy cannot parse
+    raises its ``ValueError`` or ``VerifyError``.
+    """
+    from zemosaic_fits import wcs_card_problem
+
+    header = fits.Header.fromstring(raw.decode("ascii", errors="replace"),
+                                    sep="" if b"\n" not in raw[:2880] else "\n")
+    header.tostring()
+    for key in {k for k in header if k.startswith("NAXIS")}:
+        header.remove(key, remove_all=True)
+    problem = wcs_card_problem(header)
+    if problem is not None:
+        raise SolveError(f"unreadable solution file: {problem}")
+    return header
 
 
 # --------------------------------------------------------------------------------------------------
@@ -493,23 +531,36 @@ def solve_frame(solver, data, hints: SolveHints, timeout_s: float) -> WCS:
 # --------------------------------------------------------------------------------------------------
 
 
-def _fit_affine(src, dst) -> np.ndarray:
-    """Return the 3x3 least-squares affine matrix taking ``src`` (N, 2) to ``dst`` (N, 2)."""
+def _fit_affine(src, dst, weights=None) -> np.ndarray:
+    """Return the 3x3 least-squares affine matrix taking ``src`` (N, 2) to ``dst`` (N, 2).
+
+    ``weights`` (N,): each pair's weight in the fit (default: all equal).
+    """
     design = np.column_stack([src, np.ones(len(src))])
+    if weights is not None:
+        root = np.sqrt(weights)[:, None]
+        design, dst = design * root, dst * root
     coef, *_ = np.linalg.lstsq(design, dst, rcond=None)
     return np.vstack([coef.T, [0.0, 0.0, 1.0]])
 
 
-def _fit_similarity(src, dst) -> np.ndarray:
+def _fit_similarity(src, dst, weights=None) -> np.ndarray:
     """Return the 3x3 least-squares similarity (rotation, scale, shift) taking ``src`` to ``dst``.
 
     Frames of one camera differ by a field rotation and a dither (the scale only by refraction):
     with a few dozen stars, the two parameters an affine fit adds only carry their noise.
+    ``weights`` (N,): each pair's weight in the fit (default: all equal).
     """
     x, y = src[:, 0], src[:, 1]
     one, zero = np.ones_like(x), np.zeros_like(x)
-    design = np.vstack([np.column_stack([x, -y, one, zero]), np.column_stack([y, x, zero, one])])
-    (a, b, tx, ty), *_ = np.linalg.lstsq(design, np.concatenate([dst[:, 0], dst[:, 1]]), rcond=None)
+    rows_x, rows_y = np.column_stack([x, -y, one, zero]), np.column_stack([y, x, zero, one])
+    values_x, values_y = dst[:, 0], dst[:, 1]
+    if weights is not None:
+        root = np.sqrt(weights)
+        rows_x, rows_y = rows_x * root[:, None], rows_y * root[:, None]
+        values_x, values_y = values_x * root, values_y * root
+    design = np.vstack([rows_x, rows_y])
+    (a, b, tx, ty), *_ = np.linalg.lstsq(design, np.concatenate([values_x, values_y]), rcond=None)
     return np.array([[a, -b, tx], [b, a, ty], [0.0, 0.0, 1.0]])
 
 
@@ -520,84 +571,83 @@ def _apply(matrix, xy) -> np.ndarray:
     return xy @ matrix[:2, :2].T + matrix[:2, 2]
 
 
-class _SeededRandom:
-    """``numpy.random`` whose ``default_rng()`` without a seed is seeded with :data:`_RANSAC_SEED`."""
-
-    def default_rng(self, seed=None):
-        return np.random.default_rng(_RANSAC_SEED if seed is None else seed)
-
-    def __getattr__(self, name):
-        return getattr(np.random, name)
-
-
-class _NumpyWithSeededRandom:
-    """NumPy as astroalign sees it inside :func:`_seeded_ransac`: the same, but ``random``."""
-
-    random = _SeededRandom()
-
-    def __getattr__(self, name):
-        return getattr(np, name)
-
-
-@contextlib.contextmanager
-def _seeded_ransac(astroalign):
-    """Run astroalign with its RANSAC drawing from a seeded generator.
-
-    astroalign 2.x shuffles its candidate triangles with ``numpy.random.default_rng()`` and has no
-    seed parameter, so two runs of the same star lists may start from different (equally good)
-    transforms; the least-squares refinement then usually, not always, ends on the same stars.
-    Seeding makes the same input give the same mosaic bit for bit. astroalign's NumPy is swapped
-    for the call only (under a lock, it is module state); an astroalign that draws its numbers
-    differently is still correct, only no longer repeatable.
-    """
-    with _ransac_lock:
-        saved = astroalign._np
-        astroalign._np = _NumpyWithSeededRandom()
-        try:
-            yield
-        finally:
-            astroalign._np = saved
-
-
 def match_stars(frame_stars, reference_stars, guess=None, model: str = "affine") -> tuple[np.ndarray, int, float]:
     """Return ``(3x3 matrix frame -> reference pixels, matched stars, rms px)`` from two star lists.
 
-    Triangle matching (astroalign) finds the transform; it is then refined by least squares on
-    every star that lands within 2 px of a reference star, until the set of matched stars stops
-    changing. The result is the fit to that set: precise (all stars, not RANSAC's sample).
-    ``model`` is the fitted transform, ``"affine"`` or ``"similarity"``.
-    astroalign's RANSAC is seeded (:func:`_seeded_ransac`): the same input gives the same match on
-    every run. ``guess`` (an affine matrix frame -> reference, e.g. :func:`wcs_affine` of two
-    solved frames) is refined first and saves the triangle matching when enough stars agree with
-    it. Raises :class:`SolveError`.
+    Triangle matching (astroalign) finds the transform; it is settled by a smooth robust fit
+    (:func:`_settle_match`) and then refined by least squares on every star that lands within
+    2 px of a reference star, until the set of matched stars stops changing. The result is the
+    fit to that set: precise (all stars, not RANSAC's sample) and the same on every run, whichever
+    triangles astroalign's unseeded RANSAC drew. ``model`` is the fitted transform, ``"affine"``
+    or ``"similarity"``. ``guess`` (an affine matrix frame -> reference, e.g. :func:`wcs_affine`
+    of two solved frames) is refined first and saves the triangle matching when enough stars
+    agree with it. Raises :class:`MatchError`.
     """
     if len(frame_stars) < 5 or len(reference_stars) < 5:
-        raise SolveError(f"star matching failed: too few stars ({len(frame_stars)} and "
+        raise MatchError(f"star matching failed: too few stars ({len(frame_stars)} and "
                          f"{len(reference_stars)})")
     matrix = pairs = None
     if guess is not None:
         try:
             matrix, pairs = _refine_match(np.asarray(guess, dtype=np.float64), frame_stars, reference_stars,
                                           model)
-        except SolveError as exc:
+        except MatchError as exc:
             logger.debug("the guessed transform does not fit the stars (%s); matching triangles", exc)
     if pairs is None:
-        matrix, pairs = _refine_match(_triangle_match(frame_stars, reference_stars), frame_stars,
-                                      reference_stars, model)
+        start = _settle_match(_triangle_match(frame_stars, reference_stars), frame_stars,
+                              reference_stars, model)
+        matrix, pairs = _refine_match(start, frame_stars, reference_stars, model)
     residual = _apply(matrix, frame_stars[pairs[0]]) - reference_stars[pairs[1]]
     return matrix, len(pairs[0]), float(np.sqrt(np.mean(np.sum(residual**2, axis=1))))
 
 
 def _triangle_match(frame_stars, reference_stars) -> np.ndarray:
-    """Return astroalign's similarity transform frame -> reference (3x3). Raises :class:`SolveError`."""
+    """Return astroalign's similarity transform frame -> reference (3x3). Raises :class:`MatchError`.
+
+    astroalign documents two failures of a match: ``MaxIterError`` (no transform found) and
+    ``ValueError`` (fewer than 3 stars in a list). Its ``TypeError`` means input it cannot read:
+    a bug of the caller, not a failed match, and it propagates.
+    """
     import astroalign
 
     try:
-        with _seeded_ransac(astroalign):
-            transform, _ = astroalign.find_transform(frame_stars, reference_stars, max_control_points=50)
-    except Exception as exc:  # MaxIterError, ValueError...
-        raise SolveError(f"star matching failed: {exc}") from exc
-    return np.asarray(transform.params, dtype=np.float64)
+        transform, _ = astroalign.find_transform(frame_stars, reference_stars, max_control_points=50)
+    except (astroalign.MaxIterError, ValueError) as exc:
+        raise MatchError(f"star matching failed: {exc}") from exc
+    matrix = np.asarray(transform.params, dtype=np.float64)
+    if not np.all(np.isfinite(matrix)):  # a degenerate fit, e.g. of stars on a line
+        raise MatchError("star matching failed: no finite transform")
+    return matrix
+
+
+def _settle_match(matrix, frame_stars, reference_stars, model: str) -> np.ndarray:
+    """Return the transform a Tukey-weighted least-squares fit converges to from ``matrix``.
+
+    astroalign's RANSAC starts from a randomly drawn triangle, so its transform differs from run
+    to run by a fraction of a pixel; the 2 px fixed point of :func:`_refine_match` could follow
+    that start when a star lies near the tolerance. Each round here weighs every frame star by
+    its distance ``d`` to the nearest reference star, ``(1 - (d / w)^2)^2`` within
+    ``w`` = :data:`_SETTLE_WIDTH_PX` (no star's weight jumps as the transform moves), until no
+    star moves by :data:`_SETTLE_STEP_PX`: from any of RANSAC's starts it ends on the same
+    transform, far closer than the refinement's tolerance can tell apart, so the refinement
+    starts from the same place on every run.
+    """
+    from scipy.spatial import cKDTree
+
+    tree, fit = cKDTree(reference_stars), _TRANSFORM_FITS[model]
+    for _ in range(_SETTLE_ROUNDS):
+        moved = _apply(matrix, frame_stars)
+        dist, idx = tree.query(moved, distance_upper_bound=_SETTLE_WIDTH_PX)
+        ok = np.flatnonzero(np.isfinite(dist))
+        if ok.size < _MIN_MATCHED_STARS:
+            return matrix  # the refinement reports too few agreeing stars
+        weights = (1.0 - (dist[ok] / _SETTLE_WIDTH_PX) ** 2) ** 2
+        settled = fit(frame_stars[ok], reference_stars[idx[ok]], weights)
+        step = float(np.max(np.abs(_apply(settled, frame_stars) - moved)))
+        matrix = settled
+        if step <= _SETTLE_STEP_PX:
+            break
+    return matrix
 
 
 def wcs_affine(wcs_from, shape_from, wcs_to) -> np.ndarray | None:
@@ -618,7 +668,7 @@ def _refine_match(matrix, frame_stars, reference_stars, model: str = "affine", m
     """Return ``(matrix, (frame indices, reference indices))``: the least-squares fit to its own matches.
 
     The ``model`` transform is refitted on the stars it matches within 2 px until they stay the same
-    (a set still changing after ``max_rounds`` keeps the last fit). Raises :class:`SolveError`
+    (a set still changing after ``max_rounds`` keeps the last fit). Raises :class:`MatchError`
     when too few stars agree.
     """
     from scipy.spatial import cKDTree
@@ -629,7 +679,7 @@ def _refine_match(matrix, frame_stars, reference_stars, model: str = "affine", m
         dist, idx = tree.query(_apply(matrix, frame_stars), distance_upper_bound=_MATCH_TOLERANCE_PX)
         ok = np.flatnonzero(np.isfinite(dist))
         if ok.size < _MIN_MATCHED_STARS:
-            raise SolveError(f"star matching failed: only {ok.size} stars agree")
+            raise MatchError(f"star matching failed: only {ok.size} stars agree")
         if pairs is not None and np.array_equal(ok, pairs[0]) and np.array_equal(idx[ok], pairs[1]):
             break
         pairs = (ok, idx[ok])
@@ -711,7 +761,7 @@ class WcsCache:
 
     def put(self, digest: str, wcs: WCS, source: str, solve_s: float | None) -> None:
         """Store a frame's WCS (atomically: a crash leaves the old entry or none)."""
-        from zemosaic_fits import wcs_to_cd_header, write_text_atomic
+        from zemosaic_fits import wcs_to_cd_header
 
         os.makedirs(self.folder, exist_ok=True)
         entry = {"wcs": wcs_to_cd_header(wcs).tostring(sep="\n"), "source": source,

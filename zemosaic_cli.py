@@ -4,7 +4,8 @@
 lands in :func:`main`: it reads the configuration, shows one tqdm bar per phase on a terminal,
 writes the run's log to ``zemosaic_run.log`` in the output folder, prints the end-of-run summary
 and turns failures into one line and an exit code (1 a run that cannot be made, 2 a bad
-configuration, 130 Ctrl-C or cancel, 143 SIGTERM). The window uses the same run log and summary
+configuration, 130 Ctrl-C or cancel, 143 SIGTERM). Any other exception is a bug: exit 1, its type
+and message on the terminal, its traceback in the run log. The window uses the same run log and summary
 (:func:`attach_run_log`, :func:`detach_run_log`, :func:`format_summary`, :func:`wcs_summary`).
 """
 
@@ -18,6 +19,7 @@ import signal
 import sys
 import threading
 import time
+import traceback
 
 from zemosaic_config import ConfigError, MosaicConfig, load_config
 from zemosaic_worker import (LOG_NAME, Cancelled, PipelineError, RunReport, RunResult,
@@ -231,8 +233,10 @@ def main(argv=None) -> int:
         progress.close()
         print("\nzemosaic: interrupted; no mosaic written", file=sys.stderr)
         return 130
-    except Exception as exc:  # an unexpected failure: one line unless debugging
+    except Exception as exc:  # a bug (the error policy): the run stops, its traceback is kept
         progress.close()
+        if not debug:
+            _log_traceback(exc, run_log)
         _report_failure(exc, debug, unexpected=True)
         return 1
     finally:
@@ -240,6 +244,17 @@ def main(argv=None) -> int:
     progress.close()
     print(format_summary(result))
     return 0
+
+
+def _log_traceback(exc, run_log) -> None:
+    """Write ``exc`` with its traceback into the run log only (the terminal keeps one line), or
+    onto the terminal when there is no run log to hold it."""
+    if run_log is None:
+        traceback.print_exception(exc, file=sys.stderr)
+        return
+    record = logger.makeRecord(logger.name, logging.ERROR, __file__, 0, "run failed (a bug)", (),
+                               (type(exc), exc, exc.__traceback__))
+    run_log.handle(record)
 
 
 def _report_failure(exc, debug, unexpected=False):

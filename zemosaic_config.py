@@ -27,6 +27,8 @@ import reprlib
 from dataclasses import dataclass, field
 from typing import Any, Callable, Mapping
 
+from zemosaic_files import write_text_atomic
+
 logger = logging.getLogger(__name__)
 
 __all__ = [
@@ -593,7 +595,7 @@ def save_config(config: MosaicConfig, path: str | os.PathLike,
     it would contradict the field on the next load.
 
     The text goes to a hidden temporary file in the destination folder which
-    then replaces ``path`` in one step (:func:`zemosaic_fits.write_text_atomic`),
+    then replaces ``path`` in one step (:func:`zemosaic_files.write_text_atomic`),
     so a crash never leaves a half-written configuration behind.
     """
     if not isinstance(config, MosaicConfig):
@@ -602,6 +604,4 @@ def save_config(config: MosaicConfig, path: str | os.PathLike,
     clashing = sorted(k for k in unknown if k in _FIELD_NAMES or k in ALIASES)
     if clashing:
         raise ValueError(f"unknown entries must not carry known keys: {', '.join(clashing)}")
-    from zemosaic_fits import write_text_atomic  # astropy is loaded only to save
-
     write_text_atomic(path, json.dumps({**config_to_dict(config), **unknown}, indent=2) + "\n")

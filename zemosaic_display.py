@@ -3,7 +3,7 @@
 The science FITS stays linear in the sensor's colours (:mod:`zemosaic_fits`); what a person looks at
 is made here: the sky made grey, the white balance of :func:`zemosaic_photometry.white_balance`
 applied, one asinh curve on the luminance (colours keep their ratios), turned north up / east left.
-Files are written atomically (:func:`zemosaic_fits.write_atomic`).
+Files are written atomically (:func:`zemosaic_files.write_atomic`).
 """
 
 from __future__ import annotations
@@ -20,6 +20,7 @@ import numpy as np
 from astropy.wcs import WCS
 
 import zemosaic_fits as zfits
+from zemosaic_files import write_atomic
 from zemosaic_utils import (_percentiles_gpu, bilinear_gather, block_mean, channel_planes, mad_sigma, map_threads,
                             over_channels, scatter_channels, sky_level, subsample)
 
@@ -332,7 +333,7 @@ def write_preview_png(path: str | os.PathLike, image_hwc: np.ndarray,
     """
     image = _display_image(image_hwc, wcs, max_size)
     png = _encode_png(stretch_for_display(image, _resolved(wb_gains)))
-    zfits.write_atomic(path, lambda fh: fh.write(png))
+    write_atomic(path, lambda fh: fh.write(png))
 
 
 def write_display_tiff(path: str | os.PathLike, image_hwc: np.ndarray, wcs: WCS | None = None,
@@ -347,7 +348,7 @@ def write_display_tiff(path: str | os.PathLike, image_hwc: np.ndarray, wcs: WCS 
 
     image = _display_image(image_hwc, wcs, None)
     rgb = stretch_for_display(image, _resolved(wb_gains), dtype=np.uint16)
-    zfits.write_atomic(path, lambda fh: tifffile.imwrite(fh, rgb, photometric="rgb",
+    write_atomic(path, lambda fh: tifffile.imwrite(fh, rgb, photometric="rgb",
                                                     software="ZeMosaic"))
 
 

@@ -8,8 +8,11 @@ configuration: ``dask_scheduler`` names a ``dask.distributed`` scheduler (``loca
 
 Every executor runs the same function on the same pickled task, so the result does not depend
 on where it ran: in this process the task goes through the same pickle round trip as on its way
-to a worker. An executor's ``run`` yields a :class:`TaskOutcome` per task as tasks finish, turns a
-worker's exception into a failed task (its reason in words) and stops between tasks on cancel.
+to a worker. An executor's ``run`` yields a :class:`TaskOutcome` per task as tasks finish and
+stops between tasks on cancel. A task that raises :class:`TaskError` (it cannot give its result
+for a reason of its input) becomes a failed task with its reason in words; any other exception is
+a bug and propagates, which stops the run (tasks still running are waited for, pending ones
+dropped); worker processes that died raise :class:`WorkersLost`.
 
 Tile tasks running at once on one machine share its RAM budget for their aligned stacks
 (:func:`allocate_stack`): a stack beyond its share goes to a disk-backed cache.
@@ -23,6 +26,7 @@ the run log holds them whatever ran the task.
 from __future__ import annotations
 
 import concurrent.futures as cf
+from concurrent.futures.process import BrokenProcessPool
 import logging
 import multiprocessing
 import os
@@ -47,7 +51,15 @@ _POLL_S = 0.2
 
 
 class WorkersLost(Exception):
-    """The local pool's worker processes stopped: killed (out of memory) or unable to start."""
+    """The worker processes stopped: killed (out of memory) or unable to start."""
+
+
+class TaskError(Exception):
+    """A task that cannot give its result for a reason of its input; ``str(e)`` says why.
+
+    The executor reports it as a failed task and runs the others; any other exception a task
+    raises stops the run.
+    """
 
 
 class Cancelled(Exception):
@@ -333,11 +345,11 @@ class InProcessExecutor:
             # The same bytes a worker would get: the result never depends on where it ran.
             local = pickle.loads(pickle.dumps(task))
             try:
-                yield TaskOutcome(i, result=fn(local, ctx))
-            except Cancelled:
-                raise
-            except Exception as exc:  # one tile's failure must not end the run
+                result = fn(local, ctx)
+            except TaskError as exc:
                 yield TaskOutcome(i, error=_reason(exc))
+                continue
+            yield TaskOutcome(i, result=result)
 
     def close(self):
         """Nothing to release."""
@@ -349,6 +361,8 @@ class _FutureExecutor:
     name = "?"
     workers = 1
     memory_share = 1
+    # What a task's future raises when the worker processes themselves are gone.
+    lost_errors: tuple = ()
 
     def _submit(self, call, *args):
         raise NotImplementedError
@@ -387,14 +401,15 @@ class _FutureExecutor:
             cancel_flag.clear()
 
     def _outcome(self, index, future) -> TaskOutcome:
+        """Return a finished future's outcome; a worker's error other than :class:`TaskError`
+        propagates with its traceback (the worker's, as the cause), lost workers as
+        :class:`WorkersLost`."""
         try:
             result, records = future.result()
-        except Cancelled:
-            raise
-        except cf.process.BrokenProcessPool as exc:  # no task can run any more
-            raise WorkersLost(_reason(exc)) from exc
-        except Exception as exc:  # a worker's error, or a worker that died
+        except TaskError as exc:
             return TaskOutcome(index, error=_reason(exc))
+        except self.lost_errors as exc:  # no task can run any more
+            raise WorkersLost(_reason(exc)) from exc
         for record in records:
             logging.getLogger(record.name).handle(record)
         return TaskOutcome(index, result=result)
@@ -462,6 +477,7 @@ class PoolExecutor(_FutureExecutor):
     threads and GUI, and without re-importing the pipeline for every pool)."""
 
     name = "process pool"
+    lost_errors = (BrokenProcessPool,)
 
     def __init__(self, workers: int, preload=_POOL_PRELOAD):
         self.workers = self.memory_share = workers
@@ -507,8 +523,9 @@ class DaskExecutor(_FutureExecutor):
     name = "dask"
 
     def __init__(self, address: str, workers: int):
-        from distributed import Client, LocalCluster
+        from distributed import Client, KilledWorker, LocalCluster
 
+        self.lost_errors = (KilledWorker,)
         self._cluster = None
         if address == LOCAL_CLUSTER:
             self._cluster = LocalCluster(n_workers=workers, threads_per_worker=1, processes=True,
@@ -542,7 +559,10 @@ class DaskExecutor(_FutureExecutor):
         from distributed import wait
 
         if futures:
-            wait(list(futures))
+            try:
+                wait(list(futures))
+            except cf.CancelledError:  # what waiting on the futures just cancelled reports
+                pass
 
     def close(self):
         """Disconnect; a ``LocalCluster`` started here is shut down."""

@@ -21,16 +21,16 @@ import math
 import os
 import re
 import stat
-import uuid
 import warnings
 from dataclasses import dataclass
-from typing import Any, BinaryIO, Callable, Iterator, Mapping, Sequence
+from typing import Any, Iterator, Mapping, Sequence
 
 import numpy as np
 from astropy.io import fits
 from astropy.utils.exceptions import AstropyWarning
 from astropy.wcs import WCS, SingularMatrixError
 
+from zemosaic_files import write_atomic
 from zemosaic_utils import mad_sigma, median_last_axis, nonzero_indices
 
 logger = logging.getLogger(__name__)
@@ -50,9 +50,7 @@ __all__ = [
     "validate_wcs",
     "wcs_to_cd_header",
     "as_hwc_float32",
-    "write_atomic",
     "write_fits_atomic",
-    "write_text_atomic",
     "write_image_fits",
 ]
 
@@ -77,6 +75,19 @@ _STRUCTURAL_KEY_RE = re.compile(
 
 class FrameError(Exception):
     """A frame that must be skipped; ``str(e)`` is a short human reason."""
+
+
+#: What astropy raises reading a damaged file, caught around its calls on a file's bytes only:
+#: OSError (truncated, unreadable, no END card), VerifyError and ValueError (a card it cannot
+#: parse), KeyError, TypeError and AttributeError (structural cards missing or of the wrong type:
+#: NAXIS3 absent, BITPIX or BZERO not a number, an HDU it cannot size).
+_DAMAGED_FITS = (OSError, fits.VerifyError, ValueError, KeyError, TypeError, AttributeError)
+# WCS cards that astropy reads itself before wcslib sees the header (wcslib reports bad values of
+# the others as ValueErrors): CTYPEn must be text, the SIP orders numbers up to this (astropy
+# allocates (order + 1)^2 coefficients; solvers write orders of 2 to 5).
+_WCS_TEXT_KEY_RE = re.compile(r"^CTYPE\d$")
+_SIP_ORDER_KEY_RE = re.compile(r"^(A|B|AP|BP)_ORDER$")
+_MAX_SIP_ORDER = 9
 
 
 @dataclass
@@ -149,7 +160,7 @@ def _open_fits(path: str) -> Iterator[tuple[fits.HDUList, int]]:
     try:
         # Read-only mode and no memmap: inputs are never modified or kept open.
         hdul = fits.open(path, mode="readonly", memmap=False, lazy_load_hdus=True)
-    except Exception as exc:
+    except _DAMAGED_FITS as exc:
         raise FrameError(f"truncated or corrupt FITS: {exc}") from exc
     try:
         yield hdul, size
@@ -163,15 +174,34 @@ def _find_image_hdu(hdul: fits.HDUList) -> tuple[int, Any]:
     while True:
         try:
             hdu = hdul[index]
+            naxis = int(hdu.header.get("NAXIS", 0) or 0)
         except IndexError:
             break
-        except Exception as exc:
+        except _DAMAGED_FITS as exc:
             raise FrameError(f"truncated or corrupt FITS: {exc}") from exc
         image_kinds = (fits.PrimaryHDU, fits.ImageHDU, fits.CompImageHDU)
-        if isinstance(hdu, image_kinds) and int(hdu.header.get("NAXIS", 0) or 0) > 0:
+        if isinstance(hdu, image_kinds) and naxis > 0:
             return index, hdu
         index += 1
     raise FrameError("no image data")
+
+
+def _parsed_header(hdu: Any) -> fits.Header:
+    """Return a copy of an HDU's header with every card parsed.
+
+    astropy parses a card when it is first read, and fixes what it can of a non-standard card
+    when it formats the header (as reading its WCS does): a card that it can neither fix nor
+    parse (a non-printable character, a malformed value) would otherwise fail wherever the
+    header is read later.
+    """
+    try:
+        header = hdu.header.copy()
+        header.tostring()
+        for card in header.cards:
+            _ = card.value
+    except _DAMAGED_FITS as exc:
+        raise FrameError(f"truncated or corrupt FITS: {exc}") from exc
+    return header
 
 
 def _axis_lengths(header: fits.Header) -> list[int]:
@@ -207,22 +237,47 @@ def _check_data_present(hdul: fits.HDUList, index: int, hdu: Any,
     if bitpix not in (8, 16, 32, 64, -32, -64):
         raise FrameError(f"unsupported BITPIX {bitpix!r}")
     needed = abs(bitpix) // 8 * math.prod(_axis_lengths(header))
-    start = hdul.fileinfo(index)["datLoc"]
+    try:
+        start = hdul.fileinfo(index)["datLoc"]  # reads the HDUs after it too
+    except _DAMAGED_FITS as exc:
+        raise FrameError(f"truncated or corrupt FITS: {exc}") from exc
     if start + needed > file_size:
         present = max(file_size - start, 0)
         raise FrameError(
             f"truncated or corrupt FITS: {present} of {needed} data bytes present")
 
 
+def wcs_card_problem(header: fits.Header) -> str | None:
+    """Return why a header's WCS cards cannot be handed to astropy's WCS, or None.
+
+    These are the cards astropy itself reads (wcslib reports bad values of the others, and
+    astropy raises ValueError or KeyError for them): a CTYPE that is not text, a SIP order that
+    is not a number from 0 to :data:`_MAX_SIP_ORDER` or comes without CTYPE1 and CTYPE2.
+    """
+    for key, value in header.items():
+        if _WCS_TEXT_KEY_RE.match(key) and not isinstance(value, str):
+            return f"{key} is not text ({value!r})"
+        if _SIP_ORDER_KEY_RE.match(key):
+            if not isinstance(value, (int, float)) or isinstance(value, bool) \
+                    or not 0 <= value <= _MAX_SIP_ORDER:
+                return f"{key} is not a SIP order ({value!r})"
+            if "CTYPE1" not in header or "CTYPE2" not in header:
+                return f"{key} without CTYPE1 and CTYPE2"
+    return None
+
+
 def _wcs_from_header(header: fits.Header) -> WCS:
     """Celestial 2-D WCS of ``header`` (not validated)."""
+    problem = wcs_card_problem(header)
+    if problem is not None:
+        raise FrameError(f"invalid WCS: {problem}")
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", AstropyWarning)
             full = WCS(header)
     except SingularMatrixError as exc:
         raise FrameError("singular CD matrix") from exc
-    except Exception as exc:
+    except (ValueError, KeyError) as exc:  # what astropy documents; wcslib's errors are ValueErrors
         raise FrameError(f"invalid WCS: {exc}") from exc
     if not full.has_celestial:
         raise FrameError("no celestial WCS")
@@ -266,7 +321,7 @@ def _shift_pattern(pattern: str, x_offset: Any, y_offset: Any) -> str:
     # move the 2x2 pattern by one column / row.
     try:
         dx, dy = int(x_offset) % 2, int(y_offset) % 2
-    except (TypeError, ValueError):
+    except (TypeError, ValueError, OverflowError):
         logger.debug("Ignoring non-integer Bayer offsets %r, %r", x_offset, y_offset)
         return pattern
     return "".join(pattern[2 * ((r + dy) % 2) + (c + dx) % 2] for r in (0, 1) for c in (0, 1))
@@ -295,7 +350,7 @@ def _inspect(path: str, hdul: fits.HDUList, size: int,
     ``info.wcs`` is None.
     """
     index, hdu = _find_image_hdu(hdul)
-    header = hdu.header.copy()
+    header = _parsed_header(hdu)
     shape_hw, layout, planes = _layout(header)
     _check_data_present(hdul, index, hdu, header, size)
     wcs, wcs_problem = None, None
@@ -339,7 +394,7 @@ def _read_pixels(hdul: fits.HDUList, index: int, header: fits.Header) -> np.ndar
     """Physical pixel values (BSCALE/BZERO applied) as a float32 copy; blanks -> NaN."""
     try:
         raw = hdul[index].data
-    except Exception as exc:
+    except _DAMAGED_FITS as exc:
         raise FrameError(f"truncated or corrupt FITS: {exc}") from exc
     expected = tuple(reversed(_axis_lengths(header)))
     if raw is None or raw.shape != expected:
@@ -623,7 +678,7 @@ def _linear_matrix(wcs: WCS) -> np.ndarray:
             return np.asarray(wcs.pixel_scale_matrix, dtype=np.float64)
     except SingularMatrixError as exc:
         raise FrameError("singular CD matrix") from exc
-    except Exception as exc:
+    except ValueError as exc:  # wcslib's errors (astropy.wcs.WcsError)
         raise FrameError(f"invalid WCS: {exc}") from exc
 
 
@@ -653,7 +708,7 @@ def validate_wcs(wcs: WCS, shape_hw: tuple[int, int]) -> None:
     height, width = shape_hw
     try:
         world = wcs.pixel_to_world_values((width - 1) / 2.0, (height - 1) / 2.0)
-    except Exception as exc:
+    except ValueError as exc:  # wcslib's errors (astropy.wcs.WcsError)
         raise FrameError(f"WCS cannot place the image centre on the sky: {exc}") from exc
     if not np.all(np.isfinite(world)):
         raise FrameError("WCS maps the image centre to no sky position")
@@ -695,30 +750,6 @@ def wcs_to_cd_header(wcs: WCS) -> fits.Header:
 # --------------------------------------------------------------------------
 
 
-def write_atomic(path: str | os.PathLike, write: Callable[[BinaryIO], None]) -> None:
-    """Run ``write(fileobj)`` into a hidden temp file next to ``path``, fsync it, then rename it over
-    ``path``: the file is whole or absent, never half-written, and nothing is left on failure."""
-    path = os.fspath(path)
-    folder, name = os.path.split(os.path.abspath(path))
-    # Leading '.' and '.tmp' suffix: a folder scan for *.fit* never picks it up.
-    tmp = os.path.join(folder, f".{name}.{uuid.uuid4().hex}.tmp")
-    try:
-        # Opened inside the try: an exception raised between the file's creation and the with
-        # block (SIGTERM arrives as one, at any point) must remove it too.
-        # O_EXCL: never clobber anything; mode "wb" (not "xb") because astropy only
-        # accepts the usual mode strings on a file object.
-        fh = open(tmp, "wb", opener=lambda name, flags: os.open(name, flags | os.O_EXCL, 0o666))
-        with fh:
-            write(fh)
-            fh.flush()
-            os.fsync(fh.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        with contextlib.suppress(FileNotFoundError):
-            os.remove(tmp)
-        raise
-
-
 def write_fits_atomic(path: str | os.PathLike, hdul: fits.HDUList) -> None:
     """Write ``hdul`` to ``path`` atomically; the destination is never half-written.
 
@@ -727,12 +758,6 @@ def write_fits_atomic(path: str | os.PathLike, hdul: fits.HDUList) -> None:
     """
     # CHECKSUM/DATASUM let a reader (fitsverify, astropy checksum=True) prove the file is whole.
     write_atomic(path, lambda fh: hdul.writeto(fh, checksum=True))
-
-
-def write_text_atomic(path: str | os.PathLike, text: str) -> None:
-    """Write UTF-8 ``text`` to ``path`` atomically (temporary file, fsync, rename)."""
-    payload = text.encode("utf-8")
-    write_atomic(path, lambda fh: fh.write(payload))
 
 
 def as_hwc_float32(image: np.ndarray) -> np.ndarray:

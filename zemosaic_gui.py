@@ -376,8 +376,8 @@ class _RunThread(QThread):
             self.failed.emit("Mosaic failed", str(exc))
         except ConfigError as exc:
             self.failed.emit("Invalid configuration", str(exc))
-        except Exception as exc:  # unexpected: type and message for the user, traceback at DEBUG
-            logger.debug("Unexpected failure of the run", exc_info=True)
+        except Exception as exc:  # a bug (the error policy): the run stops, its traceback is kept
+            logger.error("The run stopped on an unexpected error", exc_info=True)
             self.failed.emit("Unexpected error", f"{type(exc).__name__}: {exc}")
         else:
             self.succeeded.emit(result)

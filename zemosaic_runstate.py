@@ -21,7 +21,7 @@ import os
 import socket
 
 import zemosaic_astrometry as zastro
-import zemosaic_fits as zfits
+from zemosaic_files import write_text_atomic
 
 logger = logging.getLogger(__name__)
 
@@ -225,5 +225,5 @@ class TileManifest:
         self.save()
 
     def save(self) -> None:
-        zfits.write_text_atomic(self.path, json.dumps(
+        write_text_atomic(self.path, json.dumps(
             {"version": _MANIFEST_VERSION, "tiles": self.entries}, indent=1))

@@ -3,11 +3,13 @@
 Solving a Seestar sub costs about a second, matching its stars to a solved frame a tenth of one,
 and a night is hundreds of subs of a few pointings. So the frames are grouped by their pointing,
 one frame per group is plate-solved (or a frame whose file already has a WCS serves), the others
-get the WCS their star match to it implies, and one more frame per group is solved to check the
-matches. A frame whose match fails is solved on its own; one that cannot be solved is skipped with
-its reason. Every WCS found goes to the cache (keyed by the file's content), so a rerun solves
-nothing. The solvers, star lists, matching and cache are :mod:`zemosaic_astrometry`'s; this
-module decides which frame gets which.
+get the WCS their star match to it implies, checked against a plate solution of another frame of
+the group (one it already has, or one more solve). Matches that fail the check are dropped and
+their frames solved on their own; a frame whose match fails is solved on its own; one that cannot
+be solved is skipped with its reason. Each frame is solved and matched at most once per run. Only
+WCSs that passed their checks go to the cache (keyed by the file's content), so a rerun solves
+nothing it solved before and uses the same frames. The solvers, star lists, matching and cache are
+:mod:`zemosaic_astrometry`'s; this module decides which frame gets which.
 
 Frames are the pipeline's records (``path``, ``info``, ``ra``/``dec``, ``wcs``, ``wcs_source``,
 ``set_wcs``...); ``run`` is the run's :class:`zemosaic_worker.Run` (settings, report, progress,
@@ -43,6 +45,7 @@ class _Solving:
         self.cache = zastro.WcsCache(cache_folder)
         self._stars: dict[str, np.ndarray] = {}
         self._advanced: set[str] = set()
+        self._solve_tried: set[str] = set()
         self.total, self.solves = total, 0
 
     def digest(self, record) -> str:
@@ -63,8 +66,12 @@ class _Solving:
         return self._stars[record.path]
 
     def solve(self, record) -> bool:
-        """Plate-solve one frame; True when it got a WCS (the reason is logged otherwise)."""
+        """Plate-solve one frame, once per run; True when it got a WCS (the reason is logged
+        otherwise, and a second call answers from the first)."""
         self.run.check_cancel()
+        if record.path in self._solve_tried:
+            return record.wcs is not None
+        self._solve_tried.add(record.path)
         if self.solver is None:
             record.solve_error = NO_SOLVER
             return False
@@ -84,19 +91,24 @@ class _Solving:
         self.keep(record, wcs, "solved", time.perf_counter() - t0)
         return True
 
-    def match(self, record, anchor) -> bool:
-        """Give a frame the WCS of its star match to a solved anchor; True on success."""
+    def solve_tried(self, record) -> bool:
+        """Return True once :meth:`solve` ran for a frame."""
+        return record.path in self._solve_tried
+
+    def match(self, record, anchor):
+        """Return the WCS of a frame's star match to a solved anchor, or None (logged at DEBUG).
+
+        The frame does not get it yet: a match is kept once its group's check passed."""
         self.run.check_cancel()
         try:
-            wcs = zastro.wcs_from_star_match(self.stars(record), record.info.shape_hw,
-                                             self.stars(anchor), anchor.wcs)
-        except (zastro.SolveError, zfits.FrameError) as exc:
+            return zastro.wcs_from_star_match(self.stars(record), record.info.shape_hw,
+                                              self.stars(anchor), anchor.wcs)
+        except (zastro.MatchError, zfits.FrameError) as exc:
             logger.debug("%s: %s; solving it on its own", os.path.basename(record.path), exc)
-            return False
-        self.keep(record, wcs, f"matched to {os.path.basename(anchor.path)}", None)
-        return True
+            return None
 
     def keep(self, record, wcs, source, solve_s):
+        """Give a frame a WCS that passed its checks, and cache it."""
         record.set_wcs(wcs, source, solve_s)
         self.cache.put(self.digest(record), wcs, source, solve_s)
         self.advance(record)
@@ -190,17 +202,35 @@ def _nearest_centre_first(group) -> list:
     return [group[i] for i in np.argsort(-(vec @ centre), kind="stable")]
 
 
+def _wcs_origin(record) -> str | None:
+    """Return how a frame's WCS was first obtained (``header``, ``solved``, ``matched to NAME``;
+    through the cache too), or None without one."""
+    if record.wcs is None:
+        return None
+    return record.cache_origin if record.wcs_source == "cache" else record.wcs_source
+
+
+def _can_anchor(record) -> bool:
+    """Return True for a frame whose WCS is its header's or a plate solution, not a star match."""
+    return _wcs_origin(record) in ("header", "solved")
+
+
 def _solve_group(group, state) -> None:
-    """Solve one frame of a group (its anchor), match the rest to it, check one more solve."""
+    """Solve one frame of a group (its anchor), match the rest to it, check the matches.
+
+    Matches are kept (and cached) only when their check passes (:func:`_check_matches`); the
+    frames of a failed check, and those whose match failed, are solved on their own. No frame is
+    solved or matched twice.
+    """
     ordered = _nearest_centre_first(group) if group[0].ra is not None else group
-    anchor = next((r for r in ordered if r.wcs is not None), None)
+    anchor = next((r for r in ordered if _can_anchor(r)), None)
     tries = 0
     for r in ordered:
         if anchor is not None or tries >= _ANCHOR_ATTEMPTS:
             break
-        tries += 1
-        if state.solve(r):
-            anchor = r
+        if r.wcs is None:
+            tries += 1
+            anchor = r if state.solve(r) else None
     todo = [r for r in ordered if r.wcs is None]
     if anchor is None:
         for r in todo:
@@ -208,28 +238,48 @@ def _solve_group(group, state) -> None:
                 f"no frame of its group could be plate-solved ({tries} tried)"
             state.advance(r)
         return
-    matched = [r for r in todo if state.match(r, anchor)]
-    if matched and not _check_matches(matched, anchor, state):
-        for r in matched:
-            r.wcs = None
-            todo.append(r)
+    matches = {id(r): wcs for r in todo if (wcs := state.match(r, anchor)) is not None}
+    if matches and _check_matches(group, todo, matches, anchor, state):
+        source = f"matched to {os.path.basename(anchor.path)}"
+        for r in todo:
+            if id(r) in matches and r.wcs is None:  # the check frame keeps its plate solution
+                state.keep(r, matches[id(r)], source, None)
     for r in todo:
         if r.wcs is None and not state.solve(r):
             state.advance(r)
 
 
-def _check_matches(matched, anchor, state) -> bool:
-    """Solve one matched frame too; False (and a WARNING) when match and solve disagree."""
-    check = matched[len(matched) // 2]
-    wcs_matched = check.wcs
-    if not state.solve(check):
-        check.set_wcs(wcs_matched, f"matched to {os.path.basename(anchor.path)}")
-        return True  # nothing to compare with: the match stands
-    offset = zastro.wcs_pixel_offset(wcs_matched, check.wcs, check.info.shape_hw)
-    logger.debug("Plate solving check on %s: matched and solved WCS %.2f px apart",
-                 os.path.basename(check.path), offset)
+def _check_matches(group, todo, matches, anchor, state) -> bool:
+    """Return False (and a WARNING) when the group's matches disagree with a plate solution.
+
+    The matches are compared with the plate solutions the group's other frames already have
+    (:func:`_solved_pairs`), else with one more solve of a matched frame not tried yet. Nothing to
+    compare with (no such frame, or its solve fails): the matches stand.
+    """
+    pairs = _solved_pairs(group, anchor, state)
+    if not pairs:
+        untried = [r for r in todo if id(r) in matches and not state.solve_tried(r)]
+        if not untried:
+            return True
+        check = untried[len(untried) // 2]
+        if not state.solve(check):
+            return True
+        pairs = [(check, matches[id(check)])]
+    offset = max(zastro.wcs_pixel_offset(wcs, r.wcs, r.info.shape_hw) for r, wcs in pairs)
+    logger.debug("Plate solving check on %s: matched and solved WCSs up to %.2f px apart",
+                 ", ".join(os.path.basename(r.path) for r, _ in pairs), offset)
     if offset <= _CHECK_TOLERANCE_PX:
         return True
     logger.warning("Star-matched WCSs of the group of %s disagree with a plate solution by %.1f px;"
                    " solving its frames one by one", os.path.basename(anchor.path), offset)
     return False
+
+
+def _solved_pairs(group, anchor, state) -> list:
+    """Return ``(frame, its match to the anchor)`` for the group's other plate-solved frames.
+
+    On a rerun these are the frames the cache holds solutions for, the check frame of a failed
+    check among them: matched again, they give the first run's verdict without a solve.
+    """
+    pairs = [(r, state.match(r, anchor)) for r in group if r is not anchor and _wcs_origin(r) == "solved"]
+    return [(r, wcs) for r, wcs in pairs if wcs is not None]

@@ -38,6 +38,7 @@ import zemosaic_tile_photometry as ztp
 import zemosaic_runstate as zrun
 import zemosaic_solve as zsolve
 from zemosaic_config import MosaicConfig, config_to_dict
+from zemosaic_files import write_text_atomic
 from zemosaic_executor import Cancelled  # noqa: F401  (part of this module's API)
 from zemosaic_master_tile import (CACHE_DIR, STACK_CACHE_DIR, TileTask,  # noqa: F401  (API)
                                   build_master_tile, settings_history, tile_name)
@@ -819,7 +820,7 @@ def assemble_mosaic(run, tiles, wcs_out, shape_out):
 
 def _write_json_atomic(path: str, payload: dict) -> None:
     """Write JSON through a temporary file and a rename, so the file is whole or absent."""
-    zfits.write_text_atomic(path, json.dumps(payload, indent=2, default=str))
+    write_text_atomic(path, json.dumps(payload, indent=2, default=str))
 
 
 def _white_balance_cards(report, mosaic) -> tuple[list, list]:
@@ -1016,17 +1017,9 @@ def run_mosaic(config: MosaicConfig, progress=None, cancel: threading.Event | No
     return RunResult(paths, report, report.timings_s["total"])
 
 
-# --------------------------------------------------------------------------------------------------
-# Command line (in zemosaic_cli; ``python -m zemosaic_worker`` stays the entry point)
-# --------------------------------------------------------------------------------------------------
-
-
-def main(argv=None) -> int:
-    """Command line: ``python -m zemosaic_worker CONFIG.json [--log-level LEVEL]`` (see :mod:`zemosaic_cli`)."""
-    from zemosaic_cli import main as cli_main
-
-    return cli_main(argv)
-
-
 if __name__ == "__main__":
+    # ``python -m zemosaic_worker CONFIG.json``: the command line lives in zemosaic_cli, which
+    # imports this module as a library (this block runs only as the program, never on import).
+    from zemosaic_cli import main
+
     sys.exit(main())

@@ -258,6 +258,81 @@ def test_solve_few_match_many(unsolved_small, tmp_path, monkeypatch):
     assert {e["wcs"] for e in report2.to_dict()["frame_wcs"]} == {"cache"}
 
 
+class _FailingSolver(_TruthSolver):
+    """A :class:`_TruthSolver` that cannot solve the frames whose content key it is given."""
+
+    def __init__(self, frames, unsolvable):
+        super().__init__(frames)
+        self.unsolvable, self.solved = unsolvable, []
+
+    def solve(self, image2d, hints, timeout_s, workdir):
+        key = hashlib.sha256(np.ascontiguousarray(image2d, np.float32).tobytes()).hexdigest()
+        self.solved.append(key)
+        if key in self.unsolvable:
+            self.calls += 1
+            raise za.SolveError("no solution found")
+        return super().solve(image2d, hints, timeout_s, workdir)
+
+
+def test_matches_that_fail_the_check_are_neither_kept_nor_cached(unsolved_small, tmp_path, monkeypatch):
+    """Star matches 7 px off fail the group's check: every frame is then plate-solved once, one
+    that cannot be solved is skipped, and the rerun from the cache uses the same frames with the
+    same WCSs (no rejected match is read back)."""
+    info, truths, by_content = unsolved_small
+    real_match = za.wcs_from_star_match
+
+    def off_by_7px(*args, **kwargs):
+        wcs = real_match(*args, **kwargs)
+        wcs.wcs.crpix = np.asarray(wcs.wcs.crpix) + [7.0, 0.0]
+        wcs.wcs.set()
+        return wcs
+
+    monkeypatch.setattr(za, "wcs_from_star_match", off_by_7px)
+    unsolvable = {sorted(by_content)[3]}
+    solver = _FailingSolver(by_content, unsolvable)
+    records, report, _ = _solve_phase(info, tmp_path / "o", solver, monkeypatch)
+    assert len(solver.solved) == 8 and len(set(solver.solved)) == 8  # each frame solved once
+    assert len(records) == 7 and len(report.frames_skipped) == 1
+    assert {r.wcs_source for r in records} == {"solved"}
+    for r in records:
+        assert za.wcs_pixel_offset(r.wcs, truths[r.path], r.info.shape_hw) < 0.3
+
+    again = _FailingSolver(by_content, unsolvable)
+    records2, report2, _ = _solve_phase(info, tmp_path / "o", again, monkeypatch)
+    assert again.solved == sorted(unsolvable)  # only the frame the cache has nothing for
+    assert [r.path for r in records2] == [r.path for r in records]
+    assert [s["path"] for s in report2.frames_skipped] == [s["path"] for s in report.frames_skipped]
+    for r1, r2 in zip(records, records2):
+        assert za.wcs_pixel_offset(r1.wcs, r2.wcs, r1.info.shape_hw) < 1e-6
+
+
+def test_a_bug_in_star_matching_stops_the_solve_phase(unsolved_small, tmp_path, monkeypatch):
+    info, _truths, by_content = unsolved_small
+
+    def buggy(*args, **kwargs):
+        raise TypeError("a bug in matching")
+
+    import astroalign
+
+    monkeypatch.setattr(astroalign, "find_transform", buggy)
+    with pytest.raises(TypeError, match="a bug in matching"):
+        _solve_phase(info, tmp_path / "o", _TruthSolver(by_content), monkeypatch)
+
+
+def test_a_bug_in_star_matching_stops_the_alignment(tmp_path, monkeypatch):
+    info = zemosaic_synth.generate_dataset(tmp_path / "d", panels=(1, 1), frames_per_panel=3,
+                                           seed=3, size="small")
+
+    def buggy(*args, **kwargs):
+        raise TypeError("a bug in matching")
+
+    monkeypatch.setattr(za, "_refine_match", buggy)
+    config = MosaicConfig(input_folder=info["frames_dir"], output_folder=str(tmp_path / "o"),
+                          num_processing_workers=1)
+    with pytest.raises(TypeError, match="a bug in matching"):
+        zw.run_mosaic(config)
+
+
 def test_without_a_solver_frames_are_skipped_with_one_warning(unsolved_small, tmp_path, monkeypatch, caplog):
     info, _truths, _ = unsolved_small
     monkeypatch.setattr(za, "solver_from_config", lambda config: (None, "solve-field not found"))

@@ -15,10 +15,10 @@ from zemosaic_config import ConfigError, config_from_dict
 
 def test_version_and_help(capsys):
     with pytest.raises(SystemExit):
-        zw.main(["--version"])
+        zemosaic_cli.main(["--version"])
     assert capsys.readouterr().out.strip() == f"ZeMosaic {zw.__version__}"
     with pytest.raises(SystemExit):
-        zw.main(["--help"])
+        zemosaic_cli.main(["--help"])
     text = capsys.readouterr().out
     for word in ("input_folder", "stacking_rejection_algorithm", "save_channel_files", "example:",
                  "zemosaic_run.log"):
@@ -32,7 +32,7 @@ def test_typo_key_is_an_error_with_a_suggestion(tmp_path, capsys):
     cfg = tmp_path / "c.json"
     cfg.write_text(json.dumps({"input_folder": str(tmp_path), "output_folder": str(tmp_path / "o"),
                                "stacking_kapa_low": 2.0}))
-    assert zw.main([str(cfg)]) == 2
+    assert zemosaic_cli.main([str(cfg)]) == 2
     assert "did you mean 'stacking_kappa_low'" in capsys.readouterr().err
 
 
@@ -80,7 +80,7 @@ def test_run_log_written_at_the_run_level_and_handler_removed(tmp_path):
     out = tmp_path / "out"
     cfg.write_text(json.dumps({"input_folder": info["frames_dir"], "output_folder": str(out)}))
     before = list(logging.getLogger().handlers)
-    assert zw.main([str(cfg), "--log-level", "INFO"]) == 0
+    assert zemosaic_cli.main([str(cfg), "--log-level", "INFO"]) == 0
     assert logging.getLogger().handlers == before
     log = (out / zw.LOG_NAME).read_text()
     assert "INFO zemosaic_worker: Scan: 6 usable frame(s)" in log

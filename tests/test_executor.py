@@ -7,6 +7,7 @@ import time
 import numpy as np
 import pytest
 
+import zemosaic_cli as zcli
 import zemosaic_executor as zexec
 import zemosaic_synth
 import zemosaic_worker as zw
@@ -68,21 +69,46 @@ def test_dask_local_cluster_gives_the_same_mosaic_bit_for_bit(frames, in_process
     _assert_same_mosaic(run, in_process)
 
 
-def test_a_failing_tile_is_skipped_with_its_reason(frames, tmp_path, monkeypatch):
+def test_a_tile_task_error_skips_its_frames_with_the_reason(frames, tmp_path, monkeypatch):
     real = zw.build_master_tile
 
-    def broken(task, ctx):
+    def refused(task, ctx):
         if task.index == 1:
-            raise MemoryError("no room for the stack")
+            raise zexec.TaskError("no room for the stack")
         return real(task, ctx)
 
-    monkeypatch.setattr(zw, "build_master_tile", broken)
+    monkeypatch.setattr(zw, "build_master_tile", refused)
     result, image, _ = _run(frames, tmp_path / "out", num_processing_workers=1)
     assert [t["index"] for t in result.report.tiles] == [0]
     reasons = {s["reason"] for s in result.report.frames_skipped}
-    assert reasons == {"tile 001 failed: MemoryError: no room for the stack"}
+    assert reasons == {"tile 001 failed: TaskError: no room for the stack"}
     assert len(result.report.frames_skipped) == 3 and len(result.report.frames_used) == 3
     assert np.isfinite(image).any()
+
+
+def test_a_bug_in_stacking_stops_the_run_with_its_traceback_in_the_run_log(frames, tmp_path,
+                                                                          monkeypatch, capsys):
+    """The error policy: a bug is not a skipped tile. The run ends with exit 1, no mosaic, the
+    traceback in ``zemosaic_run.log`` and one line on the terminal."""
+    import json
+
+    import zemosaic_master_tile as zmt
+
+    def buggy(*args, **kwargs):
+        raise TypeError("unsupported operand type(s) for +: 'float' and 'NoneType'")
+
+    monkeypatch.setattr(zmt, "_stack_group", buggy)
+    out = tmp_path / "out"
+    cfg = tmp_path / "c.json"
+    cfg.write_text(json.dumps({"input_folder": str(frames), "output_folder": str(out),
+                               "num_processing_workers": 1}))
+    assert zcli.main([str(cfg)]) == 1
+    assert not (out / zw.MOSAIC_NAME).exists()
+    log = (out / zw.LOG_NAME).read_text()
+    assert "Traceback (most recent call last)" in log and "in buggy" in log
+    assert "TypeError: unsupported operand" in log
+    err = capsys.readouterr().err
+    assert "TypeError" in err and "Traceback" not in err
 
 
 def test_stacks_share_the_ram_budget_between_parallel_tiles(tmp_path, monkeypatch):
@@ -120,7 +146,14 @@ def test_disk_stack_reads_back_what_was_written_through_any_view(tmp_path):
 
 def square_or_fail(task, ctx):
     if task == 3:
-        raise ValueError("three is not welcome\nsecond line")
+        raise zexec.TaskError("three is not welcome\nsecond line")
+    return task * task
+
+
+def square_or_bug(task, ctx):
+    if task == 3:
+        raise TypeError("a bug in task three")
+    time.sleep(0.2)
     return task * task
 
 
@@ -151,7 +184,22 @@ def test_pool_returns_results_and_errors_per_task(tmp_path):
     finally:
         pool.close()
     assert [o.result for o in outcomes] == [1, 4, None, 16]
-    assert outcomes[2].error == "ValueError: three is not welcome"
+    assert outcomes[2].error == "TaskError: three is not welcome"
+
+
+@pytest.mark.parametrize("kind", ["pool", "dask"])
+def test_a_bug_in_a_worker_task_propagates_with_its_type(kind, tmp_path):
+    if kind == "dask":
+        pytest.importorskip("distributed")
+        pool = zexec.DaskExecutor(zexec.LOCAL_CLUSTER, 2)
+    else:
+        pool = zexec.PoolExecutor(2)
+    try:
+        flag = zexec.CancelFlag(str(tmp_path / ".cancel"))
+        with pytest.raises(TypeError, match="a bug in task three"):
+            list(pool.run(square_or_bug, [1, 2, 3, 4, 5, 6], _Ctx(), flag))
+    finally:
+        pool.close()
 
 
 def test_a_worker_that_cannot_start_means_workers_lost(tmp_path, monkeypatch):

@@ -14,6 +14,7 @@ ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
+import zemosaic_files as zfiles  # noqa: E402
 import zemosaic_fits as zf  # noqa: E402
 from zemosaic_fits import FrameError  # noqa: E402
 
@@ -563,7 +564,7 @@ def test_an_interrupt_right_after_the_temp_file_is_created_leaves_nothing(tmp_pa
 
     monkeypatch.setattr(builtins, "open", open_then_interrupt)
     with pytest.raises(KeyboardInterrupt):
-        zf.write_text_atomic(tmp_path / "manifest.json", "{}")
+        zfiles.write_text_atomic(tmp_path / "manifest.json", "{}")
     monkeypatch.undo()
     assert list(tmp_path.iterdir()) == []
 

@@ -38,6 +38,7 @@ from astropy.utils.exceptions import AstropyWarning
 from astropy.wcs import WCS
 
 from zemosaic_files import write_text_atomic
+from zemosaic_fits import header_float
 
 logger = logging.getLogger(__name__)
 
@@ -98,13 +99,6 @@ class SolveHints:
         return self.ra_deg is not None and self.dec_deg is not None
 
 
-def _header_float(header, key):
-    value = header.get(key)
-    if isinstance(value, (int, float)) and not isinstance(value, bool) and np.isfinite(value):
-        return float(value)
-    return None
-
-
 def _sexagesimal(text, hours: bool):
     """Return degrees from ``'HH MM SS.s'`` / ``'+DD MM SS'`` text, or None."""
     try:
@@ -122,18 +116,18 @@ def hints_from_header(header) -> SolveHints:
     """Return the pointing (``RA``/``DEC`` in degrees, else ``OBJCTRA``/``OBJCTDEC`` text) and the
     pixel scale (206.265 * ``XPIXSZ`` [um] / ``FOCALLEN`` [mm], or ``SCALE``/``PIXSCALE``) of a frame.
     """
-    ra, dec = _header_float(header, "RA"), _header_float(header, "DEC")
+    ra, dec = header_float(header, "RA"), header_float(header, "DEC")
     if ra is None or dec is None:
         ra = _sexagesimal(header.get("OBJCTRA", ""), hours=True) if "OBJCTRA" in header else None
         dec = _sexagesimal(header.get("OBJCTDEC", ""), hours=False) if "OBJCTDEC" in header else None
     if dec is not None and not -90.0 <= dec <= 90.0:
         ra = dec = None
-    pixel_um, focal_mm = _header_float(header, "XPIXSZ"), _header_float(header, "FOCALLEN")
+    pixel_um, focal_mm = header_float(header, "XPIXSZ"), header_float(header, "FOCALLEN")
     scale = None
     if pixel_um and focal_mm and pixel_um > 0 and focal_mm > 0:
         scale = 206.264806 * pixel_um / focal_mm
     else:
-        scale = _header_float(header, "SCALE") or _header_float(header, "PIXSCALE")
+        scale = header_float(header, "SCALE") or header_float(header, "PIXSCALE")
     return SolveHints(None if ra is None else ra % 360.0, dec, scale)
 
 

@@ -21,7 +21,7 @@ import threading
 import time
 import traceback
 
-from zemosaic_config import ConfigError, MosaicConfig, load_config
+from zemosaic_config import CHOICES, ConfigError, MosaicConfig, load_config
 from zemosaic_worker import (LOG_NAME, Cancelled, PipelineError, RunReport, RunResult,
                              __version__, run_mosaic)
 
@@ -94,6 +94,14 @@ class _TerminalProgress:
 
 
 LOG_FORMAT = "%(asctime)s %(levelname)s %(name)s: %(message)s"
+
+
+def pipeline_logger_names() -> tuple[str, ...]:
+    """Return the names of the project's loggers: one per ``zemosaic_*`` module, each logging
+    under its module name (docs/architecture.md), so a new module is included by being there."""
+    folder = os.path.dirname(os.path.abspath(__file__))
+    return tuple(sorted(name[:-3] for name in os.listdir(folder)
+                        if name.startswith("zemosaic_") and name.endswith(".py")))
 
 
 def attach_run_log(config: MosaicConfig) -> logging.Handler | None:
@@ -196,7 +204,7 @@ def _parser() -> argparse.ArgumentParser:
         description="Build an RGB mosaic FITS from raw smart-telescope frames (plate-solved here "
                     "when they carry no WCS).")
     parser.add_argument("config", help="JSON configuration file (input_folder, output_folder, ...)")
-    parser.add_argument("--log-level", choices=["ERROR", "WARNING", "INFO", "DEBUG"], type=str.upper,
+    parser.add_argument("--log-level", choices=CHOICES["logging_level"], type=str.upper,
                         help="log level (default: logging_level from the configuration)")
     parser.add_argument("--version", action="version", version=f"ZeMosaic {__version__}")
     return parser

@@ -45,6 +45,7 @@ __all__ = [
     "read_frame_info",
     "read_image_fits",
     "card_text",
+    "header_float",
     "observation_cards",
     "write_plane_fits",
     "validate_wcs",
@@ -327,10 +328,15 @@ def _shift_pattern(pattern: str, x_offset: Any, y_offset: Any) -> str:
     return "".join(pattern[2 * ((r + dy) % 2) + (c + dx) % 2] for r in (0, 1) for c in (0, 1))
 
 
-def _optional_float(header: fits.Header, *keys: str) -> float | None:
+def header_float(header: Mapping[str, Any], *keys: str) -> float | None:
+    """Return the first of ``keys`` whose card holds a finite number, as a float, or None.
+
+    Text, booleans and NaN do not count: a header card written as ``'30'`` or ``T`` is not a
+    measurement the pipeline can rely on.
+    """
     for key in keys:
         value = header.get(key)
-        if isinstance(value, (int, float)) and not isinstance(value, bool):
+        if isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value):
             return float(value)
     return None
 
@@ -366,7 +372,7 @@ def _inspect(path: str, hdul: fits.HDUList, size: int,
     info = FrameInfo(
         path=path, header=header, wcs=wcs, shape_hw=shape_hw, n_channels=n_channels,
         bayer_pattern=pattern, date_obs=str(date_obs) if date_obs is not None else None,
-        exptime=_optional_float(header, "EXPTIME", "EXPOSURE"), wcs_problem=wcs_problem)
+        exptime=header_float(header, "EXPTIME", "EXPOSURE"), wcs_problem=wcs_problem)
     return info, index, layout
 
 
@@ -925,7 +931,7 @@ def _exposure_span(header: Mapping[str, Any]) -> tuple[Any, Any, float, int] | N
         start = Time(str(header["DATE-OBS"]), format="isot", scale="utc")
     except (KeyError, ValueError):
         return None
-    exptime = _optional_float(header, "EXPTIME", "EXPOSURE") or 0.0
+    exptime = header_float(header, "EXPTIME", "EXPOSURE") or 0.0
     try:
         end = Time(str(header["DATE-END"]), format="isot", scale="utc")
     except (KeyError, ValueError):

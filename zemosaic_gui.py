@@ -54,10 +54,8 @@ from zemosaic_utils import gpu_unavailable_reason
 
 logger = logging.getLogger(__name__)
 
-#: Loggers whose level the log drop-down controls (the pipeline modules and this window).
-PIPELINE_LOGGERS = ("zemosaic_worker", "zemosaic_align_stack", "zemosaic_align_stack_gpu",
-                    "zemosaic_photometry", "zemosaic_astrometry", "zemosaic_solve", "zemosaic_runstate",
-                    "zemosaic_utils", "zemosaic_fits", "zemosaic_config", __name__)
+#: Loggers whose level the log drop-down controls: the project's modules, this window among them.
+PIPELINE_LOGGERS = zemosaic_cli.pipeline_logger_names()
 LOG_LEVELS = CHOICES["logging_level"]
 LOG_FORMAT = "%(asctime)s %(levelname)-7s %(name)s: %(message)s"
 CONFIG_DIR_ENV = "ZEMOSAIC_CONFIG_DIR"

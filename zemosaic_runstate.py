@@ -35,7 +35,10 @@ except ImportError:  # Windows
     fcntl = None
     import msvcrt
 
-# The settings a master tile depends on (besides its frames and their WCSs).
+# The settings a master tile depends on (besides its frames and their WCSs): the one list of them
+# (tests/test_architecture.py checks that the tile task reads no other). `use_gpu_phase5` is not
+# one: the GPU runs the same kernels (docs/architecture.md, "CPU and GPU"), so either backend's
+# tile serves the other.
 TILE_SETTINGS = ("stacking_normalize_method", "stacking_weighting_method",
                  "stacking_rejection_algorithm", "stacking_kappa_low", "stacking_kappa_high",
                  "stacking_winsor_limits", "stacking_final_combine_method",

@@ -26,7 +26,7 @@ import numpy as np
 
 import zemosaic_astrometry as zastro
 import zemosaic_fits as zfits
-from zemosaic_utils import unit_vectors
+from zemosaic_quality import centre_order
 
 logger = logging.getLogger(__name__)
 
@@ -195,13 +195,6 @@ def _solve_groups(records, pending, group_by_pointing) -> list[list]:
     return out + [[r] for r in pending if r.ra is None]
 
 
-def _nearest_centre_first(group) -> list:
-    """Return a group's frames ordered by distance to the group's mean pointing."""
-    vec = unit_vectors([r.ra for r in group], [r.dec for r in group])
-    centre = vec.mean(axis=0)
-    return [group[i] for i in np.argsort(-(vec @ centre), kind="stable")]
-
-
 def _wcs_origin(record) -> str | None:
     """Return how a frame's WCS was first obtained (``header``, ``solved``, ``matched to NAME``;
     through the cache too), or None without one."""
@@ -222,7 +215,9 @@ def _solve_group(group, state) -> None:
     frames of a failed check, and those whose match failed, are solved on their own. No frame is
     solved or matched twice.
     """
-    ordered = _nearest_centre_first(group) if group[0].ra is not None else group
+    ordered = group
+    if group[0].ra is not None:  # nearest the group's mean pointing first
+        ordered = [group[i] for i in centre_order([r.ra for r in group], [r.dec for r in group])]
     anchor = next((r for r in ordered if _can_anchor(r)), None)
     tries = 0
     for r in ordered:

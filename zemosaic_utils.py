@@ -95,7 +95,7 @@ def device_errors() -> tuple[type, ...]:
                          ("cupy_backends.cuda.libs.cublas", "CUBLASError")):
         try:
             types.append(getattr(importlib.import_module(module), name))
-        except Exception:  # CuPy or one of its CUDA libraries is not installed
+        except (ImportError, AttributeError):  # CuPy or one of its CUDA libraries is not installed
             continue
     return tuple(types)
 

@@ -59,20 +59,36 @@ class TileTask:
 
 
 @dataclass
-class TileResult:
-    """What a tile task returns: the tile (``image`` None when no frame could be loaded), its WCS
-    as header text (it travels between processes unchanged), used frames, and the frames skipped
-    (``{"path", "reason"}``) and the frames' photometry for the caller's report."""
+class MasterTile:
+    """A stacked group: image ``(H, W, C)``, coverage (frames per pixel), WCS, and how it was stacked.
 
-    image: np.ndarray | None
-    coverage: np.ndarray | None
-    wcs_text: str
+    ``wcs``: the tile's WCS. A tile task sends it back as the CD header text its file holds
+    (it crosses processes unchanged); the caller turns it into the WCS, the one a resumed run
+    reads from the file, so both give the same mosaic. ``frame_photometry``: per stacked frame,
+    the gains, offsets, weights and noise it was stacked with and its quality
+    (:func:`_frame_photometry`), for the run report; ``reference_reason``: why its reference was
+    chosen.
+    """
+
+    index: int
+    image: np.ndarray
+    coverage: np.ndarray
+    wcs: object
+    path: str
     frames: list
     reference: str
     backend: str
-    skipped: list
     frame_photometry: list = field(default_factory=list)
     reference_reason: str = ""
+
+
+@dataclass
+class TileResult:
+    """What a tile task returns: its tile (None when no frame could be used, its WCS as header
+    text) and the frames it skipped (``{"path", "reason"}``), for the caller's report."""
+
+    tile: MasterTile | None
+    skipped: list
 
 
 def tile_name(index: int) -> str:
@@ -349,7 +365,7 @@ def build_master_tile(task: TileTask, ctx) -> TileResult:
     logger.debug("MT_COVERAGE: propagate_mask=True (%s, %d frames)", label, len(task.records))
     stack, used, tile_wcs, measures, reference_reason = _load_and_align_group(task, ctx, skipped)
     if not used:
-        return TileResult(None, None, "", [], "", "", skipped)
+        return TileResult(None, skipped)
     try:
         image, coverage, backend, coefficients = _stack_group(stack, np.array([m.noise for m in measures]),
                                                              config, task.use_gpu, label, task.threads)
@@ -361,6 +377,7 @@ def build_master_tile(task: TileTask, ctx) -> TileResult:
     logger.info("%s: %d frame(s) stacked (%s, %s)", label, len(used),
                 config.stacking_rejection_algorithm, backend)
     # The tile is used with the WCS its file holds, as a resumed run reads it: same mosaic.
-    return TileResult(image, coverage, zfits.wcs_to_cd_header(tile_wcs).tostring(),
-                      [r.path for r in used], used[0].path, backend, skipped,
-                      _frame_photometry(used, *coefficients, measures), reference_reason)
+    return TileResult(MasterTile(task.index, image, coverage, zfits.wcs_to_cd_header(tile_wcs).tostring(),
+                                 os.path.join(task.tiles_dir, tile_name(task.index)), [r.path for r in used],
+                                 used[0].path, backend, _frame_photometry(used, *coefficients, measures),
+                                 reference_reason), skipped)

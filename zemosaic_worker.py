@@ -12,6 +12,7 @@ configure where it goes.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 import os
@@ -40,7 +41,7 @@ import zemosaic_solve as zsolve
 from zemosaic_config import MosaicConfig, config_to_dict
 from zemosaic_files import write_text_atomic
 from zemosaic_executor import Cancelled  # noqa: F401  (part of this module's API)
-from zemosaic_master_tile import (CACHE_DIR, STACK_CACHE_DIR, TileTask,  # noqa: F401  (API)
+from zemosaic_master_tile import (CACHE_DIR, STACK_CACHE_DIR, MasterTile, TileTask,  # noqa: F401  (API)
                                   build_master_tile, settings_history, tile_name)
 from zemosaic_utils import (GpuBackendError, block_mean, compute_pixel_mapping, feather_ramp, gpu_available,
                             gpu_unavailable_reason, map_threads, optimal_celestial_grid, over_channels,
@@ -112,27 +113,6 @@ class FrameRecord:
             return float(np.sqrt(abs(np.linalg.det(self.wcs.pixel_scale_matrix))))
         scale = zastro.hints_from_header(self.info.header).scale_arcsec
         return None if scale is None else scale / 3600.0
-
-
-@dataclass
-class MasterTile:
-    """A stacked group: image ``(H, W, C)``, coverage (frames per pixel) and WCS.
-
-    ``frame_photometry``: per stacked frame, the gains, offsets, weights and noise it was stacked
-    with and its quality (:func:`_frame_photometry`), for the run report; ``reference_reason``:
-    why its reference was chosen.
-    """
-
-    index: int
-    image: np.ndarray
-    coverage: np.ndarray
-    wcs: object
-    path: str
-    frames: list
-    reference: str
-    backend: str
-    frame_photometry: list = field(default_factory=list)
-    reference_reason: str = ""
 
 
 @dataclass
@@ -470,12 +450,10 @@ def _finished_tile(task: TileTask, outcome, report) -> MasterTile | None:
     result = outcome.result
     for skipped in result.skipped:
         report.skip(skipped["path"], skipped["reason"])
-    if result.image is None:
+    if result.tile is None:
         logger.warning("%s: no frame could be loaded; tile dropped", task.label)
         return None
-    return MasterTile(task.index, result.image, result.coverage, zfits.wcs_from_text(result.wcs_text),
-                      os.path.join(task.tiles_dir, tile_name(task.index)), result.frames,
-                      result.reference, result.backend, result.frame_photometry, result.reference_reason)
+    return dataclasses.replace(result.tile, wcs=zfits.wcs_from_text(result.tile.wcs))
 
 
 def _run_tile_tasks(run, todo, manifest, n_groups: int):

@@ -188,7 +188,7 @@ def test_worker_logs_mt_coverage_and_falls_back_to_cpu(tmp_path, caplog, monkeyp
     (tmp_path / "o" / "tiles").mkdir(parents=True)
     with caplog.at_level(logging.DEBUG, logger="zemosaic_master_tile"):
         tile = zw.build_master_tile(zw.TileTask(0, records, config, str(tmp_path / "o" / "tiles"),
-                                                use_gpu=True), run)
+                                                use_gpu=True), run).tile
     assert "MT_COVERAGE: propagate_mask=True" in caplog.text
     warnings = [r for r in caplog.records if r.levelno == logging.WARNING]
     assert len(warnings) == 1 and "stacking this tile on CPU" in warnings[0].getMessage()
@@ -210,10 +210,10 @@ def test_disk_backed_stack_gives_the_same_tile(tmp_path, monkeypatch):
     records = zw.scan_frames(run)
     (tmp_path / "o").mkdir()
     in_ram = zw.build_master_tile(zw.TileTask(0, records, config, str(tmp_path / "o"), False),
-                                  run)
+                                  run).tile
     monkeypatch.setattr(zexec, "stack_ram_budget", lambda: 1024)
     on_disk = zw.build_master_tile(zw.TileTask(1, records, config, str(tmp_path / "o"), False),
-                                   run)
+                                   run).tile
     assert in_ram.image.tobytes() == on_disk.image.tobytes()
     assert in_ram.coverage.tobytes() == on_disk.coverage.tobytes()
     stacks = tmp_path / "o" / zw.CACHE_DIR / zw.STACK_CACHE_DIR
@@ -298,9 +298,9 @@ def test_same_input_gives_the_same_master_tile_bit_for_bit(tmp_path):
                                               threads=1 + 2 * i), run)
              for i in range(2)]
     assert not report.frames_skipped and not tiles[0].skipped and not tiles[1].skipped
-    assert tiles[0].image.tobytes() == tiles[1].image.tobytes()
-    assert tiles[0].coverage.tobytes() == tiles[1].coverage.tobytes()
-    assert tiles[0].coverage.max() == 4
+    assert tiles[0].tile.image.tobytes() == tiles[1].tile.image.tobytes()
+    assert tiles[0].tile.coverage.tobytes() == tiles[1].tile.coverage.tobytes()
+    assert tiles[0].tile.coverage.max() == 4
 
 
 def test_a_guess_from_the_wcs_gives_the_triangle_match(monkeypatch):

@@ -20,6 +20,8 @@ import logging
 import os
 import socket
 
+import numpy as np
+
 import zemosaic_astrometry as zastro
 from zemosaic_files import write_text_atomic
 
@@ -171,10 +173,31 @@ def remove_dead_run_files(folders) -> int:
 # --------------------------------------------------------------------------------------------------
 
 
-def tile_key(frame_digests, frame_wcs_texts, config, version: str) -> str:
-    """Return the key of a master tile: what its pixels depend on, hashed."""
+#: Sky positions in a tile key are rounded to this (degrees): 1.5e-4 px at the Seestar's
+#: 2.4"/px, far below what changes a stacked pixel, far above the last bits in which one WCS
+#: differs from itself written to the cache and read back.
+WCS_KEY_ROUND_DEG = 1e-7
+
+
+def wcs_key(wcs, shape_hw) -> list:
+    """Return what a tile key keeps of a frame's WCS: the sky positions ``[ra, dec]`` of a 3x3
+    grid of its pixels (corners, edge centres, centre), rounded to :data:`WCS_KEY_ROUND_DEG`.
+
+    The values, not the text: a frame's WCS as solved, as read from the solve cache, as matched
+    and as found in its header give the same key when they place the frame the same way.
+    """
+    height, width = shape_hw
+    x, y = np.meshgrid([0.0, (width - 1) / 2.0, width - 1.0], [0.0, (height - 1) / 2.0, height - 1.0])
+    ra, dec = wcs.pixel_to_world_values(x.ravel(), y.ravel())
+    steps = np.round(np.column_stack([np.mod(ra, 360.0), dec]) / WCS_KEY_ROUND_DEG)
+    return steps.astype(np.int64).tolist()
+
+
+def tile_key(frame_digests, frame_wcs_keys, config, version: str) -> str:
+    """Return the key of a master tile: what its pixels depend on, hashed. ``frame_wcs_keys``:
+    :func:`wcs_key` of each frame."""
     settings = {name: getattr(config, name) for name in TILE_SETTINGS}
-    payload = json.dumps({"frames": list(frame_digests), "wcs": list(frame_wcs_texts),
+    payload = json.dumps({"frames": list(frame_digests), "wcs": list(frame_wcs_keys),
                           "settings": settings, "version": version}, sort_keys=True, default=list)
     return hashlib.sha256(payload.encode("utf-8")).hexdigest()
 

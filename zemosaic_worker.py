@@ -421,8 +421,8 @@ def group_frames(run: Run, records: list[FrameRecord]) -> list[list[int]]:
 
 def _tile_key(members, config) -> str:
     """Return the manifest key of a group's tile: its frames' contents and WCSs, the settings."""
-    wcs_texts = [zfits.wcs_to_cd_header(r.wcs).tostring() for r in members]
-    return zrun.tile_key([r.content_digest() for r in members], wcs_texts, config, __version__)
+    wcs_keys = [zrun.wcs_key(r.wcs, r.info.shape_hw) for r in members]
+    return zrun.tile_key([r.content_digest() for r in members], wcs_keys, config, __version__)
 
 
 def _reuse_tile(index, entry, tiles_dir, report) -> MasterTile:

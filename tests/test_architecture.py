@@ -185,3 +185,12 @@ def test_the_tile_task_reads_only_the_settings_that_key_a_tile():
 def test_the_log_level_reaches_every_module(module):
     assert module in zemosaic_cli.pipeline_logger_names()
     assert set(zemosaic_cli.pipeline_logger_names()) == set(MODULES)
+
+
+def test_every_module_is_installed():
+    """pyproject's py-modules list every module: an installed copy imports them all."""
+    import tomllib
+
+    with open(ROOT / "pyproject.toml", "rb") as fh:
+        listed = tomllib.load(fh)["tool"]["setuptools"]["py-modules"]
+    assert sorted(listed) == MODULES

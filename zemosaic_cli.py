@@ -12,6 +12,7 @@ and message on the terminal, its traceback in the run log. The window uses the s
 from __future__ import annotations
 
 import argparse
+import contextlib
 import logging
 import os
 import shutil
@@ -219,11 +220,15 @@ def main(argv=None) -> int:
     debug = args.log_level == "DEBUG"
     progress, run_log = _TerminalProgress(), None
     try:
-        config = load_config(args.config)
+        with _kept_records("zemosaic_config") as config_records:
+            config = load_config(args.config)
         level = args.log_level or config.logging_level
         logging.getLogger().setLevel(level)
         debug = level == "DEBUG"
         run_log = attach_run_log(config.replace(logging_level=level))
+        for record in config_records:  # what loading the file said (unknown keys) goes in the run log too
+            if run_log is not None and record.levelno >= run_log.level:
+                run_log.handle(record)
         result = run_mosaic(config, progress=progress)
     except (ConfigError, PipelineError) as exc:
         progress.close()
@@ -252,6 +257,21 @@ def main(argv=None) -> int:
     progress.close()
     print(format_summary(result))
     return 0
+
+
+@contextlib.contextmanager
+def _kept_records(name: str):
+    """Yield a list that collects the records logger ``name`` emits inside the block (they are
+    shown as usual too): the configuration is read before the run log it belongs in exists."""
+    records: list = []
+    handler = logging.Handler(logging.DEBUG)
+    handler.emit = records.append
+    source = logging.getLogger(name)
+    source.addHandler(handler)
+    try:
+        yield records
+    finally:
+        source.removeHandler(handler)
 
 
 def _log_traceback(exc, run_log) -> None:

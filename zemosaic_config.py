@@ -455,6 +455,17 @@ ALIASES: dict[str, str] = {
     # solved from the overlaps, as match_background does here.
     "match_background_for_final": "match_background",
 }
+#: Upstream ZeMosaic's keys that have no equivalent here (the README's table says why): named once
+#: at INFO when a file carries them, never an error, whatever known key they resemble.
+UPSTREAM_WITHOUT_EQUIVALENT = frozenset({
+    "final_assembly_method", "assembly_process_workers", "winsor_worker_limit", "use_gpu_global",
+    "stack_use_gpu", "use_gpu_stack", "solver_method", "astrometry_local_path",
+    "astrometry_api_key", "auto_limit_frames_per_master_tile", "tile_weight_mode",
+    "enable_tile_weighting", "apply_radial_weight", "poststack_equalize_rgb",
+})
+# The shortest key part that counts as a near match inside a longer key (`kappa_low` in
+# `stacking_kappa_low`): shorter ones (`low`, `mode`) are in too many keys to suggest one.
+_MIN_PART_MATCH = 5
 
 
 # --------------------------------------------------------------------------
@@ -483,6 +494,33 @@ def _nearest_key(key: str) -> str | None:
     return matches[0] if matches else None
 
 
+def _squashed(key: str) -> str:
+    return re.sub(r"[^a-z0-9]", "", key.lower())
+
+
+def _near_keys(key: str) -> list[str]:
+    """Return the known keys that ``key`` is a variant of, nearest first (empty: none).
+
+    A variant is one edit away (``stacking_kapa_low``), the same letters without case or
+    separators (``StackingKappaLow``), or one key contained in the other at a ``_`` boundary:
+    a known key's last or first parts (``kappa_low`` for ``stacking_kappa_low``) or a known key
+    with parts added (``use_gpu_phase5_global``), the shorter at least :data:`_MIN_PART_MATCH`
+    characters long.
+    """
+    known = (*_FIELD_NAMES, *ALIASES)
+    near = _nearest_key(key)
+    if near is not None and _within_one_edit(key, near):
+        return [near]
+    squashed = _squashed(key)
+    found = [k for k in known if _squashed(k) == squashed]
+    for k in known:
+        short, long_ = sorted((key.lower(), k), key=len)
+        if len(short) >= _MIN_PART_MATCH and short != long_ and (
+                long_.endswith("_" + short) or long_.startswith(short + "_")):
+            found.append(k)
+    return sorted(set(found), key=lambda k: (abs(len(k) - len(key)), k))
+
+
 def _within_one_edit(a: str, b: str) -> bool:
     """True when ``a`` becomes ``b`` by one insertion, deletion, substitution or swap of neighbours."""
     if abs(len(a) - len(b)) > 1:
@@ -499,10 +537,12 @@ def split_config_dict(d: Mapping[str, Any]) -> tuple[MosaicConfig, dict[str, Any
 
     Aliases (:data:`ALIASES`) are mapped to canonical keys; an alias and its
     canonical key with different values raise :class:`ConfigError`.  Missing
-    keys take their defaults.  Unknown keys are ignored with a single WARNING
-    that lists them all (sorted), each with the nearest known key ("did you
-    mean"); a key one edit away from a known key is a typo and raises
-    :class:`ConfigError`.  The unknown entries come back as given (in their
+    keys take their defaults.  A key that is a variant of a known key
+    (:func:`_near_keys`: a typo, other case or separators, a part of it or
+    more than it) raises :class:`ConfigError` with "did you mean"; upstream
+    ZeMosaic's keys without an equivalent (:data:`UPSTREAM_WITHOUT_EQUIVALENT`)
+    are named in one INFO line; other unknown keys are ignored with a single
+    WARNING that lists them all (sorted), each with the nearest known key.  The unknown entries come back as given (in their
     order) so a caller that rewrites the file can keep them.
     """
     if not isinstance(d, Mapping):
@@ -513,14 +553,20 @@ def split_config_dict(d: Mapping[str, Any]) -> tuple[MosaicConfig, dict[str, Any
         raise ConfigError(f"configuration keys must be text, got {bad_keys!r}")
     values = _apply_aliases(d)
     unknown = sorted(k for k in values if k not in _FIELD_NAMES)
-    for key in unknown:
-        near = _nearest_key(key)
-        if near is not None and _within_one_edit(key, near):
-            # A typo of a real key would silently run with that key's default: refuse it.
-            raise ConfigError(f"unknown configuration key {key!r}: did you mean {near!r}?",
+    upstream = [k for k in unknown if k in UPSTREAM_WITHOUT_EQUIVALENT]
+    others = [k for k in unknown if k not in UPSTREAM_WITHOUT_EQUIVALENT]
+    for key in others:
+        near = _near_keys(key)
+        if near:
+            # A variant of a real key would silently run with that key's default: refuse it.
+            choices = " or ".join(repr(k) for k in near[:3])
+            raise ConfigError(f"unknown configuration key {key!r}: did you mean {choices}?",
                               key=key, value=values[key])
-    if unknown:
-        hints = [f"{k} (did you mean {_nearest_key(k)}?)" if _nearest_key(k) else k for k in unknown]
+    if upstream:
+        logger.info("Ignoring upstream ZeMosaic keys that have no equivalent here: %s",
+                    ", ".join(upstream))
+    if others:
+        hints = [f"{k} (did you mean {_nearest_key(k)}?)" if _nearest_key(k) else k for k in others]
         logger.warning("Ignoring unknown configuration keys: %s", ", ".join(hints))
     config = MosaicConfig(**{k: v for k, v in values.items() if k in _FIELD_NAMES})
     return config, {k: v for k, v in d.items() if k in unknown}

@@ -823,7 +823,7 @@ class MainWindow(QMainWindow):
         self.output_message.setText(output_problem or "")
         config_problem = None
         try:
-            self.config_from_widgets()
+            zemosaic_worker.check_solver_paths(self.config_from_widgets())
         except ConfigError as exc:
             config_problem = _config_error_text(exc)
         self.start_message.setText(config_problem or "")

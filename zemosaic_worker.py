@@ -38,7 +38,7 @@ import zemosaic_photometry as zph
 import zemosaic_tile_photometry as ztp
 import zemosaic_runstate as zrun
 import zemosaic_solve as zsolve
-from zemosaic_config import MosaicConfig, config_to_dict
+from zemosaic_config import ConfigError, MosaicConfig, config_to_dict
 from zemosaic_files import write_text_atomic
 from zemosaic_executor import Cancelled  # noqa: F401  (part of this module's API)
 from zemosaic_master_tile import (CACHE_DIR, STACK_CACHE_DIR, MasterTile, TileTask,  # noqa: F401  (API)
@@ -910,6 +910,22 @@ def _check_folders(config: MosaicConfig) -> None:
         os.remove(probe)
     except OSError as exc:
         raise PipelineError(f"output folder is not writable: {config.output_folder} ({exc.strerror or exc})")
+    check_solver_paths(config)
+
+
+def check_solver_paths(config: MosaicConfig) -> None:
+    """Raise ConfigError, naming the key, for an ASTAP path that points nowhere: the run would
+    otherwise go on without a solver and skip every frame that needs one."""
+    program = config.astap_executable_path
+    if program and not (os.path.isfile(program) and os.access(program, os.X_OK)):
+        raise ConfigError(f"astap_executable_path: no program at {program} (give ASTAP's executable, "
+                          "or leave it empty to use astrometry.net's solve-field)",
+                          key="astap_executable_path", value=program)
+    folder = config.astap_data_directory_path
+    if folder and not os.path.isdir(folder):
+        raise ConfigError(f"astap_data_directory_path: no folder at {folder} (give the folder of "
+                          "ASTAP's star database, or leave it empty)",
+                          key="astap_data_directory_path", value=folder)
 
 
 def _take_output_folder(config: MosaicConfig) -> zrun.OutputLock:

@@ -38,9 +38,26 @@ def test_typo_key_is_an_error_with_a_suggestion(tmp_path, capsys):
 
 def test_far_unknown_key_warns_with_nearest(caplog):
     with caplog.at_level(logging.WARNING):
-        config_from_dict({"stacking_kappa_lowest": 2.0, "final_assembly_method": "x"})
-    assert "stacking_kappa_lowest (did you mean stacking_kappa_low?)" in caplog.text
-    assert "final_assembly_method" in caplog.text
+        config_from_dict({"stacking_kappa_lowest": 2.0, "qt_theme_mode": "x"})
+    assert "qt_theme_mode, stacking_kappa_lowest (did you mean stacking_kappa_low?)" in caplog.text
+
+
+def test_unknown_keys_are_in_the_run_log_and_a_bad_astap_path_stops_before_the_run(tmp_path, capsys):
+    info = zemosaic_synth.generate_dataset(tmp_path, panels=(1, 1), frames_per_panel=3, seed=5,
+                                           size="small")
+    out = tmp_path / "out"
+    cfg = tmp_path / "c.json"
+    settings = {"input_folder": info["frames_dir"], "output_folder": str(out), "qt_theme_mode": "dark"}
+    cfg.write_text(json.dumps(settings))
+    assert zemosaic_cli.main([str(cfg)]) == 0
+    assert "WARNING zemosaic_config: Ignoring unknown configuration keys: qt_theme_mode" in \
+        (out / zw.LOG_NAME).read_text()
+    written = (out / zw.MOSAIC_NAME).stat().st_mtime_ns
+    cfg.write_text(json.dumps({**settings, "astap_executable_path": str(tmp_path / "astap")}))
+    assert zemosaic_cli.main([str(cfg)]) == 2
+    err = capsys.readouterr().err
+    assert "astap_executable_path: no program at" in err
+    assert (out / zw.MOSAIC_NAME).stat().st_mtime_ns == written  # the earlier mosaic is kept
 
 
 def test_eta_helpers():

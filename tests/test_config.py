@@ -134,13 +134,34 @@ def test_upstream_keys_with_an_equivalent_are_mapped(caplog):
     upstream = {"input_dir": "/a", "output_dir": "/b", "match_background_for_final": False,
                 "save_final_as_uint16": True, "final_assembly_method": "reproject_coadd",
                 "num_processing_workers": -1}
-    with caplog.at_level(logging.WARNING, logger="zemosaic_config"):
+    with caplog.at_level(logging.INFO, logger="zemosaic_config"):
         config = config_from_dict(upstream)
     assert config.match_background is False and config.save_final_as_uint16 is True
     assert config.num_processing_workers == 0  # upstream's -1: automatic, one per core
-    # Upstream keys with no equivalent here stay unknown: named in the one warning.
-    (record,) = [r for r in caplog.records if r.levelno == logging.WARNING]
-    assert record.getMessage() == "Ignoring unknown configuration keys: final_assembly_method"
+    # Upstream keys with no equivalent here: named once at INFO, no warning.
+    assert [(r.levelname, r.getMessage()) for r in caplog.records] == [
+        ("INFO", "Ignoring upstream ZeMosaic keys that have no equivalent here: final_assembly_method")]
+
+
+@pytest.mark.parametrize("key, meant", [
+    ("kappa_low", "stacking_kappa_low"),          # the last parts of a key
+    ("StackingKappaLow", "stacking_kappa_low"),   # other case, no separators
+    ("stacking-kappa-low", "stacking_kappa_low"),
+    ("resume_mode", "resume"),                    # a key with a part added
+    ("stacking_kapa_low", "stacking_kappa_low"),  # one edit
+])
+def test_a_variant_of_a_known_key_is_an_error_naming_it(key, meant):
+    with pytest.raises(ConfigError, match=f"did you mean '{meant}'") as info:
+        config_from_dict({key: 2.0})
+    assert info.value.key == key
+
+
+def test_upstream_keys_resembling_known_ones_are_never_an_error(caplog):
+    with caplog.at_level(logging.INFO, logger="zemosaic_config"):
+        config = config_from_dict({"use_gpu_global": True, "stack_use_gpu": True})
+    assert config.use_gpu_phase5 is False
+    assert "stack_use_gpu, use_gpu_global" in caplog.text
+    assert not [r for r in caplog.records if r.levelno >= logging.WARNING]
 
 
 def test_unknown_entries_come_back_and_are_saved_untouched(tmp_path):

@@ -135,6 +135,17 @@ def test_invalid_input_folder_disables_start(window, tmp_path):
     assert "Parent folder not found" in window.output_message.text()
 
 
+def test_an_astap_path_that_points_nowhere_disables_start(window, tmp_path):
+    window.input_edit.setText(str(tmp_path))
+    window.output_edit.setText(str(tmp_path / "out"))
+    window.option_widgets[("astap_executable_path", None)].setText(str(tmp_path / "astap"))
+    assert not window.start_button.isEnabled()
+    assert "astap_executable_path" in window.start_message.text()
+    assert "no program at" in window.start_message.text()
+    window.option_widgets[("astap_executable_path", None)].setText("")
+    assert window.start_button.isEnabled()
+
+
 def test_invalid_option_names_the_key_next_to_start(window, tmp_path):
     window.input_edit.setText(str(tmp_path))
     window.output_edit.setText(str(tmp_path / "out"))

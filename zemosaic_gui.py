@@ -35,7 +35,7 @@ import time
 from dataclasses import dataclass
 
 try:
-    from PySide6.QtCore import QObject, QStandardPaths, Qt, QThread, QUrl, Signal
+    from PySide6.QtCore import QByteArray, QObject, QSettings, QStandardPaths, Qt, QThread, QUrl, Signal
     from PySide6.QtGui import QDesktopServices, QPixmap
     from PySide6.QtWidgets import (QApplication, QButtonGroup, QCheckBox, QComboBox,
                                    QDoubleSpinBox, QFileDialog, QFormLayout, QGridLayout,
@@ -58,6 +58,12 @@ logger = logging.getLogger(__name__)
 PIPELINE_LOGGERS = zemosaic_cli.pipeline_logger_names()
 LOG_LEVELS = CHOICES["logging_level"]
 LOG_FORMAT = "%(asctime)s %(levelname)-7s %(name)s: %(message)s"
+#: The window's first size, shrunk to the screen's (a 1366x768 laptop: 1350x728).
+DEFAULT_SIZE = (1200, 800)
+#: Log lines the log panel shows at the first start, on any screen from 1366x768 up.
+LOG_LINES = 10
+#: The log panel's height besides its lines: its title, level row and margins (px).
+LOG_PANEL_CHROME_PX = 84
 CONFIG_DIR_ENV = "ZEMOSAIC_CONFIG_DIR"
 LAST_CONFIG_NAME = "last_config.json"
 _ERROR_STYLE = "color: #c62828;"
@@ -410,7 +416,7 @@ class PreviewView(QScrollArea):
         self.setWidget(self.label)
         self.setAlignment(Qt.AlignmentFlag.AlignCenter)
         self.setStyleSheet("QScrollArea { background: #202020; }")
-        self.setMinimumSize(320, 220)
+        self.setMinimumSize(320, 150)
         self.setSizePolicy(QSizePolicy.Policy.Ignored, QSizePolicy.Policy.Ignored)
         self._render()
 
@@ -488,7 +494,7 @@ class MainWindow(QMainWindow):
         if config is None:
             config, self._unknown_keys = load_last_config() or (MosaicConfig(), {})
         self.apply_config(config)
-        self.resize(1200, 800)
+        self._restore_geometry()
 
     # ---- construction -------------------------------------------------------------------------
 
@@ -506,8 +512,34 @@ class MainWindow(QMainWindow):
         splitter.addWidget(self._build_log_panel())
         splitter.setStretchFactor(0, 3)
         splitter.setStretchFactor(1, 1)
-        splitter.setSizes([560, 240])
+        splitter.setChildrenCollapsible(False)
+        self.splitter = splitter
         self.setCentralWidget(splitter)
+
+    def _restore_geometry(self) -> None:
+        """Take the size and splitter position the window had when last closed, else a size that
+        fits the screen (a 1366x768 laptop included) with the log given :data:`LOG_LINES` lines."""
+        settings = _window_settings()
+        geometry, state = settings.value("geometry"), settings.value("splitter")
+        if isinstance(geometry, QByteArray) and self.restoreGeometry(geometry):
+            if isinstance(state, QByteArray):
+                self.splitter.restoreState(state)
+            return
+        screen = self.screen().availableGeometry() if self.screen() is not None else None
+        width, height = DEFAULT_SIZE
+        if screen is not None:
+            # The frame (title bar, borders) is not part of the size: leave room for it.
+            width, height = min(width, screen.width() - 16), min(height, screen.height() - 40)
+        self.resize(max(width, self.minimumSizeHint().width()), max(height, self.minimumSizeHint().height()))
+        log_height = self.log_view.fontMetrics().lineSpacing() * LOG_LINES + LOG_PANEL_CHROME_PX
+        top = max(self.splitter.widget(0).minimumSizeHint().height(), self.height() - log_height)
+        self.splitter.setSizes([top, max(self.height() - top, log_height)])
+
+    def _save_geometry(self) -> None:
+        settings = _window_settings()
+        settings.setValue("geometry", self.saveGeometry())
+        settings.setValue("splitter", self.splitter.saveState())
+        settings.sync()
 
     def _folder_row(self, grid: QGridLayout, row: int, title: str) -> tuple[QLineEdit, QLabel]:
         edit = QLineEdit()
@@ -625,10 +657,22 @@ class MainWindow(QMainWindow):
         self.open_folder_button = QPushButton("Open output folder")
         self.open_folder_button.setEnabled(False)
         self.open_folder_button.clicked.connect(self._open_output_folder)
-        layout.addWidget(self.preview_view, stretch=1)
+        # The paths and summary scroll in a box of their own: their lines must not claim height
+        # from the preview (or, on a small screen, from the log).
+        details = QWidget()
+        details_layout = QVBoxLayout(details)
+        details_layout.setContentsMargins(0, 0, 0, 0)
+        details_layout.addWidget(self.output_path_label)
+        details_layout.addWidget(self.summary_label)
+        details_layout.addStretch(1)
+        details_scroll = QScrollArea()
+        details_scroll.setWidgetResizable(True)
+        details_scroll.setFrameShape(QScrollArea.Shape.NoFrame)
+        details_scroll.setWidget(details)
+        details_scroll.setMinimumHeight(3 * self.fontMetrics().lineSpacing())
+        layout.addWidget(self.preview_view, stretch=3)
         layout.addLayout(self._build_zoom_row())
-        layout.addWidget(self.output_path_label)
-        layout.addWidget(self.summary_label)
+        layout.addWidget(details_scroll, stretch=2)
         layout.addWidget(self.open_folder_button, alignment=Qt.AlignmentFlag.AlignLeft)
         return box
 
@@ -973,8 +1017,15 @@ class MainWindow(QMainWindow):
             save_last_config(self.config_from_widgets(), self._unknown_keys)
         except ConfigError as exc:
             logger.warning("Settings not remembered: %s", exc)
+        self._save_geometry()
         self._remove_log_handler()
         super().closeEvent(event)
+
+
+def _window_settings() -> QSettings:
+    """Return where the window's size and splitter position are kept (beside the remembered
+    configuration, :func:`config_dir`)."""
+    return QSettings(os.path.join(config_dir(), "window.ini"), QSettings.Format.IniFormat)
 
 
 def _config_error_text(exc: ConfigError) -> str:

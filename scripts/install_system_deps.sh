@@ -5,10 +5,16 @@
 #
 #   scripts/install_system_deps.sh          the plate solver: astrometry.net + Tycho-2 index files
 #   scripts/install_system_deps.sh peers    also Siril, SWarp and Montage (benchmarks, peer checks)
+#   scripts/install_system_deps.sh gui      also the libraries Qt's xcb platform loads (the window
+#                                           on an X11 or XWayland desktop) and xvfb (its CI test)
+# The words combine: `scripts/install_system_deps.sh peers gui`.
 set -u
 
 SOLVER_PACKAGES="astrometry.net astrometry-data-tycho2-07-littleendian astrometry-data-tycho2-08-littleendian astrometry-data-tycho2-09-littleendian astrometry-data-tycho2-10-19-littleendian"
 PEER_PACKAGES="siril swarp montage"
+# What PySide6's xcb plugin needs beyond a minimal Debian/Ubuntu: Qt names libxcb-cursor0 in its
+# error, the others it needs as well; xvfb (with xauth) runs the window without a display.
+GUI_PACKAGES="libxcb-cursor0 libxcb-icccm4 libxcb-keysyms1 libxcb-image0 libxcb-render-util0 libxcb-shape0 libxcb-xinerama0 libxcb-randr0 libxkbcommon-x11-0 libegl1 libgl1 libfontconfig1 libdbus-1-3 xvfb xauth"
 
 have_solver() {
     command -v solve-field >/dev/null 2>&1 && ls /usr/share/astrometry/index-*.fits >/dev/null 2>&1
@@ -21,11 +27,20 @@ have_peers() {
         && command -v mProject >/dev/null 2>&1
 }
 
+have_gui_libs() {
+    command -v xvfb-run >/dev/null 2>&1 && ldconfig -p 2>/dev/null | grep -q libxcb-cursor.so.0 \
+        && ldconfig -p 2>/dev/null | grep -q libxkbcommon-x11.so.0 && ldconfig -p 2>/dev/null | grep -q libxcb-icccm.so.4
+}
+
 wanted=""
 have_solver || wanted="$SOLVER_PACKAGES"
-if [ "${1:-}" = "peers" ] && ! have_peers; then
-    wanted="$wanted $PEER_PACKAGES"
-fi
+for word in "$@"; do
+    case "$word" in
+        peers) have_peers || wanted="$wanted $PEER_PACKAGES" ;;
+        gui) have_gui_libs || wanted="$wanted $GUI_PACKAGES" ;;
+        *) echo "install_system_deps.sh: unknown word '$word' (peers, gui)" >&2 ;;
+    esac
+done
 [ -z "${wanted// /}" ] && exit 0
 
 if [ "$(id -u)" = "0" ] && command -v apt-get >/dev/null 2>&1; then
@@ -43,5 +58,7 @@ note: the plate solver is not installed, so frames without a WCS (raw Seestar su
         Debian/Ubuntu:  sudo apt-get install $SOLVER_PACKAGES
         macOS:          brew install astrometry-net, plus the Tycho-2 index files 4107-4119
         macOS/Windows:  or ASTAP with a star database, then set astap_executable_path
+      The window (Qt's xcb platform) needs, on Debian/Ubuntu:
+        sudo apt-get install $GUI_PACKAGES
 EOF
 exit 0

@@ -498,3 +498,36 @@ def test_preview_zooms_between_fit_and_100_percent(window, qtbot, tmp_path, monk
     # Fitted, the preview follows the window's size.
     window.resize(1500, 1000)
     qtbot.waitUntil(lambda: window.preview_label.pixmap().width() > fitted.width(), timeout=5000)
+
+
+def test_the_window_fits_a_1366x768_laptop(qtbot):
+    win = zemosaic_gui.MainWindow(MosaicConfig())
+    qtbot.addWidget(win)
+    minimum = win.minimumSizeHint()
+    # 768 px less a title bar and a panel: what a laptop screen gives a window.
+    assert minimum.width() <= 1366 - 16 and minimum.height() <= 768 - 40
+    win.resize(1350, 728)
+    win.splitter.setSizes([win.splitter.widget(0).minimumSizeHint().height(), 10_000])
+    win.show()
+    qtbot.waitExposed(win)
+    lines = win.log_view.viewport().height() / win.log_view.fontMetrics().lineSpacing()
+    assert lines >= zemosaic_gui.LOG_LINES
+
+
+def test_the_window_remembers_its_size_and_splitter(qtbot):
+    first = zemosaic_gui.MainWindow(MosaicConfig())
+    qtbot.addWidget(first)
+    first.show()
+    first.resize(1250, 700)
+    first.splitter.setSizes([450, 230])
+    qtbot.wait(10)
+    sizes = first.splitter.sizes()
+    first.close()
+    second = zemosaic_gui.MainWindow(MosaicConfig())
+    qtbot.addWidget(second)
+    second.show()
+    qtbot.waitExposed(second)
+    # The offscreen platform's screen is 800 px wide: Qt keeps a restored window's width within it
+    # (here down to the window's minimum), its height and the splitter as they were.
+    assert second.height() == 700 and second.width() == min(1250, max(800, second.minimumSizeHint().width()))
+    assert second.splitter.sizes() == sizes

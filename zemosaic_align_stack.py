@@ -17,8 +17,9 @@ Conventions: images are float32 ``(H, W, C)``; a stack is ``(N, H, W, C)``; NaN 
 and is never turned into a number before stacking. Every statistic is NaN-aware.
 
 Quantiles along the frame axis are computed from one sort (NaN sorts last in NumPy and CuPy) and
-the count of valid samples, interpolated with ``take_along_axis`` — ``nanquantile`` along an axis
-is more than 100x slower for the same result.
+the count of valid samples, interpolated with ``take_along_axis``: the same result as
+``nanquantile``, which sorts each pixel's samples on its own (and CuPy lacks), and one sort serves
+every quantile.
 """
 
 from __future__ import annotations
@@ -84,8 +85,8 @@ def alignment_stars(image) -> np.ndarray:
     Found on 2x2 superpixels (a quarter of the pixels to scan: the detection holds the GIL, so
     it would not run in parallel threads) and centroided at full resolution
     (:func:`zemosaic_astrometry.refine_centroids`), which makes them as precise as a detection at
-    full resolution: transforms within 0.01-0.02 px of the synthetic frames' true ones, in half
-    the time (32 against 69 ms a frame). A frame with fewer than ``_SUPERPIXEL_STARS`` stars on
+    full resolution: transforms within 0.01-0.02 px of the synthetic frames' true ones, in less
+    time. A frame with fewer than ``_SUPERPIXEL_STARS`` stars on
     superpixels (small or sparse: fainter stars spread over too few superpixels) is searched at
     full resolution, where it finds a third more.
     """
@@ -145,8 +146,7 @@ def wcs_source_coords(wcs_source, shape_source, wcs_reference, shape_reference, 
     return y_src, x_src
 
 
-# Pixels resampled per gather: a band this size keeps the gather's temporaries in the CPU caches
-# (2.5x faster than one band of a whole frame on a 2-core laptop-class CPU).
+# Pixels resampled per gather: a band this size keeps the gather's temporaries in the CPU caches.
 _WARP_BAND_PIXELS = 32_768
 
 
@@ -166,7 +166,7 @@ def warp_affine(image, matrix: np.ndarray, shape_hw, xp=np, band_pixels: int = _
     """Return :func:`warp_image` at :func:`affine_source_coords` of ``matrix`` on a ``shape_hw`` grid.
 
     The same values; the coordinates exist for one band at a time (two float64 frames fewer to
-    write and read back: 6-9 ms of each aligned frame).
+    write and read back).
     """
     width = shape_hw[1]
     return _warp_bands(image, shape_hw,
@@ -557,10 +557,10 @@ def sorted_quantile(sorted_block, n_valid, q, xp):
     return xp.where(n_valid > 0, out, xp.nan)
 
 
-#: Frames up to which a block is sorted by a compare-exchange network: NumPy sorts each pixel's
-#: few samples as a separate small, strided array, 3-5x slower than whole-plane minimum/maximum
-#: (N = 6: 9 against 2 ms a block). At 20 frames a whole stack takes the same time either way.
-_SORT_NETWORK_MAX = 16
+#: Frames up to which a block is sorted by a compare-exchange network of whole-plane minimum and
+#: maximum: NumPy sorts each pixel's few samples as a separate small, strided array. Beyond this
+#: the network's compare-exchanges outnumber what that saves (benchmarks/bench_kernels.py).
+_SORT_NETWORK_MAX = 8
 
 
 @functools.lru_cache(maxsize=None)
@@ -668,7 +668,7 @@ def _clip_test(values, keep, centre, deviations, n_kept, scale, floor, params, x
 
     Only samples beyond kappa times the floor can fail, so the spread is computed for those alone
     (and their pixels' deviations only for them): with the floor near the noise they are a few per
-    thousand and the round costs what the plain sigma test did.
+    thousand of the samples.
     """
     dev = values - centre[None]
     noise = 0 if floor is None else floor.sigma
@@ -827,8 +827,9 @@ def _window_extreme(plane, size: int, op):
     """Return ``op`` (``np.maximum`` or ``np.minimum``) over ``size`` x ``size`` windows of a finite plane.
 
     Equal to SciPy's ``maximum_filter``/``minimum_filter`` (edges mirrored as its ``reflect``
-    mode), 3-4x faster: per axis, spans of 1, 2, 4... samples are combined by whole-array
-    operations, and two overlapping spans cover each window (max and min do not mind overlaps).
+    mode), in a few whole-array operations rather than a loop over each window: per axis, spans
+    of 1, 2, 4... samples are combined, and two overlapping spans cover each window (max and min
+    do not mind overlaps).
     """
     r = size // 2
     out = np.pad(plane, r, mode="symmetric")
@@ -881,8 +882,7 @@ def _noise_floor(noise_sigmas, shape, dtype, xp, signal=None):
     """Return the :class:`NoiseFloor` of a block of ``shape``, or None without ``noise_sigmas``.
 
     The noise is a full ``(N, 1, W, C)`` row per frame rather than ``(N, 1, 1, C)``: comparing a
-    block with the latter makes NumPy loop over runs of C = 3 elements, several times slower than
-    over whole rows. ``signal`` is the block's rows of the :func:`signal_map` (None: no signal term).
+    block with the latter makes NumPy loop over runs of C = 3 elements instead of whole rows. ``signal`` is the block's rows of the :func:`signal_map` (None: no signal term).
     """
     if noise_sigmas is None:
         return None
@@ -893,8 +893,8 @@ def _noise_floor(noise_sigmas, shape, dtype, xp, signal=None):
 def frame_rows(per_frame, width: int, dtype, xp):
     """Return ``(N, C)`` values per frame and channel as ``(N, 1, width, C)`` rows, to broadcast on blocks.
 
-    An ``(N, 1, 1, C)`` operand makes NumPy loop over runs of C = 3 elements: normalising a
-    50-frame block with it took 11 ms, with whole rows 1.8 ms.
+    An ``(N, 1, 1, C)`` operand makes NumPy loop over runs of C = 3 elements; whole rows let it
+    run along the width.
     """
     values = xp.asarray(per_frame, dtype=dtype)
     n, c = values.shape
@@ -941,7 +941,7 @@ def _covered_column_spans(valid, xp):
     """Return ``(before, covered, after)`` column slices of a block, or None.
 
     Dithered frames leave NaN margins in every row of a block, which would send the whole block
-    down the per-pixel-count quantile path (a gather per quantile, ~1.5x slower). Pixels are
+    down the per-pixel-count quantile path (a gather per quantile). Pixels are
     independent: the one run of columns every frame covers takes the plain path. None when no
     column, or every column, is covered.
     """
@@ -1025,8 +1025,8 @@ def rows_for_budget(n_frames: int, width: int, channels: int, budget_bytes: int)
     return max(1, int(budget_bytes // max(1, per_row)))
 
 
-#: Working-set budget of one block of rows on the CPU. Small blocks stay in the CPU caches: 32 MB
-#: stacks 15-25 % faster than 512 MB (measured with 8 and 20 full-size frames), same result.
+#: Working-set budget of one block of rows on the CPU: small blocks stay in the CPU caches (the
+#: result does not depend on it).
 CPU_BLOCK_BYTES = 32 * 2**20
 
 

@@ -9,10 +9,9 @@ Files are written atomically (:func:`zemosaic_files.write_atomic`).
 from __future__ import annotations
 
 import functools
+import io
 import math
 import os
-import struct
-import zlib
 from dataclasses import dataclass
 from typing import Any, Callable, Sequence
 
@@ -33,9 +32,6 @@ __all__ = [
     "write_display_tiff",
     "write_preview_png",
 ]
-
-_PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
-
 
 # --------------------------------------------------------------------------
 # Previews
@@ -150,7 +146,7 @@ def _display_curve(image: np.ndarray, wb_gains: Sequence[float] | None) -> _Disp
 
 
 #: Rows per band of the display stretch: a few MB of temporaries per band stay in cache, and the
-#: bands run on every core (NumPy releases the GIL), 2-3x faster than one full-size pass.
+#: bands run on every core (NumPy releases the GIL).
 _STRETCH_BAND_ROWS = 128
 
 
@@ -284,23 +280,13 @@ def north_up(image_hwc: np.ndarray, wcs: WCS) -> np.ndarray:
     return _permuted(image, perm) if perm is not None else _resampled(image, matrix)
 
 
-def _png_chunk(tag: bytes, payload: bytes) -> bytes:
-    crc = zlib.crc32(tag + payload) & 0xFFFFFFFF
-    return struct.pack(">I", len(payload)) + tag + payload + struct.pack(">I", crc)
-
-
 def _encode_png(rgb: np.ndarray) -> bytes:
-    """8-bit RGB PNG bytes; every row uses the 'Up' filter (type 2) for compression."""
-    height, width, _ = rgb.shape
-    rows = rgb.reshape(height, width * 3)
-    filtered = np.empty((height, width * 3 + 1), dtype=np.uint8)
-    filtered[:, 0] = 2
-    filtered[0, 1:] = rows[0]
-    filtered[1:, 1:] = rows[1:] - rows[:-1]  # uint8 arithmetic wraps modulo 256 as PNG wants
-    header = struct.pack(">IIBBBBB", width, height, 8, 2, 0, 0, 0)
-    return (_PNG_SIGNATURE + _png_chunk(b"IHDR", header)
-            + _png_chunk(b"IDAT", zlib.compress(filtered.tobytes(), 1))
-            + _png_chunk(b"IEND", b""))
+    """Return the 8-bit RGB PNG bytes of an ``(H, W, 3)`` uint8 image (Pillow, fast compression)."""
+    from PIL import Image
+
+    buffer = io.BytesIO()
+    Image.fromarray(np.ascontiguousarray(rgb, dtype=np.uint8), "RGB").save(buffer, format="PNG", compress_level=1)
+    return buffer.getvalue()
 
 
 def _display_image(image_hwc: np.ndarray, wcs: WCS | None, max_size: int | None) -> np.ndarray:
@@ -354,9 +340,12 @@ def write_display_tiff(path: str | os.PathLike, image_hwc: np.ndarray, wcs: WCS 
 
 def read_png_size(path: str | os.PathLike) -> tuple[int, int]:
     """Return (width, height) from a PNG file's IHDR chunk; ValueError if not a PNG."""
-    with open(path, "rb") as fh:
-        head = fh.read(24)
-    if len(head) < 24 or head[:8] != _PNG_SIGNATURE or head[12:16] != b"IHDR":
-        raise ValueError(f"{os.fspath(path)} is not a PNG file")
-    width, height = struct.unpack(">II", head[16:24])
-    return width, height
+    from PIL import Image, UnidentifiedImageError
+
+    try:
+        with Image.open(path) as image:  # reads the header only
+            if image.format == "PNG":
+                return image.size
+    except UnidentifiedImageError:
+        pass
+    raise ValueError(f"{os.fspath(path)} is not a PNG file")

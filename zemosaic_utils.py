@@ -196,9 +196,9 @@ def map_threads(fn, items, threads: int | None = None) -> list:
 def over_channels(op, array):
     """Return ``op`` folded over the last (channel) axis: ``op(op(a[..., 0], a[..., 1]), a[..., 2])``.
 
-    NumPy reduces a short last axis element by element, about ten times slower than one
-    element-wise operation per channel (``all(axis=-1)`` of a 50-frame stacking block: 3.5 ms
-    against 0.3 ms). The order of the operations is the reduction's, so sums come out the same.
+    NumPy reduces a short last axis element by element; one element-wise operation per channel
+    runs along whole planes instead. The order of the operations is the reduction's, so sums come
+    out the same.
     """
     result = array[..., 0]
     for c in range(1, array.shape[-1]):
@@ -209,8 +209,9 @@ def over_channels(op, array):
 def nonzero_indices(mask, xp=np) -> tuple:
     """Return ``xp.nonzero(mask)``, the same index arrays, through the flat indices.
 
-    NumPy's ``nonzero`` of an N-D mask works out every coordinate of every element it scans: on a
-    sparse 4-D stacking block it took 8 ms where the flat indices and ``unravel_index`` take 0.75.
+    NumPy's ``nonzero`` of an N-D mask works out every coordinate of every element it scans; the
+    flat indices and ``unravel_index`` work out only those of the elements found (a sparse 4-D
+    stacking mask finds few).
     """
     return xp.unravel_index(xp.flatnonzero(mask), mask.shape)
 
@@ -251,7 +252,7 @@ def block_mean(image: np.ndarray, factor: int, full_blocks_only: bool = False,
 
     # Bands of output rows bound the temporary memory on very large mosaics, and run on every core.
     # Each channel's block sums add the factor**2 strided sub-grids: every operation runs along a
-    # whole row (a reduction over the block axes runs along 2-3 pixels: 3-5x slower).
+    # whole row (a reduction over the block axes would run along 2-3 pixels at a time).
     def band(top):
         rows = min(band_rows, out_h - top)
         source = image[top * factor:(top + rows) * factor]
@@ -327,7 +328,7 @@ def median_last_axis(values, xp=np):
     """Return ``xp.median(values, axis=-1)`` through a sort: the same values, NaN where a row has NaN.
 
     NumPy sorts short float rows with SIMD but selects (``median``'s partition) element by
-    element: 300 star annuli of 1 200 pixels take 2.9 ms instead of 14.
+    element: star annuli and pixel rings, many short rows, are medianed faster by a sort.
     """
     if values.shape[-1] == 0:
         return xp.full(values.shape[:-1], xp.nan, values.dtype)
@@ -335,31 +336,25 @@ def median_last_axis(values, xp=np):
     return xp.where(xp.isnan(ordered[..., -1]), xp.float32(xp.nan), _sorted_median(ordered, axis=-1))
 
 
-def _sorted_stats(v, xp):
-    """Return ``(median, MAD-sigma)`` of sorted values: :func:`mad_sigma` about the median."""
-    med = _sorted_median(v)
-    return med, 1.4826 * _sorted_median(xp.sort(xp.abs(v - med)))
-
-
 def sigma_clipped_stats(values, xp=np, kappa: float = 3.0, iterations: int = 5):
     """Return ``(median, sigma)`` of the finite values after iterative kappa-sigma clipping.
 
-    Sigma comes from the MAD (scaled to a Gaussian sigma) so stars barely move it. The values are
-    sorted once: the kept values are then a run of them, still sorted, and each median is a
-    middle element. Sorting is vectorised where selection (``np.median``) is not: 120 000 values
-    take 1.5 ms instead of 11 ms, with the same results.
+    Sigma comes from the MAD (:func:`mad_sigma`, scaled to a Gaussian sigma) so stars barely
+    move it; fewer than three finite values give ``(nan, nan)``. Written against ``xp`` (astropy's
+    ``sigma_clipped_stats`` takes no CuPy array).
     """
-    v = xp.sort(values[xp.isfinite(values)])
+    v = values[xp.isfinite(values)]
     if v.size < 3:
         return float("nan"), float("nan")
     for _ in range(iterations):
-        med, sigma = _sorted_stats(v, xp)
+        med = xp.median(v)
+        sigma = mad_sigma(v, xp, med)
         keep = xp.abs(v - med) <= kappa * sigma
         if bool(xp.all(keep)) or int(xp.sum(keep)) < 3:
             return float(med), float(sigma)  # v is unchanged: these are its statistics
         v = v[keep]
-    med, sigma = _sorted_stats(v, xp)
-    return float(med), float(sigma)
+    med = xp.median(v)
+    return float(med), float(mad_sigma(v, xp, med))
 
 
 def smooth_nan(image2d, sigma):
@@ -594,88 +589,18 @@ def mapping_coordinates(mapping: PixelMapping, row_start: int, row_stop: int, xp
 # --------------------------------------------------------------------------------------------------
 
 
-def _mean_direction(lon_deg, lat_deg) -> tuple[float, float]:
-    """Return ``(lon, lat)`` in degrees of the mean of unit vectors (astropy's vector mean)."""
-    x, y, z = unit_vectors(lon_deg, lat_deg).mean(axis=0)
-    return float(np.degrees(np.arctan2(y, x)) % 360.0), float(np.degrees(np.arctan2(z, math.hypot(x, y))))
-
-
-def _hull(points: np.ndarray) -> np.ndarray:
-    """Return the convex hull of ``(n, 2)`` points, counter-clockwise (Andrew's monotone chain)."""
-    pts = sorted(set(map(tuple, np.round(points, 12))))
-    if len(pts) < 3:
-        return np.array(pts, dtype=np.float64)
-
-    def half(seq):
-        chain = []
-        for p in seq:
-            while len(chain) >= 2 and ((chain[-1][0] - chain[-2][0]) * (p[1] - chain[-2][1])
-                                       - (chain[-1][1] - chain[-2][1]) * (p[0] - chain[-2][0])) <= 0:
-                chain.pop()
-            chain.append(p)
-        return chain[:-1]
-
-    return np.array(half(pts) + half(pts[::-1]), dtype=np.float64)
-
-
-def _rectangle_angle(x, y) -> float:
-    """Return the angle (radians, within +-pi/4) that lines the smallest-area rectangle around the
-    points up with the axes: an edge of that rectangle lies along an edge of the convex hull."""
-    hull = _hull(np.column_stack([x, y]))
-    if len(hull) < 3:
-        return 0.0
-    best_area, best_angle = np.inf, 0.0
-    for edge in np.diff(np.vstack([hull, hull[:1]]), axis=0):
-        angle = math.atan2(edge[1], edge[0])
-        c, s = math.cos(angle), math.sin(angle)
-        u, v = hull[:, 0] * c + hull[:, 1] * s, hull[:, 1] * c - hull[:, 0] * s
-        area = np.ptp(u) * np.ptp(v)
-        if area < best_area * (1 - 1e-12):
-            best_area, best_angle = area, angle
-    angle = best_angle % (math.pi / 2)
-    return angle - math.pi / 2 if angle > math.pi / 4 else angle
-
-
 def optimal_celestial_grid(inputs, auto_rotate: bool = True):
     """Return ``(wcs, (H, W))``: the TAN grid that covers images ``[(shape_hw, celestial WCS), ...]``.
 
-    The grid of astropy reproject's ``find_optimal_celestial_wcs`` (the tests compare them): its
-    centre is the mean direction of the images' reference points, its pixels the smallest of the
-    images' pixel scales, and with ``auto_rotate`` it is turned so that the smallest rectangle
-    around every image's corners lies along its axes. Computed here because importing reproject
-    (with dask and shapely) costs a core 0.6-0.9 s, more than the whole grid phase.
+    astropy reproject's ``find_optimal_celestial_wcs``: its centre is the mean direction of the
+    images' reference points, its pixels the smallest of the images' pixel scales, and with
+    ``auto_rotate`` it is turned so that the smallest rectangle around every image's corners lies
+    along its axes.
     """
-    from astropy.wcs import WCS
-    from astropy.wcs.utils import proj_plane_pixel_scales
+    from reproject.mosaicking import find_optimal_celestial_wcs
 
-    corners, references, scales = [], [], []
-    for shape, wcs in inputs:
-        ny, nx = shape[:2]
-        xc, yc = np.array([-0.5, nx - 0.5, nx - 0.5, -0.5]), np.array([-0.5, -0.5, ny - 0.5, ny - 0.5])
-        corners.append(np.column_stack(wcs.all_pix2world(xc, yc, 0)))
-        references.append(wcs.all_pix2world([wcs.wcs.crpix[0]], [wcs.wcs.crpix[1]], 1))
-        scales.append(np.min(np.abs(proj_plane_pixel_scales(wcs.celestial))))
-    corners = np.vstack(corners)
-    references = np.array(references, dtype=np.float64).reshape(-1, 2)
-    first = inputs[0][1].wcs
-    grid = WCS(naxis=2)
-    grid.wcs.ctype = ["RA---TAN", "DEC--TAN"]
-    grid.wcs.cunit = ["deg", "deg"]
-    grid.wcs.radesys = first.radesys or "ICRS"
-    if grid.wcs.radesys in ("FK4", "FK5"):
-        grid.wcs.equinox = first.equinox
-    grid.wcs.crval = _mean_direction(references[:, 0], references[:, 1])
-    resolution = float(min(scales))
-    grid.wcs.cdelt = (-resolution, resolution)
-    grid.wcs.crpix = (1, 1)
-    xp, yp = grid.all_world2pix(corners[:, 0], corners[:, 1], 1)
-    if auto_rotate:
-        angle = _rectangle_angle(xp, yp)
-        grid.wcs.pc = [[math.cos(angle), -math.sin(angle)], [math.sin(angle), math.cos(angle)]]
-        xp, yp = grid.all_world2pix(corners[:, 0], corners[:, 1], 1)
-    grid.wcs.crpix = (1 - xp.min()) + 0.5, (1 - yp.min()) + 0.5
-    grid.wcs.set()
-    return grid, (int(round(yp.max() - yp.min())), int(round(xp.max() - xp.min())))
+    wcs, shape = find_optimal_celestial_wcs(list(inputs), projection="TAN", auto_rotate=auto_rotate)
+    return wcs, (int(shape[0]), int(shape[1]))
 
 
 # --------------------------------------------------------------------------------------------------
@@ -731,9 +656,9 @@ def bilinear_gather(planes, shape_in, y, x, xp, nan_outside: bool = False, windo
     """Return bilinear samples ``(K, n)`` of ``(K, H * W)`` planes at coordinates ``y``, ``x``.
 
     Written with ``take`` on the planes: four gathers of one index array serve every channel (and
-    the weight), several times faster than one ``map_coordinates`` per quantity, on NumPy and CuPy
-    alike. The planes are channel-major so that every product runs along the ``n`` samples:
-    broadcasting a weight over a short channel axis is several times slower.
+    the weight) where ``map_coordinates`` would compute them again per quantity, on NumPy and CuPy
+    alike. The planes are channel-major so that every product runs along the ``n`` samples rather
+    than broadcasting a weight over a short channel axis.
 
     With ``nan_outside`` (alignment, display) it is ``scipy.ndimage.map_coordinates`` with
     ``order=1, mode="constant", cval=nan``: NaN outside ``[0, n - 1]`` on either axis, and NaN

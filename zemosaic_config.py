@@ -239,6 +239,7 @@ REJECTION_ALGORITHMS = ("winsorized_sigma_clip", "kappa_sigma", "none")
 COMBINE_METHODS = ("mean", "median")
 ALIGN_METHODS = ("astroalign", "wcs")
 ASSEMBLY_ENGINES = ("fast", "reproject")
+FINAL_GRIDS = ("north_up", "rotated")
 BACKGROUND_ORDERS = (0, 1, 2)
 FINAL_BACKGROUND_ORDERS = (1, 2)
 _LOG_LEVELS = ("ERROR", "WARNING", "INFO", "DEBUG")
@@ -352,6 +353,9 @@ class MosaicConfig:
         "0 (no cap) or an integer >= 2", _check_raw_cap)
     assembly_engine: str = _choice_spec(
         "fast", "How master tiles are reprojected onto the mosaic grid.", ASSEMBLY_ENGINES)
+    final_grid: str = _choice_spec(
+        "north_up", "Orientation of the mosaic FITS: north up and east left, as the preview and "
+        "every viewer show it, or rotated to the smallest canvas around the tiles.", FINAL_GRIDS)
     background_model_order: int = _spec(
         1, "Sky background removed from each frame and each tile so that overlaps agree: a "
         "polynomial of this order solved from the overlaps' differences (0: an offset, 1: a "

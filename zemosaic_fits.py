@@ -21,6 +21,7 @@ import math
 import os
 import re
 import stat
+import time
 import warnings
 from dataclasses import dataclass
 from typing import Any, Iterator, Mapping, Sequence
@@ -283,7 +284,19 @@ def _wcs_from_header(header: fits.Header) -> WCS:
     if not full.has_celestial:
         raise FrameError("no celestial WCS")
     _reject_zeroed_cd(header, full)
-    return full.celestial
+    return _as_icrs(full.celestial)
+
+
+def _as_icrs(wcs: WCS) -> WCS:
+    """Return ``wcs`` with an FK5 (J2000) frame read as ICRS, which it is within 0.03": far below
+    a pixel. Every product then states one frame (``RADESYS = 'ICRS'``), whatever the frames'
+    headers said (the Seestar writes FK5), and no reader converts between the two."""
+    equinox = wcs.wcs.equinox
+    if wcs.wcs.radesys.strip().upper() == "FK5" and (equinox == 2000.0 or not np.isfinite(equinox)):
+        wcs.wcs.radesys = "ICRS"
+        wcs.wcs.equinox = np.nan
+        wcs.wcs.set()
+    return wcs
 
 
 def _reject_zeroed_cd(header: fits.Header, full: WCS) -> None:
@@ -862,6 +875,9 @@ def _image_hdu(data: np.ndarray, wcs: WCS, header_cards: Any, primary: bool) -> 
     """
     data = np.ascontiguousarray(data, dtype=_fits_dtype(data.dtype))
     hdu = fits.PrimaryHDU(data) if primary else fits.ImageHDU(data)
+    if primary:
+        hdu.header["DATE"] = (time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime()), "UTC date this file was written")
+        hdu.header["ORIGIN"] = ("ZeMosaic", "program that wrote this file")
     hdu.header.extend(_sky_header(wcs))
     if data.ndim == 3:
         _colour_axis_cards(hdu.header)

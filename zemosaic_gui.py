@@ -124,6 +124,7 @@ CHOICE_LABELS: dict[str, dict[str, str]] = {
     "stacking_final_combine_method": {"mean": "Mean", "median": "Median"},
     "align_method": {"astroalign": "Star matching", "wcs": "Plate solution only"},
     "assembly_engine": {"fast": "Fast (CPU or GPU)", "reproject": "Reference (astropy reproject)"},
+    "final_grid": {"north_up": "North up", "rotated": "Rotated (smallest canvas)"},
 }
 
 OPTION_SPECS: tuple[OptionSpec, ...] = (
@@ -159,6 +160,7 @@ OPTION_SPECS: tuple[OptionSpec, ...] = (
     OptionSpec("Mosaic", "correct_hot_pixels", "Hot pixel correction"),
     OptionSpec("Assembly", "use_gpu_phase5", "Use GPU"),
     OptionSpec("Assembly", "assembly_engine", "Assembly engine"),
+    OptionSpec("Assembly", "final_grid", "Mosaic orientation"),
     OptionSpec("Assembly", "match_background", "Match background"),
     OptionSpec("Assembly", "background_model_order", "Sky model order", maximum=2),
     OptionSpec("Assembly", "assembly_feather_px", "Feather width (px)", maximum=5000.0, step=16.0,

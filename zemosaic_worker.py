@@ -544,9 +544,14 @@ def build_master_tiles(run, records, groups) -> list[MasterTile]:
 # --------------------------------------------------------------------------------------------------
 
 
-def mosaic_grid(tiles: list[MasterTile]):
-    """Phase 4: the optimal TAN grid over all tiles (auto-rotated); returns ``(wcs, (H, W))``."""
-    return optimal_celestial_grid([(t.image.shape[:2], t.wcs) for t in tiles], auto_rotate=True)
+def mosaic_grid(tiles: list[MasterTile], final_grid: str = "north_up"):
+    """Phase 4: the optimal TAN grid over all tiles; returns ``(wcs, (H, W))``.
+
+    ``final_grid``: ``"north_up"`` (north up, east left: the FITS looks like the preview in any
+    viewer) or ``"rotated"`` (turned to the smallest canvas around the tiles).
+    """
+    return optimal_celestial_grid([(t.image.shape[:2], t.wcs) for t in tiles],
+                                  auto_rotate=final_grid == "rotated")
 
 
 # --------------------------------------------------------------------------------------------------
@@ -595,7 +600,11 @@ def low_res_tiles(tiles: list[MasterTile], wcs_out, shape_out, max_side: int = 8
 
 @dataclass
 class AssemblyInputs:
-    """What both assembly passes share: tiles, output grid, pixel mappings, feathers and backend choice."""
+    """What both assembly passes share: tiles, output grid, pixel mappings, feathers and backend choice.
+
+    ``match_wcs``/``match_shape``: the grid the tiles' overlaps are measured on and their
+    background models live on (:func:`assemble_mosaic`); the output grid when None.
+    """
 
     tiles: list
     wcs_out: object
@@ -604,11 +613,18 @@ class AssemblyInputs:
     engine: str
     use_gpu: bool
     feathers: list | None = None
+    match_wcs: object = None
+    match_shape: tuple | None = None
+
+    def __post_init__(self):
+        if self.match_wcs is None:
+            self.match_wcs, self.match_shape = self.wcs_out, self.shape_out
 
     def coadd(self, gains, backgrounds: zbg.BackgroundModels, label):
         """Co-add ``gain * tile - background`` (per tile, per channel); returns ``(mosaic, coverage (H,W,C), gpu_all)``.
 
-        ``backgrounds`` are on the output grid; each is refitted on its tile's own pixels.
+        ``backgrounds`` are on the overlaps' grid (``match_wcs``); each is refitted on its tile's
+        own pixels.
         """
         def rows(v, k):  # whole rows: a (C,) operand makes NumPy loop over runs of C values
             return stk.frame_rows(np.asarray(v)[None], self.tiles[k].image.shape[1], np.float32, np)[0]
@@ -616,7 +632,7 @@ class AssemblyInputs:
         def corrected(k):
             image = self.tiles[k].image * rows(gains[k], k)
             if np.any(backgrounds.coefficients[k]):
-                image -= tile_background(self.tiles[k], backgrounds, k, self.wcs_out)
+                image -= tile_background(self.tiles[k], backgrounds, k, self.match_wcs)
             return image
 
         images = map_threads(corrected, range(len(self.tiles)))
@@ -693,7 +709,7 @@ def run_second_pass_coverage_renorm(inputs: AssemblyInputs, low: ztp.LowResTiles
     :func:`coadd_channels`); one summary line names the backend used.
     """
     gains = ztp.two_pass_gains(low, match, config.two_pass_cov_sigma_px, config.two_pass_cov_gain_clip,
-                               overlap_images(inputs.tiles, low, inputs.wcs_out, inputs.shape_out))
+                               overlap_images(inputs.tiles, low, inputs.match_wcs, inputs.match_shape))
     logger.info("[TwoPass] tile gains: %s", ", ".join(f"{g:.4f}" for g in gains))
     total = match.gains * gains[:, None]
     backgrounds = ztp.background_models(low, total, config.background_model_order) if config.match_background \
@@ -730,13 +746,16 @@ def _tile_match(tiles, low, config, wcs_out, shape_out) -> ztp.TileMatch:
                            overlap_images(tiles, low, wcs_out, shape_out), config.background_model_order)
 
 
-def _record_match(report, tiles, match: ztp.TileMatch, wcs_out) -> None:
+def _record_match(report, tiles, match: ztp.TileMatch, wcs_out, shape_out) -> None:
     """Write each tile's pass-1 gains and background into its entry of the run report.
 
     ``offset_rgb`` is the background subtracted at the tile's centre; ``background`` its model's
-    coefficients on the output grid (the report's ``tile_background_model`` says how to read them).
+    coefficients on the grid the overlaps were measured on, ``wcs_out`` (the report's
+    ``tile_background_model`` says how to read them, that grid's WCS and shape included).
     """
-    report.tile_background_model = match.backgrounds.to_dict()
+    report.tile_background_model = {**match.backgrounds.to_dict(),
+                                    "grid_wcs": zfits.wcs_to_cd_header(wcs_out).tostring(),
+                                    "grid_shape": [int(v) for v in shape_out]}
     for k, (tile, gains, colour) in enumerate(zip(tiles, match.gains, match.colour_applied)):
         h, w = tile.image.shape[:2]
         x, y = wcs_out.world_to_pixel_values(*tile.wcs.pixel_to_world_values((w - 1) / 2.0, (h - 1) / 2.0))
@@ -757,9 +776,14 @@ def assemble_mosaic(run, tiles, wcs_out, shape_out):
     n = len(tiles)
     need_low = config.match_background or config.intertile_photometric_match \
         or config.two_pass_coverage_renorm
-    low = low_res_tiles(tiles, wcs_out, shape_out) if need_low and n > 1 else None
-    match = _tile_match(tiles, low, config, wcs_out, shape_out)
-    _record_match(report, tiles, match, wcs_out)
+    # The overlaps are measured on the grid turned to the tiles (the smallest canvas), whatever
+    # the output's orientation: its blocks follow the tiles' edges, so the gains and backgrounds
+    # do not depend on how the mosaic is turned for viewing.
+    match_wcs, match_shape = (wcs_out, shape_out) if config.final_grid == "rotated" \
+        else mosaic_grid(tiles, "rotated")
+    low = low_res_tiles(tiles, match_wcs, match_shape) if need_low and n > 1 else None
+    match = _tile_match(tiles, low, config, match_wcs, match_shape)
+    _record_match(report, tiles, match, match_wcs, match_shape)
     run.check_cancel()
     mappings = []
     for k, t in enumerate(tiles):
@@ -771,7 +795,7 @@ def assemble_mosaic(run, tiles, wcs_out, shape_out):
         logger.warning("GPU asked for assembly but not usable (%s); using CPU", gpu_unavailable_reason())
         use_gpu = False
     inputs = AssemblyInputs(tiles, wcs_out, shape_out, mappings, config.assembly_engine, use_gpu,
-                            tile_feathers(tiles, low, config.assembly_feather_px))
+                            tile_feathers(tiles, low, config.assembly_feather_px), match_wcs, match_shape)
     mosaic, coverage, gpu_all = inputs.coadd(match.gains, match.backgrounds, "Assembly")
     coverage = over_channels(np.minimum, coverage)  # channels share tile weights: their coverages agree
     run.advance("assembly", n + 1, n + 2, "pass 1 done")
@@ -994,7 +1018,7 @@ def run_mosaic(config: MosaicConfig, progress=None, cancel: threading.Event | No
         if not tiles:
             raise PipelineError("no master tile could be built: every frame was skipped")
         run.check_cancel()
-        wcs_out, shape_out = run.timed("grid", mosaic_grid, tiles)
+        wcs_out, shape_out = run.timed("grid", mosaic_grid, tiles, config.final_grid)
         run.advance("grid", 1, 1, f"{shape_out[1]} x {shape_out[0]} px")
         report.mosaic_shape = [tiles[0].image.shape[2], *shape_out]
         mosaic, coverage = run.timed("assembly", assemble_mosaic, run, tiles, wcs_out, shape_out)

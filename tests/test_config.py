@@ -53,6 +53,7 @@ EXPECTED_DEFAULTS = {
     "cluster_panel_threshold": 0.0,
     "max_raw_per_master_tile": 0,
     "assembly_engine": "fast",
+    "final_grid": "north_up",
     "background_model_order": 1,
     "match_background": True,
     "assembly_feather_px": 256.0,

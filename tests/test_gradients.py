@@ -74,7 +74,10 @@ def _corrected_tiles(run, shape):
         on_grid, _ = zw.reproject_and_coadd([image], [wcs], run["wcs"], shape, [coverage])
         background = zbg.BackgroundModels(np.array([entry["background"]]), model["order"],
                                           tuple(model["origin_yx"]), model["scale_px"])
-        images.append(on_grid * np.asarray(entry["gain_rgb"]) - background.image(0, shape))
+        # The models live on the grid the overlaps were measured on (the report names it).
+        y, x = np.mgrid[0:shape[0], 0:shape[1]].astype(np.float64)
+        x_m, y_m = zf.wcs_from_text(model["grid_wcs"]).world_to_pixel_values(*run["wcs"].pixel_to_world_values(x, y))
+        images.append(on_grid * np.asarray(entry["gain_rgb"]) - background.values(0, y_m, x_m))
     return images
 
 

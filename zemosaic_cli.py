@@ -229,7 +229,8 @@ def main(argv=None) -> int:
         for record in config_records:  # what loading the file said (unknown keys) goes in the run log too
             if run_log is not None and record.levelno >= run_log.level:
                 run_log.handle(record)
-        result = run_mosaic(config, progress=progress)
+        with _logs_above_the_bars(progress):
+            result = run_mosaic(config, progress=progress)
     except (ConfigError, PipelineError) as exc:
         progress.close()
         _report_failure(exc, debug)
@@ -255,8 +256,24 @@ def main(argv=None) -> int:
     finally:
         detach_run_log(run_log)
     progress.close()
-    print(format_summary(result))
+    try:
+        print(format_summary(result), flush=True)
+    except BrokenPipeError:  # `| head` closed the pipe: the run itself succeeded
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # no error at exit either
     return 0
+
+
+@contextlib.contextmanager
+def _logs_above_the_bars(progress):
+    """Within the block, log records on the terminal are written above the progress bars
+    (tqdm's logging redirect) instead of into the middle of a bar's line."""
+    if not progress.enabled:  # no bars (not a terminal): nothing to keep clear of
+        yield
+        return
+    from tqdm.contrib.logging import logging_redirect_tqdm
+
+    with logging_redirect_tqdm():
+        yield
 
 
 @contextlib.contextmanager

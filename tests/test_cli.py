@@ -3,6 +3,7 @@
 import io
 import json
 import logging
+import os
 import re
 
 import pytest
@@ -82,11 +83,11 @@ def test_progress_one_bar_per_phase_with_unit_within_80_columns():
             bars("master_tiles", frame, 5, f"tile {tile:03d}: aligned Light_{frame}.fits")
         bars("master_tiles", tile, 3, f"tile {tile}/3 done")
     bars.close()
-    lines = [l for l in re.split(r"[\r\n]", stream.getvalue()) if l.strip()]
-    clean = [re.sub(r"\x1b\[[0-9;]*[A-Za-z]", "", l) for l in lines]
-    assert max(len(l) for l in clean) <= 80
-    assert any("scan" in l and "20/20 frames" in l for l in clean)
-    final_tiles = [l for l in clean if l.startswith("master_tiles")][-1]
+    lines = [line for line in re.split(r"[\r\n]", stream.getvalue()) if line.strip()]
+    clean = [re.sub(r"\x1b\[[0-9;]*[A-Za-z]", "", line) for line in lines]
+    assert max(len(line) for line in clean) <= 80
+    assert any("scan" in line and "20/20 frames" in line for line in clean)
+    final_tiles = [line for line in clean if line.startswith("master_tiles")][-1]
     assert "3/3 tiles" in final_tiles  # frames of a tile do not refill the tile bar
 
 
@@ -102,3 +103,21 @@ def test_run_log_written_at_the_run_level_and_handler_removed(tmp_path):
     log = (out / zw.LOG_NAME).read_text()
     assert "INFO zemosaic_worker: Scan: 6 usable frame(s)" in log
     assert "DEBUG" not in log
+
+
+def test_a_closed_pipe_ends_a_finished_run_quietly(tmp_path):
+    """`python -m zemosaic_worker c.json | head` must not end a good run with a traceback."""
+    import subprocess
+    import sys
+
+    info = zemosaic_synth.generate_dataset(tmp_path, panels=(1, 1), frames_per_panel=3, seed=5,
+                                           size="small")
+    cfg = tmp_path / "c.json"
+    cfg.write_text(json.dumps({"input_folder": info["frames_dir"], "output_folder": str(tmp_path / "o")}))
+    read, write = os.pipe()
+    os.close(read)  # the reader is gone before the summary is printed
+    done = subprocess.run([sys.executable, "-m", "zemosaic_worker", str(cfg)], stdout=write,
+                          stderr=subprocess.PIPE, text=True, timeout=120)
+    os.close(write)
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert "Traceback" not in done.stderr and "BrokenPipeError" not in done.stderr

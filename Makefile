@@ -9,7 +9,7 @@ VENV   ?= .venv
 PY     := $(VENV)/bin/python
 DEMO   ?= demo
 
-.PHONY: demo test bench clean system-deps peers
+.PHONY: demo test test-slow test-all lint coverage ci bench clean system-deps peers
 
 system-deps:
 	@scripts/install_system_deps.sh
@@ -32,8 +32,27 @@ $(DEMO)/data/frames: | $(VENV)/.installed-core
 demo: system-deps $(VENV)/.installed-core $(DEMO)/data/frames
 	$(PY) -m zemosaic_worker examples/demo_config.json
 
+# `make test`: the fast set (under 4 minutes on 2 cores). The slow set (real data, the peer
+# programs, full-size scenes: `-m slow`) runs with `make test-slow`; `make test-all` runs both.
+PYTEST := QT_QPA_PLATFORM=offscreen $(PY) -m pytest -q
+
 test: system-deps $(VENV)/.installed-gui,test,gpu
-	QT_QPA_PLATFORM=offscreen $(PY) -m pytest -q
+	$(PYTEST) -m "not slow"
+
+test-slow: system-deps peers $(VENV)/.installed-gui,test,gpu
+	$(PYTEST) -m slow
+
+test-all: system-deps peers $(VENV)/.installed-gui,test,gpu
+	$(PYTEST)
+
+lint: $(VENV)/.installed-test
+	$(VENV)/bin/ruff check .
+
+# Every test, fast and slow, with the pipeline modules' line coverage ([tool.coverage] in pyproject.toml).
+coverage: system-deps peers $(VENV)/.installed-gui,test,gpu
+	$(PYTEST) --cov --cov-report=term
+
+ci: lint coverage
 
 bench: peers $(VENV)/.installed-test
 	$(PY) benchmarks/bench_pipeline.py

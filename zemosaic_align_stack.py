@@ -524,7 +524,10 @@ def _gaussian_winsor_variance(limits) -> float:
         return 1.0
     a = ndtri(q_lo) if q_lo > 0 else -np.inf
     b = ndtri(q_hi) if q_hi < 1 else np.inf
-    phi = lambda z: 0.0 if not np.isfinite(z) else math.exp(-0.5 * z * z) / math.sqrt(2 * math.pi)
+
+    def phi(z):
+        return 0.0 if not np.isfinite(z) else math.exp(-0.5 * z * z) / math.sqrt(2 * math.pi)
+
     za = a if np.isfinite(a) else 0.0
     zb = b if np.isfinite(b) else 0.0
     # E[X^2] of the winsorized variable: truncated part + the clamped tails.
@@ -882,7 +885,8 @@ def _noise_floor(noise_sigmas, shape, dtype, xp, signal=None):
     """Return the :class:`NoiseFloor` of a block of ``shape``, or None without ``noise_sigmas``.
 
     The noise is a full ``(N, 1, W, C)`` row per frame rather than ``(N, 1, 1, C)``: comparing a
-    block with the latter makes NumPy loop over runs of C = 3 elements instead of whole rows. ``signal`` is the block's rows of the :func:`signal_map` (None: no signal term).
+    block with the latter makes NumPy loop over runs of C = 3 elements instead of whole rows.
+    ``signal`` is the block's rows of the :func:`signal_map` (None: no signal term).
     """
     if noise_sigmas is None:
         return None

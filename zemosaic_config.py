@@ -546,7 +546,8 @@ def split_config_dict(d: Mapping[str, Any]) -> tuple[MosaicConfig, dict[str, Any
     more than it) raises :class:`ConfigError` with "did you mean"; upstream
     ZeMosaic's keys without an equivalent (:data:`UPSTREAM_WITHOUT_EQUIVALENT`)
     are named in one INFO line; other unknown keys are ignored with a single
-    WARNING that lists them all (sorted), each with the nearest known key.  The unknown entries come back as given (in their
+    WARNING that lists them all (sorted), each with the nearest known key.  The unknown entries
+    come back as given (in their
     order) so a caller that rewrites the file can keep them.
     """
     if not isinstance(d, Mapping):

@@ -593,7 +593,8 @@ def white_balance(image_hwc, star_kappa: float = 20.0, smooth_px: float = 8.0,
                   max_pixels: int = 4_000_000) -> WhiteBalance:
     """Measure the display white balance of a linear RGB image: neutral sky, stars white on average.
 
-    The sky is the per-channel mode (:func:`zemosaic_utils.sky_level`). Stars are pixels standing out of their surroundings (the
+    The sky is the per-channel mode (:func:`zemosaic_utils.sky_level`). Stars are pixels standing
+    out of their surroundings (the
     image minus a ``smooth_px`` Gaussian, so nebulosity does not count as star light) by
     ``star_kappa`` noise sigmas in every channel, below 80 % of each channel's maximum (saturated
     cores have lost their colour). Each channel's gain makes the median star pixel grey. With

@@ -912,7 +912,8 @@ def _coadd_fast(data_list, weights_list, mappings, shape_out, xp, rows_per_chunk
 
 
 def _normalised_sums(sums, layout: _SumLayout, xp):
-    """Return float32 ``(mosaic, coverage)`` ``(rows, W, C)`` of a band from its planes of sums (see :class:`_SumLayout`).
+    """Return float32 ``(mosaic, coverage)`` ``(rows, W, C)`` of a band from its planes of sums
+    (see :class:`_SumLayout`).
 
     The trusted samples' mean stands wherever they have weight. Tiny weight sums are float
     rounding at the very edge of a footprint: they mean "no data".

@@ -723,7 +723,8 @@ def overlap_images(tiles: list[MasterTile], low: ztp.LowResTiles, wcs_out, shape
     """Return a function of ``(i, j, coarse overlap mask)`` giving tiles i and j at full resolution.
 
     Both are resampled alone onto the box of the output grid that holds their overlap (NaN where a
-    tile has no data), returned with the box's first output pixel ``(y0, x0)``, for :func:`zemosaic_tile_photometry.block_pair_slopes` (pass 1) and
+    tile has no data), returned with the box's first output pixel ``(y0, x0)``, for
+    :func:`zemosaic_tile_photometry.block_pair_slopes` (pass 1) and
     :func:`zemosaic_tile_photometry.overlap_cell_ratios` (Two-Pass).
     """
     def images(i, j, both):

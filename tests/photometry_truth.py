@@ -32,12 +32,12 @@ from __future__ import annotations
 from pathlib import Path
 
 import numpy as np
-from scipy.ndimage import binary_dilation, binary_erosion, distance_transform_edt, gaussian_filter, label
+from scipy.ndimage import (binary_dilation, binary_erosion, distance_transform_edt, gaussian_filter, label,
+                           map_coordinates)
 
 import zemosaic_synth
 import zemosaic_fits as zfits
 from zemosaic_fits import read_image_fits
-from zemosaic_utils import reproject_and_coadd
 
 BLOCK = 16
 SATURATION_SAFE = 20000.0  # truth ADU: with the sky, well below the 16-bit ceiling
@@ -77,10 +77,20 @@ def gradient_scene_options(size="small", overlap=None, frames_per_panel=8, seed=
 
 
 def truth_on_grid(dataset_root, wcs, shape):
-    """Return the noiseless truth ``(H, W, 3)`` resampled onto a mosaic grid."""
-    truth, truth_wcs, _meta = zemosaic_synth.load_truth(dataset_root)
-    return np.stack([reproject_and_coadd([truth[..., c]], [truth_wcs], wcs, shape)[0]
-                     for c in range(3)], axis=-1)
+    """Return the noiseless truth ``(H, W, 3)`` on a mosaic grid: the dataset's analytic sky model
+    rendered at the grid's pixel centres (never resampled with the co-add under test)."""
+    return zemosaic_synth.load_sky_model(dataset_root).render_rgb(wcs, shape)
+
+
+def resample_bilinear(image, image_wcs, wcs, shape):
+    """``image`` (2-D) sampled bilinearly at the pixel centres of a ``(wcs, shape)`` grid, 0 outside.
+
+    SciPy's ``map_coordinates`` at astropy's exact pixel positions: a reference independent of the
+    pipeline's co-add."""
+    yy, xx = np.mgrid[0:shape[0], 0:shape[1]]
+    x, y = image_wcs.world_to_pixel_values(*wcs.pixel_to_world_values(xx, yy))
+    return map_coordinates(np.nan_to_num(np.asarray(image, np.float64)), [y, x], order=1, mode="constant",
+                           cval=0.0)
 
 
 def tile_footprints(tiles, wcs, shape, min_frames=None):
@@ -92,7 +102,7 @@ def tile_footprints(tiles, wcs, shape, min_frames=None):
     """
     feet = []
     for coverage, tile_wcs in tiles:
-        cov = np.nan_to_num(reproject_and_coadd([coverage], [tile_wcs], wcs, shape)[0])
+        cov = resample_bilinear(coverage, tile_wcs, wcs, shape)
         feet.append(cov > 0.75 * coverage.max() if min_frames is None else cov >= min_frames)
     return feet
 

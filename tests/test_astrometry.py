@@ -368,6 +368,7 @@ def test_a_frame_that_keeps_its_header_wcs_anchors_the_others(unsolved_small, tm
 # --------------------------------------------------------------------------------------------------
 
 
+@pytest.mark.slow
 @needs_solver
 def test_synthetic_real_sky_frames_solved_and_mosaic_astrometry_true(tmp_path):
     info = zemosaic_synth.generate_dataset(tmp_path / "d", panels=(2, 1), frames_per_panel=3, seed=5,
@@ -429,6 +430,7 @@ def _star_offsets(mosaic, wcs, coverage, truth_fits):
     return np.array(offsets)
 
 
+@pytest.mark.slow
 @needs_solver
 @pytest.mark.skipif(not REALDATA.is_dir(), reason="shared real Seestar frames not present")
 def test_real_seestar_subs_of_two_nights_all_reach_the_mosaic(tmp_path):

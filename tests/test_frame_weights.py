@@ -1,7 +1,6 @@
 """Frame weights come from each frame's own noise, not from what resampling did to it (issue 20)."""
 
 import json
-from pathlib import Path
 
 import numpy as np
 import pytest

@@ -183,6 +183,7 @@ def _program(*names):
     pytest.skip(f"{names[0]} is not installed (scripts/install_system_deps.sh peers)")
 
 
+@pytest.mark.slow
 def test_siril_reads_three_layers_and_keeps_the_sky_coordinates(outputs, tmp_path):
     siril = _program("siril-cli")
     out = outputs["out"]
@@ -215,6 +216,7 @@ def test_siril_reads_three_layers_and_keeps_the_sky_coordinates(outputs, tmp_pat
                                truth_wcs.pixel_to_world_values(100, 200), atol=1e-6)
 
 
+@pytest.mark.slow
 def test_swarp_resamples_a_channel_with_the_coverage_as_weight(outputs, tmp_path):
     swarp = _program("swarp", "SWarp")
     out = outputs["out"]
@@ -232,6 +234,7 @@ def test_swarp_resamples_a_channel_with_the_coverage_as_weight(outputs, tmp_path
     assert fits.getheader(tmp_path / "r.fits")["EXPTIME"] == fits.getheader(out / zw.MOSAIC_NAME)["EXPTIME"]
 
 
+@pytest.mark.slow
 def test_montage_lists_the_channels_and_projects_one(outputs, tmp_path):
     mimgtbl, mproject = _program("mImgtbl"), _program("mProject")
     out = outputs["out"]

@@ -115,6 +115,7 @@ def two_nights_full_size(tmp_path_factory):
     return root, zw.run_mosaic(config).report.to_dict()
 
 
+@pytest.mark.slow
 def test_full_size_frames_reach_one_percent_between_panels_and_half_a_percent_per_frame(two_nights_full_size):
     """Where the overlaps are as wide as a real mosaic's, the two nights' panels agree in colour and
     brightness within 1 % (0.90 % here; 0.33-0.90 % over seeds 5-12, against 0.75-3.2 % on the

@@ -13,11 +13,11 @@ import pytest
 from astropy.io import fits
 from scipy.ndimage import binary_erosion
 
+import photometry_truth as pt
 import zemosaic_synth
 import zemosaic_worker as zw
 from zemosaic_config import config_from_dict
 from zemosaic_fits import read_image_fits
-from zemosaic_utils import reproject_and_coadd
 
 ROOT = Path(__file__).resolve().parents[1]
 FRAMES_PER_PANEL = 5
@@ -142,11 +142,10 @@ def test_inputs_never_modified(run):
 
 
 def _truth_on_mosaic(run):
-    truth, truth_wcs, _meta = zemosaic_synth.load_truth(run["root"])
     mosaic, wcs, coverage, _hdr = read_image_fits(run["out"] / "zemosaic_mosaic.fits")
-    resampled = np.stack([reproject_and_coadd([truth[..., c]], [truth_wcs], wcs, mosaic.shape[:2])[0]
-                          for c in range(3)], axis=-1)
-    return mosaic, resampled, coverage, wcs
+    # The analytic sky model at the mosaic's pixel centres: a truth not made by the co-add under test.
+    truth = pt.truth_on_grid(run["root"], wcs, mosaic.shape[:2])
+    return mosaic, truth, coverage, wcs
 
 
 def _block_mean(a, b=16):
@@ -197,7 +196,7 @@ def test_coverage_sum_of_weights_and_zero_outside(run):
 
         frame_wcs.append(WCS(hdr))
         ones.append(np.ones((hdr["NAXIS2"], hdr["NAXIS1"]), np.float32))
-    _m, union = reproject_and_coadd(ones, frame_wcs, wcs, coverage.shape)
+    union = sum(pt.resample_bilinear(o, w, wcs, coverage.shape) for o, w in zip(ones, frame_wcs))
     outside = binary_erosion(union == 0, iterations=3)
     assert outside.sum() > 0 and np.all(coverage[outside] == 0)
     inside = binary_erosion(union >= 1, iterations=3)
@@ -293,7 +292,7 @@ def test_cli_failures_one_line_no_traceback(tmp_path, case, code, words):
     assert proc.returncode == code
     assert words in proc.stderr
     assert "Traceback" not in proc.stderr
-    assert len([l for l in proc.stderr.splitlines() if l.startswith("zemosaic: error")]) == 1
+    assert len([line for line in proc.stderr.splitlines() if line.startswith("zemosaic: error")]) == 1
 
 
 def test_cli_debug_shows_traceback_and_mt_coverage(tmp_path):

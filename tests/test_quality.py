@@ -304,6 +304,7 @@ def test_screening_keys_are_validated(key, value):
 # --------------------------------------------------------------------------------------------------
 
 
+@pytest.mark.slow
 @pytest.mark.skipif(not REALDATA.is_dir(), reason="shared real Seestar frames not present")
 def test_real_subs_are_all_kept_and_show_no_trail():
     paths = sorted(REALDATA.glob("*.fit"))

@@ -30,7 +30,8 @@ import zemosaic_worker as zw
 from zemosaic_config import MosaicConfig
 
 from realdata import NGC7023 as REALDATA
-pytestmark = pytest.mark.skipif(not REALDATA.is_dir(), reason="shared real Seestar frames not present")
+pytestmark = [pytest.mark.slow,
+              pytest.mark.skipif(not REALDATA.is_dir(), reason="shared real Seestar frames not present")]
 
 R_AP, R_IN, R_OUT = 5, 8, 12
 BRIGHT_ADU = 2000.0  # G aperture flux a star needs in every raw frame that covers it

@@ -314,7 +314,8 @@ def test_samples_below_the_trusted_weight_yield_where_a_trusted_one_exists(engin
     """A tile's edge stacked from two frames (a trail survived there) yields to an overlapping tile
     of six frames; alone, it stands as it is; coverage still counts every frame."""
     shape = (60, 80)
-    wcs_a, wcs_b = make_tan_wcs(10.0, 20.0, shape), make_tan_wcs(10.0 + 30 * 2.39 / 3600 / np.cos(np.radians(20)), 20.0, shape)
+    shifted_ra = 10.0 + 30 * 2.39 / 3600 / np.cos(np.radians(20))
+    wcs_a, wcs_b = make_tan_wcs(10.0, 20.0, shape), make_tan_wcs(shifted_ra, 20.0, shape)
     a = np.full(shape, 500.0, np.float32)  # the untrusted edge carries a trail: 500 against 100
     b = np.full(shape, 100.0, np.float32)
     weights = [np.full(shape, 2.0, np.float32), np.full(shape, 6.0, np.float32)]

@@ -147,9 +147,9 @@ def superpixel_image(data, factor: int = SOLVE_BINNING) -> np.ndarray:
         image = image[:, :, None]
     b = factor
     h, w = (image.shape[0] // b) * b, (image.shape[1] // b) * b
-    # Sums of strided views of each channel's plane: a mean over short axes (the 2x2 cell, the 3
-    # colours) is several times slower in NumPy, and so are views that keep the colours innermost
-    # (12 against 3 ms for a Seestar frame); this runs on every frame.
+    # Sums of strided views of each channel's plane: NumPy reduces a short axis (the 2x2 cell, the
+    # 3 colours) element by element, and views that keep the colours innermost as well; this runs
+    # on every frame.
     planes = [image[:, :, c] for c in range(image.shape[2])]
     grey = sum(sum(plane[dy:h:b, dx:w:b] for dy in range(b) for dx in range(b)) for plane in planes)
     return (grey * np.float32(1.0 / (b * b * image.shape[2]))).astype(np.float32, copy=False)

@@ -73,8 +73,8 @@ def resolve_workers(requested: int) -> int:
 
 #: Largest aligned stack kept in RAM (bytes). A larger one goes to a :class:`DiskStack`, which
 #: the stacking reads a block of rows at a time: from the OS page cache while RAM is plentiful,
-#: at the cost of a few memory copies (about 1 s for 50 full-size frames), so the process stays
-#: near 0.5 GB however many frames a group has instead of holding the whole stack.
+#: at the cost of a few memory copies, so the process's memory stays about the same however
+#: many frames a group has instead of holding the whole stack.
 STACK_RAM_MAX = 2**30
 
 
@@ -580,7 +580,7 @@ def _reason(exc: BaseException) -> str:
 def warm_up(dask_scheduler: str, num_processing_workers: int, n_tasks: int) -> None:
     """Start, in the background, the server that the local pool for ``n_tasks`` tile tasks forks from.
 
-    It imports the pipeline once (0.6-0.8 s, a core's worth); started as soon as the tiles are
+    It imports the pipeline once (most of a second of a core); started as soon as the tiles are
     known, that happens while the run checks which tiles it can reuse, and the pool's workers
     then start at once. Nothing happens when :func:`make_executor` would run the tiles in this
     process (one tile, one worker) or on Dask, or without ``forkserver``: an idle server would

@@ -624,7 +624,7 @@ def _debayer_finite(raw: np.ndarray, key: str) -> np.ndarray:
     h, w = raw.shape
     values, _ = _padded_subgrids(raw, with_validity=False)
     rgb = np.empty((h, w, 3), dtype=np.float32)
-    # Bands of cell rows: each sum's float64 temporaries stay in the CPU caches (2x faster).
+    # Bands of cell rows: each sum's float64 temporaries stay in the CPU caches.
     for r0 in range(0, (h + 1) // 2, _DEBAYER_BAND_CELLS):
         for py in (0, 1):
             ny = min(len(range(py, h, 2)), r0 + _DEBAYER_BAND_CELLS) - r0

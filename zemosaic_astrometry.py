@@ -370,9 +370,12 @@ def _write_solver_input(image2d, folder: str) -> str:
 def _run(command, timeout_s: float, cwd: str) -> subprocess.CompletedProcess:
     """Run a solver process with a time limit; its output is kept for DEBUG only."""
     logger.debug("solver: %s", " ".join(command))
+    # Its temporary files go into the frame's own work folder, which goes with them whatever
+    # ends the solve (a time limit, Ctrl-C: the process is killed, then the folder removed).
+    env = {**os.environ, "TMPDIR": cwd, "TMP": cwd, "TEMP": cwd}
     try:
         done = subprocess.run(command, cwd=cwd, capture_output=True, text=True,
-                              timeout=timeout_s, stdin=subprocess.DEVNULL)
+                              timeout=timeout_s, stdin=subprocess.DEVNULL, env=env)
     except subprocess.TimeoutExpired as exc:
         raise SolveError(f"plate solving timed out after {timeout_s:.0f} s") from exc
     except OSError as exc:
@@ -437,7 +440,7 @@ class AstrometryNetSolver:
         with open(config, "w") as fh:
             fh.write(f"cpulimit {max(1, int(timeout_s))}\nautoindex\n")
             fh.writelines(f"add_path {folder}\n" for folder in astrometry_index_dirs())
-        _run(command + ["--config", config, path], timeout_s + 5.0, workdir)
+        _run(command + ["--temp-dir", workdir, "--config", config, path], timeout_s + 5.0, workdir)
         solution = os.path.join(workdir, "frame.wcs")
         if not os.path.exists(solution):
             raise SolveError("astrometry.net found no solution")

@@ -10,6 +10,7 @@ import json
 import stat
 import subprocess
 import sys
+import tempfile
 from pathlib import Path
 
 import numpy as np
@@ -175,6 +176,28 @@ sys.exit(1)
     solver, _ = za.solver_from_config(MosaicConfig(astap_executable_path=script))
     with pytest.raises(za.SolveError, match="No solution found"):
         za.solve_frame(solver, np.ones((100, 100)), za.SolveHints(), 10)
+
+
+def test_solver_temporary_files_stay_in_the_frames_work_folder(tmp_path, monkeypatch):
+    """solve-field's own temporary files (its --temp-dir, and $TMPDIR for what it starts) live in
+    the frame's work folder, which is removed even when the solve is interrupted."""
+    system_tmp = tmp_path / "system_tmp"
+    system_tmp.mkdir()
+    monkeypatch.setenv("TMPDIR", str(system_tmp))
+    monkeypatch.setattr(tempfile, "tempdir", None)  # re-read TMPDIR
+    script = _fake_astap(tmp_path, """
+import os, sys
+args = sys.argv[1:]
+temp_dir = args[args.index("--temp-dir") + 1]
+open(os.path.join(temp_dir, "tmp.solve-field.axy"), "w").write("x")
+open(os.path.join(os.environ["TMPDIR"], "tmp.child"), "w").write("x")
+raise KeyboardInterrupt
+""")
+    monkeypatch.setattr(za, "astrometry_index_dirs", lambda: [str(tmp_path)])
+    solver = za.AstrometryNetSolver(script)
+    with pytest.raises(za.SolveError):
+        za.solve_frame(solver, np.ones((100, 100)), za.SolveHints(), 10)
+    assert list(system_tmp.iterdir()) == []
 
 
 def test_missing_astap_is_named():

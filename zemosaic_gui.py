@@ -60,6 +60,8 @@ LOG_LEVELS = CHOICES["logging_level"]
 LOG_FORMAT = "%(asctime)s %(levelname)-7s %(name)s: %(message)s"
 #: The window's first size, shrunk to the screen's (a 1366x768 laptop: 1350x728).
 DEFAULT_SIZE = (1200, 800)
+#: Records the log panel keeps to show again when its level changes.
+LOG_KEPT_RECORDS = 20000
 #: Log lines the log panel shows at the first start, on any screen from 1366x768 up.
 LOG_LINES = 10
 #: The log panel's height besides its lines: its title, level row and margins (px).
@@ -490,6 +492,7 @@ class MainWindow(QMainWindow):
         self._run_log = None  # the run's log file handler while a run goes on
         self._output_folder = ""
         self._log_handler = QtLogHandler(parent=self)
+        self._log_records: list[tuple[int, str]] = []  # what the panel may show, newest last
         self._saved_levels = {name: logging.getLogger(name).level for name in PIPELINE_LOGGERS}
         self._build_ui()
         self._install_log_handler()
@@ -735,7 +738,7 @@ class MainWindow(QMainWindow):
         self.log_view.setReadOnly(True)
         self.log_view.setMaximumBlockCount(5000)
         self.log_view.setLineWrapMode(QPlainTextEdit.LineWrapMode.NoWrap)
-        self.clear_log_button.clicked.connect(self.log_view.clear)
+        self.clear_log_button.clicked.connect(self._clear_log)
         controls = QHBoxLayout()
         controls.addWidget(QLabel("Level"))
         controls.addWidget(self.log_level_combo)
@@ -760,8 +763,22 @@ class MainWindow(QMainWindow):
         for name, level in self._saved_levels.items():
             logging.getLogger(name).setLevel(level)
 
-    def _append_log(self, text: str, _levelno: int) -> None:
-        self.log_view.appendPlainText(text)
+    def _append_log(self, text: str, levelno: int) -> None:
+        self._log_records.append((levelno, text))
+        del self._log_records[:-LOG_KEPT_RECORDS]
+        if levelno >= self._log_handler.level:
+            self.log_view.appendPlainText(text)
+
+    def _clear_log(self) -> None:
+        self._log_records.clear()
+        self.log_view.clear()
+
+    def _refilter_log(self) -> None:
+        """Show again the records kept so far that pass the current level (a lower level brings
+        back what a higher one hid, down to what the loggers emitted)."""
+        shown = [text for levelno, text in self._log_records if levelno >= self._log_handler.level]
+        self.log_view.setPlainText("\n".join(shown))
+        self.log_view.moveCursor(self.log_view.textCursor().MoveOperation.End)
 
     @property
     def log_handler(self) -> QtLogHandler:
@@ -769,10 +786,12 @@ class MainWindow(QMainWindow):
         return self._log_handler
 
     def set_log_level(self, level: str) -> None:
-        """Show records at or above ``level``: sets the pipeline loggers' and the handler's level."""
+        """Show records at or above ``level``: sets the pipeline loggers' and the handler's level,
+        and filters what the panel already shows the same way."""
         self._log_handler.setLevel(level)
         for name in PIPELINE_LOGGERS:
             logging.getLogger(name).setLevel(level)
+        self._refilter_log()
         if self.log_level_combo.currentText() != level:
             self.log_level_combo.setCurrentText(level)
 

@@ -531,3 +531,17 @@ def test_the_window_remembers_its_size_and_splitter(qtbot):
     # (here down to the window's minimum), its height and the splitter as they were.
     assert second.height() == 700 and second.width() == min(1250, max(800, second.minimumSizeHint().width()))
     assert second.splitter.sizes() == sizes
+
+
+def test_a_log_level_change_refilters_what_the_panel_shows(window, qtbot):
+    log = logging.getLogger("zemosaic_worker")
+    window.set_log_level("INFO")
+    log.info("an info line")
+    log.warning("a warning line")
+    qtbot.waitUntil(lambda: "a warning line" in window.log_view.toPlainText())
+    window.set_log_level("WARNING")
+    shown = window.log_view.toPlainText()
+    assert "a warning line" in shown and "an info line" not in shown
+    window.set_log_level("INFO")
+    shown = window.log_view.toPlainText()
+    assert "an info line" in shown and shown.index("an info line") < shown.index("a warning line")

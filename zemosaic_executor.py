@@ -580,9 +580,9 @@ def _reason(exc: BaseException) -> str:
 def warm_up(dask_scheduler: str, num_processing_workers: int, n_tasks: int) -> None:
     """Start, in the background, the server that the local pool for ``n_tasks`` tile tasks forks from.
 
-    It imports the pipeline once (most of a second of a core); started as soon as the tiles are
-    known, that happens while the run checks which tiles it can reuse, and the pool's workers
-    then start at once. Nothing happens when :func:`make_executor` would run the tiles in this
+    It imports the pipeline once (the slow part of starting a worker); started as soon as the
+    tiles are known, that happens while the run checks which tiles it can reuse, and the pool's
+    workers then start at once. Nothing happens when :func:`make_executor` would run the tiles in this
     process (one tile, one worker) or on Dask, or without ``forkserver``: an idle server would
     only take a core from the tile being built.
     """

@@ -870,8 +870,8 @@ def _image_hdu(data: np.ndarray, wcs: WCS, header_cards: Any, primary: bool) -> 
 
     Float data is copied in FITS byte order (big-endian): astropy writes it as it is, where it
     would byteswap the caller's array in place and back, two passes and a hazard for any thread
-    reading that array meanwhile (two files written at once from one coverage map failed their
-    checksums).
+    reading that array meanwhile (two files written at once from one array, such as a coverage
+    map, would get wrong checksums).
     """
     data = np.ascontiguousarray(data, dtype=_fits_dtype(data.dtype))
     hdu = fits.PrimaryHDU(data) if primary else fits.ImageHDU(data)

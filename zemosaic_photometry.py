@@ -69,9 +69,9 @@ _ANNULUS_PX = (3, 15)
 # light that falls on the R or B pixels (every second row and column) depends on where it falls on
 # the Bayer grid, by 2 exp(-2 pi^2 sigma^2 / 4) per axis (0.3 % at FWHM 2.7 px, 6 % at FWHM 2 px),
 # and the G pixels' denser grid makes G's error far smaller; plus flat-field and PSF differences.
-# Measured per star between the frames of the shared real subs, the R and B colours scatter by
-# several per cent. With 0.5 % for every channel the brightest few stars took all the weight and
-# their colour errors passed for colour terms (35 of 200 simulated 12-star frames tinted).
+# A star's R and B colours scatter by several per cent between frames, hence their larger floor
+# per channel: with the mono floor in every channel, the brightest few stars would take all the
+# weight and their colour errors would pass for colour terms.
 _STAR_SYSTEMATIC = 0.005
 _STAR_SYSTEMATIC_RGB = (0.03, 0.01, 0.03)
 _STAR_CLIP = 5.0  # per-star ratio outliers (hot pixel, trail, variable star), in robust sigmas
@@ -308,8 +308,8 @@ def _channel_gains(gains, sigmas, grey: float):
     through another colour balance (another night, another altitude). A channel measured to
     ``GAIN_PRECISION`` keeps its gain as measured; a less precise one has its colour term shrunk
     towards grey by ``c^2 / (c^2 + sigma^2)``, so that a term near its noise cannot tint the frame
-    while a large one (15-25 % between the two nights of the shared real subs, measured to 1-4 %)
-    is still corrected.
+    while a large one (another night's colour balance, several times its uncertainty) is still
+    corrected.
     """
     if gains.size < 2 or not np.all(np.isfinite(sigmas)):
         return None
@@ -325,8 +325,8 @@ def _grey_gain(gains, influences):
     """Return ``(grey gain, relative sigma)``: the least-variance mean of correlated channel gains.
 
     The channel estimates share their stars, and bilinear debayering of undersampled stars moves
-    flux between R and B with a star's position on the Bayer grid (by tens of per cent per star on
-    real Seestar subs): their errors are strongly correlated. The covariance from the stars'
+    flux between R and B with a star's position on the Bayer grid (by tens of per cent per star at
+    the Seestar's sampling): their errors are strongly correlated. The covariance from the stars'
     influences gives the weights ``C^-1 1 / (1' C^-1 1)`` that cancel what the channels share.
     """
     cov = influences @ influences.T
@@ -467,9 +467,9 @@ def refine_star_gains(gains, offsets, fits: dict, stars: ReferenceStars, referen
     a star falls on the Bayer grid changes its R and B), so gains measured against the reference
     alone carry the reference's own colour errors into every frame. Here each frame is measured
     against the mean normalised fluxes of the reference and the frames found grey against it (of
-    the same colour balance), leaving itself out, which averages those errors down: on the shared
-    real subs, the other night's per-channel gains become 1.3-2.2 % precise instead of 1.5-4.5 %,
-    and move by 5-7 % in R/G and B/G, towards the colours of the stars measured on the raw frames.
+    the same colour balance), leaving itself out, which averages those errors down: the
+    per-channel gains of frames of another balance come out more precise, and closer to the
+    stars' own colours, than against the reference alone.
 
     ``fits`` maps frame index to its :class:`GainFit` against the reference; frames without a
     star fit and the reference keep their coefficients. With fewer than two frames of the
@@ -599,8 +599,8 @@ def white_balance(image_hwc, star_kappa: float = 20.0, smooth_px: float = 8.0,
     ``star_kappa`` noise sigmas in every channel, below 80 % of each channel's maximum (saturated
     cores have lost their colour). Each channel's gain makes the median star pixel grey. With
     fewer than 50 star pixels the brightest 1 % of the sky-subtracted pixels stand in. An image
-    larger than ``max_pixels`` is measured on a block-averaged copy (4.3 s -> 1.5 s on the demo
-    mosaic; gains within 2 %).
+    larger than ``max_pixels`` is measured on a block-averaged copy, which keeps every star's
+    light and colour and costs a fraction of the smoothing at full size.
     """
     image = np.asarray(image_hwc, np.float32)
     factor = int(np.ceil(np.sqrt(image.shape[0] * image.shape[1] / max_pixels)))
@@ -611,11 +611,11 @@ def white_balance(image_hwc, star_kappa: float = 20.0, smooth_px: float = 8.0,
         return WhiteBalance(np.ones(n_ch), np.zeros(n_ch), "none")
     sample = image[::2, ::2].reshape(-1, n_ch)
     # The sky is the mode (zemosaic_utils.sky_level): a median of a nebula-filled field sits on
-    # the nebula in its colour (36 ADU too high in R on the demo mosaic) and tints the sky.
+    # the nebula in its colour and tints the sky.
     sky = np.array([sky_level(subsample(sample[:, c], 200_000)) for c in range(n_ch)])
     noise = np.array([sigma_clipped_stats(sample[:, c])[1] for c in range(n_ch)])
-    # Channel planes throughout: an (H, W, C) float64 detail image cost more to interleave and
-    # compare over its short channel axis than the smoothing itself.
+    # Channel planes throughout: each plane is smoothed and compared contiguously, with no
+    # (H, W, C) float64 temporary to interleave and compare over the short channel axis.
     detail = [image[..., c] - smooth
               for c, smooth in enumerate(smooth_nan_planes([image[..., c] for c in range(n_ch)], smooth_px))]
     with np.errstate(invalid="ignore"):

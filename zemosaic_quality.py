@@ -3,7 +3,8 @@
 Every frame gets its star list once (:func:`zemosaic_align_stack.alignment_stars`);
 :func:`frame_quality` measures on it and on the frame what a screening needs — star count, FWHM,
 star light, sky background and noise, and whether a satellite or aircraft trail crosses the
-frame — in under 20 ms a full Seestar frame, small next to loading it (45-65 ms).
+frame — on the star list and a subsample of the pixels, so that it costs little next to
+loading the frame.
 :func:`screen_frames` names the frames of a group far outside the group's distribution (cloud,
 defocus, wind, twilight), each with its reason; :func:`choose_reference` picks the group's
 reference among the frames nearest its centre by quality. A trail alone never excludes a frame
@@ -48,8 +49,8 @@ _SATURATION_FRACTION = 0.8
 # Rounds of the adaptive Gaussian weight; a Gaussian star is exact after one, a Moffat or noisy
 # one settles within three.
 _MOMENT_ROUNDS = 4
-# Pixels the sky is measured on: its level comes out to a hundredth of the noise and the noise to
-# half a per cent, at about 1 ms a channel for the level and 2 ms for the noise.
+# Pixels the sky is measured on: enough for its level to a hundredth of the noise and the noise to
+# half a per cent, and far fewer than a frame holds, so that measuring the sky stays cheap.
 _SKY_SAMPLE = 20_000
 
 _GAUSS_FWHM = 2.0 * math.sqrt(2.0 * math.log(2.0))
@@ -92,8 +93,8 @@ class FrameQuality:
 
         A cloud dims every star and loses the faint ones: with a full star list (150 stars, the
         same ones in every frame) the typical flux falls with the transparency, with a short one
-        the number falls too. Transparency 0.3 gave 0.40 of the clear frames' on full synthetic
-        frames and 0.47 on small ones, where flux alone gave 0.39 and 0.84, the count 1.0 and 0.6.
+        the number falls too. Their product follows the transparency in both cases, where the flux
+        alone misses a short list's lost stars and the count alone a full list's dimmed ones.
         """
         return self.n_measured * self.star_flux if self.n_measured else 0.0  # no star: no light
 
@@ -144,8 +145,8 @@ def sky_measures(image) -> tuple[float, tuple, float]:
     The background is :func:`zemosaic_utils.sky_level` of a strided subsample (the sky's peak: a
     nebula over much of the field does not pull it up); the noise is
     :func:`zemosaic_utils.pixel_noise_sigma` of whole rows, one every few (second differences
-    along them cancel a nebula or a gradient: the plain spread of the pixels read 45 ADU for a
-    noise of 17 on the synthetic frames; the stacking weights measure the same way).
+    along them cancel a nebula or a gradient, which the plain spread of the pixels would count
+    as noise; the stacking weights measure the same way).
     """
     height, width = image.shape[:2]
     sample = subsample(image, _SKY_SAMPLE)
@@ -312,7 +313,7 @@ def trail_evidence(image) -> tuple[float, float, float]:
     """
     factor = max(1, round(min(image.shape[:2]) / TRAIL_GRID_PX))
     # The green plane alone (the middle channel; a mono frame's only one): the densest Bayer
-    # samples, and a satellite shines in sunlight, in every colour. A third of the binning's cost.
+    # samples, and a satellite shines in sunlight, in every colour. One plane to bin, not three.
     channel = image.shape[2] // 2
     grey = zastro.superpixel_image(image[..., channel:channel + 1], factor)
     bright, inner = _bright_superpixels(grey)
@@ -474,7 +475,7 @@ def observing_sessions(dates_obs: Sequence[str | None], exptimes: Sequence[float
 
     A session is a run of frames of one exposure time with no pause longer than
     :data:`SESSION_GAP_HOURS`: screening compares a frame with its own session, since another
-    night's sky (7x brighter on the shared real subs) and another exposure's star light are not
+    night's sky (it may be several times brighter) and another exposure's star light are not
     a defect. Frames without a date form one session per exposure time.
     """
     def when(date):
@@ -563,8 +564,7 @@ def _screen_reason(test: _Test, value: float, median: float, limit: float) -> st
 #: grid stays centred, enough to find one without a trail or a cloud.
 REFERENCE_CANDIDATES = 5
 #: Scores within this fraction of the best are equal: the nearest the centre of them is taken.
-#: The FWHM of equal frames scatters by 1-2 % (the shared real subs: 2.48-2.55 px), which moves
-#: the score by 2-4 %.
+#: The FWHM of equal frames scatters by 1-2 %, which moves the score by 2-4 %.
 REFERENCE_TIE = 0.05
 
 

@@ -1,7 +1,7 @@
 """The plate-solving phase: every frame without a usable WCS gets one, solving few, matching many.
 
-Solving a Seestar sub costs about a second, matching its stars to a solved frame a tenth of one,
-and a night is hundreds of subs of a few pointings. So the frames are grouped by their pointing,
+Plate-solving a Seestar sub costs far more than matching its stars to a solved frame, and a
+night is hundreds of subs of a few pointings. So the frames are grouped by their pointing,
 one frame per group is plate-solved (or a frame whose file already has a WCS serves), the others
 get the WCS their star match to it implies, checked against a plate solution of another frame of
 the group (one it already has, or one more solve). Matches that fail the check are dropped and

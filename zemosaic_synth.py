@@ -186,8 +186,8 @@ _KNOWN_OPTIONS = {
     "pointing_error_deg": 0.0,
 }
 
-# Options added later: recorded in truth.json only when set, so that a dataset made without them
-# is byte for byte the one made before they existed.
+# Optional options: recorded in truth.json only when set, so that leaving them unset changes no
+# byte of a dataset.
 _OPTIONAL_OPTIONS = {
     "satellite_panels": None,  # panels whose frame gets a trail for satellite_frame "central"/...
     "panel_sky_gradient": None,  # None -> flat sky pedestal; else per panel (gx, gy[, dome]) or two of them
@@ -475,7 +475,7 @@ def _panel_sky_gradients(spec: Any, n_panels: int) -> list[list[tuple[float, ...
 
     An entry of ``panel_sky_gradient`` is one number (``gx = gy``), ``(gx, gy)``, ``(gx, gy,
     dome)`` or a list of two of those. A gradient is kept as 2 values when its dome is 0, so a
-    dataset without domes records (and renders) exactly what it did before domes existed.
+    dataset without domes records (and renders) exactly what its 2-value gradients give.
     """
     if spec is None:
         return [None] * n_panels
@@ -799,9 +799,9 @@ def generate_dataset(
     if opt["satellite"]:
         srng = np.random.default_rng([seed, _STREAM_SATELLITE])
         sat_frames = _satellite_frames(opt["satellite_frame"], opt["satellite_panels"], plans, fpp, srng)
-        for i in sat_frames:  # one draw per trail, in this order: a single trail is as before
+        for i in sat_frames:  # one draw per trail, in this order: one trail, one draw
             plans[i].satellite = _plan_satellite(srng, shape)
-        # One trail is recorded as its index, as before; several as the list.
+        # One trail is recorded as its index (as truth.json records a single trail); several as the list.
         multiple = isinstance(opt["satellite_frame"], str) or np.ndim(opt["satellite_frame"]) > 0
         sat_index = sat_frames if multiple else sat_frames[0]
 

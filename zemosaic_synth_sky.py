@@ -207,8 +207,8 @@ class _PixelMap:
     """Map 0-based pixel coordinates of one WCS to 0-based pixel coordinates of another.
 
     Two TAN projections are related by an exact plane homography, so we fit one on
-    a grid of WCS round trips and check it; per-pixel WCS calls (~0.5 s per million
-    pixels) would dominate the generation time otherwise.
+    a grid of WCS round trips and check it; per-pixel WCS calls would dominate the
+    generation time otherwise.
     """
 
     def __init__(self, src_wcs: WCS, src_shape: Sequence[int], dst_wcs: WCS, tol_px: float = 1e-4):
@@ -571,7 +571,7 @@ class SkyModel:
         """Model value of each raw pixel's own colour channel (float64, shape (H, W)).
 
         Only one channel is evaluated per pixel (the four Bayer sub-lattices are
-        handled separately), which is 3x cheaper than a full RGB render.
+        handled separately): a third of the channel evaluations of a full RGB render.
         """
         ny, nx = int(shape[0]), int(shape[1])
         cell = _bayer_cell(pattern)

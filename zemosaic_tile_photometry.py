@@ -37,7 +37,7 @@ from zemosaic_utils import block_mean, mad_sigma, sigma_clipped_stats, smooth_na
 logger = logging.getLogger(__name__)
 
 #: Chi-square (over the colour channels, p = 0.001 for two) above which a tile's colour terms are
-#: applied. Below it they are noise: applying them tinted the tiles of one night by ~1 %.
+#: applied. Below it they are noise, and applying them would tint the tiles of one night.
 COLOUR_CHI2 = 13.8
 #: Significance (in sigma) a Two-Pass gain needs to differ from 1.
 TWO_PASS_SIGNIFICANCE = 3.0
@@ -68,10 +68,9 @@ TWO_PASS_BLOCKS_ACROSS = 8
 _TWO_PASS_MIN_BLOCK_PX = 4
 #: A cell measuring its ratio less precisely than this holds too little signal to count.
 _CELL_MAX_SIGMA = 0.02
-#: Uncertainty of a cell's ratio that its formal sigma misses. Measured on the synthetic test
-#: scenes (equal gains, 4-6 px blocks): cells of formal sigma 0.1-0.3 % scatter about the truth
-#: by 0.75 % rms, 1.2 % when the tiles carry sky gradients of up to 12 %; with this added, the
-#: errors of all informative cells are 1.0-1.1 of their sigmas (rms).
+#: Uncertainty of a cell's ratio that its formal sigma misses (sky structure, sky gradients, PSF
+#: and sampling differences between the tiles), added to it in quadrature so that the errors of
+#: the informative cells, whose formal sigmas are far smaller, match their sigmas.
 _CELL_SYSTEMATIC = 0.01
 
 
@@ -305,8 +304,9 @@ def block_pair_slopes(image_i, image_j):
     :func:`_pair_slope` returns them (``sigma[1:]`` for each channel's slope relative to the
     luminance's). Each is a robust plane fit of :data:`BLOCK_PX` block means
     (:func:`_robust_plane_slope`); the sigmas are a jackknife over ten contiguous sets of blocks.
-    On the synthetic test scenes this measures the per-channel ratio of two tiles to about 1 %,
-    where the coarse-grid statistic of :func:`_pair_slope` scattered by 3-5 %.
+    Block means at full resolution keep each star's whole flux whatever the PSF of either tile,
+    so this measures the per-channel ratio more precisely than the coarse-grid statistic of
+    :func:`_pair_slope`, which serves where an overlap holds too few blocks.
     """
     bi, bj = (block_mean(image, BLOCK_PX, full_blocks_only=True) for image in (image_i, image_j))
     ok = np.all(np.isfinite(bi) & np.isfinite(bj), axis=-1)
@@ -528,9 +528,8 @@ def _colour_terms(n, pairs, anchor):
     logger.debug("Colour terms %s, sigma %s", np.round(log_c, 4).tolist(), np.round(sig_c, 4).tolist())
     # Shrink a tile's terms together by 1 - C / chi2: a colour barely above its noise is damped,
     # a large one applied almost in full. One factor for all channels keeps the ratios between
-    # them; shrinking each channel by its own k^2 / (k^2 + sigma^2) pulled a tile's imprecise G
-    # term to a third and so moved its R/G and B/G by ~1 % (2.4 % mean colour spread over eight
-    # synthetic two-night scenes, against 2.1 % now).
+    # them: a shrink per channel (by its own k^2 / (k^2 + sigma^2)) would damp an imprecise
+    # channel's term more than the others' and so move the tile's R/G and B/G.
     with np.errstate(divide="ignore", invalid="ignore"):
         shrink = np.clip(1.0 - log_c.shape[1] / chi2, 0.0, 1.0)
     return np.where(significant[:, None], log_c * shrink[:, None], 0.0)

@@ -1047,7 +1047,8 @@ def stack_in_chunks(stack, gains, offsets, weights, params: StackParams, xp=np,
     ``to_device``/``to_host`` move a chunk to the backend of ``xp`` and back (identity on the
     CPU). ``threads`` chunks are stacked at once on the CPU (NumPy releases the GIL; each chunk's
     rows depend on nothing else, so the result is the same for any number). ``progress(done_rows,
-    total)`` is called after each chunk, in order, in the calling thread.
+    total)`` is called after each chunk of each pass, in order, in the calling thread; an exception
+    it raises (a cancel) stops the stacking, chunks not yet started are dropped.
     Returns host float32 ``(image (H, W, C), coverage (H, W))``.
 
     With rejection, a first pass over the chunks measures every pixel's :class:`PixelStats`: the
@@ -1076,7 +1077,7 @@ def stack_in_chunks(stack, gains, offsets, weights, params: StackParams, xp=np,
     if params.rejection != "none":
         if noise_sigmas is None:
             noise_sigmas = frame_noise_sigmas(stack, gains, n_max=_FLOOR_SUBSAMPLE)
-        stats = _stack_statistics(normalised, (h, w, c), rows, params, xp, to_host, threads)
+        stats = _stack_statistics(normalised, (h, w, c), rows, params, xp, to_host, threads, progress)
         signal = consensus_signal_map(stats, threads)
     image = np.empty((h, w, c), np.float32)
     coverage = np.empty((h, w), np.float32)
@@ -1103,12 +1104,18 @@ def _over_row_chunks(fn, h: int, rows: int, xp, threads: int, progress=None) -> 
         return r1
 
     with ThreadPoolExecutor(max(1, threads), thread_name_prefix="stack") as pool:
-        for r1 in (pool.map if xp is np and threads > 1 else map)(run, range(0, h, rows)):
-            if progress is not None:
-                progress(r1, h)
+        finished = (pool.map if xp is np and threads > 1 else map)(run, range(0, h, rows))
+        try:
+            for r1 in finished:
+                if progress is not None:
+                    progress(r1, h)
+        finally:
+            if hasattr(finished, "close"):  # pool.map's: drops the chunks not started (a cancel)
+                finished.close()
 
 
-def _stack_statistics(normalised, shape, rows: int, params: StackParams, xp, to_host, threads: int) -> PixelStats:
+def _stack_statistics(normalised, shape, rows: int, params: StackParams, xp, to_host, threads: int,
+                      progress=None) -> PixelStats:
     """Return the host :class:`PixelStats` of the normalised stack, ``normalised(r0, r1)`` a chunk at a time."""
     winsorized = params.rejection == "winsorized_sigma_clip"
     out = PixelStats(np.empty(shape, np.float32), *(np.empty(shape, np.float32) if winsorized else None
@@ -1121,7 +1128,7 @@ def _stack_statistics(normalised, shape, rows: int, params: StackParams, xp, to_
             if target is not None:
                 target[r0:r1] = to_host(value)
 
-    _over_row_chunks(chunk, shape[0], rows, xp, threads)
+    _over_row_chunks(chunk, shape[0], rows, xp, threads, progress)
     return out
 
 
@@ -1146,19 +1153,19 @@ def consensus_signal_map(stats: PixelStats, threads: int = 1) -> np.ndarray:
 def stack_winsorized_sigma_clip(frames, weights=None, kappa_low=3.0, kappa_high=3.0,
                                 winsor_limits=(0.05, 0.05), combine="mean", *, max_iterations=5,
                                 gains=None, offsets=None, noise_sigmas=None, threads: int = 1,
-                                backgrounds=None):
+                                backgrounds=None, progress=None):
     """Stack aligned frames with winsorized sigma clipping on the CPU; returns ``(image, coverage)``.
 
     The front door of the default rejection, under the name the seeds give it:
     :func:`stack_in_chunks` with ``StackParams("winsorized_sigma_clip", ...)``. ``frames`` is a
     list of ``(H, W, C)`` arrays or an ``(N, H, W, C)`` stack (a disk-backed one is read a block
     at a time), NaN outside each footprint; ``gains``, ``offsets``, ``backgrounds`` and
-    ``noise_sigmas`` are as for :func:`stack_in_chunks`, and so is ``threads``. A pixel without
-    valid samples stays NaN.
+    ``noise_sigmas`` are as for :func:`stack_in_chunks`, and so are ``threads`` and ``progress``.
+    A pixel without valid samples stays NaN.
     """
     if isinstance(frames, (list, tuple)):
         frames = np.stack([np.asarray(f, np.float32) for f in frames])
     params = StackParams("winsorized_sigma_clip", kappa_low, kappa_high, tuple(winsor_limits), combine,
                          max_iterations)
     return stack_in_chunks(frames, gains, offsets, weights, params, noise_sigmas=noise_sigmas,
-                           threads=threads, backgrounds=backgrounds)
+                           threads=threads, backgrounds=backgrounds, progress=progress)

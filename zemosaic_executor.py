@@ -243,6 +243,38 @@ class DiskStack:
             pass
 
 
+class CheckedStack:
+    """A read-only view of an aligned stack (an array or a :class:`DiskStack`) that calls
+    ``check()`` before every read: a tile's cancel check.
+
+    Every step after the alignment reads the stack through indexing, a frame (``stack[i]``) or a
+    block of rows (``stack[:, r0:r1]``) at a time, so a cancelled tile stops at its next frame or
+    block, without each step taking a callback.
+    """
+
+    def __init__(self, stack, check):
+        self._stack, self._check = stack, check
+
+    @property
+    def shape(self) -> tuple:
+        return tuple(self._stack.shape)
+
+    @property
+    def dtype(self):
+        return self._stack.dtype
+
+    @property
+    def ndim(self) -> int:
+        return self._stack.ndim
+
+    def __len__(self) -> int:
+        return len(self._stack)
+
+    def __getitem__(self, key):
+        self._check()
+        return self._stack[key]
+
+
 class CancelFlag:
     """A cancellation flag visible to worker processes on any machine that shares ``path``'s folder."""
 
@@ -307,6 +339,7 @@ def _call_in_worker(fn, payload: bytes, cancel_flag: str | None, caller_pid: int
     """
     task = pickle.loads(payload)
     ctx = WorkerContext(cancel_flag)
+    ctx.check_cancel()  # a task that starts after a cancel (one Dask had queued) ends at once
     if os.getpid() == caller_pid:
         return fn(task, ctx), []
     collector = _LogCollector(log_level)
@@ -377,9 +410,11 @@ class _FutureExecutor:
     def run(self, fn, tasks, ctx, cancel_flag: CancelFlag):
         """Yield a :class:`TaskOutcome` per task as tasks finish.
 
-        ``ctx.check_cancel`` is polled while waiting; on cancel (or any exception here, such as
-        Ctrl-C) the flag is raised, pending tasks are dropped and running ones are waited for,
-        so no worker writes into the output folder after the run has ended.
+        ``ctx.check_cancel`` is polled while waiting. On cancel (or any exception here, such as
+        Ctrl-C) the flag is raised: tasks not started are dropped, running ones stop at their
+        next check and are waited for, so no worker writes into the output folder after the run
+        has ended. The tasks that finished meanwhile are still yielded (their files exist: the
+        caller records them), then the exception goes on.
         """
         level = logging.getLogger("zemosaic_worker").getEffectiveLevel()
         cancel_flag.clear()
@@ -392,13 +427,34 @@ class _FutureExecutor:
                 for future in self._as_completed(pending, _POLL_S):
                     pending.discard(future)
                     yield self._outcome(futures[future], future)
+        except GeneratorExit:  # the caller stopped iterating: nothing more can be handed over
+            self._stop(cancel_flag, pending)
+            raise
         except BaseException:
-            cancel_flag.set()
-            self._cancel_pending(pending)
-            self._wait_quietly(pending)
+            self._stop(cancel_flag, pending)
+            for future in pending:
+                outcome = self._finished_while_stopping(futures[future], future)
+                if outcome is not None:
+                    yield outcome
             raise
         finally:
             cancel_flag.clear()
+
+    def _stop(self, cancel_flag: CancelFlag, pending) -> None:
+        """Raise the flag, drop the tasks not started and wait for the running ones."""
+        cancel_flag.set()
+        self._cancel_pending(pending)
+        self._wait_quietly(pending)
+
+    def _finished_while_stopping(self, index, future) -> TaskOutcome | None:
+        """Return the outcome of a task that ran to its end while the run stopped, None for one
+        dropped or stopped by the cancel (or by Ctrl-C, which reaches the local workers too)."""
+        if future.cancelled():
+            return None
+        try:
+            return self._outcome(index, future)
+        except (Cancelled, KeyboardInterrupt, WorkersLost):
+            return None
 
     def _outcome(self, index, future) -> TaskOutcome:
         """Return a finished future's outcome; a worker's error other than :class:`TaskError`
@@ -545,6 +601,11 @@ class DaskExecutor(_FutureExecutor):
 
     def _submit(self, call, *args):
         return self._client.submit(call, *args, pure=False)
+
+    def _cancel_pending(self, futures):
+        """Nothing is cancelled: a Dask future cancelled while it runs keeps running with its
+        result thrown away (a tile written after the run, missing from the manifest). Queued
+        tasks see the cancel flag as they start and end at once."""
 
     def _as_completed(self, futures, timeout):
         from distributed import wait

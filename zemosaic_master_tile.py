@@ -270,7 +270,7 @@ def _frame_photometry(used, gains, offsets, weights, backgrounds, measures) -> l
     return rows
 
 
-def _stack_group(stack, noise, config, use_gpu, tile_label, threads=1):
+def _stack_group(stack, noise, config, use_gpu, tile_label, threads=1, check_cancel=lambda: None):
     """Normalise, weight, reject and combine an aligned stack, ``threads`` frames or chunks at once.
 
     ``noise`` is the ``(n, C)`` sky noise of the stack's first n frames before resampling: it sets
@@ -279,9 +279,11 @@ def _stack_group(stack, noise, config, use_gpu, tile_label, threads=1):
     The rejection's floor is the spread of the aligned samples, measured on the aligned frames.
     Returns ``(image, coverage, backend, (gains, offsets, weights, backgrounds))``, the
     coefficients per frame (``backgrounds``: :class:`zemosaic_background.BackgroundModels` on the
-    canvas, or None without normalisation).
+    canvas, or None without normalisation). ``check_cancel()`` runs before every read of the
+    stack (:class:`zemosaic_executor.CheckedStack`): a cancelled tile stops at its next frame or
+    block of rows, within a second.
     """
-    view = stack[:len(noise)]
+    view = zexec.CheckedStack(stack[:len(noise)], check_cancel)
     gains, offsets = stk.normalization_coefficients(view, 0, config.stacking_normalize_method,
                                                     threads=threads)
     if config.stacking_normalize_method == "linear_fit":
@@ -368,7 +370,8 @@ def build_master_tile(task: TileTask, ctx) -> TileResult:
         return TileResult(None, skipped)
     try:
         image, coverage, backend, coefficients = _stack_group(stack, np.array([m.noise for m in measures]),
-                                                             config, task.use_gpu, label, task.threads)
+                                                             config, task.use_gpu, label, task.threads,
+                                                             ctx.check_cancel)
     finally:
         zexec.release_stack(stack)
     zfits.write_image_fits(os.path.join(task.tiles_dir, tile_name(task.index)), image, tile_wcs,

@@ -1,6 +1,7 @@
 """Stacking kernels: NaN footprints, rejection against slow references, CPU/GPU-path parity."""
 
 import re
+import time
 from pathlib import Path
 
 import numpy as np
@@ -116,9 +117,44 @@ def test_chunks_stacked_in_threads_give_the_same_bytes(rng):
                                            noise_sigmas=noise, threads=threads,
                                            progress=lambda r, h: done.append(r)))
         calls.append(done)
-    assert calls[0] == calls[1] == [7, 14, 21, 28, 35, 42, 49, 56, 60]  # in order, every chunk
+    # In order, every chunk of each pass (the statistics, then the stacking).
+    assert calls[0] == calls[1] == [7, 14, 21, 28, 35, 42, 49, 56, 60] * 2
     assert results[0][0].tobytes() == results[1][0].tobytes()
     assert results[0][1].tobytes() == results[1][1].tobytes()
+
+
+class _CountingStack:
+    """An aligned stack that counts the row chunks read from it, each read as slow as a disk's."""
+
+    def __init__(self, data):
+        self.data, self.shape, self.reads = data, data.shape, 0
+
+    def __getitem__(self, key):
+        self.reads += 1
+        time.sleep(0.02)
+        return self.data[key]
+
+
+class _Stop(Exception):
+    pass
+
+
+@pytest.mark.parametrize("threads", [1, 3])
+def test_an_exception_from_progress_stops_the_stacking_within_the_chunks_started(rng, threads):
+    """A cancel raised from ``progress`` must not wait for the rest of the tile: the chunks not
+    yet started are dropped (a thread pool's map would otherwise run every one of them)."""
+    stack = _CountingStack(_random_stack(rng, h=200))
+    params = stk.StackParams("winsorized_sigma_clip", 3.0, 3.0, (0.05, 0.05), "mean")
+    noise = np.full((stack.shape[0], 3), 5.0)
+
+    def stop(done, total):
+        raise _Stop()
+
+    with pytest.raises(_Stop):
+        stk.stack_in_chunks(stack, None, None, None, params, rows_per_chunk=2, noise_sigmas=noise,
+                            threads=threads, progress=stop)
+    # 100 chunks per pass; stopped after the first, with the running ones finishing.
+    assert stack.reads <= 4 * threads
 
 
 def test_sorted_quantile_matches_nanquantile(rng):

@@ -1,6 +1,7 @@
 """Tile tasks on every executor: in-process, a local process pool, a Dask cluster — same mosaic."""
 
 import logging
+import os
 import threading
 import time
 
@@ -272,6 +273,54 @@ def test_worker_count_zero_means_every_core():
     assert zexec.resolve_workers(0) >= 1 and zexec.resolve_workers(3) == 3
     assert config_from_dict({"dask_scheduler": " tcp://10.0.0.5:8786 "}).dask_scheduler == \
         "tcp://10.0.0.5:8786"
+
+
+def finishing_or_stopping(task, ctx):
+    """Task "finish" ignores the cancel for 1.5 s (a tile writing its file), then returns; the
+    others check it every 50 ms for up to 20 s; each leaves a file saying it started."""
+    name, folder = task
+    open(os.path.join(folder, name), "w").close()
+    if name == "finish":
+        time.sleep(1.5)
+        return name
+    return slow_until_cancelled(name, ctx)
+
+
+@pytest.mark.parametrize("kind", ["pool", "dask"])
+def test_cancel_stops_running_tasks_in_seconds_and_hands_over_those_that_finished(kind, tmp_path):
+    if kind == "dask":
+        pytest.importorskip("distributed")
+        pool = zexec.DaskExecutor(zexec.LOCAL_CLUSTER, 2)
+    else:
+        pool = zexec.PoolExecutor(2)
+    cancel = threading.Event()
+    flag = zexec.CancelFlag(str(tmp_path / ".cancel"))
+    started = tmp_path / "started"
+    started.mkdir()
+    tasks = [(name, str(started)) for name in ("finish", "stop", "queued-1", "queued-2")]
+    outcomes, cancelled_at = [], []
+
+    def cancel_once_both_run():
+        deadline = time.monotonic() + 60
+        while len(os.listdir(started)) < 2 and time.monotonic() < deadline:
+            time.sleep(0.02)
+        time.sleep(0.3)
+        cancelled_at.append(time.monotonic())
+        cancel.set()
+
+    threading.Thread(target=cancel_once_both_run, daemon=True).start()
+    try:
+        with pytest.raises(zexec.Cancelled):
+            for outcome in pool.run(finishing_or_stopping, tasks, _Ctx(cancel), flag):
+                outcomes.append(outcome)
+        stop_s = time.monotonic() - cancelled_at[0]
+    finally:
+        pool.close()
+    assert [(o.index, o.result) for o in outcomes] == [(0, "finish")]  # it finished during the cancel
+    assert not flag.is_set()
+    assert stop_s < 3.0, stop_s  # "finish" ends 1.2 s after the cancel; "stop" would run 20 s
+    # The queued tasks did no work: dropped (pool) or ended as they started (Dask).
+    assert sorted(os.listdir(started)) == ["finish", "stop"]
 
 
 def test_cancel_during_parallel_tiles_writes_no_mosaic_and_leaves_no_scratch(frames, tmp_path):

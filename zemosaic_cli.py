@@ -1,9 +1,10 @@
 """The command line, and what the desktop window shares with it.
 
 ``python -m zemosaic_worker CONFIG.json [--log-level LEVEL]`` (or the ``zemosaic-worker`` command)
-lands in :func:`main`: it reads the configuration, shows one tqdm bar per phase on a terminal,
-writes the run's log to ``zemosaic_run.log`` in the output folder, prints the end-of-run summary
-and turns failures into one line and an exit code (1 a run that cannot be made, 2 a bad
+lands in :func:`main`: it reads the configuration, shows one tqdm bar per phase on a terminal
+with the log records above them, every line within 80 columns there (:func:`fit_columns`), writes the
+run's log to ``zemosaic_run.log`` in the output folder, prints the end-of-run summary and turns
+failures into one line and an exit code (1 a run that cannot be made, 2 a bad
 configuration, 130 Ctrl-C or cancel, 143 SIGTERM). Any other exception is a bug: exit 1, its type
 and message on the terminal, its traceback in the run log. The window uses the same run log and summary
 (:func:`attach_run_log`, :func:`detach_run_log`, :func:`format_summary`, :func:`wcs_summary`).
@@ -18,13 +19,16 @@ import os
 import shutil
 import signal
 import sys
+import textwrap
 import threading
 import time
 import traceback
 
 from zemosaic_config import CHOICES, ConfigError, MosaicConfig, load_config
-from zemosaic_worker import (LOG_NAME, Cancelled, PipelineError, RunReport, RunResult,
-                             __version__, run_mosaic)
+from zemosaic_version import __version__
+
+# The pipeline (zemosaic_worker: NumPy, astropy, a second or two to import) is imported in main,
+# where Ctrl-C during its imports ends the program like Ctrl-C during the run.
 
 logger = logging.getLogger(__name__)
 
@@ -95,6 +99,51 @@ class _TerminalProgress:
 
 
 LOG_FORMAT = "%(asctime)s %(levelname)s %(name)s: %(message)s"
+TERMINAL_FORMAT = "%(levelname)s %(name)s: %(message)s"
+#: What the command line prints on a terminal fits this many columns (piped or in the run log,
+#: each record stays on one line).
+TERMINAL_COLUMNS = 80
+
+
+def fit_columns(text: str, width: int = TERMINAL_COLUMNS) -> str:
+    """Return ``text`` with each line longer than ``width`` wrapped at spaces (a longer word, a
+    path, is cut), the continuation lines indented 4 spaces past the line's own indent."""
+    lines = []
+    for line in text.splitlines() or [""]:
+        if len(line) <= width:
+            lines.append(line)
+            continue
+        indent = line[:len(line) - len(line.lstrip())]
+        lines += textwrap.wrap(line, width, subsequent_indent=indent + "    ", break_on_hyphens=False)
+    return "\n".join(lines)
+
+
+def _columns(stream) -> int | None:
+    """Return the columns a line to ``stream`` may take: at most :data:`TERMINAL_COLUMNS` on a
+    terminal, None (one line per record, for grep and files) elsewhere."""
+    if not stream.isatty():
+        return None
+    return min(TERMINAL_COLUMNS, shutil.get_terminal_size().columns)
+
+
+class _ColumnsFormatter(logging.Formatter):
+    """The terminal's log format, on a terminal every line within :data:`TERMINAL_COLUMNS`."""
+
+    def __init__(self, fmt, stream):
+        super().__init__(fmt)
+        self.width = _columns(stream)
+
+    def format(self, record):
+        text = super().format(record)
+        return text if self.width is None else fit_columns(text, self.width)
+
+
+def _print_to_terminal(text: str, stream=None) -> None:
+    """Print ``text`` to ``stream`` (standard error by default), on a terminal within
+    :data:`TERMINAL_COLUMNS`."""
+    stream = stream or sys.stderr
+    width = _columns(stream)
+    print(text if width is None else fit_columns(text, width), file=stream, flush=True)
 
 
 def pipeline_logger_names() -> tuple[str, ...]:
@@ -112,6 +161,8 @@ def attach_run_log(config: MosaicConfig) -> logging.Handler | None:
     pipeline itself adds no handler. The file records the run at the configured level. None
     when the folder cannot hold it (the run then reports the unwritable folder itself).
     """
+    from zemosaic_worker import LOG_NAME
+
     try:
         os.makedirs(config.output_folder, exist_ok=True)
         handler = logging.FileHandler(os.path.join(config.output_folder, LOG_NAME), mode="w",
@@ -131,7 +182,7 @@ def detach_run_log(handler: logging.Handler | None) -> None:
         handler.close()
 
 
-def wcs_summary(report: RunReport) -> str:
+def wcs_summary(report) -> str:
     """Return how the used frames got their WCS, e.g. ``"4 from headers, 1 solved, 1 matched"``."""
     sources = [e["wcs"] for e in report.used_frame_wcs()]
     counts = [(sum(s == "header" for s in sources), "from headers"),
@@ -141,7 +192,7 @@ def wcs_summary(report: RunReport) -> str:
     return ", ".join(f"{n} {what}" for n, what in counts if n) or "none"
 
 
-def format_summary(result: RunResult, brief: bool = False) -> str:
+def format_summary(result, brief: bool = False) -> str:
     """Return the end-of-run summary: frames used and skipped, WCS sources, tiles, size, time.
 
     The full form (terminal, run log) lists every skipped frame with its reason, the outputs and
@@ -168,6 +219,11 @@ def format_summary(result: RunResult, brief: bool = False) -> str:
     return "\n".join(lines)
 
 
+#: What Ctrl-C (exit 130) and SIGTERM (exit 143) leave on the terminal, from the imports on.
+INTERRUPTED = "\nzemosaic: interrupted; no mosaic written"
+TERMINATED = "\nzemosaic: terminated (SIGTERM); no mosaic written"
+
+
 class _Terminated(KeyboardInterrupt):
     """SIGTERM: unwinds the run like Ctrl-C (temporary files removed, lock released)."""
 
@@ -177,23 +233,24 @@ def _on_sigterm(signum, frame):
 
 
 HELP_EPILOG = """main configuration keys (JSON file; all optional except the folders):
-  input_folder, output_folder          folders of the raw frames and of the outputs
-  stacking_rejection_algorithm         winsorized_sigma_clip | kappa_sigma | none
+  input_folder, output_folder     folders of the raw frames and of the outputs
+  stacking_rejection_algorithm    winsorized_sigma_clip | kappa_sigma | none
   stacking_kappa_low, stacking_kappa_high, stacking_winsor_limits
-  stacking_final_combine_method        mean | median
+  stacking_final_combine_method   mean | median
   cluster_panel_threshold, max_raw_per_master_tile
   use_gpu_phase5, two_pass_coverage_renorm
   save_channel_files, save_final_as_uint16, logging_level
-  num_processing_workers               master tiles at once (0 = one per core, 1 = no workers)
-  dask_scheduler                       "" | local | tcp://host:8786 (master tiles on Dask)
-  (every key with its default and allowed values: README.md, "Configuration keys")
+  num_processing_workers          tiles at once (0: one per core, 1: no workers)
+  dask_scheduler                  "" | local | tcp://host:8786 (tiles on Dask)
+  (every key, its default and allowed values: README.md, "Configuration keys")
 
 example:
-  echo '{"input_folder": "/data/M42", "output_folder": "/data/M42/mosaic"}' > m42.json
-  python -m zemosaic_worker m42.json --log-level DEBUG
+  echo '{"input_folder": "/data/M42", "output_folder": "/data/M42/out"}' >m.json
+  python -m zemosaic_worker m.json --log-level DEBUG
 
-outputs: zemosaic_mosaic.fits, zemosaic_mosaic_coverage.fits, zemosaic_mosaic_preview.png,
-  zemosaic_mosaic_display.tif, zemosaic_run.json, zemosaic_run.log (in output_folder)
+outputs (in output_folder): zemosaic_mosaic.fits, zemosaic_mosaic_coverage.fits,
+  zemosaic_mosaic_preview.png, zemosaic_mosaic_display.tif, zemosaic_run.json,
+  zemosaic_run.log
 """
 
 
@@ -202,8 +259,8 @@ def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="python -m zemosaic_worker", epilog=HELP_EPILOG,
         formatter_class=argparse.RawDescriptionHelpFormatter,
-        description="Build an RGB mosaic FITS from raw smart-telescope frames (plate-solved here "
-                    "when they carry no WCS).")
+        description="Build an RGB mosaic FITS from raw smart-telescope frames\n"
+                    "(plate-solved here when they carry no WCS).")
     parser.add_argument("config", help="JSON configuration file (input_folder, output_folder, ...)")
     parser.add_argument("--log-level", choices=CHOICES["logging_level"], type=str.upper,
                         help="log level (default: logging_level from the configuration)")
@@ -216,7 +273,43 @@ def main(argv=None) -> int:
     args = _parser().parse_args(argv)
     if threading.current_thread() is threading.main_thread():
         signal.signal(signal.SIGTERM, _on_sigterm)
-    logging.basicConfig(level=args.log_level or "INFO", format="%(levelname)s %(name)s: %(message)s")
+    terminal = logging.StreamHandler()
+    terminal.setFormatter(_ColumnsFormatter(TERMINAL_FORMAT, terminal.stream))
+    logging.basicConfig(level=args.log_level or "INFO", handlers=[terminal])
+    zw, held = _import_pipeline()
+    if held == signal.SIGTERM:
+        _print_to_terminal(TERMINATED)
+        return 143
+    if held is not None:
+        _print_to_terminal(INTERRUPTED)
+        return 130
+    return _run(args, zw)
+
+
+def _import_pipeline():
+    """Return ``(zemosaic_worker, signal held)``: the pipeline imported with Ctrl-C and SIGTERM
+    held back, the first one that came during the imports, or None.
+
+    Raised inside a library's compiled import, a KeyboardInterrupt can come out as an
+    ImportError (NumPy's ``PyCapsule_Import could not import module "datetime"``), so the
+    signal is only noted during the imports and acted on after them.
+    """
+    if threading.current_thread() is not threading.main_thread():  # no signals there
+        import zemosaic_worker
+        return zemosaic_worker, None
+    held: list = []
+    saved = {sig: signal.signal(sig, lambda signum, frame: held.append(signum))
+             for sig in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        import zemosaic_worker
+    finally:
+        for sig, handler in saved.items():
+            signal.signal(sig, handler)
+    return zemosaic_worker, (held[0] if held else None)
+
+
+def _run(args, zw) -> int:
+    """Run the configuration of ``args`` with the pipeline module ``zw``; returns the exit code."""
     debug = args.log_level == "DEBUG"
     progress, run_log = _TerminalProgress(), None
     try:
@@ -230,22 +323,22 @@ def main(argv=None) -> int:
             if run_log is not None and record.levelno >= run_log.level:
                 run_log.handle(record)
         with _logs_above_the_bars(progress):
-            result = run_mosaic(config, progress=progress)
-    except (ConfigError, PipelineError) as exc:
+            result = zw.run_mosaic(config, progress=progress)
+    except (ConfigError, zw.PipelineError) as exc:
         progress.close()
         _report_failure(exc, debug)
         return 2 if isinstance(exc, ConfigError) else 1
-    except Cancelled:
+    except zw.Cancelled:
         progress.close()
-        print("zemosaic: cancelled", file=sys.stderr)
+        _print_to_terminal("zemosaic: cancelled")
         return 130
     except _Terminated:
         progress.close()
-        print("\nzemosaic: terminated (SIGTERM); no mosaic written", file=sys.stderr)
+        _print_to_terminal(TERMINATED)
         return 143
     except KeyboardInterrupt:
         progress.close()
-        print("\nzemosaic: interrupted; no mosaic written", file=sys.stderr)
+        _print_to_terminal(INTERRUPTED)
         return 130
     except Exception as exc:  # a bug (the error policy): the run stops, its traceback is kept
         progress.close()
@@ -257,7 +350,7 @@ def main(argv=None) -> int:
         detach_run_log(run_log)
     progress.close()
     try:
-        print(format_summary(result), flush=True)
+        _print_to_terminal(format_summary(result), sys.stdout)
     except BrokenPipeError:  # `| head` closed the pipe: the run itself succeeded
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # no error at exit either
     return 0
@@ -307,6 +400,6 @@ def _report_failure(exc, debug, unexpected=False):
     if debug:
         logger.exception("run failed")
     kind = f"{type(exc).__name__}: " if unexpected else ""
-    print(f"zemosaic: error: {kind}{exc}", file=sys.stderr)
+    _print_to_terminal(f"zemosaic: error: {kind}{exc}")
 
 

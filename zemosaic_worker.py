@@ -12,6 +12,16 @@ configure where it goes.
 
 from __future__ import annotations
 
+if __name__ == "__main__":
+    # ``python -m zemosaic_worker CONFIG.json``: the command line lives in zemosaic_cli, which
+    # imports this module as a library. It starts before this module's own imports, so that
+    # Ctrl-C while NumPy and astropy load ends it with one line too (zemosaic_cli.main).
+    import sys
+
+    from zemosaic_cli import main
+
+    sys.exit(main())
+
 import dataclasses
 import json
 import logging
@@ -1035,10 +1045,3 @@ def run_mosaic(config: MosaicConfig, progress=None, cancel: threading.Event | No
         lock.release()
     return RunResult(paths, report, report.timings_s["total"])
 
-
-if __name__ == "__main__":
-    # ``python -m zemosaic_worker CONFIG.json``: the command line lives in zemosaic_cli, which
-    # imports this module as a library (this block runs only as the program, never on import).
-    from zemosaic_cli import main
-
-    sys.exit(main())

@@ -22,7 +22,7 @@ BROAD_HANDLERS_ALLOWED = {
     ("zemosaic_gui", "emit"),
     # The front ends' last line: the run has stopped; exit 1 (CLI) or the error dialog (window),
     # the traceback in the run log.
-    ("zemosaic_cli", "main"),
+    ("zemosaic_cli", "_run"),
     ("zemosaic_gui", "run"),
 }
 

@@ -14,7 +14,8 @@ import zemosaic_worker as zw
 from zemosaic_config import ConfigError, config_from_dict
 
 
-def test_version_and_help(capsys):
+def test_version_and_help(capsys, monkeypatch):
+    monkeypatch.setenv("COLUMNS", "80")  # argparse wraps what it writes itself to the terminal's width
     with pytest.raises(SystemExit):
         zemosaic_cli.main(["--version"])
     assert capsys.readouterr().out.strip() == f"ZeMosaic {zw.__version__}"
@@ -24,7 +25,7 @@ def test_version_and_help(capsys):
     for word in ("input_folder", "stacking_rejection_algorithm", "save_channel_files", "example:",
                  "zemosaic_run.log"):
         assert word in text
-    assert max(len(line) for line in text.splitlines()) <= 100
+    assert max(len(line) for line in text.splitlines()) <= 80
 
 
 def test_typo_key_is_an_error_with_a_suggestion(tmp_path, capsys):
@@ -121,3 +122,81 @@ def test_a_closed_pipe_ends_a_finished_run_quietly(tmp_path):
     os.close(write)
     assert done.returncode == 0, done.stderr[-2000:]
     assert "Traceback" not in done.stderr and "BrokenPipeError" not in done.stderr
+
+
+def _loaded(pid: int, library: str) -> bool:
+    try:
+        with open(f"/proc/{pid}/maps") as fh:
+            return library in fh.read()
+    except OSError:
+        return False
+
+
+@pytest.mark.skipif(not os.path.exists("/proc/self/maps"), reason="needs /proc to see the imports")
+def test_ctrl_c_while_the_libraries_load_is_one_line_and_exit_130(tmp_path):
+    """Ctrl-C in the first second, while NumPy and astropy are imported, ends like Ctrl-C during
+    the run: one line, exit 130, no KeyboardInterrupt traceback."""
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    cfg = tmp_path / "c.json"
+    cfg.write_text(json.dumps({"input_folder": str(tmp_path), "output_folder": str(tmp_path / "o")}))
+    proc = subprocess.Popen([sys.executable, "-m", "zemosaic_worker", str(cfg)], stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True)
+    deadline = time.monotonic() + 60
+    while not _loaded(proc.pid, "_multiarray_umath") and time.monotonic() < deadline:
+        time.sleep(0.002)
+    in_imports = not _loaded(proc.pid, "astropy")  # astropy's compiled parts load after NumPy
+    proc.send_signal(signal.SIGINT)
+    out, err = proc.communicate(timeout=60)
+    assert in_imports
+    assert proc.returncode == 130, err
+    assert err.strip() == "zemosaic: interrupted; no mosaic written" and out == ""
+
+
+def test_a_run_on_a_terminal_keeps_every_line_within_80_columns_and_logs_off_the_bars(tmp_path):
+    """On a terminal (a pseudo-terminal here, 80 columns) the bars, the log records (a long
+    output path, an unknown key's warning) and the summary each fit 80 columns, and no log
+    record is written into the middle of a bar."""
+    import fcntl
+    import pty
+    import struct
+    import subprocess
+    import sys
+    import termios
+
+    info = zemosaic_synth.generate_dataset(tmp_path / "d", panels=(2, 1), frames_per_panel=3, seed=5,
+                                           size="small")
+    out = tmp_path / ("an_output_folder_with_a_name_long_enough_to_need_wrapping_" * 2)
+    cfg = tmp_path / "c.json"
+    cfg.write_text(json.dumps({"input_folder": info["frames_dir"], "output_folder": str(out),
+                               "an_unknown_key_of_some_length": 1}))
+    leader, follower = pty.openpty()
+    fcntl.ioctl(follower, termios.TIOCSWINSZ, struct.pack("HHHH", 24, 80, 0, 0))
+    proc = subprocess.Popen([sys.executable, "-m", "zemosaic_worker", str(cfg)], stdin=subprocess.DEVNULL,
+                            stdout=follower, stderr=follower)
+    os.close(follower)
+    chunks = []
+    while True:
+        try:
+            chunk = os.read(leader, 65536)
+        except OSError:  # the program closed the terminal
+            break
+        if not chunk:
+            break
+        chunks.append(chunk)
+    os.close(leader)
+    assert proc.wait(timeout=120) == 0
+    text = re.sub(r"\x1b\[[0-9;?]*[A-Za-z]", "", b"".join(chunks).decode("utf-8", "replace"))
+    lines = [line for line in re.split(r"[\r\n]", text) if line.strip()]
+    assert any(line.startswith("master_tiles") for line in lines)  # bars were drawn
+    assert any("an_unknown_key_of_some_length" in line for line in lines)
+    assert any(line.startswith("ZeMosaic ") and "mosaic done" in line for line in lines)
+    too_wide = [line for line in lines if len(line) > 80]
+    assert not too_wide, too_wide
+    levels = ("DEBUG ", "INFO ", "WARNING ", "ERROR ")
+    merged = [line for line in lines if any(f" {lv}zemosaic" in line or f"{lv}zemosaic" in line[1:]
+                                            for lv in levels) and not line.startswith(levels)]
+    assert not merged, merged

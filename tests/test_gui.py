@@ -193,6 +193,39 @@ def test_cancel_leaves_no_mosaic_and_window_ready(window, qtbot, medium_frames, 
     assert not window.cancel_button.isEnabled()
 
 
+def test_cancel_with_workers_stops_running_tiles_and_the_next_run_reuses_the_written_ones(
+        window, qtbot, medium_frames, tmp_path):
+    """Cancel while tiles run in the process pool: the run ends within seconds, every tile file
+    written is in the manifest, and the next Start reuses exactly those tiles."""
+    import json
+    import time
+
+    import zemosaic_runstate
+    import zemosaic_worker
+
+    out = tmp_path / "out"
+    window.input_edit.setText(medium_frames)
+    window.output_edit.setText(str(out))
+    window.option_widgets[("num_processing_workers", None)].setValue(2)
+    window.start_button.click()
+    qtbot.waitUntil(lambda: "done" in window.phase_label.text() or not window.running,
+                    timeout=RUN_TIMEOUT_MS)
+    assert window.running, "the run ended before it could be cancelled"
+    clicked = time.monotonic()
+    window.cancel_button.click()
+    qtbot.waitUntil(lambda: not window.running, timeout=RUN_TIMEOUT_MS)
+    assert time.monotonic() - clicked < 5.0
+    assert window.status_label.text() == "Cancelled"
+    tiles_dir = out / zemosaic_worker.TILES_DIR
+    written = sorted(p.name for p in tiles_dir.glob("master_tile_*.fits"))
+    assert written and written == sorted(zemosaic_runstate.TileManifest(str(tiles_dir)).entries)
+    window.start_button.click()
+    qtbot.waitUntil(lambda: not window.running, timeout=RUN_TIMEOUT_MS)
+    assert window.status_label.text() != "Cancelled" and window.errors == []
+    report = json.loads((out / zemosaic_worker.REPORT_NAME).read_text())
+    assert sorted(zemosaic_worker.tile_name(t["index"]) for t in report["tiles"] if t["reused"]) == written
+
+
 def test_failure_shows_readable_message(window, qtbot, tmp_path):
     empty = tmp_path / "empty"
     empty.mkdir()

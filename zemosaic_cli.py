@@ -264,6 +264,9 @@ def _parser() -> argparse.ArgumentParser:
     parser.add_argument("config", help="JSON configuration file (input_folder, output_folder, ...)")
     parser.add_argument("--log-level", choices=CHOICES["logging_level"], type=str.upper,
                         help="log level (default: logging_level from the configuration)")
+    parser.add_argument("--plan", action="store_true",
+                        help="print what the run would do and take (panels, tiles, frames to solve, "
+                             "time, memory, disk) from the frames' headers, and exit")
     parser.add_argument("--version", action="version", version=f"ZeMosaic {__version__}")
     return parser
 
@@ -318,6 +321,8 @@ def _run(args, zw) -> int:
         level = args.log_level or config.logging_level
         logging.getLogger().setLevel(level)
         debug = level == "DEBUG"
+        if args.plan:
+            return _print_plan(config)
         run_log = attach_run_log(config.replace(logging_level=level))
         for record in config_records:  # what loading the file said (unknown keys) goes in the run log too
             if run_log is not None and record.levelno >= run_log.level:
@@ -353,6 +358,14 @@ def _run(args, zw) -> int:
         _print_to_terminal(format_summary(result), sys.stdout)
     except BrokenPipeError:  # `| head` closed the pipe: the run itself succeeded
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # no error at exit either
+    return 0
+
+
+def _print_plan(config) -> int:
+    """``--plan``: print :func:`zemosaic_plan.format_plan` of the configuration; nothing is written."""
+    import zemosaic_plan
+
+    _print_to_terminal(zemosaic_plan.format_plan(zemosaic_plan.plan_run(config)), sys.stdout)
     return 0
 
 

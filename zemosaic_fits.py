@@ -270,6 +270,9 @@ def wcs_card_problem(header: fits.Header) -> str | None:
 
 def _wcs_from_header(header: fits.Header) -> WCS:
     """Celestial 2-D WCS of ``header`` (not validated)."""
+    if not any(_WCS_TEXT_KEY_RE.match(key) for key in header):
+        # What astropy concludes too, after a millisecond: a raw sub's scan is mostly this.
+        raise FrameError("no celestial WCS")
     problem = wcs_card_problem(header)
     if problem is not None:
         raise FrameError(f"invalid WCS: {problem}")
@@ -402,6 +405,35 @@ def read_frame_info(path: str | os.PathLike, require_wcs: bool = True) -> FrameI
     with _quiet_astropy(), _open_fits(path) as (hdul, size):
         info, _, _ = _inspect(path, hdul, size, require_wcs)
     return info
+
+
+def read_header_info(path: str | os.PathLike) -> FrameInfo:
+    """Return a frame's :class:`FrameInfo` from its first header alone, for planning a run.
+
+    Ten times faster than :func:`read_frame_info` (no data size check, no card-by-card parse):
+    a frame with data or cards the run cannot use passes here and is skipped by the run. Its WCS
+    is read when the header has one (``wcs_problem`` says why not otherwise). Raises
+    :class:`FrameError` when the file is not FITS or its first header has no image shape.
+    """
+    path = os.fspath(path)
+    with _quiet_astropy():
+        try:
+            with open(path, "rb") as fh:
+                header = fits.Header.fromfile(fh)
+        except _DAMAGED_FITS as exc:
+            raise FrameError(f"unreadable FITS header: {exc}") from exc
+        shape_hw, layout, planes = _layout(header)
+        wcs, wcs_problem = None, None
+        try:
+            wcs = _header_wcs(header, shape_hw)
+        except FrameError as exc:
+            wcs_problem = str(exc)
+    pattern = _bayer_pattern(header, layout)
+    date_obs = header.get("DATE-OBS")
+    return FrameInfo(path=path, header=header, wcs=wcs, shape_hw=shape_hw,
+                     n_channels=3 if pattern else planes, bayer_pattern=pattern,
+                     date_obs=str(date_obs) if date_obs is not None else None,
+                     exptime=header_float(header, "EXPTIME", "EXPOSURE"), wcs_problem=wcs_problem)
 
 
 # --------------------------------------------------------------------------

@@ -262,7 +262,7 @@ def scan_frames(run: Run) -> list[FrameRecord]:
         except zfits.FrameError as exc:
             report.skip(path, str(exc))
         else:
-            records.append(_new_record(info, config.force_resolve_existing_wcs))
+            records.append(frame_record(info, config.force_resolve_existing_wcs))
             report.frames_used.append(path)
         run.advance("scan", i + 1, len(paths), os.path.basename(path))
     records = _skip_odd_geometry(records, report)
@@ -295,7 +295,7 @@ def _skip_odd_geometry(records: list[FrameRecord], report: RunReport) -> list[Fr
     return kept
 
 
-def _new_record(info: zfits.FrameInfo, force_resolve: bool) -> FrameRecord:
+def frame_record(info: zfits.FrameInfo, force_resolve: bool) -> FrameRecord:
     """Return the record of a scanned frame: with its header WCS, or its pointing to solve from."""
     hints = zastro.hints_from_header(info.header)
     record = FrameRecord(info, hints.ra_deg, hints.dec_deg)

@@ -1,0 +1,95 @@
+"""The run planner (``--plan``): from the headers alone, what the run then does, and its cost."""
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+import zemosaic_astrometry as za
+import zemosaic_fits as zf
+import zemosaic_plan as zplan
+import zemosaic_synth
+import zemosaic_worker as zw
+from test_astrometry import _TruthSolver, unsolved_small  # noqa: F401  (a fixture)
+from zemosaic_config import MosaicConfig
+
+REAL_SUBS = Path(__file__).resolve().parents[2] / "shared" / "realdata" / "ngc7023"
+
+
+@pytest.fixture(scope="module")
+def with_wcs(tmp_path_factory):
+    """2 x 2 panels of three small frames that carry their WCS."""
+    root = tmp_path_factory.mktemp("plan")
+    return zemosaic_synth.generate_dataset(root, panels=(2, 2), frames_per_panel=3, seed=8)["frames_dir"]
+
+
+def test_the_plan_of_raw_subs_names_the_panels_tiles_and_solver_runs_the_run_then_makes(
+        unsolved_small, tmp_path, monkeypatch):  # noqa: F811
+    info, _truths, by_content = unsolved_small
+    config = MosaicConfig(input_folder=info["frames_dir"], output_folder=str(tmp_path / "o"))
+    plan = zplan.plan_run(config)
+    assert not (tmp_path / "o").exists()  # a plan writes nothing
+    assert (plan.frames, plan.with_wcs, plan.to_solve, plan.panels) == (8, 0, 8, 2)
+    assert [t.frames for t in plan.tiles] == [4, 4]
+    solver = _TruthSolver(by_content)
+    monkeypatch.setattr(za, "solver_from_config", lambda config: (solver, None))
+    report = zw.run_mosaic(config).report
+    assert len(report.tiles) == len(plan.tiles) and [t["frames"] for t in report.tiles] == [4, 4]
+    assert solver.calls == plan.solver_runs == 4  # an anchor and a check per panel
+
+
+def test_frames_with_a_wcs_give_the_mosaic_size_and_the_disk_the_run_takes(with_wcs, tmp_path):
+    config = MosaicConfig(input_folder=with_wcs, output_folder=str(tmp_path / "o"))
+    plan = zplan.plan_run(config)
+    assert (plan.with_wcs, plan.to_solve, plan.solver_runs, len(plan.tiles)) == (12, 0, 0, 4)
+    report = zw.run_mosaic(config).report
+    _channels, height, width = report.mosaic_shape
+    assert abs(plan.mosaic_hw[0] / height - 1) < 0.05 and abs(plan.mosaic_hw[1] / width - 1) < 0.05
+    written = sum(p.stat().st_size for p in (tmp_path / "o").rglob("*") if p.is_file())
+    assert 0.7 < plan.disk_bytes / written < 1.3, (plan.disk_bytes, written)
+    assert plan.seconds["solve"] == 0 and all(v >= 0 for v in plan.seconds.values())
+
+
+def test_the_plan_reads_headers_only(with_wcs, tmp_path):
+    """A frame with a complete header and half its data is planned (the run skips it, having
+    read its size): the plan never reads past the headers."""
+    frames = tmp_path / "frames"
+    shutil.copytree(with_wcs, frames)
+    damaged = sorted(frames.iterdir())[0]
+    damaged.write_bytes(damaged.read_bytes()[:damaged.stat().st_size // 2])
+    config = MosaicConfig(input_folder=str(frames), output_folder=str(tmp_path / "o"))
+    assert zplan.plan_run(config).frames == 12
+    with pytest.raises(zf.FrameError, match="truncated"):
+        zf.read_frame_info(damaged)
+    (frames / "notes.fits").write_text("not FITS at all")
+    plan = zplan.plan_run(config)
+    assert plan.frames == 12 and [os.path.basename(p) for p, _ in plan.unreadable] == ["notes.fits"]
+
+
+@pytest.mark.skipif(not REAL_SUBS.is_dir(), reason="no shared real subs")
+def test_header_info_is_the_scan_s_on_the_real_subs():
+    for path in sorted(REAL_SUBS.glob("*.fit")):
+        full, header_only = zf.read_frame_info(path, require_wcs=False), zf.read_header_info(path)
+        for field in ("shape_hw", "n_channels", "bayer_pattern", "date_obs", "exptime", "wcs_problem"):
+            assert getattr(full, field) == getattr(header_only, field), (path.name, field)
+        assert (full.wcs is None) == (header_only.wcs is None)
+        if full.wcs is not None:
+            assert full.wcs.to_header_string() == header_only.wcs.to_header_string()
+
+
+def test_plan_on_the_command_line_prints_within_80_columns_and_writes_nothing(with_wcs, tmp_path):
+    cfg = tmp_path / "c.json"
+    cfg.write_text(json.dumps({"input_folder": with_wcs, "output_folder": str(tmp_path / "o")}))
+    done = subprocess.run([sys.executable, "-m", "zemosaic_worker", str(cfg), "--plan"], capture_output=True,
+                          text=True, timeout=120, cwd=Path(__file__).resolve().parents[1])
+    assert done.returncode == 0, done.stderr
+    lines = done.stdout.splitlines()
+    assert lines[0].startswith("Plan (from the headers of 12 file(s)")
+    for label in ("frames:", "panels, tiles:", "largest stack:", "mosaic:", "time:", "peak memory:", "disk:"):
+        assert any(line.strip().startswith(label) for line in lines), label
+    assert max(len(line) for line in lines) <= 80
+    assert not (tmp_path / "o").exists()

@@ -267,6 +267,10 @@ def _parser() -> argparse.ArgumentParser:
     parser.add_argument("--plan", action="store_true",
                         help="print what the run would do and take (panels, tiles, frames to solve, "
                              "time, memory, disk) from the frames' headers, and exit")
+    parser.add_argument("--watch", action="store_true",
+                        help="live mode: keep watching input_folder and make the mosaic again after "
+                             "each batch of new frames (watch_batch_frames, watch_batch_seconds); "
+                             "Ctrl-C ends it, keeping the last mosaic")
     parser.add_argument("--version", action="version", version=f"ZeMosaic {__version__}")
     return parser
 
@@ -328,6 +332,8 @@ def _run(args, zw) -> int:
             if run_log is not None and record.levelno >= run_log.level:
                 run_log.handle(record)
         with _logs_above_the_bars(progress):
+            if args.watch:
+                return _watch(config, progress)
             result = zw.run_mosaic(config, progress=progress)
     except (ConfigError, zw.PipelineError) as exc:
         progress.close()
@@ -358,6 +364,29 @@ def _run(args, zw) -> int:
         _print_to_terminal(format_summary(result), sys.stdout)
     except BrokenPipeError:  # `| head` closed the pipe: the run itself succeeded
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # no error at exit either
+    return 0
+
+
+def _watch(config, progress) -> int:
+    """``--watch``: live mode until Ctrl-C (exit 130, one line; the last mosaic stays)."""
+    import zemosaic_watch
+
+    made = []
+
+    def show(result):
+        progress.close()
+        made.append(result)
+        _print_to_terminal(format_summary(result), sys.stdout)
+
+    try:
+        zemosaic_watch.watch(config, progress=progress, on_batch=show)
+    except _Terminated:  # SIGTERM: exit 143 as for any run
+        raise
+    except KeyboardInterrupt:
+        progress.close()
+        _print_to_terminal(f"\nzemosaic: live mode stopped after {len(made)} mosaic(s)"
+                           + ("; the last one stays in the output folder" if made else ""))
+        return 130
     return 0
 
 

@@ -401,6 +401,12 @@ class MosaicConfig:
         "", "Build the master tiles on a Dask cluster: the scheduler's address, 'local' for a "
         "cluster on this computer, or empty for none.",
         "empty, 'local', or a Dask scheduler address such as 'tcp://host:8786'", _check_scheduler)
+    watch_batch_frames: int = _spec(
+        10, "Live mode (--watch, or Live in the window): make the mosaic again once this many new "
+        "frames have arrived in the input folder.", "an integer >= 1", _check_int_min(1))
+    watch_batch_seconds: float = _number_spec(
+        120.0, "Live mode: make the mosaic again this many seconds after the first new frame "
+        "arrived, however few came since.")
 
     def __post_init__(self) -> None:
         for f in dataclasses.fields(self):

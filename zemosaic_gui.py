@@ -47,6 +47,7 @@ except ImportError as exc:  # the GUI is an optional extra
     raise ImportError("the ZeMosaic window needs PySide6: pip install 'zemosaic[gui]'") from exc
 
 import zemosaic_cli
+import zemosaic_watch
 import zemosaic_worker
 from zemosaic_config import (CHOICES, FIELD_HELP, ConfigError, MosaicConfig, read_config_file,
                              save_config)
@@ -160,6 +161,9 @@ OPTION_SPECS: tuple[OptionSpec, ...] = (
                special="one per CPU core"),
     OptionSpec("Mosaic", "align_method", "Alignment"),
     OptionSpec("Mosaic", "correct_hot_pixels", "Hot pixel correction"),
+    OptionSpec("Mosaic", "watch_batch_frames", "Live: new mosaic every (frames)", minimum=1, maximum=100000),
+    OptionSpec("Mosaic", "watch_batch_seconds", "Live: or after (s)", minimum=1.0, maximum=86400.0,
+               step=30.0, decimals=0),
     OptionSpec("Assembly", "use_gpu_phase5", "Use GPU"),
     OptionSpec("Assembly", "assembly_engine", "Assembly engine"),
     OptionSpec("Assembly", "final_grid", "Mosaic orientation"),
@@ -363,12 +367,13 @@ class _RunThread(QThread):
 
     progressed = Signal(str, int, int, str)
     succeeded = Signal(object)
+    batch_done = Signal(object)  # live mode: a mosaic made, the watch goes on
     failed = Signal(str, str)  # title, one-line message
     cancelled = Signal()
 
-    def __init__(self, config: MosaicConfig, parent: QObject | None = None):
+    def __init__(self, config: MosaicConfig, parent: QObject | None = None, live: bool = False):
         super().__init__(parent)
-        self.config = config
+        self.config, self.live = config, live
         self.cancel_event = threading.Event()
 
     def _progress(self, phase: str, done: int, total: int, message: str = "") -> None:
@@ -376,6 +381,9 @@ class _RunThread(QThread):
 
     def run(self) -> None:
         try:
+            if self.live:  # ends with Cancelled when the user stops it
+                zemosaic_watch.watch(self.config, progress=self._progress, cancel=self.cancel_event,
+                                     on_batch=self.batch_done.emit)
             result = zemosaic_worker.run_mosaic(self.config, progress=self._progress,
                                                 cancel=self.cancel_event)
         except zemosaic_worker.Cancelled:
@@ -490,6 +498,7 @@ class MainWindow(QMainWindow):
         self._phase_t0 = 0.0
         self._unknown_keys: dict = {}  # entries of a loaded file this program does not use
         self._run_log = None  # the run's log file handler while a run goes on
+        self._live_batches = 0  # mosaics made by the live run in progress
         self._output_folder = ""
         self._log_handler = QtLogHandler(parent=self)
         self._log_records: list[tuple[int, str]] = []  # what the panel may show, newest last
@@ -702,6 +711,10 @@ class MainWindow(QMainWindow):
         self.start_button = QPushButton("Start")
         self.cancel_button = QPushButton("Cancel")
         self.cancel_button.setEnabled(False)
+        self.live_check = QCheckBox("Live")
+        self.live_check.setToolTip("Keep watching the input folder: the mosaic is made again after "
+                                   "each batch of new frames (watch_batch_frames, watch_batch_seconds); "
+                                   "Cancel ends it, keeping the last mosaic.")
         self.start_button.clicked.connect(self.start_run)
         self.cancel_button.clicked.connect(self.cancel_run)
         self.start_message = _error_label()
@@ -715,6 +728,7 @@ class MainWindow(QMainWindow):
         buttons = QHBoxLayout()
         buttons.addWidget(self.start_button)
         buttons.addWidget(self.cancel_button)
+        buttons.addWidget(self.live_check)
         buttons.addWidget(self.start_message, stretch=1)
         progress = QHBoxLayout()
         progress.addWidget(self.progress_bar, stretch=2)
@@ -896,7 +910,7 @@ class MainWindow(QMainWindow):
         self.start_button.setEnabled(ok and not self.running)
 
     def _set_running(self, running: bool) -> None:
-        for widget in [self.folders_box, self.load_button, *self.options_boxes]:
+        for widget in [self.folders_box, self.load_button, self.live_check, *self.options_boxes]:
             widget.setEnabled(not running)
         self.cancel_button.setEnabled(running)
         self._update_start_state()
@@ -914,9 +928,11 @@ class MainWindow(QMainWindow):
             return
         save_last_config(config, self._unknown_keys)
         self._reset_result()
-        thread = _RunThread(config, self)
+        thread = _RunThread(config, self, live=self.live_check.isChecked())
         thread.progressed.connect(self._on_progress)
         thread.succeeded.connect(self._on_succeeded)
+        thread.batch_done.connect(self._on_batch)
+        self._live_batches = 0
         thread.failed.connect(self._on_failed)
         thread.cancelled.connect(self._on_cancelled)
         thread.finished.connect(self._on_thread_finished)
@@ -966,15 +982,24 @@ class MainWindow(QMainWindow):
         self.eta_label.setText(zemosaic_cli.format_eta(
             zemosaic_cli.estimate_eta(now - self._phase_t0, done, total)))
 
-    def _on_succeeded(self, result) -> None:
+    def _show_result(self, result) -> None:
         self.preview_caption.clear()
         self._show_preview(result.paths["preview"])
         self.output_path_label.setText(f"Mosaic: {result.paths['mosaic']}")
         self.summary_label.setText(zemosaic_cli.format_summary(result, brief=True))
         self.open_folder_button.setEnabled(True)
+        logger.info("%s", zemosaic_cli.format_summary(result))
+
+    def _on_succeeded(self, result) -> None:
+        self._show_result(result)
         self.status_label.setText(f"Done in {result.elapsed_s:.1f} s")
         self._finish_progress("Finished")
-        logger.info("%s", zemosaic_cli.format_summary(result))
+
+    def _on_batch(self, result) -> None:
+        self._live_batches += 1
+        self._show_result(result)
+        self.status_label.setText(f"Live: mosaic {self._live_batches} made; watching")
+        self._finish_progress("Waiting for new frames")
 
     def _on_failed(self, title: str, message: str) -> None:
         self.status_label.setText("Failed")
@@ -984,6 +1009,11 @@ class MainWindow(QMainWindow):
         self._show_error(title, message)
 
     def _on_cancelled(self) -> None:
+        if self._live_batches:  # live mode ends with a cancel: its last mosaic is the result
+            self.status_label.setText(f"Live mode stopped after {self._live_batches} mosaic(s)")
+            self._finish_progress("Stopped")
+            logger.info("Live mode stopped; the last mosaic stays in the output folder")
+            return
         self.status_label.setText("Cancelled")
         self._keep_last_preview("Cancelled", "Cancelled: no mosaic written.")
         self._finish_progress("Cancelled")

@@ -70,6 +70,8 @@ EXPECTED_DEFAULTS = {
     "resume": "auto",
     "num_processing_workers": 0,
     "dask_scheduler": "",
+    "watch_batch_frames": 10,
+    "watch_batch_seconds": 120.0,
 }
 
 

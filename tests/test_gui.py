@@ -226,6 +226,23 @@ def test_cancel_with_workers_stops_running_tiles_and_the_next_run_reuses_the_wri
     assert sorted(zemosaic_worker.tile_name(t["index"]) for t in report["tiles"] if t["reused"]) == written
 
 
+def test_live_mode_shows_each_mosaic_and_cancel_ends_it_keeping_the_last(window, qtbot, medium_frames, tmp_path):
+    out = tmp_path / "out"
+    window.input_edit.setText(medium_frames)
+    window.output_edit.setText(str(out))
+    window.live_check.setChecked(True)
+    window.start_button.click()
+    qtbot.waitUntil(lambda: window.status_label.text().startswith("Live: mosaic 1") or not window.running,
+                    timeout=RUN_TIMEOUT_MS)
+    assert window.running and window.preview_view.has_image()
+    assert not window.live_check.isEnabled()  # a setting of the run, fixed while it goes on
+    window.cancel_button.click()
+    qtbot.waitUntil(lambda: not window.running, timeout=RUN_TIMEOUT_MS)
+    assert window.status_label.text() == "Live mode stopped after 1 mosaic(s)"
+    assert window.errors == [] and (out / MOSAIC_NAME).exists() and window.preview_view.has_image()
+    assert window.live_check.isEnabled()
+
+
 def test_failure_shows_readable_message(window, qtbot, tmp_path):
     empty = tmp_path / "empty"
     empty.mkdir()

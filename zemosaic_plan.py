@@ -41,7 +41,7 @@ class MachineCosts:
     solver_run_s: float = 1.5  # load, detect stars, one solve-field run
     match_s: float = 0.25  # load, detect stars, match to the group's anchor
     tile_s_per_mpx: float = 0.26  # load, align, normalise, reject, combine one frame
-    tile_parallel_efficiency: float = 0.7  # tile workers' speed-up per worker beyond the first
+    parallel_efficiency: float = 0.7  # speed-up per worker beyond the first (tiles, solve groups)
     assembly_s_per_mpx: float = 0.5  # grid, assembly, Two-Pass and writing, per mosaic pixel
     process_bytes: int = 300 * 2**20  # one process with NumPy, astropy, SciPy loaded
     tile_work_planes: int = 8  # canvas-size float32 planes per channel a tile holds beside its stack
@@ -111,7 +111,7 @@ def plan_run(config, costs: MachineCosts = COSTS) -> RunPlan:
     panels = zw.group_by_position(records, threshold)
     groups = [chunk for g in panels for chunk in zw.split_group(g, config.max_raw_per_master_tile)]
     tiles = [_tile_plan([records[i] for i in g]) for g in groups]
-    solver_runs, to_solve = _solver_runs(records)
+    solver_runs, to_solve, solve_groups = _solver_runs(records)
     workers = 1 if len(tiles) < 2 else min(zexec.resolve_workers(config.num_processing_workers), len(tiles))
     budget = zexec.stack_ram_budget()
     mosaic_hw = _mosaic_shape(records)
@@ -120,22 +120,25 @@ def plan_run(config, costs: MachineCosts = COSTS) -> RunPlan:
                    solver_runs=solver_runs, cached_solutions=_cached_solutions(config),
                    panels=len(panels), tiles=tiles, mosaic_hw=mosaic_hw, workers=workers,
                    ram_budget=budget, seconds={}, peak_bytes=0, disk_bytes=0, disk_cache_bytes=0)
-    _estimate(plan, records, costs)
+    solve_threads = min(solve_groups, config.num_processing_workers or usable_cores()) or 1
+    _estimate(plan, records, costs, solve_threads)
     plan.plan_s = time.perf_counter() - t0
     return plan
 
 
-def _solver_runs(records) -> tuple[int, int]:
-    """Return ``(solver runs, frames to solve or match)``: per pointing group, one run for its
-    anchor unless a frame has a WCS already, one more to check its matches unless two have."""
+def _solver_runs(records) -> tuple[int, int, int]:
+    """Return ``(solver runs, frames to solve or match, groups to solve)``: per pointing group,
+    one run for its anchor unless a frame has a WCS already, one more to check its matches unless
+    two have."""
     threshold = zw.automatic_panel_threshold(records)
-    runs = to_solve = 0
+    runs = to_solve = groups = 0
     for group in zw.group_by_position(records, threshold):
         missing = sum(records[i].wcs is None for i in group)
         if missing:
             to_solve += missing
+            groups += 1
             runs += min(missing, max(0, 2 - (len(group) - missing)))
-    return runs, to_solve
+    return runs, to_solve, groups
 
 
 def _tangent_plane(records, scale_deg: float):
@@ -219,16 +222,22 @@ def _cached_solutions(config) -> int:
         return 0
 
 
-def _estimate(plan: RunPlan, records, costs: MachineCosts) -> None:
-    """Fill in the plan's seconds per phase, peak memory and disk."""
-    cores = usable_cores()
+def _speedup(workers: int, costs: MachineCosts) -> float:
+    """Return how much faster ``workers`` at once run than one, on this machine's cores."""
+    return 1.0 + costs.parallel_efficiency * (min(workers, usable_cores()) - 1)
+
+
+def _estimate(plan: RunPlan, records, costs: MachineCosts, solve_threads: int) -> None:
+    """Fill in the plan's seconds per phase, peak memory and disk (pointing groups are solved
+    ``solve_threads`` at once)."""
     frame_mpx = records[0].info.shape_hw[0] * records[0].info.shape_hw[1] / 1e6
     matched = max(0, plan.to_solve - plan.solver_runs)
-    speedup = 1.0 + costs.tile_parallel_efficiency * (min(plan.workers, cores) - 1)
+    speedup = _speedup(plan.workers, costs)
     mosaic_mpx = plan.mosaic_hw[0] * plan.mosaic_hw[1] / 1e6
     plan.seconds = {
         "scan": plan.frames * costs.scan_s,
-        "solve": plan.solver_runs * costs.solver_run_s + matched * costs.match_s,
+        "solve": (plan.solver_runs * costs.solver_run_s + matched * costs.match_s)
+        / _speedup(solve_threads, costs),
         "master_tiles": sum(t.frames for t in plan.tiles) * frame_mpx * costs.tile_s_per_mpx / speedup,
         "assembly": mosaic_mpx * costs.assembly_s_per_mpx,
     }

@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import logging
 import os
+import threading
 import time
 
 import numpy as np
@@ -27,6 +28,7 @@ import numpy as np
 import zemosaic_astrometry as zastro
 import zemosaic_fits as zfits
 from zemosaic_quality import centre_order
+from zemosaic_utils import map_threads, usable_cores
 
 logger = logging.getLogger(__name__)
 
@@ -45,6 +47,7 @@ class _Solving:
         self.cache = zastro.WcsCache(cache_folder)
         self._stars: dict[str, np.ndarray] = {}
         self._advanced: set[str] = set()
+        self._lock = threading.Lock()  # groups are solved in threads: the counts and progress
         self._solve_tried: set[str] = set()
         self.total, self.solves = total, 0
 
@@ -81,7 +84,8 @@ class _Solving:
             n_stars = len(self.stars(record))
             if n_stars < zastro.MIN_STARS_TO_SOLVE:
                 raise zastro.SolveError(f"only {n_stars} star(s) detected")
-            self.solves += 1
+            with self._lock:
+                self.solves += 1
             hints = zastro.hints_from_header(record.info.header)
             wcs = zastro.solve_frame(self.solver, raw, hints, self.config.plate_solve_timeout_s)
         except (zastro.SolveError, zfits.FrameError) as exc:
@@ -115,8 +119,9 @@ class _Solving:
 
     def advance(self, record):
         """Count a frame as done (once) and report progress."""
-        self._advanced.add(record.path)
-        self.run.advance("solve", len(self._advanced), self.total,
+        with self._lock:
+            self._advanced.add(record.path)
+            self.run.advance("solve", len(self._advanced), self.total,
                         f"{os.path.basename(record.path)}: {record.wcs_source or 'failed'}")
 
 
@@ -139,8 +144,11 @@ def solve_frames(run, records, cache_folder, group_by_pointing):
     if pending:
         logger.info("Plate solving: %d frame(s) without WCS, %s", len(pending),
                     solver.name if solver else f"star matching only ({reason})")
-    for group in _solve_groups(records, pending, group_by_pointing):
-        _solve_group(group, state)
+    # Groups share no frame, so they are solved at once, one per core (num_processing_workers):
+    # a solve-field run waits in its own process while another group loads and matches frames.
+    groups = _solve_groups(records, pending, group_by_pointing)
+    map_threads(lambda group: _solve_group(group, state), groups,
+                min(len(groups), config.num_processing_workers or usable_cores()) or 1)
     unsolved = [r for r in pending if r.wcs is None and r.solve_error == NO_SOLVER]
     if unsolved:
         # One WARNING for all of them: the fix is the same (install a solver), not per frame.

@@ -118,7 +118,7 @@ def _measured_costs(run: dict, frame_mpx: float) -> dict:
     frames = run["frames"]
     return {"scan_s": t.get("scan", 0) / max(frames, 1),
             "tile_s_per_mpx (x speed-up)": t.get("master_tiles", 0) / (frames * frame_mpx)
-            * (1 + zplan.COSTS.tile_parallel_efficiency * (min(plan["workers"], os.cpu_count()) - 1)),
+            * (1 + zplan.COSTS.parallel_efficiency * (min(plan["workers"], os.cpu_count()) - 1)),
             "assembly_s_per_mpx": sum(t.get(p, 0) for p in PHASE_GROUPS["assembly"]) / (h * w / 1e6)}
 
 

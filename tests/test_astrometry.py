@@ -11,6 +11,8 @@ import stat
 import subprocess
 import sys
 import tempfile
+import threading
+import time
 from pathlib import Path
 
 import numpy as np
@@ -18,6 +20,7 @@ import pytest
 from astropy.io import fits
 
 import zemosaic_astrometry as za
+import zemosaic_fits as zf
 import zemosaic_synth
 import zemosaic_worker as zw
 from zemosaic_config import MosaicConfig
@@ -530,3 +533,40 @@ def test_alignment_stars_on_superpixels_are_as_precise_as_at_full_resolution():
 
     assert len(errors(fast)) >= 0.9 * len(fast)
     assert np.median(errors(fast)) <= 1.1 * np.median(errors(full)), (np.median(errors(fast)), np.median(errors(full)))
+
+
+class _SlowTruthSolver(_TruthSolver):
+    """The truth solver, taking 0.3 s per run like a short solve-field; records when each ran."""
+
+    def __init__(self, frames):
+        super().__init__(frames)
+        self.spans, self._lock = [], threading.Lock()
+
+    def solve(self, image2d, hints, timeout_s, workdir):
+        start = time.monotonic()
+        time.sleep(0.3)
+        wcs = super().solve(image2d, hints, timeout_s, workdir)
+        with self._lock:
+            self.spans.append((start, time.monotonic()))
+        return wcs
+
+
+def test_pointing_groups_are_solved_at_once_with_the_same_result(unsolved_small, tmp_path, monkeypatch):
+    """Two panels with two workers: their solver runs overlap in time, and every frame gets the
+    WCS, source and skip it gets with one worker."""
+    info, _truths, by_content = unsolved_small
+    outcomes = {}
+    for workers in (1, 2):
+        solver = _SlowTruthSolver(by_content)
+        monkeypatch.setattr(za, "solver_from_config", lambda config: (solver, None))
+        config = MosaicConfig(input_folder=info["frames_dir"], output_folder=str(tmp_path / f"o{workers}"),
+                              num_processing_workers=workers)
+        run = zw.Run(config, zw.RunReport(config={}))
+        records = zw.solve_frames(run, zw.scan_frames(run))
+        outcomes[workers] = ({r.path: (r.wcs_source, zf.wcs_to_cd_header(r.wcs).tostring()) for r in records},
+                             run.report.frames_skipped, solver.calls)
+        overlaps = sum(a0 < b1 and b0 < a1 for i, (a0, a1) in enumerate(solver.spans)
+                       for b0, b1 in solver.spans[i + 1:])
+        assert (overlaps > 0) == (workers == 2), solver.spans
+    assert outcomes[1] == outcomes[2]
+    assert outcomes[1][2] == 4 and len(outcomes[1][0]) == 8

@@ -32,7 +32,7 @@ $(DEMO)/data/frames: | $(VENV)/.installed-core
 demo: system-deps $(VENV)/.installed-core $(DEMO)/data/frames
 	$(PY) -m zemosaic_worker examples/demo_config.json
 
-# `make test`: the fast set (under 4 minutes on 2 cores). The slow set (real data, the peer
+# `make test`: the fast set (about 4 minutes on 2 cores). The slow set (real data, the peer
 # programs, full-size scenes: `-m slow`) runs with `make test-slow`; `make test-all` runs both.
 PYTEST := QT_QPA_PLATFORM=offscreen $(PY) -m pytest -q
 

@@ -77,6 +77,7 @@ class RunPlan:
     with_wcs: int
     to_solve: int
     solver_runs: int
+    blind: int  # frames with neither a WCS nor a pointing: solved blind, left out of the tiles' plan
     cached_solutions: int
     panels: int
     tiles: list[TilePlan]
@@ -104,6 +105,7 @@ def plan_run(config, costs: MachineCosts = COSTS) -> RunPlan:
             records.append(zw.frame_record(zfits.read_header_info(path), config.force_resolve_existing_wcs))
         except zfits.FrameError as exc:
             unreadable.append((path, str(exc)))
+    blind = sum(r.ra is None or r.dec is None for r in records)  # solved blind, placed after
     records = [r for r in records if r.ra is not None and r.dec is not None]
     if not records:
         raise zw.PipelineError(f"no frame with a WCS or a pointing (RA/DEC) in {config.input_folder}")
@@ -115,9 +117,9 @@ def plan_run(config, costs: MachineCosts = COSTS) -> RunPlan:
     workers = 1 if len(tiles) < 2 else min(zexec.resolve_workers(config.num_processing_workers), len(tiles))
     budget = zexec.stack_ram_budget()
     mosaic_hw = _mosaic_shape(records)
-    plan = RunPlan(files=len(paths), unreadable=unreadable, frames=len(records),
-                   with_wcs=sum(r.wcs is not None for r in records), to_solve=to_solve,
-                   solver_runs=solver_runs, cached_solutions=_cached_solutions(config),
+    plan = RunPlan(files=len(paths), unreadable=unreadable, frames=len(records) + blind,
+                   with_wcs=sum(r.wcs is not None for r in records), to_solve=to_solve + blind,
+                   solver_runs=solver_runs + blind, blind=blind, cached_solutions=_cached_solutions(config),
                    panels=len(panels), tiles=tiles, mosaic_hw=mosaic_hw, workers=workers,
                    ram_budget=budget, seconds={}, peak_bytes=0, disk_bytes=0, disk_cache_bytes=0)
     solve_threads = min(solve_groups, config.num_processing_workers or usable_cores()) or 1
@@ -278,6 +280,8 @@ def format_plan(plan: RunPlan) -> str:
         path, reason = plan.unreadable[0]
         lines += [f"  unreadable:      {len(plan.unreadable)}, the first {os.path.basename(path)[:40]}",
                   f"                   ({reason[:58]})"]
+    if plan.blind:
+        lines.append(f"  no pointing:     {plan.blind} (no RA/DEC: solved blind, not in the tiles below)")
     if plan.to_solve:
         cached = f"; {plan.cached_solutions} in the cache" if plan.cached_solutions else ""
         lines.append(f"  plate solving:   about {plan.solver_runs} solver run(s), the others matched{cached}")

@@ -93,3 +93,20 @@ def test_plan_on_the_command_line_prints_within_80_columns_and_writes_nothing(wi
         assert any(line.strip().startswith(label) for line in lines), label
     assert max(len(line) for line in lines) <= 80
     assert not (tmp_path / "o").exists()
+
+
+def test_a_frame_without_wcs_or_pointing_counts_as_a_blind_solve(with_wcs, tmp_path):
+    from astropy.io import fits
+
+    frames = tmp_path / "frames"
+    shutil.copytree(with_wcs, frames)
+    first = sorted(frames.iterdir())[0]
+    with fits.open(first) as hdul:
+        header, data = hdul[0].header.copy(), hdul[0].data
+    for key in [k for k in header if k.startswith(("CTYPE", "CRVAL", "CRPIX", "CD", "CDELT", "PC"))] + ["RA", "DEC"]:
+        header.remove(key, ignore_missing=True, remove_all=True)
+    fits.PrimaryHDU(data, header).writeto(frames / "Light_blind.fits")
+    plan = zplan.plan_run(MosaicConfig(input_folder=str(frames), output_folder=str(tmp_path / "o")))
+    assert (plan.frames, plan.blind, plan.with_wcs, plan.to_solve, plan.solver_runs) == (13, 1, 12, 1, 1)
+    assert sum(t.frames for t in plan.tiles) == 12
+    assert "no pointing:     1" in zplan.format_plan(plan)

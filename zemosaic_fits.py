@@ -44,6 +44,7 @@ __all__ = [
     "debayer_bilinear",
     "load_frame",
     "read_frame_info",
+    "read_header_info",
     "read_image_fits",
     "card_text",
     "header_float",
@@ -382,14 +383,17 @@ def _inspect(path: str, hdul: fits.HDUList, size: int,
         if require_wcs:
             raise
         wcs_problem = str(exc)
+    return _frame_info(path, header, shape_hw, layout, planes, wcs, wcs_problem), index, layout
+
+
+def _frame_info(path, header, shape_hw, layout, planes, wcs, wcs_problem) -> FrameInfo:
+    """Return the :class:`FrameInfo` of a frame whose header, layout and WCS were read."""
     pattern = _bayer_pattern(header, layout)
-    n_channels = 3 if pattern else planes
     date_obs = header.get("DATE-OBS")
-    info = FrameInfo(
-        path=path, header=header, wcs=wcs, shape_hw=shape_hw, n_channels=n_channels,
-        bayer_pattern=pattern, date_obs=str(date_obs) if date_obs is not None else None,
-        exptime=header_float(header, "EXPTIME", "EXPOSURE"), wcs_problem=wcs_problem)
-    return info, index, layout
+    return FrameInfo(path=path, header=header, wcs=wcs, shape_hw=shape_hw,
+                     n_channels=3 if pattern else planes, bayer_pattern=pattern,
+                     date_obs=str(date_obs) if date_obs is not None else None,
+                     exptime=header_float(header, "EXPTIME", "EXPOSURE"), wcs_problem=wcs_problem)
 
 
 def read_frame_info(path: str | os.PathLike, require_wcs: bool = True) -> FrameInfo:
@@ -428,12 +432,7 @@ def read_header_info(path: str | os.PathLike) -> FrameInfo:
             wcs = _header_wcs(header, shape_hw)
         except FrameError as exc:
             wcs_problem = str(exc)
-    pattern = _bayer_pattern(header, layout)
-    date_obs = header.get("DATE-OBS")
-    return FrameInfo(path=path, header=header, wcs=wcs, shape_hw=shape_hw,
-                     n_channels=3 if pattern else planes, bayer_pattern=pattern,
-                     date_obs=str(date_obs) if date_obs is not None else None,
-                     exptime=header_float(header, "EXPTIME", "EXPOSURE"), wcs_problem=wcs_problem)
+    return _frame_info(path, header, shape_hw, layout, planes, wcs, wcs_problem)
 
 
 # --------------------------------------------------------------------------

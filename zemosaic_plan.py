@@ -122,7 +122,7 @@ def plan_run(config, costs: MachineCosts = COSTS) -> RunPlan:
                    solver_runs=solver_runs + blind, blind=blind, cached_solutions=_cached_solutions(config),
                    panels=len(panels), tiles=tiles, mosaic_hw=mosaic_hw, workers=workers,
                    ram_budget=budget, seconds={}, peak_bytes=0, disk_bytes=0, disk_cache_bytes=0)
-    solve_threads = min(solve_groups, config.num_processing_workers or usable_cores()) or 1
+    solve_threads = min(solve_groups, zexec.resolve_workers(config.num_processing_workers)) or 1
     _estimate(plan, records, costs, solve_threads)
     plan.plan_s = time.perf_counter() - t0
     return plan

@@ -28,7 +28,8 @@ import numpy as np
 import zemosaic_astrometry as zastro
 import zemosaic_fits as zfits
 from zemosaic_quality import centre_order
-from zemosaic_utils import map_threads, usable_cores
+from zemosaic_executor import resolve_workers
+from zemosaic_utils import map_threads
 
 logger = logging.getLogger(__name__)
 
@@ -148,7 +149,7 @@ def solve_frames(run, records, cache_folder, group_by_pointing):
     # a solve-field run waits in its own process while another group loads and matches frames.
     groups = _solve_groups(records, pending, group_by_pointing)
     map_threads(lambda group: _solve_group(group, state), groups,
-                min(len(groups), config.num_processing_workers or usable_cores()) or 1)
+                min(len(groups), resolve_workers(config.num_processing_workers)) or 1)
     unsolved = [r for r in pending if r.wcs is None and r.solve_error == NO_SOLVER]
     if unsolved:
         # One WARNING for all of them: the fix is the same (install a solver), not per frame.

@@ -188,13 +188,17 @@ def test_pool_returns_results_and_errors_per_task(tmp_path):
     assert outcomes[2].error == "TaskError: three is not welcome"
 
 
-@pytest.mark.parametrize("kind", ["pool", "dask"])
-def test_a_bug_in_a_worker_task_propagates_with_its_type(kind, tmp_path):
+def _two_workers(kind: str):
+    """Return an executor of two workers: a local process pool, or a Dask LocalCluster."""
     if kind == "dask":
         pytest.importorskip("distributed")
-        pool = zexec.DaskExecutor(zexec.LOCAL_CLUSTER, 2)
-    else:
-        pool = zexec.PoolExecutor(2)
+        return zexec.DaskExecutor(zexec.LOCAL_CLUSTER, 2)
+    return zexec.PoolExecutor(2)
+
+
+@pytest.mark.parametrize("kind", ["pool", "dask"])
+def test_a_bug_in_a_worker_task_propagates_with_its_type(kind, tmp_path):
+    pool = _two_workers(kind)
     try:
         flag = zexec.CancelFlag(str(tmp_path / ".cancel"))
         with pytest.raises(TypeError, match="a bug in task three"):
@@ -288,11 +292,7 @@ def finishing_or_stopping(task, ctx):
 
 @pytest.mark.parametrize("kind", ["pool", "dask"])
 def test_cancel_stops_running_tasks_in_seconds_and_hands_over_those_that_finished(kind, tmp_path):
-    if kind == "dask":
-        pytest.importorskip("distributed")
-        pool = zexec.DaskExecutor(zexec.LOCAL_CLUSTER, 2)
-    else:
-        pool = zexec.PoolExecutor(2)
+    pool = _two_workers(kind)
     cancel = threading.Event()
     flag = zexec.CancelFlag(str(tmp_path / ".cancel"))
     started = tmp_path / "started"

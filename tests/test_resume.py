@@ -33,6 +33,18 @@ def test_a_wcs_and_its_cached_copy_give_the_same_key():
     assert zrun.wcs_key(moved, shape) != zrun.wcs_key(wcs, shape)
 
 
+def _cancel_after_one_tile(config) -> None:
+    """Run ``config`` and cancel it once its first master tile is done."""
+    cancel = threading.Event()
+
+    def progress(phase, done, total, message=""):
+        if phase == "master_tiles" and message.endswith(" done"):
+            cancel.set()
+
+    with pytest.raises(zw.Cancelled):
+        zw.run_mosaic(config, progress=progress, cancel=cancel)
+
+
 def test_raw_subs_interrupted_after_the_first_tile_resume_from_the_cache(unsolved_small, tmp_path,  # noqa: F811
                                                                           monkeypatch):
     """The first run plate-solves and matches, and is cancelled once a tile is written; the second
@@ -42,14 +54,7 @@ def test_raw_subs_interrupted_after_the_first_tile_resume_from_the_cache(unsolve
     monkeypatch.setattr(za, "solver_from_config", lambda config: (solver, None))
     config = MosaicConfig(input_folder=info["frames_dir"], output_folder=str(tmp_path / "o"),
                           num_processing_workers=1)
-    cancel = threading.Event()
-
-    def cancel_after_one_tile(phase, done, total, message=""):
-        if phase == "master_tiles" and message.endswith(" done"):
-            cancel.set()
-
-    with pytest.raises(zw.Cancelled):
-        zw.run_mosaic(config, progress=cancel_after_one_tile, cancel=cancel)
+    _cancel_after_one_tile(config)
     assert solver.calls > 0
 
     again = _TruthSolver(by_content)
@@ -103,14 +108,7 @@ def test_cancel_on_the_pool_keeps_every_written_tile_in_the_manifest_and_reuses_
     the mosaic a run without a cancel makes."""
     config = MosaicConfig(input_folder=four_tiles, output_folder=str(tmp_path / "o"),
                           num_processing_workers=2)
-    cancel = threading.Event()
-
-    def cancel_after_one_tile(phase, done, total, message=""):
-        if phase == "master_tiles" and message.endswith(" done"):
-            cancel.set()
-
-    with pytest.raises(zw.Cancelled):
-        zw.run_mosaic(config, progress=cancel_after_one_tile, cancel=cancel)
+    _cancel_after_one_tile(config)
     tiles_dir = tmp_path / "o" / zw.TILES_DIR
     written = sorted(p.name for p in tiles_dir.glob("master_tile_*.fits"))
     recorded = sorted(zrun.TileManifest(str(tiles_dir)).entries)

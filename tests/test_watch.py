@@ -39,11 +39,9 @@ def _arrive(path: Path, folder: Path) -> None:
     os.replace(hidden, folder / path.name)
 
 
-def test_frames_fed_a_panel_at_a_time_give_the_one_shot_mosaic_restacking_only_changed_tiles(night, tmp_path):
-    live = tmp_path / "live"
-    live.mkdir()
-    config = MosaicConfig(input_folder=str(live), output_folder=str(tmp_path / "out"),
-                          watch_batch_frames=3, watch_batch_seconds=0.5, num_processing_workers=1)
+def _watch_fed(config, live: Path, batches) -> list:
+    """Watch ``live`` while the frames of each batch arrive, the next batch once a mosaic holds
+    every frame so far; returns each mosaic's report."""
     reports, fed = [], []
     arrived = threading.Condition()
 
@@ -53,17 +51,26 @@ def test_frames_fed_a_panel_at_a_time_give_the_one_shot_mosaic_restacking_only_c
             arrived.notify_all()
 
     def feed():
-        for panel in range(4):
-            for path in night[3 * panel:3 * panel + 3]:
+        for batch in batches:
+            for path in batch:
                 _arrive(path, live)
-                fed.append(path.name)
-            with arrived:  # the next panel once a mosaic holds every frame so far
+                fed.append(path)
+            with arrived:
                 arrived.wait_for(lambda: reports and len(reports[-1].frames_used) == len(fed), timeout=120)
 
     feeder = threading.Thread(target=feed)
     feeder.start()
     zwatch.watch(config, on_batch=on_batch, stop=lambda: not feeder.is_alive(), poll_s=0.05)
     feeder.join()
+    return reports
+
+
+def test_frames_fed_a_panel_at_a_time_give_the_one_shot_mosaic_restacking_only_changed_tiles(night, tmp_path):
+    live = tmp_path / "live"
+    live.mkdir()
+    config = MosaicConfig(input_folder=str(live), output_folder=str(tmp_path / "out"),
+                          watch_batch_frames=3, watch_batch_seconds=0.5, num_processing_workers=1)
+    reports = _watch_fed(config, live, [night[3 * panel:3 * panel + 3] for panel in range(4)])
     assert len(reports[-1].frames_used) == 12 and len(reports) >= 4
     # Each batch stacks again only the tiles whose frames changed since the batch before.
     for before, after in zip(reports, reports[1:]):
@@ -150,26 +157,7 @@ def test_raw_subs_arriving_later_are_matched_to_the_frames_solved_before(unsolve
     live.mkdir()
     config = MosaicConfig(input_folder=str(live), output_folder=str(tmp_path / "out"),
                           watch_batch_frames=2, watch_batch_seconds=0.5, num_processing_workers=1)
-    reports, fed = [], []
-    arrived = threading.Condition()
-
-    def on_batch(result):
-        with arrived:
-            reports.append(result.report)
-            arrived.notify_all()
-
-    def feed():
-        for batch in (frames[:2], frames[2:4] + frames[4:6], frames[6:]):
-            for path in batch:
-                _arrive(path, live)
-                fed.append(path)
-            with arrived:
-                arrived.wait_for(lambda: reports and len(reports[-1].frames_used) == len(fed), timeout=120)
-
-    feeder = threading.Thread(target=feed)
-    feeder.start()
-    zwatch.watch(config, on_batch=on_batch, stop=lambda: not feeder.is_alive(), poll_s=0.05)
-    feeder.join()
+    reports = _watch_fed(config, live, [frames[:2], frames[2:6], frames[6:]])
     assert len(reports[-1].frames_used) == 8
     live_calls = solver.calls
     solver.calls = 0

@@ -14,10 +14,9 @@ import zemosaic_fits as zf
 import zemosaic_plan as zplan
 import zemosaic_synth
 import zemosaic_worker as zw
+from realdata import NGC7023 as REAL_SUBS
 from test_astrometry import _TruthSolver, unsolved_small  # noqa: F401  (a fixture)
 from zemosaic_config import MosaicConfig
-
-REAL_SUBS = Path(__file__).resolve().parents[2] / "shared" / "realdata" / "ngc7023"
 
 
 @pytest.fixture(scope="module")

@@ -318,6 +318,10 @@ class MosaicConfig:
         ALIGN_METHODS)
     correct_hot_pixels: bool = _bool_spec(
         True, "Replace isolated hot pixels in raw colour frames before debayering.")
+    saturation_level: float = _number_spec(
+        0.0, "Raw level (ADU) at and above which a pixel is saturated; its stars are shown white "
+        "(0 = the frame's DATAMAX or SATURATE card, else 99 % of its integer range: 64880 for "
+        "a Seestar sub).", zero_allowed=True)
     frame_screening: bool = _bool_spec(
         True, "Leave out frames far worse than the rest of their group (cloud, defocus, wind, "
         "bright sky), each with its reason in the run report.")

@@ -94,8 +94,8 @@ class _DisplayCurve:
             return image
         return ((image - self.sky) * self.gains + self.grey).astype(np.float32)
 
-    def apply(self, band: np.ndarray) -> np.ndarray:
-        """Return a band of rows stretched to float32 ``(h, W, 3)`` in [0, 1].
+    def _stretched_planes(self, band: np.ndarray) -> tuple[list, np.ndarray]:
+        """Return a band's channel planes after the balance and the curve, and their per-pixel peak.
 
         Computed on channel planes: the same values as on the ``(h, W, C)`` band, where NumPy
         would loop over runs of C values for every operand broadcast along the channels.
@@ -107,15 +107,52 @@ class _DisplayCurve:
         level = functools.reduce(np.add, scaled) / np.float32(len(scaled))  # = mean over channels
         with np.errstate(invalid="ignore", divide="ignore"):
             gain = np.where(level > 0, np.arcsinh(self.beta * level) / (math.asinh(self.beta) * level), 0.0)
-            stretched = [p * gain for p in scaled]
+        stretched = [p * gain for p in scaled]
+        return stretched, functools.reduce(np.maximum, stretched)
+
+    def overexposed(self, band: np.ndarray) -> np.ndarray:
+        """Return the ``(h, W)`` bool pixels of a band that the curve takes past the white point."""
+        with np.errstate(invalid="ignore"):
+            return self._stretched_planes(band)[1] > 1.0
+
+    def apply(self, band: np.ndarray, white: np.ndarray | None = None) -> np.ndarray:
+        """Return a band of rows stretched to float32 ``(h, W, 3)`` in [0, 1].
+
+        A pixel past the white point keeps its hue (its colour was measured); ``white``
+        (``(h, W)`` bool) pixels are white (:func:`_saturated_stars`: their colour was not).
+        """
+        stretched, peak = self._stretched_planes(band)
+        with np.errstate(invalid="ignore", divide="ignore"):
             # A channel above 1 would clip and shift the hue: scale the pixel down instead.
-            peak = functools.reduce(np.maximum, stretched)
             stretched = [np.where(peak > 1.0, p / peak, p) for p in stretched]
+        if white is not None:
+            stretched = [np.where(white, 1.0, p) for p in stretched]
         out = np.empty(band.shape[:2] + (3,), np.float32)
         for c in range(3):  # mono is replicated to RGB
             p = np.nan_to_num(stretched[min(c, len(stretched) - 1)], nan=0.0, posinf=0.0, neginf=0.0)
             out[..., c] = np.clip(p, 0.0, 1.0)
         return out
+
+
+def _saturated_stars(image: np.ndarray, curve: _DisplayCurve, saturated: np.ndarray) -> np.ndarray:
+    """Return the ``(H, W)`` bool pixels shown white: each saturated star's whole overexposed disc.
+
+    The saturated pixels grow over the pixels past the white point that touch them: those are
+    the same star's glare, and hue-kept they are a ring of its brightest channel around a white
+    core (a one-pixel blue ring around the synthetic stars that clipped).
+    """
+    from scipy import ndimage
+
+    over = np.zeros(saturated.shape, bool)
+
+    def band(r0):
+        rows = slice(r0, r0 + _STRETCH_BAND_ROWS)
+        over[rows] = curve.overexposed(image[rows])
+
+    map_threads(band, range(0, image.shape[0], _STRETCH_BAND_ROWS))
+    labels, _ = ndimage.label(over | saturated)
+    stars = np.unique(labels[saturated])
+    return np.isin(labels, stars[stars > 0])
 
 
 def _display_curve(image: np.ndarray, wb_gains: Sequence[float] | None) -> _DisplayCurve | None:
@@ -150,7 +187,7 @@ def _display_curve(image: np.ndarray, wb_gains: Sequence[float] | None) -> _Disp
 _STRETCH_BAND_ROWS = 128
 
 
-def _stretched(image_hwc: np.ndarray, wb_gains, finish: Callable, dtype) -> np.ndarray:
+def _stretched(image_hwc: np.ndarray, wb_gains, finish: Callable, dtype, saturated=None) -> np.ndarray:
     """Return ``finish(stretched band)`` for every band of rows, as one ``(H, W, 3)`` ``dtype`` array."""
     image = zfits.as_hwc_float32(image_hwc)
     height, width = image.shape[:2]
@@ -158,15 +195,18 @@ def _stretched(image_hwc: np.ndarray, wb_gains, finish: Callable, dtype) -> np.n
     curve = _display_curve(image, wb_gains)
     if curve is None:
         return output
+    white = None if saturated is None or not saturated.any() else _saturated_stars(image, curve, saturated)
 
     def band(r0):
-        output[r0:r0 + _STRETCH_BAND_ROWS] = finish(curve.apply(image[r0:r0 + _STRETCH_BAND_ROWS]))
+        rows = slice(r0, r0 + _STRETCH_BAND_ROWS)
+        output[rows] = finish(curve.apply(image[rows], None if white is None else white[rows]))
 
     map_threads(band, range(0, height, _STRETCH_BAND_ROWS))
     return output
 
 
-def stretch_unit(image_hwc: np.ndarray, wb_gains: Sequence[float] | None = None) -> np.ndarray:
+def stretch_unit(image_hwc: np.ndarray, wb_gains: Sequence[float] | None = None,
+                 saturated: np.ndarray | None = None) -> np.ndarray:
     """Auto-stretch an image to float32 ``(H, W, 3)`` in [0, 1] for display products.
 
     The sky is first made grey (a per-channel offset); ``wb_gains`` (one per channel, measured
@@ -175,18 +215,21 @@ def stretch_unit(image_hwc: np.ndarray, wb_gains: Sequence[float] | None = None)
     robust), white point at the 99.8th percentile, both measured on the luminance of a subsample
     of the finite pixels; then one asinh curve applied to the luminance and the same gain to
     every channel, so colours keep their ratios. NaN -> black; mono is replicated to RGB.
+    ``saturated`` (``(H, W)`` bool: pixels clipped in the frames,
+    :func:`zemosaic_worker.mosaic_saturated`) are white, and so is the rest of their star past
+    the white point (:func:`_saturated_stars`).
     """
-    return _stretched(image_hwc, wb_gains, lambda band: band, np.float32)
+    return _stretched(image_hwc, wb_gains, lambda band: band, np.float32, saturated)
 
 
 def stretch_for_display(image_hwc: np.ndarray, wb_gains: Sequence[float] | None = None,
-                        dtype: Any = np.uint8) -> np.ndarray:
+                        dtype: Any = np.uint8, saturated: np.ndarray | None = None) -> np.ndarray:
     """Auto-stretch an image to ``(H, W, 3)`` integers (uint8 or uint16) for display.
 
     See :func:`stretch_unit` for the stretch; the full integer range spans black to white.
     """
     top = np.iinfo(dtype).max
-    return _stretched(image_hwc, wb_gains, lambda band: np.rint(band * top).astype(dtype), dtype)
+    return _stretched(image_hwc, wb_gains, lambda band: np.rint(band * top).astype(dtype), dtype, saturated)
 
 
 # A grid within this angle of a multiple of 90 degrees is only flipped/transposed for display:
@@ -289,16 +332,30 @@ def _encode_png(rgb: np.ndarray) -> bytes:
     return buffer.getvalue()
 
 
-def _display_image(image_hwc: np.ndarray, wcs: WCS | None, max_size: int | None) -> np.ndarray:
-    """Block-average to at most ``max_size`` px (None: full size) and turn north up when a WCS is given."""
+def _display_image(image_hwc: np.ndarray, wcs: WCS | None, max_size: int | None,
+                   saturated: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray | None]:
+    """Block-average to at most ``max_size`` px (None: full size) and turn north up when a WCS is given.
+
+    Returns ``(image, saturated)``: the ``saturated`` mask goes the same way (a display pixel is
+    saturated when any pixel it is made of was), None without one.
+    """
     image = zfits.as_hwc_float32(image_hwc)
+    factor = 1
     if max_size is not None:
         if int(max_size) < 1:
             raise ValueError(f"max_size must be >= 1, got {max_size}")
         factor = -(-max(image.shape[:2]) // int(max_size))
+
+    def shown(plane_or_image):
         if factor > 1:
-            image = block_mean(image, factor)
-    return image if wcs is None else north_up(image, wcs)
+            plane_or_image = block_mean(plane_or_image, factor)
+        return plane_or_image if wcs is None else north_up(plane_or_image, wcs)
+
+    if saturated is None:
+        return shown(image), None
+    # The mask goes the same way as a plane of its own: averaged and turned exactly alike.
+    with np.errstate(invalid="ignore"):
+        return shown(image), shown(np.asarray(saturated, np.float32)[..., None])[..., 0] > 0
 
 
 def _resolved(wb_gains):
@@ -308,32 +365,33 @@ def _resolved(wb_gains):
 
 def write_preview_png(path: str | os.PathLike, image_hwc: np.ndarray,
                       max_size: int = 2048, wb_gains: Sequence[float] | None = None,
-                      wcs: WCS | None = None) -> None:
+                      wcs: WCS | None = None, saturated: np.ndarray | None = None) -> None:
     """Write a stretched RGB PNG preview whose longer side is at most ``max_size``.
 
     The image is block-averaged (NaN-aware) by the smallest integer factor that
     fits, turned north up / east left when ``wcs`` (the image's WCS) is given,
     stretched with :func:`stretch_for_display` (white balanced with ``wb_gains``)
     and written atomically. ``wb_gains`` may be a function that returns the gains: it is called
-    once the image is turned, so that they can be measured meanwhile.
+    once the image is turned, so that they can be measured meanwhile. ``saturated``: the
+    ``(H, W)`` bool pixels shown white (:func:`stretch_unit`).
     """
-    image = _display_image(image_hwc, wcs, max_size)
-    png = _encode_png(stretch_for_display(image, _resolved(wb_gains)))
+    image, saturated = _display_image(image_hwc, wcs, max_size, saturated)
+    png = _encode_png(stretch_for_display(image, _resolved(wb_gains), saturated=saturated))
     write_atomic(path, lambda fh: fh.write(png))
 
 
 def write_display_tiff(path: str | os.PathLike, image_hwc: np.ndarray, wcs: WCS | None = None,
-                       wb_gains: Sequence[float] | None = None) -> None:
+                       wb_gains: Sequence[float] | None = None, saturated: np.ndarray | None = None) -> None:
     """Write the full-size display image: 16-bit RGB TIFF, stretched, white balanced, north up.
 
     The product a person edits further (GIMP, Photoshop, Siril): the same stretch as the
     preview, with 65536 levels so further curves do not posterise. Written atomically.
-    ``wb_gains``: as for :func:`write_preview_png`.
+    ``wb_gains`` and ``saturated``: as for :func:`write_preview_png`.
     """
     import tifffile  # only the display export needs it
 
-    image = _display_image(image_hwc, wcs, None)
-    rgb = stretch_for_display(image, _resolved(wb_gains), dtype=np.uint16)
+    image, saturated = _display_image(image_hwc, wcs, None, saturated)
+    rgb = stretch_for_display(image, _resolved(wb_gains), dtype=np.uint16, saturated=saturated)
     write_atomic(path, lambda fh: tifffile.imwrite(fh, rgb, photometric="rgb",
                                                     software="ZeMosaic"))
 

@@ -44,8 +44,11 @@ __all__ = [
     "debayer_bilinear",
     "load_frame",
     "read_frame_info",
+    "saturated_pixels",
+    "saturation_level",
     "read_header_info",
     "read_image_fits",
+    "read_saturated_mask",
     "card_text",
     "header_float",
     "observation_cards",
@@ -101,6 +104,11 @@ class Frame:
     data: np.ndarray
     header: fits.Header
     wcs: WCS
+    #: ``(H, W)`` bool: pixels whose value in some channel comes from a saturated raw sample
+    #: (:func:`saturated_pixels`); None when the frame has no saturation level.
+    saturated: np.ndarray | None = None
+    #: The raw level (physical units) taken as saturation (:func:`saturation_level`), or None.
+    saturation: float | None = None
 
 
 @dataclass
@@ -527,12 +535,16 @@ def correct_hot_pixels(raw: np.ndarray, kappa: float = 8.0, neighbour_fraction: 
     return cleaned, int(hot.sum())
 
 
-def _to_hwc(data: np.ndarray, layout: str, pattern: str | None, debayer: bool,
-            hot_pixels: bool = True) -> np.ndarray:
+def _hot_pixels_corrected(data: np.ndarray, layout: str, pattern: str | None, hot_pixels: bool) -> np.ndarray:
+    """Return a raw Bayer mosaic with :func:`correct_hot_pixels` applied when asked; other data as is."""
+    if layout == "2d" and pattern and hot_pixels:
+        data, n_hot = correct_hot_pixels(data)
+        logger.debug("Hot pixel correction: %d pixel(s) replaced", n_hot)
+    return data
+
+
+def _to_hwc(data: np.ndarray, layout: str, pattern: str | None, debayer: bool) -> np.ndarray:
     if layout == "2d":
-        if pattern and hot_pixels:
-            data, n_hot = correct_hot_pixels(data)
-            logger.debug("Hot pixel correction: %d pixel(s) replaced", n_hot)
         if pattern and debayer:
             return debayer_bilinear(data, pattern)
         return data[:, :, np.newaxis]
@@ -541,8 +553,67 @@ def _to_hwc(data: np.ndarray, layout: str, pattern: str | None, debayer: bool,
     return data  # already (H, W, 3)
 
 
+#: Fraction of the top of an integer format taken as saturated when the header names no level.
+#: The shared real Seestar subs' clipped star cores sit at 65469-65526 in the 10 s frames (no
+#: pixel lies between 62854 and 65469) and at 65535 in the 20 s ones: the full well is reached
+#: short of the format's top. 99 % of 65535 is 64880.
+INTEGER_SATURATION_FRACTION = 0.99
+
+
+def _integer_top(header: Mapping[str, Any]) -> float | None:
+    """Return the largest physical value an integer FITS image can hold (BZERO/BSCALE applied), or None."""
+    bitpix = header.get("BITPIX")
+    if not isinstance(bitpix, int) or bitpix <= 0:
+        return None
+    stored = 255 if bitpix == 8 else 2 ** (bitpix - 1) - 1
+    scale = header_float(header, "BSCALE") or 1.0
+    zero = header_float(header, "BZERO") or 0.0
+    return zero + scale * stored if scale > 0 else zero
+
+
+def saturation_level(header: Mapping[str, Any], override: float = 0.0) -> float | None:
+    """Return the raw level (physical units) at and above which a frame's pixels are saturated.
+
+    ``override`` (the ``saturation_level`` setting) wins when above 0; then the header's
+    ``DATAMAX`` or ``SATURATE``; then :data:`INTEGER_SATURATION_FRACTION` of the top of the
+    frame's integer format. None for a floating-point frame without those cards: nothing is
+    known to clip.
+    """
+    if override and override > 0:
+        return float(override)
+    level = header_float(header, "DATAMAX", "SATURATE")
+    if level is not None and level > 0:
+        return level
+    top = _integer_top(header)
+    return None if top is None else INTEGER_SATURATION_FRACTION * top
+
+
+def saturated_pixels(data: np.ndarray, level: float | None, bayer: bool) -> np.ndarray | None:
+    """Return the ``(H, W)`` bool mask of the pixels that a sample at or above ``level`` reaches.
+
+    ``data`` is a raw Bayer mosaic ``(H, W)`` (``bayer``: every pixel of the bilinear debayer whose
+    3x3 neighbourhood holds a clipped sample, as every colour of it is interpolated from there),
+    or ``(H, W)``/``(H, W, C)`` data (a pixel clipped in any channel). None without a level.
+    """
+    if level is None:
+        return None
+    with np.errstate(invalid="ignore"):
+        clipped = np.asarray(data) >= level
+    if clipped.ndim == 3:
+        clipped = np.any(clipped, axis=2)
+    if not bayer or not clipped.any():
+        return clipped
+    grown = clipped.copy()
+    ys, xs = nonzero_indices(clipped)
+    h, w = clipped.shape
+    for dy in (-1, 0, 1):
+        for dx in (-1, 0, 1):
+            grown[np.clip(ys + dy, 0, h - 1), np.clip(xs + dx, 0, w - 1)] = True
+    return grown
+
+
 def load_frame(path: str | os.PathLike, debayer: bool = True, hot_pixels: bool = True,
-               wcs: WCS | None = None, require_wcs: bool = True) -> Frame:
+               wcs: WCS | None = None, require_wcs: bool = True, saturation_override: float = 0.0) -> Frame:
     """Load a frame as float32 ``(H, W, C)`` with its header and celestial WCS.
 
     2-D Bayer data (BAYERPAT card, or a Seestar INSTRUME defaulting to GRBG)
@@ -555,15 +626,23 @@ def load_frame(path: str | os.PathLike, debayer: bool = True, hot_pixels: bool =
     ``wcs`` (a plate solution found elsewhere) replaces the header's WCS, which
     then need not exist; without ``require_wcs`` a frame with no usable WCS
     loads with ``wcs = None`` (to be plate-solved).
+    The saturated pixels are flagged as the frame is loaded (``Frame.saturated``, after the
+    hot pixels are corrected: a stuck pixel is not a clipped star), at
+    :func:`saturation_level` (``saturation_override``: the ``saturation_level`` setting).
     """
     path = os.fspath(path)
     with _quiet_astropy(), _open_fits(path) as (hdul, size):
         info, index, layout = _inspect(path, hdul, size, require_wcs and wcs is None, read_wcs=wcs is None)
         data = _read_pixels(hdul, index, info.header)
     _check_has_signal(data)
-    image = _to_hwc(data, layout, info.bayer_pattern, debayer, hot_pixels)
+    data = _hot_pixels_corrected(data, layout, info.bayer_pattern, hot_pixels)
+    level = saturation_level(info.header, saturation_override)
+    planes = data if layout != "chw" else np.moveaxis(data, 0, -1)
+    saturated = saturated_pixels(planes, level, bool(info.bayer_pattern) and debayer)
+    image = _to_hwc(data, layout, info.bayer_pattern, debayer)
     logger.debug("Loaded %s: %s, Bayer %s", path, image.shape, info.bayer_pattern)
-    return Frame(path=path, data=image, header=info.header, wcs=wcs if wcs is not None else info.wcs)
+    return Frame(path=path, data=image, header=info.header, wcs=wcs if wcs is not None else info.wcs,
+                 saturated=saturated, saturation=level)
 
 
 # Bilinear weights of the 3x3 neighbourhood: only the ratio of weights matters, and
@@ -917,29 +996,51 @@ def _image_hdu(data: np.ndarray, wcs: WCS, header_cards: Any, primary: bool) -> 
     return hdu
 
 
+#: Extension holding the saturated pixels of a tile or mosaic (uint8, 1 = saturated).
+SATURATED_EXTNAME = "SATURATED"
+
+
+def _plane_extension(plane: np.ndarray, shape_hw, wcs: WCS, name: str, dtype) -> Any:
+    """Return an ``EXTNAME = name`` image extension of an ``(H, W)`` plane of the image's shape."""
+    plane = np.asarray(plane, dtype=dtype)
+    if plane.shape != tuple(shape_hw):
+        raise ValueError(f"{name.lower()} shape {plane.shape} does not match image {tuple(shape_hw)}")
+    extension = _image_hdu(plane, wcs, None, False)
+    extension.header["EXTNAME"] = name
+    return extension
+
+
 def write_image_fits(path: str | os.PathLike, image_hwc: np.ndarray, wcs: WCS,
                      coverage: np.ndarray | None = None,
                      header_cards: Mapping[str, Any] | Sequence[Sequence[Any]] | None = None,
-                     dtype: Any = np.float32) -> None:
+                     dtype: Any = np.float32, saturated: np.ndarray | None = None) -> None:
     """Write an image as ``(C, H, W)`` FITS (float32, or ``dtype``) with a CD-matrix WCS, atomically.
 
     ``header_cards`` (dict ``{key: value | (value, comment)}`` or a list of
     ``(key, value[, comment])``) adds provenance cards; layout and WCS keys are
     refused.  ``coverage`` (H, W) goes to a float32 'COVERAGE' extension with
-    the same celestial WCS.  The WCS declares a third (colour plane) axis, the
+    the same celestial WCS, ``saturated`` (H, W bool) to a uint8 'SATURATED' one
+    (:func:`read_saturated_mask`).  The WCS declares a third (colour plane) axis, the
     frame (RADESYS, EQUINOX), and every HDU carries CHECKSUM/DATASUM.
     """
     image = as_hwc_float32(image_hwc)
     planes = np.ascontiguousarray(np.moveaxis(image, -1, 0), dtype=_fits_dtype(dtype))
     hdus = [_image_hdu(planes, wcs, header_cards, True)]
     if coverage is not None:
-        cov = np.asarray(coverage, dtype=np.float32)
-        if cov.shape != image.shape[:2]:
-            raise ValueError(f"coverage shape {cov.shape} does not match image {image.shape[:2]}")
-        extension = _image_hdu(cov, wcs, None, False)
-        extension.header["EXTNAME"] = "COVERAGE"
-        hdus.append(extension)
+        hdus.append(_plane_extension(coverage, image.shape[:2], wcs, "COVERAGE", np.float32))
+    if saturated is not None:
+        hdus.append(_plane_extension(saturated, image.shape[:2], wcs, SATURATED_EXTNAME, np.uint8))
     write_fits_atomic(path, fits.HDUList(hdus))
+
+
+def read_saturated_mask(path: str | os.PathLike) -> np.ndarray | None:
+    """Return the ``(H, W)`` bool saturated pixels a file written by :func:`write_image_fits` holds, or None."""
+    with _quiet_astropy(), _open_fits(os.fspath(path)) as (hdul, _):
+        try:
+            hdu = hdul[SATURATED_EXTNAME]
+        except KeyError:
+            return None
+        return np.asarray(hdu.data) > 0
 
 
 def write_plane_fits(path: str | os.PathLike, plane_hw: np.ndarray, wcs: WCS,

@@ -161,6 +161,8 @@ OPTION_SPECS: tuple[OptionSpec, ...] = (
                special="one per CPU core"),
     OptionSpec("Mosaic", "align_method", "Alignment"),
     OptionSpec("Mosaic", "correct_hot_pixels", "Hot pixel correction"),
+    OptionSpec("Mosaic", "saturation_level", "Saturation level (ADU)", maximum=4.3e9, step=100.0,
+               decimals=0, special="from the frames"),
     OptionSpec("Mosaic", "watch_batch_frames", "Live: new mosaic every (frames)", minimum=1, maximum=100000),
     OptionSpec("Mosaic", "watch_batch_seconds", "Live: or after (s)", minimum=1.0, maximum=86400.0,
                step=30.0, decimals=0),

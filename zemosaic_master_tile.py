@@ -22,7 +22,7 @@ import zemosaic_executor as zexec
 import zemosaic_fits as zfits
 import zemosaic_quality as zq
 from zemosaic_config import MosaicConfig, config_to_dict
-from zemosaic_utils import GpuBackendError
+from zemosaic_utils import GpuBackendError, pixels_reached
 from zemosaic_version import __version__
 
 logger = logging.getLogger(__name__)
@@ -67,7 +67,8 @@ class MasterTile:
     reads from the file, so both give the same mosaic. ``frame_photometry``: per stacked frame,
     the gains, offsets, weights and noise it was stacked with and its quality
     (:func:`_frame_photometry`), for the run report; ``reference_reason``: why its reference was
-    chosen.
+    chosen; ``saturated``: ``(H, W)`` bool, the pixels saturated in at least half the frames
+    that cover them (:func:`saturated_in_tile`), or None when no frame had a saturation level.
     """
 
     index: int
@@ -80,6 +81,7 @@ class MasterTile:
     backend: str
     frame_photometry: list = field(default_factory=list)
     reference_reason: str = ""
+    saturated: np.ndarray | None = None
 
 
 @dataclass
@@ -96,29 +98,38 @@ def tile_name(index: int) -> str:
     return f"master_tile_{index:03d}.fits"
 
 
-def _frame_loader(rec, config):
-    """Return a zero-argument callable that loads a frame's debayered data.
-
-    It raises :class:`zemosaic_fits.FrameError` when the frame cannot be used.
-    """
-    return lambda: zfits.load_frame(rec.path, hot_pixels=config.correct_hot_pixels, wcs=rec.wcs).data
-
-
 @dataclass(frozen=True)
 class FrameMeasures:
     """What is measured once on a frame as loaded (before resampling): its stars
-    (:func:`zemosaic_align_stack.alignment_stars`), its quality (:mod:`zemosaic_quality`) and its
-    ``(C,)`` noise (:func:`zemosaic_align_stack.image_noise_sigmas`)."""
+    (:func:`zemosaic_align_stack.alignment_stars`), its quality (:mod:`zemosaic_quality`), its
+    ``(C,)`` noise (:func:`zemosaic_align_stack.image_noise_sigmas`) and its saturated pixels
+    ``(ys, xs)`` (:func:`zemosaic_fits.saturated_pixels`) at its raw ``saturation`` level (both
+    None when it has no saturation level)."""
 
     stars: np.ndarray
     quality: zq.FrameQuality
     noise: np.ndarray
+    saturated: tuple | None = None
+    saturation: float | None = None
 
 
-def measure_frame(data) -> FrameMeasures:
-    """Return the :class:`FrameMeasures` of a loaded ``(H, W, C)`` frame."""
+def measure_frame(data, saturated=None, saturation=None) -> FrameMeasures:
+    """Return the :class:`FrameMeasures` of a loaded ``(H, W, C)`` frame (``saturated``: its ``(H, W)``
+    mask at the raw level ``saturation``)."""
     stars = stk.alignment_stars(data)
-    return FrameMeasures(stars, zq.frame_quality(data, stars), stk.image_noise_sigmas(data))
+    points = None if saturated is None else tuple(a.astype(np.int32) for a in np.nonzero(saturated))
+    return FrameMeasures(stars, zq.frame_quality(data, stars), stk.image_noise_sigmas(data), points,
+                         saturation)
+
+
+def _load_measured(rec, config):
+    """Return ``(debayered data, FrameMeasures)`` of a group's frame.
+
+    Raises :class:`zemosaic_fits.FrameError` when the frame cannot be used.
+    """
+    frame = zfits.load_frame(rec.path, hot_pixels=config.correct_hot_pixels, wcs=rec.wcs,
+                             saturation_override=config.saturation_level)
+    return frame.data, measure_frame(frame.data, frame.saturated, frame.saturation)
 
 
 def _measuring_loader(rec, config, measures: dict, key, loaded: dict):
@@ -129,8 +140,7 @@ def _measuring_loader(rec, config, measures: dict, key, loaded: dict):
     def load():
         if key in loaded:
             return loaded.pop(key)
-        data = _frame_loader(rec, config)()
-        measures[key] = measure_frame(data)
+        data, measures[key] = _load_measured(rec, config)
         return data
     return load
 
@@ -148,12 +158,11 @@ def _reference_candidates(records, config, ctx, skipped, measures: dict, loaded:
             break
         ctx.check_cancel()
         try:
-            loaded[i] = _frame_loader(records[i], config)()
+            loaded[i], measures[i] = _load_measured(records[i], config)
         except zfits.FrameError as exc:
             skipped.append({"path": records[i].path, "reason": str(exc)})
             unloadable.add(i)
             continue
-        measures[i] = measure_frame(loaded[i])
         candidates.append(i)
     return candidates, unloadable
 
@@ -326,6 +335,25 @@ def _stack_on_cpu(stack, gains, offsets, weights, p, sigmas, threads, background
                                            backgrounds=backgrounds)
 
 
+def saturated_in_tile(used, measures, tile_wcs, coverage) -> np.ndarray | None:
+    """Return the ``(H, W)`` bool pixels of a tile saturated in at least half the frames covering them.
+
+    Each frame's saturated pixels (flagged as it was loaded) are carried onto the tile through
+    the frame's and the tile's WCSs (:func:`zemosaic_utils.pixels_reached`: a pixel or two of
+    plate-solution error is within the four pixels each one reaches). Half, because a star that
+    clipped in a few sharp frames only is stacked from the others, which did not; ``coverage``
+    counts the frames at each pixel. None when no frame had a saturation level.
+    """
+    if all(m.saturated is None for m in measures):
+        return None
+    count = np.zeros(coverage.shape, np.uint16)
+    flat = count.reshape(-1)
+    for rec, m in zip(used, measures):
+        if m.saturated is not None and rec.wcs is not None:
+            flat[pixels_reached(*m.saturated, rec.wcs, tile_wcs, coverage.shape)] += 1
+    return (count > 0) & (2 * count >= coverage)
+
+
 def settings_history(config) -> list:
     """Return HISTORY cards naming the program version and every setting of the run."""
     lines = [f"ZeMosaic {__version__}"]
@@ -333,7 +361,14 @@ def settings_history(config) -> list:
     return [("HISTORY", zfits.card_text(line, 72)) for line in lines]
 
 
-def _tile_header_cards(config, used, reference, backend) -> list:
+def saturation_card(levels) -> list:
+    """Return the ``SATURATE`` card of the lowest raw saturation level among ``levels`` (None: unknown), or none."""
+    known = [float(v) for v in levels if v is not None]
+    return [("SATURATE", round(min(known), 3), "[adu] raw saturation level; mask: SATURATED")] \
+        if known else []
+
+
+def _tile_header_cards(config, used, reference, backend, measures) -> list:
     """Return the provenance cards written into a master tile."""
     return [
         ("ZMVERS", __version__, "ZeMosaic version"),
@@ -351,6 +386,7 @@ def _tile_header_cards(config, used, reference, backend) -> list:
         ("COMBINE", config.stacking_final_combine_method, "final combine"),
         ("QUANTMTH", "sorted-nan-aware", "NaN-safe winsor quantiles"),
         ("STACKBE", backend, "stacking backend"),
+        *saturation_card(m.saturation for m in measures),
         *settings_history(config),
     ]
 
@@ -374,13 +410,14 @@ def build_master_tile(task: TileTask, ctx) -> TileResult:
                                                              ctx.check_cancel)
     finally:
         zexec.release_stack(stack)
+    saturated = saturated_in_tile(used, measures, tile_wcs, coverage)
     zfits.write_image_fits(os.path.join(task.tiles_dir, tile_name(task.index)), image, tile_wcs,
-                           coverage=coverage,
-                           header_cards=_tile_header_cards(config, used, used[0].path, backend))
+                           coverage=coverage, saturated=saturated,
+                           header_cards=_tile_header_cards(config, used, used[0].path, backend, measures))
     logger.info("%s: %d frame(s) stacked (%s, %s)", label, len(used),
                 config.stacking_rejection_algorithm, backend)
     # The tile is used with the WCS its file holds, as a resumed run reads it: same mosaic.
     return TileResult(MasterTile(task.index, image, coverage, zfits.wcs_to_cd_header(tile_wcs).tostring(),
                                  os.path.join(task.tiles_dir, tile_name(task.index)), [r.path for r in used],
                                  used[0].path, backend, _frame_photometry(used, *coefficients, measures),
-                                 reference_reason), skipped)
+                                 reference_reason, saturated), skipped)

@@ -468,6 +468,26 @@ def _exact_input_coords(wcs_in, wcs_out, y_out, x_out) -> tuple[np.ndarray, np.n
     return np.asarray(y_in, dtype=np.float64), np.asarray(x_in, dtype=np.float64)
 
 
+def pixels_reached(ys, xs, wcs_in, wcs_out, shape_out) -> np.ndarray:
+    """Return the flat indices (unique) of the ``shape_out`` pixels that input pixels ``(ys, xs)`` reach.
+
+    Each input pixel lands between four output pixels (through the two WCSs); all four are
+    reached, as a bilinear resampling spreads it over them. For a few pixels (saturated star
+    cores): a full pixel mapping would cost a frame's worth of coordinates.
+    """
+    if len(ys) == 0:
+        return np.zeros(0, np.int64)
+    x_out, y_out = wcs_out.world_to_pixel_values(*wcs_in.pixel_to_world_values(
+        np.asarray(xs, np.float64), np.asarray(ys, np.float64)))
+    ok = np.isfinite(x_out) & np.isfinite(y_out)
+    y0, x0 = np.floor(y_out[ok]).astype(np.int64), np.floor(x_out[ok]).astype(np.int64)
+    h, w = shape_out
+    rows = np.concatenate([y0, y0, y0 + 1, y0 + 1])
+    cols = np.concatenate([x0, x0 + 1, x0, x0 + 1])
+    inside = (rows >= 0) & (rows < h) & (cols >= 0) & (cols < w)
+    return np.unique(rows[inside] * w + cols[inside])
+
+
 def output_bounding_box(wcs_in, shape_in, wcs_out, shape_out, margin: int = 2):
     """Return ``(y0, y1, x0, x1)`` of the output pixels an input image can touch, or None.
 

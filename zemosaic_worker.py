@@ -52,10 +52,10 @@ from zemosaic_config import ConfigError, MosaicConfig, config_to_dict
 from zemosaic_files import write_text_atomic
 from zemosaic_executor import Cancelled  # noqa: F401  (part of this module's API)
 from zemosaic_master_tile import (CACHE_DIR, STACK_CACHE_DIR, MasterTile, TileTask,  # noqa: F401  (API)
-                                  build_master_tile, settings_history, tile_name)
+                                  build_master_tile, saturation_card, settings_history, tile_name)
 from zemosaic_utils import (GpuBackendError, block_mean, compute_pixel_mapping, feather_ramp, gpu_available,
                             gpu_unavailable_reason, map_threads, optimal_celestial_grid, over_channels,
-                            reproject_and_coadd, unit_vectors)
+                            pixels_reached, reproject_and_coadd, unit_vectors)
 from zemosaic_version import __version__
 
 logger = logging.getLogger(__name__)
@@ -443,7 +443,8 @@ def _reuse_tile(index, entry, tiles_dir, report) -> MasterTile:
         report.skip(skipped["path"], skipped["reason"])
     logger.info("tile %03d: reused from an earlier run (%d frame(s))", index, len(entry["frames"]))
     return MasterTile(index, image, coverage, wcs, path, list(entry["frames"]), entry["reference"],
-                      entry["backend"], entry.get("frame_photometry", []), entry.get("reference_reason", ""))
+                      entry["backend"], entry.get("frame_photometry", []), entry.get("reference_reason", ""),
+                      zfits.read_saturated_mask(path))
 
 
 def _finished_tile(task: TileTask, outcome, report) -> MasterTile | None:
@@ -871,7 +872,25 @@ def _mosaic_cards(config, report, tiles) -> list:
             ("BKGEXTR", bool(report.background_extraction), "smooth background removed from the mosaic"),
             *([("BKGXORD", config.final_background_order, "order of the removed background")]
               if report.background_extraction else []),
+            *saturation_card(h.get("SATURATE") for h in tile_headers),
             *settings_history(config)]
+
+
+def mosaic_saturated(tiles, wcs_out, mosaic) -> np.ndarray | None:
+    """Return the ``(H, W)`` bool pixels of the mosaic saturated in some tile, or None when no tile knows.
+
+    Each tile's saturated pixels are carried onto the output grid through the two WCSs
+    (:func:`zemosaic_utils.pixels_reached`); pixels without data stay unflagged.
+    """
+    masks = [t for t in tiles if t.saturated is not None]
+    if not masks:
+        return None
+    shape = mosaic.shape[:2]
+    saturated = np.zeros(shape, bool)
+    for tile in masks:
+        ys, xs = np.nonzero(tile.saturated)
+        saturated.reshape(-1)[pixels_reached(ys, xs, tile.wcs, wcs_out, shape)] = True
+    return saturated & np.all(np.isfinite(mosaic), axis=2)
 
 
 def _uint16_copy(mosaic) -> tuple[np.ndarray, list]:
@@ -895,6 +914,7 @@ def write_outputs(run, mosaic, coverage, wcs_out, tiles) -> dict:
     out = config.output_folder
     paths = {key: os.path.join(out, name) for key, name in OUTPUT_NAMES.items()}
     cards = _mosaic_cards(config, report, tiles)
+    saturated = mosaic_saturated(tiles, wcs_out, mosaic)
     # A thread per file while the white balance is measured: the display products are turned north
     # up meanwhile, the FITS file waits for the balance's cards without holding them up, and while
     # one file compresses or sums (releasing the GIL) another stretches. WCSs: copies (not thread-safe).
@@ -903,13 +923,14 @@ def write_outputs(run, mosaic, coverage, wcs_out, tiles) -> dict:
         balance = pool.submit(_white_balance_cards, report, mosaic)
         map_threads(lambda write: write(), [
             lambda: zdisp.write_display_tiff(paths["display"], mosaic, wcs=display_wcs,
-                                             wb_gains=lambda: balance.result()[1]),
+                                             wb_gains=lambda: balance.result()[1], saturated=saturated),
             lambda: zfits.write_plane_fits(paths["coverage"], coverage, coverage_wcs, header_cards=[
                 ("BUNIT", "", "sum of weights: frames x tile weight"), *cards[:3]]),
             lambda: zdisp.write_preview_png(paths["preview"], mosaic, wcs=preview_wcs,
-                                            wb_gains=lambda: balance.result()[1]),
+                                            wb_gains=lambda: balance.result()[1], saturated=saturated),
             lambda: zfits.write_image_fits(paths["mosaic"], mosaic, wcs_out, coverage=coverage,
-                                           header_cards=cards + balance.result()[0])], threads=4)
+                                           header_cards=cards + balance.result()[0],
+                                           saturated=saturated)], threads=4)
     if config.save_channel_files and mosaic.shape[2] == 3:
         for c, colour in enumerate("RGB"):
             paths[f"channel_{colour}"] = os.path.join(out, CHANNEL_NAME.format(colour))

@@ -40,6 +40,7 @@ EXPECTED_DEFAULTS = {
     "stacking_kappa_max_iterations": 5,
     "align_method": "astroalign",
     "correct_hot_pixels": True,
+    "saturation_level": 0.0,
     "frame_screening": True,
     "screen_min_star_fraction": 0.5,
     "screen_max_fwhm_ratio": 1.5,

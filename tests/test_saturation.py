@@ -112,8 +112,7 @@ def test_stretch_turns_a_saturated_star_white_and_keeps_the_others_colours():
     yy, xx = np.mgrid[:200, :200]
     for (y, x), peak in (((20, 20), 200.0), ((60, 60), 200000.0), ((20, 60), 20000.0)):
         image += peak * blue[None, None] * np.exp(-((yy - y) ** 2 + (xx - x) ** 2) / 4.0)[..., None]
-    saturated = np.zeros((200, 200), bool)
-    saturated[20, 60] = True  # the third star's core clipped in the frames
+    saturated = np.hypot(yy - 20, xx - 60) <= 1.5  # the third star's core clipped in the frames
     before = zdisp.stretch_unit(image)
     after = zdisp.stretch_unit(image, saturated=saturated)
     for unsaturated in ((slice(15, 26), slice(15, 26)), (slice(55, 66), slice(55, 66))):
@@ -189,3 +188,21 @@ def test_the_real_subs_clipped_cores_are_flagged_at_the_default_level():
         assert raw.max() > frame.saturation
         assert frame.saturated[raw >= 65000].all()
         assert 10 <= frame.saturated.sum() <= 400
+
+
+def test_a_saturated_star_in_an_overexposed_nebula_leaves_the_nebula_its_colour():
+    # The demo's case: a star clipped inside a nebula bright enough to pass the white point. Only
+    # the star's glare (a few core radii) turns white; the nebula stays red.
+    rng = np.random.default_rng(9)
+    image = (100.0 + rng.normal(0, 2, (300, 300, 3))).astype(np.float32)
+    yy, xx = np.mgrid[:300, :300]
+    image += 5000.0 * np.array([1.0, 0.3, 0.2], np.float32) * np.exp(
+        -((yy - 150) ** 2 + (xx - 150) ** 2) / (2 * 30.0 ** 2))[..., None]
+    image += 200000.0 * np.exp(-((yy - 150) ** 2 + (xx - 150) ** 2) / 4.0)[..., None]
+    saturated = np.hypot(yy - 150, xx - 150) <= 1.5
+    before = zdisp.stretch_unit(image)
+    after = zdisp.stretch_unit(image, saturated=saturated)
+    overexposed_nebula = (before.max(axis=2) >= 1.0) & (np.hypot(yy - 150, xx - 150) > 10)
+    assert overexposed_nebula.sum() > 500  # the nebula itself is past the white point
+    np.testing.assert_array_equal(after[overexposed_nebula], before[overexposed_nebula])
+    assert after[saturated].min() == 1.0

@@ -225,16 +225,17 @@ def group_canvas(wcs_reference, shape_reference, frames, margin: int = 2) -> Can
     return Canvas(shape, (oy, ox), canvas_wcs)
 
 
-def crop_canvas(stack, canvas: Canvas, wcs_reference, shape_reference, frames):
+def crop_canvas(stack, canvas: Canvas, wcs_reference, shape_reference, frames, scale: int = 1):
     """Return ``(stack view, canvas)`` cut to the canvas of ``frames`` ``(wcs, (h, w))``, those stacked.
 
     A group's canvas is sized before its frames are loaded; one skipped then (unreadable data, all
     zeros) must not leave its empty footprint in the tile. The canvas of the stacked frames is a
     window of the full one (same reference, same margin), so the view holds every aligned pixel.
+    ``scale``: the stack is on a grid that many times finer than the canvas (Bayer drizzle).
     """
     used = group_canvas(wcs_reference, shape_reference, frames)
-    dy, dx = canvas.offset[0] - used.offset[0], canvas.offset[1] - used.offset[1]
-    h, w = used.shape
+    dy, dx = scale * (canvas.offset[0] - used.offset[0]), scale * (canvas.offset[1] - used.offset[1])
+    h, w = scale * used.shape[0], scale * used.shape[1]
     return stack[:, dy:dy + h, dx:dx + w], used
 
 
@@ -250,8 +251,26 @@ def place_reference(reference, canvas: Canvas, out=None):
     return out
 
 
+@dataclass(frozen=True)
+class FrameMapping:
+    """Where a frame lies on a canvas: ``matrix`` (3x3 affine, canvas pixel -> frame pixel, from the
+    star match) or, without one, the frame's ``wcs`` (through the canvas's WCS)."""
+
+    matrix: np.ndarray | None = None
+    wcs: object = None
+
+
+def resample_bilinear(image, mapping: FrameMapping, canvas: Canvas, out=None):
+    """Return ``image`` resampled onto the canvas through ``mapping`` (bilinear, NaN outside it)."""
+    if mapping.matrix is not None:
+        return warp_affine(image, mapping.matrix, canvas.shape, out=out)
+    y_src, x_src = wcs_source_coords(mapping.wcs, image.shape[:2], canvas.wcs, canvas.shape)
+    return warp_image(image, y_src, x_src, out=out)
+
+
 def align_frame(image, reference, method="astroalign", wcs=None, wcs_reference=None,
-                canvas: Canvas | None = None, reference_stars=None, out=None, image_stars=None):
+                canvas: Canvas | None = None, reference_stars=None, out=None, image_stars=None,
+                resample=resample_bilinear):
     """Return one ``(H, W, C)`` frame resampled onto the reference grid, NaN outside its footprint.
 
     ``method="astroalign"`` matches stars and falls back to the WCS when matching fails and both
@@ -259,6 +278,8 @@ def align_frame(image, reference, method="astroalign", wcs=None, wcs_reference=N
     is the output grid. ``reference_stars`` (:func:`alignment_stars` of the reference) saves
     detecting them again for every frame of a group; ``image_stars``, those of ``image``, when the
     caller has them. ``out``: the canvas-sized float32 array to write into (default: a new one).
+    ``resample(image, mapping, canvas, out)`` puts the frame on the canvas once its
+    :class:`FrameMapping` is known (default: :func:`resample_bilinear`).
     Raises :class:`AlignmentError`.
     """
     require_choice("method", method, ALIGN_METHODS)
@@ -275,15 +296,14 @@ def align_frame(image, reference, method="astroalign", wcs=None, wcs_reference=N
         try:
             stars = alignment_stars(image) if image_stars is None else image_stars
             matrix = find_star_transform(stars, reference_stars, guess)
-            return warp_affine(image, matrix @ shift, canvas.shape, out=out)
+            return resample(image, FrameMapping(matrix @ shift), canvas, out)
         except AlignmentError as exc:
             if not have_wcs:
                 raise
             logger.debug("%s; falling back to WCS reprojection", exc)
     if not have_wcs:
         raise AlignmentError("WCS alignment needs the WCS of the frame and of the reference")
-    y_src, x_src = wcs_source_coords(wcs, image.shape[:2], canvas.wcs, canvas.shape)
-    return warp_image(image, y_src, x_src, out=out)
+    return resample(image, FrameMapping(wcs=wcs), canvas, out)
 
 
 def _frame_data(frame):
@@ -350,7 +370,7 @@ def _collect_aligned(attempt, n: int, canvas: Canvas, threads: int, out, on_fram
 
 def align_images_in_group(images, reference_index, wcs_list=None, method="astroalign", *, canvas=None,
                           out=None, reference_stars=None, threads: int = 1, on_frame=None, skip=(),
-                          stars_of=None):
+                          stars_of=None, resample=None):
     """Align a group of ``(H, W, C)`` frames onto the frame at ``reference_index``.
 
     Parameters
@@ -373,6 +393,9 @@ def align_images_in_group(images, reference_index, wcs_list=None, method="astroa
     skip : exception types which, raised by a loader, mean that its frame cannot be used
     stars_of : ``stars_of(index)``, called after the frame's loader, returns its
         :func:`alignment_stars` when the caller found them already (None: detected here)
+    resample : ``resample(index)`` returns the ``resample(image, mapping, canvas, out)`` that puts
+        frame ``index`` on the canvas (:func:`align_frame`), the reference's included (through
+        the canvas's offset); None: bilinear, and the reference placed as it is
 
     Returns
     -------
@@ -396,14 +419,19 @@ def align_images_in_group(images, reference_index, wcs_list=None, method="astroa
         # Straight into a stack in RAM: no frame-sized copy and no fresh frame of memory each.
         slot = out[i] if isinstance(out, np.ndarray) else None
         if i == reference_index:
-            return place_reference(reference, own_canvas, out=slot)
+            if resample is None:
+                return place_reference(reference, own_canvas, out=slot)
+            oy, ox = own_canvas.offset
+            return resample(i)(reference, FrameMapping(np.array([[1.0, 0, -ox], [0, 1.0, -oy], [0, 0, 1]])),
+                               own_canvas, slot)
         try:
             image = _frame_data(images[i])
             if image.shape[2] != reference.shape[2]:
                 raise AlignmentError("channel count differs from the reference frame")
             return align_frame(image, reference, method, wcs_of(i), canvas=own_canvas,
                                reference_stars=reference_stars, out=slot,
-                               image_stars=None if stars_of is None else stars_of(i))
+                               image_stars=None if stars_of is None else stars_of(i),
+                               resample=resample_bilinear if resample is None else resample(i))
         except (AlignmentError, *skip) as exc:
             return exc
 
@@ -984,7 +1012,9 @@ def stack_block(block, weights, params: StackParams, xp=np, noise_sigmas=None, s
     the :func:`consensus_signal_map`, adds the spread expected near stars (:class:`NoiseFloor`), so
     their cores and wings are not clipped. ``stats``: the block's :class:`PixelStats`, when already
     measured. Pixels with fewer than three valid samples are the combination of what they have (no
-    rejection); no valid sample gives NaN. Coverage counts the frames valid in every channel.
+    rejection); no valid sample gives NaN. Coverage counts the frames with data in the channel
+    that has fewest (a debayered frame has the same footprint in every channel; a Bayer-drizzled
+    one leaves some pixels without a sample of one colour).
     """
     valid = xp.isfinite(block)
     spans = _covered_column_spans(valid, xp) if params.rejection != "none" else None
@@ -1006,7 +1036,7 @@ def _stack_columns(block, valid, weights, params, xp, noise_sigmas, signal, stat
     n = block.shape[0]
     w = frame_rows(np.ones((n, block.shape[-1])) if weights is None else weights, block.shape[2], block.dtype, xp)
     floor = _noise_floor(noise_sigmas, block.shape, block.dtype, xp, signal)
-    coverage = xp.sum(over_channels(operator.and_, valid), axis=0)
+    coverage = xp.min(xp.sum(valid, axis=0), axis=-1)
     # The rounds only ever drop samples of pixels with three or more kept (the first round takes
     # the mask as its own: it is not needed after them).
     if params.rejection == "winsorized_sigma_clip":

@@ -114,6 +114,13 @@ class BackgroundModels:
         """Return image ``k``'s background on the frame's rows and columns ``(H, W, C)``."""
         return self.select([k]).rows(0, int(shape_hw[0]), int(shape_hw[1]), np, dtype)[0]
 
+    def on_finer_grid(self, factor: int) -> "BackgroundModels":
+        """Return the same models on a grid ``factor`` times finer (pixel ``x`` here covers
+        ``factor * x .. factor * x + factor - 1`` there): the same background at every point."""
+        shift = (factor - 1) / 2.0
+        origin = (factor * self.origin[0] + shift, factor * self.origin[1] + shift)
+        return BackgroundModels(self.coefficients.copy(), self.order, origin, factor * self.scale)
+
     def select(self, indices) -> "BackgroundModels":
         """Return the models of the images ``indices``, in that order."""
         return BackgroundModels(self.coefficients[list(indices)], self.order, self.origin, self.scale)

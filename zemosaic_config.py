@@ -132,6 +132,14 @@ def _check_fraction(value: Any) -> float:
     return result
 
 
+def _check_pixfrac(value: Any) -> float:
+    # 0 stands for the default of the scale; a drop larger than its pixel only blurs.
+    result = _as_float(value)
+    if not 0.0 <= result <= 1.0:
+        raise _Reject()
+    return result
+
+
 def _as_int(value: Any) -> int:
     # An integral float (2.0) is accepted because JSON writers sometimes emit it.
     result = _as_float(value)
@@ -238,6 +246,11 @@ WEIGHTING_METHODS = ("noise_variance", "none")
 REJECTION_ALGORITHMS = ("winsorized_sigma_clip", "kappa_sigma", "none")
 COMBINE_METHODS = ("mean", "median")
 ALIGN_METHODS = ("astroalign", "wcs")
+CFA_METHODS = ("debayer", "bayer_drizzle")
+DRIZZLE_SCALES = (1, 2)
+#: Kernels of the ``drizzle`` package offered (zemosaic_drizzle): square (the classic drop),
+#: point (into the output pixel under the sample's centre), gaussian (a Gaussian of the drop's size).
+DRIZZLE_KERNELS = ("square", "point", "gaussian")
 ASSEMBLY_ENGINES = ("fast", "reproject")
 FINAL_GRIDS = ("north_up", "rotated")
 BACKGROUND_ORDERS = (0, 1, 2)
@@ -316,6 +329,18 @@ class MosaicConfig:
     align_method: str = _choice_spec(
         "astroalign", "How frames are aligned: star matching or the plate solution only.",
         ALIGN_METHODS)
+    stacking_cfa_method: str = _choice_spec(
+        "debayer", "How a raw colour frame's samples reach the tile: debayered (bilinear) then "
+        "resampled, or Bayer drizzle (each sample dropped onto the tile grid into its own colour, "
+        "nothing interpolated between colours).", CFA_METHODS)
+    drizzle_scale: int = _spec(
+        1, "Bayer drizzle: tile pixels per frame pixel on a side (2: a grid twice as fine, four "
+        "times the pixels).", "1 or 2", _check_int_choice(DRIZZLE_SCALES))
+    drizzle_pixfrac: float = _spec(
+        0.0, "Bayer drizzle: size of each sample's drop as a fraction of its pixel (0 = 1.0 at "
+        "scale 1, 0.7 at scale 2).", "a number from 0 to 1", _check_pixfrac)
+    drizzle_kernel: str = _choice_spec(
+        "square", "Bayer drizzle: the shape of each drop.", DRIZZLE_KERNELS)
     correct_hot_pixels: bool = _bool_spec(
         True, "Replace isolated hot pixels in raw colour frames before debayering.")
     saturation_level: float = _number_spec(

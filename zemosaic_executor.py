@@ -145,7 +145,23 @@ class _StackFile:
                 done += got
 
 
-class DiskStack:
+class StackLike:
+    """What a float32 ``(N, H, W, C)`` stack that is not an array answers besides its ``shape``:
+    its dtype, its dimensions and its frame count (a disk-backed stack, a measurement view)."""
+
+    @property
+    def dtype(self):
+        return np.dtype(np.float32)
+
+    @property
+    def ndim(self) -> int:
+        return 4
+
+    def __len__(self) -> int:
+        return self.shape[0]
+
+
+class DiskStack(StackLike):
     """An ``(N, H, W, C)`` float32 stack kept in a file and moved with explicit reads and writes.
 
     A memory map would count every page it touches in the process's resident memory until it is
@@ -174,17 +190,6 @@ class DiskStack:
     @property
     def shape(self) -> tuple:
         return (len(self._frames), len(self._rows), len(self._cols), self._store.shape[3])
-
-    @property
-    def dtype(self):
-        return np.dtype(np.float32)
-
-    @property
-    def ndim(self) -> int:
-        return 4
-
-    def __len__(self) -> int:
-        return len(self._frames)
 
     def _window(self, key) -> "DiskStack":
         """Return the view of ``key``: a tuple of up to three unit-step slices (frames, rows, cols)."""

@@ -109,6 +109,10 @@ class Frame:
     saturated: np.ndarray | None = None
     #: The raw level (physical units) taken as saturation (:func:`saturation_level`), or None.
     saturation: float | None = None
+    #: With ``keep_cfa``: the raw Bayer mosaic ``(H, W)``, NaN at the hot pixels (not data), and
+    #: its pattern; None for other frames.
+    cfa: np.ndarray | None = None
+    bayer_pattern: str | None = None
 
 
 @dataclass
@@ -613,7 +617,8 @@ def saturated_pixels(data: np.ndarray, level: float | None, bayer: bool) -> np.n
 
 
 def load_frame(path: str | os.PathLike, debayer: bool = True, hot_pixels: bool = True,
-               wcs: WCS | None = None, require_wcs: bool = True, saturation_override: float = 0.0) -> Frame:
+               wcs: WCS | None = None, require_wcs: bool = True, saturation_override: float = 0.0,
+               keep_cfa: bool = False) -> Frame:
     """Load a frame as float32 ``(H, W, C)`` with its header and celestial WCS.
 
     2-D Bayer data (BAYERPAT card, or a Seestar INSTRUME defaulting to GRBG)
@@ -629,20 +634,26 @@ def load_frame(path: str | os.PathLike, debayer: bool = True, hot_pixels: bool =
     The saturated pixels are flagged as the frame is loaded (``Frame.saturated``, after the
     hot pixels are corrected: a stuck pixel is not a clipped star), at
     :func:`saturation_level` (``saturation_override``: the ``saturation_level`` setting).
+    With ``keep_cfa`` a Bayer frame also keeps its raw mosaic (``Frame.cfa``), hot pixels as NaN:
+    Bayer drizzle drops them instead of using the replaced values.
     """
     path = os.fspath(path)
     with _quiet_astropy(), _open_fits(path) as (hdul, size):
         info, index, layout = _inspect(path, hdul, size, require_wcs and wcs is None, read_wcs=wcs is None)
         data = _read_pixels(hdul, index, info.header)
     _check_has_signal(data)
-    data = _hot_pixels_corrected(data, layout, info.bayer_pattern, hot_pixels)
+    raw, data = data, _hot_pixels_corrected(data, layout, info.bayer_pattern, hot_pixels)
+    cfa = None
+    if keep_cfa and layout == "2d" and info.bayer_pattern:
+        cfa = raw if data is raw else np.where(data != raw, np.float32(np.nan), raw)
     level = saturation_level(info.header, saturation_override)
     planes = data if layout != "chw" else np.moveaxis(data, 0, -1)
     saturated = saturated_pixels(planes, level, bool(info.bayer_pattern) and debayer)
     image = _to_hwc(data, layout, info.bayer_pattern, debayer)
     logger.debug("Loaded %s: %s, Bayer %s", path, image.shape, info.bayer_pattern)
     return Frame(path=path, data=image, header=info.header, wcs=wcs if wcs is not None else info.wcs,
-                 saturated=saturated, saturation=level)
+                 saturated=saturated, saturation=level, cfa=cfa,
+                 bayer_pattern=info.bayer_pattern if cfa is not None else None)
 
 
 # Bilinear weights of the 3x3 neighbourhood: only the ratio of weights matters, and

@@ -116,6 +116,9 @@ _WINSORIZING = ("stacking_rejection_algorithm", ("winsorized_sigma_clip",))
 _TWO_PASS_ON = ("two_pass_coverage_renorm", (True,))
 _EXTRACTION_ON = ("final_background_extraction", (True,))
 
+# The drizzle settings matter under Bayer drizzle only.
+_DRIZZLE = ("stacking_cfa_method", ("bayer_drizzle",))
+
 #: Plain-words names of the drop-down values; the JSON value stays the item's data.
 CHOICE_LABELS: dict[str, dict[str, str]] = {
     "stacking_normalize_method": {"linear_fit": "Match stars (gain and sky)",
@@ -126,6 +129,8 @@ CHOICE_LABELS: dict[str, dict[str, str]] = {
                                      "kappa_sigma": "Kappa-sigma clip", "none": "No rejection"},
     "stacking_final_combine_method": {"mean": "Mean", "median": "Median"},
     "align_method": {"astroalign": "Star matching", "wcs": "Plate solution only"},
+    "stacking_cfa_method": {"debayer": "Debayer, then resample", "bayer_drizzle": "Bayer drizzle"},
+    "drizzle_kernel": {"square": "Square drop", "point": "Point", "gaussian": "Gaussian"},
     "assembly_engine": {"fast": "Fast (CPU or GPU)", "reproject": "Reference (astropy reproject)"},
     "final_grid": {"north_up": "North up", "rotated": "Rotated (smallest canvas)"},
 }
@@ -160,6 +165,11 @@ OPTION_SPECS: tuple[OptionSpec, ...] = (
     OptionSpec("Mosaic", "num_processing_workers", "Workers", maximum=256,
                special="one per CPU core"),
     OptionSpec("Mosaic", "align_method", "Alignment"),
+    OptionSpec("Mosaic", "stacking_cfa_method", "Colour samples"),
+    OptionSpec("Mosaic", "drizzle_scale", "Drizzle scale", minimum=1, maximum=2, enabled_if=_DRIZZLE),
+    OptionSpec("Mosaic", "drizzle_pixfrac", "Drizzle drop size", maximum=1.0, step=0.05, decimals=2,
+               special="for the scale", enabled_if=_DRIZZLE),
+    OptionSpec("Mosaic", "drizzle_kernel", "Drizzle kernel", enabled_if=_DRIZZLE),
     OptionSpec("Mosaic", "correct_hot_pixels", "Hot pixel correction"),
     OptionSpec("Mosaic", "saturation_level", "Saturation level (ADU)", maximum=4.3e9, step=100.0,
                decimals=0, special="from the frames"),

@@ -112,11 +112,13 @@ def plan_run(config, costs: MachineCosts = COSTS) -> RunPlan:
     threshold = config.cluster_panel_threshold or zw.automatic_panel_threshold(records)
     panels = zw.group_by_position(records, threshold)
     groups = [chunk for g in panels for chunk in zw.split_group(g, config.max_raw_per_master_tile)]
-    tiles = [_tile_plan([records[i] for i in g]) for g in groups]
+    # Bayer drizzle at scale 2 stacks and assembles on a grid twice as fine: four times the pixels.
+    scale = config.drizzle_scale if config.stacking_cfa_method == "bayer_drizzle" else 1
+    tiles = [_tile_plan([records[i] for i in g], scale) for g in groups]
     solver_runs, to_solve, solve_groups = _solver_runs(records)
     workers = 1 if len(tiles) < 2 else min(zexec.resolve_workers(config.num_processing_workers), len(tiles))
     budget = zexec.stack_ram_budget()
-    mosaic_hw = _mosaic_shape(records)
+    mosaic_hw = tuple(scale * n for n in _mosaic_shape(records))
     plan = RunPlan(files=len(paths), unreadable=unreadable, frames=len(records) + blind,
                    with_wcs=sum(r.wcs is not None for r in records), to_solve=to_solve + blind,
                    solver_runs=solver_runs + blind, blind=blind, cached_solutions=_cached_solutions(config),
@@ -184,13 +186,15 @@ def _turned(records) -> bool:
     return bool(hours) and max(hours) - min(hours) > _UNTURNED_SESSION_H
 
 
-def _tile_plan(records) -> TilePlan:
-    """Return a group's tile: its canvas holds every frame's footprint (see the module doc)."""
+def _tile_plan(records, scale: int = 1) -> TilePlan:
+    """Return a group's tile: its canvas holds every frame's footprint (see the module doc),
+    ``scale`` times finer under Bayer drizzle."""
     h, w = records[0].info.shape_hw
     spread = np.ptp(_offsets_px(records, _scale_deg(records)), axis=0) if len(records) > 1 else np.zeros(2)
     if _turned(records):
         h = w = max(h, w)
-    return TilePlan(len(records), (int(h + spread[1]) + 4, int(w + spread[0]) + 4), records[0].info.n_channels)
+    return TilePlan(len(records), (scale * (int(h + spread[1]) + 4), scale * (int(w + spread[0]) + 4)),
+                    records[0].info.n_channels)
 
 
 def _mosaic_shape(records) -> tuple[int, int]:

@@ -45,7 +45,8 @@ TILE_SETTINGS = ("stacking_normalize_method", "stacking_weighting_method",
                  "stacking_rejection_algorithm", "stacking_kappa_low", "stacking_kappa_high",
                  "stacking_winsor_limits", "stacking_final_combine_method",
                  "stacking_kappa_max_iterations", "align_method", "correct_hot_pixels",
-                 "saturation_level", "background_model_order", "frame_screening",
+                 "saturation_level", "stacking_cfa_method", "drizzle_scale", "drizzle_pixfrac",
+                 "drizzle_kernel", "background_model_order", "frame_screening",
                  "screen_min_star_fraction", "screen_max_fwhm_ratio", "screen_max_background_ratio",
                  "screen_kappa")
 

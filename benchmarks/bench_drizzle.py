@@ -1,0 +1,163 @@
+"""Star colours, sharpness, noise and speed of ``debayer`` against Bayer drizzle (issue 21).
+
+Run: ``.venv/bin/python benchmarks/bench_drizzle.py [--frames N] [--fwhm 1.6,2.0,2.4]``.
+
+Synthetic undersampled frames with known star colours (``zemosaic_synth``: one panel of N small
+frames, dithered and turning with the field, stars of the given FWHM; made once and cached in
+``/tmp/zemosaic-bench/drizzle``) are mosaicked with each method, and each isolated unsaturated
+star of the truth is measured on the mosaic and on the noiseless truth rendered on the mosaic's
+grid (``tests/photometry_truth.py``) at the same place:
+
+* colour error: the star's R/G (and B/G) on the mosaic over the truth's, divided by the same
+  ratio of the whole image's flux scales (16-px block means, which conserve flux whatever the
+  PSF), minus 1; the median over stars (a bias of star colours against the diffuse light) and
+  the rms; in a core aperture of 1.5 frame pixels and in a wide one of 5;
+* FWHM: the median of the stars' G second moments, in frame pixels;
+* noise: the G sky noise of one mosaic pixel (4-pixel differences), in ADU;
+* seconds per frame of the master tiles.
+
+Siril 1.0 has no Bayer drizzle on CFA sequences: its ``register -drizzle`` upsamples the
+registered debayered frames two times (an interpolated grid, not a drop of each sample into its
+own colour), so it has no row here.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+sys.path.insert(0, os.path.dirname(HERE))
+sys.path.insert(0, os.path.join(os.path.dirname(HERE), "tests"))
+
+import photometry_truth as pt  # noqa: E402
+import zemosaic_fits as zfits  # noqa: E402
+import zemosaic_synth  # noqa: E402
+import zemosaic_worker as zw  # noqa: E402
+from zemosaic_config import config_from_dict  # noqa: E402
+from zemosaic_utils import pixel_noise_sigma  # noqa: E402
+
+CACHE = Path("/tmp/zemosaic-bench/drizzle")
+METHODS = (("debayer", "debayer", 1), ("bayer drizzle x1", "bayer_drizzle", 1),
+           ("bayer drizzle x2", "bayer_drizzle", 2))
+
+
+def dataset(frames: int, fwhm: float, seed: int) -> Path:
+    """Return the root of the cached dataset, making it first when absent."""
+    root = CACHE / f"f{frames}-fwhm{fwhm}-s{seed}-d40k"
+    if not (root / "truth" / "truth.json").is_file():
+        zemosaic_synth.generate_dataset(root, panels=(1, 1), frames_per_panel=frames, seed=seed, size="small",
+                                        fwhm_px=fwhm, satellite=False, nebula=False, star_density=40000)
+    return root
+
+
+def _fwhm(image, x, y, scale):
+    """Return the median G FWHM of the stars at ``(x, y)``, in frame pixels (second moments)."""
+    half = 4 * scale
+    offs = np.arange(-half, half + 1)
+    yy, xx = np.meshgrid(offs, offs, indexing="ij")
+    widths = []
+    for sx, sy in zip(x, y):
+        stamp = image[sy - half:sy + half + 1, sx - half:sx + half + 1, 1].astype(np.float64)
+        stamp = stamp - np.nanmedian(image[sy - 3 * half:sy + 3 * half, sx - 3 * half:sx + 3 * half, 1])
+        stamp = np.where(np.isfinite(stamp) & (stamp > 0), stamp, 0.0)
+        if stamp.sum() <= 0:
+            continue
+        second = (stamp * (xx ** 2 + yy ** 2)).sum() / stamp.sum() / 2.0
+        widths.append(2.3548 * np.sqrt(second) / scale)
+    return float(np.median(widths)) if widths else float("nan")
+
+
+def measure(root: Path, out: Path, scale: int) -> dict:
+    """Return the figures of the mosaic in ``out`` against the truth of ``root``."""
+    mosaic, wcs, _, _ = zfits.read_image_fits(out / zw.MOSAIC_NAME)
+    truth = pt.truth_on_grid(root, wcs, mosaic.shape[:2])
+    region = np.all(np.isfinite(mosaic), axis=2)
+    x, y = pt.star_positions(truth, min_peak=600.0 / scale ** 2, isolation_px=16.0 * scale)
+    inside = region[y, x]
+    row = {"stars": int(inside.sum()), "fwhm_px": _fwhm(mosaic, x[inside], y[inside], scale)}
+    for name, radius in (("core", 1.5), ("wide", 5.0)):
+        errors = pt.star_colour_errors(mosaic, truth, scale, radius)
+        for k, colour in enumerate("RB"):
+            error = errors[:, k]
+            row[f"{name}_{colour}G_median"] = float(np.median(error))
+            row[f"{name}_{colour}G_rms"] = float(1.4826 * np.median(np.abs(error - np.median(error))))
+    row["noise_adu"] = float(pixel_noise_sigma(np.where(region, mosaic[..., 1], np.nan)))
+    return row
+
+
+def run(root: Path, method: str, scale: int) -> tuple[Path, float]:
+    """Mosaic ``root`` with a CFA method; returns the output folder and the master tiles' seconds."""
+    out = root / f"out-{method}-{scale}"
+    config = config_from_dict({"input_folder": str(root / "frames"), "output_folder": str(out), "resume": "off",
+                               "stacking_cfa_method": method, "drizzle_scale": scale})
+    result = zw.run_mosaic(config)
+    return out, float(result.report.timings_s["master_tiles"])
+
+
+def resampling_seconds(repeats: int = 3) -> dict:
+    """Return the best seconds of putting one full-size frame (1080 x 1920, turned 17 degrees) on
+    its canvas: bilinear resampling of the debayered frame, and Bayer drizzle at scales 1 and 2."""
+    import zemosaic_align_stack as stk
+    import zemosaic_drizzle as zdriz
+
+    rng = np.random.default_rng(0)
+    raw = rng.normal(1000.0, 10.0, (1080, 1920)).astype(np.float32)
+    rgb = zfits.debayer_bilinear(raw, "GRBG")
+    canvas = stk.Canvas((1600, 2300), (260, 190))
+    turn = np.array([[np.cos(0.3), -np.sin(0.3), 150.0], [np.sin(0.3), np.cos(0.3), -500.0], [0, 0, 1.0]])
+    mapping = stk.FrameMapping(turn)
+    steps = {"bilinear (debayered)": lambda: stk.resample_bilinear(rgb, mapping, canvas)}
+    for scale in (1, 2):
+        resample = zdriz.bayer_resampler(raw, "GRBG", scale, zdriz.default_pixfrac(scale), "square")
+        steps[f"bayer drizzle x{scale}"] = lambda r=resample: r(rgb, mapping, canvas)
+    best = {}
+    for name, step in steps.items():
+        times = []
+        for _ in range(repeats):
+            t0 = time.perf_counter()
+            step()
+            times.append(time.perf_counter() - t0)
+        best[name] = min(times)
+    return best
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--frames", type=int, default=12)
+    parser.add_argument("--fwhm", default="1.6,2.0,2.4")
+    parser.add_argument("--seed", type=int, default=4)
+    parser.add_argument("--json", help="also write the rows to this file")
+    args = parser.parse_args()
+    rows = []
+    print(f"{'fwhm':>5} {'method':18} {'stars':>5} {'core R/G':>16} {'core B/G':>16} {'wide R/G':>16} "
+          f"{'wide B/G':>16} {'FWHM':>5} {'noise':>6} {'s/frame':>7}")
+    for fwhm in (float(v) for v in args.fwhm.split(",")):
+        root = dataset(args.frames, fwhm, args.seed)
+        for label, method, scale in METHODS:
+            out, seconds = run(root, method, scale)
+            row = {"fwhm_truth": fwhm, "method": label, **measure(root, out, scale),
+                   "s_per_frame": seconds / args.frames}
+            rows.append(row)
+            cells = [f"{100 * row[f'{k}_median']:+5.1f}% ±{100 * row[f'{k}_rms']:4.1f}%"
+                     for k in ("core_RG", "core_BG", "wide_RG", "wide_BG")]
+            print(f"{fwhm:5.1f} {label:18} {row['stars']:5d} {' '.join(f'{c:>16}' for c in cells)} "
+                  f"{row['fwhm_px']:5.2f} {row['noise_adu']:6.1f} {row['s_per_frame']:7.3f}")
+    seconds = resampling_seconds()
+    print("\none full-size frame onto its canvas (best of 3):")
+    for name, value in seconds.items():
+        print(f"  {name:22} {value:6.3f} s  ({value / seconds['bilinear (debayered)']:.1f}x bilinear)")
+    if args.json:
+        Path(args.json).write_text(json.dumps({"rows": rows, "resampling_s": seconds}, indent=1))
+
+
+if __name__ == "__main__":
+    t0 = time.perf_counter()
+    main()
+    print(f"({time.perf_counter() - t0:.0f} s)")

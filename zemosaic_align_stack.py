@@ -1090,17 +1090,22 @@ def stack_in_chunks(stack, gains, offsets, weights, params: StackParams, xp=np,
     n, h, w, c = stack.shape
     rows = rows_per_chunk or rows_for_budget(n, w, c, budget_bytes)
     g = None if gains is None else frame_rows(np.asarray(gains), w, xp.float32, xp)
-    o = None if offsets is None else frame_rows(np.asarray(offsets), w, xp.float32, xp)
+    # Offsets are all zero when background models match the skies: adding them is a pass for nothing.
+    o = None if offsets is None or not np.any(offsets) else frame_rows(np.asarray(offsets), w, xp.float32, xp)
+    background_rows = None if backgrounds is None else backgrounds.row_model(w, xp)
 
     def normalised(r0, r1):
         raw = np.asarray(stack[:, r0:r1], dtype=np.float32)
         if g is None or xp is not np:  # on the CPU the normalisation below makes the copy
             raw = np.ascontiguousarray(raw)
         block = to_device(raw)
-        if g is not None:
-            block = block * g + o  # NaN stays NaN
-        if backgrounds is not None:
-            block = block - backgrounds.rows(r0, r1, w, xp)
+        if g is None:  # the block may be a view of the stack: nothing in place
+            return block if background_rows is None else block - background_rows(r0, r1)
+        block = block * g  # NaN stays NaN; a new array, changed in place from here
+        if o is not None:
+            block += o
+        if background_rows is not None:
+            block -= background_rows(r0, r1)
         return block
 
     stats = signal = None

@@ -39,9 +39,9 @@ import zemosaic_astrometry as zastro
 from zemosaic_config import (ALIGN_METHODS, COMBINE_METHODS, NORMALIZE_METHODS, REJECTION_ALGORITHMS,
                              require_choice)
 import zemosaic_photometry as zph
-from zemosaic_utils import (bilinear_gather, channel_planes, compute_pixel_mapping, map_threads, mapping_coordinates,
-                            nonzero_indices, over_channels, pixel_noise_sigma, scatter_channels, sigma_clipped_stats,
-                            subsample)
+from zemosaic_utils import (affine_source_coords, compute_pixel_mapping, map_threads,  # noqa: F401  (API)
+                            mapping_coordinates, nonzero_indices, over_channels, pixel_noise_sigma,
+                            sigma_clipped_stats, subsample, warp_affine, warp_image)
 
 logger = logging.getLogger(__name__)
 
@@ -116,19 +116,6 @@ def find_star_transform(source_stars, reference_stars, guess=None) -> np.ndarray
     return np.linalg.inv(matrix)
 
 
-def affine_source_coords(matrix: np.ndarray, shape_hw, xp=np, first_row: int = 0):
-    """Return source coordinates ``(y, x)`` of every reference pixel under an affine matrix.
-
-    ``first_row``: the coordinates of rows ``first_row .. first_row + H - 1`` (a band of a larger grid).
-    """
-    h, w = shape_hw
-    yy = xp.arange(first_row, first_row + h, dtype=xp.float64)[:, None]
-    xx = xp.arange(w, dtype=xp.float64)[None, :]
-    x_src = matrix[0, 0] * xx + matrix[0, 1] * yy + matrix[0, 2]
-    y_src = matrix[1, 0] * xx + matrix[1, 1] * yy + matrix[1, 2]
-    return y_src, x_src
-
-
 def wcs_source_coords(wcs_source, shape_source, wcs_reference, shape_reference, xp=np):
     """Return source coordinates ``(y, x)`` of every reference pixel from the two WCSs.
 
@@ -144,49 +131,6 @@ def wcs_source_coords(wcs_source, shape_source, wcs_reference, shape_reference, 
     rows, cols = mapping.slices
     y_src[rows, cols], x_src[rows, cols] = mapping_coordinates(mapping, 0, mapping.shape[0], xp)
     return y_src, x_src
-
-
-# Pixels resampled per gather: a band this size keeps the gather's temporaries in the CPU caches.
-_WARP_BAND_PIXELS = 32_768
-
-
-def warp_image(image, y_src, x_src, xp=np, band_pixels: int = _WARP_BAND_PIXELS, out=None):
-    """Resample an ``(H, W, C)`` image at source coordinates with bilinear interpolation.
-
-    One gather per row band serves every channel (:func:`zemosaic_utils.bilinear_gather`, the
-    co-add's kernel), with ``map_coordinates``'s ``order=1``/``cval=nan`` edge rules: pixels
-    outside the source footprint (and next to source NaN) are NaN — the footprint propagates
-    (``propagate_mask=True`` in the seeds' words); zeros there became coloured bands after
-    normalisation. ``out``: the ``(H, W, C)`` float32 array to write into (default: a new one).
-    """
-    return _warp_bands(image, y_src.shape, lambda r0, r1: (y_src[r0:r1], x_src[r0:r1]), xp, band_pixels, out)
-
-
-def warp_affine(image, matrix: np.ndarray, shape_hw, xp=np, band_pixels: int = _WARP_BAND_PIXELS, out=None):
-    """Return :func:`warp_image` at :func:`affine_source_coords` of ``matrix`` on a ``shape_hw`` grid.
-
-    The same values; the coordinates exist for one band at a time (two float64 frames fewer to
-    write and read back).
-    """
-    width = shape_hw[1]
-    return _warp_bands(image, shape_hw,
-                       lambda r0, r1: affine_source_coords(matrix, (r1 - r0, width), xp, first_row=r0),
-                       xp, band_pixels, out)
-
-
-def _warp_bands(image, shape_hw, band_coords, xp, band_pixels: int, out=None):
-    """Return the ``shape_hw`` warp of ``image``, gathering at ``band_coords(r0, r1)`` band by band
-    (into ``out`` when given)."""
-    h, w = shape_hw
-    n_ch = image.shape[2]
-    rows_per_chunk = max(1, band_pixels // w)
-    planes = channel_planes(image, xp)
-    out = xp.empty((h, w, n_ch), dtype=xp.float32) if out is None else out
-    for r0 in range(0, h, rows_per_chunk):
-        r1 = min(h, r0 + rows_per_chunk)
-        y, x = band_coords(r0, r1)
-        scatter_channels(out[r0:r1], bilinear_gather(planes, image.shape[:2], y, x, xp, nan_outside=True))
-    return out
 
 
 @dataclass(frozen=True)

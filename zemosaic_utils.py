@@ -739,6 +739,93 @@ def scatter_channels(out, samples) -> None:
         out[..., k] = samples[k].reshape(out.shape[:-1])
 
 
+def affine_source_coords(matrix: np.ndarray, shape_hw, xp=np, first_row: int = 0, first_col: int = 0):
+    """Return source coordinates ``(y, x)`` of every reference pixel under an affine matrix.
+
+    ``first_row``, ``first_col``: the coordinates of rows ``first_row .. first_row + H - 1`` and
+    columns ``first_col ..`` (a window of a larger grid).
+    """
+    h, w = shape_hw
+    yy = xp.arange(first_row, first_row + h, dtype=xp.float64)[:, None]
+    xx = xp.arange(first_col, first_col + w, dtype=xp.float64)[None, :]
+    x_src = matrix[0, 0] * xx + matrix[0, 1] * yy + matrix[0, 2]
+    y_src = matrix[1, 0] * xx + matrix[1, 1] * yy + matrix[1, 2]
+    return y_src, x_src
+
+
+# Pixels resampled per gather: a band this size keeps the gather's temporaries in the CPU caches.
+_WARP_BAND_PIXELS = 32_768
+
+
+def warp_image(image, y_src, x_src, xp=np, band_pixels: int = _WARP_BAND_PIXELS, out=None):
+    """Resample an ``(H, W, C)`` image at source coordinates with bilinear interpolation.
+
+    One gather per row band serves every channel (:func:`zemosaic_utils.bilinear_gather`, the
+    co-add's kernel), with ``map_coordinates``'s ``order=1``/``cval=nan`` edge rules: pixels
+    outside the source footprint (and next to source NaN) are NaN — the footprint propagates
+    (``propagate_mask=True`` in the seeds' words); zeros there became coloured bands after
+    normalisation. ``out``: the ``(H, W, C)`` float32 array to write into (default: a new one).
+    """
+    return _warp_bands(image, y_src.shape, lambda r0, r1, c0, c1: (y_src[r0:r1, c0:c1], x_src[r0:r1, c0:c1]),
+                       xp, band_pixels, out)
+
+
+def warp_affine(image, matrix: np.ndarray, shape_hw, xp=np, band_pixels: int = _WARP_BAND_PIXELS, out=None):
+    """Return :func:`warp_image` at :func:`affine_source_coords` of ``matrix`` on a ``shape_hw`` grid.
+
+    The same values; the coordinates exist for one band at a time (two float64 frames fewer to
+    write and read back), and only for the columns where the band meets the frame: the rest is
+    NaN, as the gather would make it (a turned frame covers half of each row of its canvas).
+    """
+    return _warp_bands(image, shape_hw,
+                       lambda r0, r1, c0, c1: affine_source_coords(matrix, (r1 - r0, c1 - c0), xp, r0, c0),
+                       xp, band_pixels, out, lambda r0, r1: _affine_columns(matrix, image.shape[:2], r0, r1,
+                                                                            shape_hw[1]))
+
+
+def _affine_columns(matrix, shape_source, r0: int, r1: int, width: int) -> tuple[int, int]:
+    """Return the columns ``(c0, c1)`` of rows ``r0:r1`` whose affine source position may be in the frame.
+
+    Along a row the source position moves linearly with the column, so each row's columns inside
+    the frame's ``[0, h - 1] x [0, w - 1]`` are an interval; the band takes them all, and a
+    column more each side for rounding.
+    """
+    h, w = shape_source
+    rows = np.arange(r0, r1, dtype=np.float64)
+    start, stop = np.zeros(rows.size), np.full(rows.size, width - 1.0)
+    for axis, top in ((0, w - 1.0), (1, h - 1.0)):
+        slope, base = matrix[axis, 0], matrix[axis, 1] * rows + matrix[axis, 2]
+        if slope == 0:  # the same source position along the row: all of it or none
+            start = np.where((base < 0) | (base > top), np.inf, start)
+            continue
+        a, b = (0.0 - base) / slope, (top - base) / slope
+        start, stop = np.maximum(start, np.minimum(a, b)), np.minimum(stop, np.maximum(a, b))
+    inside = start <= stop
+    if not inside.any():
+        return 0, 0
+    return max(0, int(np.floor(start[inside].min())) - 1), min(width, int(np.ceil(stop[inside].max())) + 2)
+
+
+def _warp_bands(image, shape_hw, band_coords, xp, band_pixels: int, out=None, columns=None):
+    """Return the ``shape_hw`` warp of ``image``, gathering at ``band_coords(r0, r1, c0, c1)`` band by
+    band (into ``out`` when given); ``columns(r0, r1)`` gives each band's columns ``(c0, c1)`` that
+    may meet the frame (None: all), the others are NaN."""
+    h, w = shape_hw
+    n_ch = image.shape[2]
+    rows_per_chunk = max(1, band_pixels // w)
+    planes = channel_planes(image, xp)
+    out = xp.empty((h, w, n_ch), dtype=xp.float32) if out is None else out
+    for r0 in range(0, h, rows_per_chunk):
+        r1 = min(h, r0 + rows_per_chunk)
+        c0, c1 = (0, w) if columns is None else columns(r0, r1)
+        out[r0:r1, :c0] = xp.float32(xp.nan)
+        out[r0:r1, max(c0, c1):] = xp.float32(xp.nan)
+        if c1 > c0:
+            y, x = band_coords(r0, r1, c0, c1)
+            scatter_channels(out[r0:r1, c0:c1], bilinear_gather(planes, image.shape[:2], y, x, xp, nan_outside=True))
+    return out
+
+
 def _source_window(mapping: PixelMapping, shape_in) -> tuple[int, int, int, int]:
     """Return ``(y0, x0, h, w)``: the window of an input that the mapping's coordinates can reach.
 

@@ -24,6 +24,7 @@ import numpy as np
 
 from zemosaic_config import DRIZZLE_KERNELS, require_choice
 from zemosaic_executor import StackLike
+from zemosaic_fits import BAYER_PATTERNS
 
 logger = logging.getLogger(__name__)
 
@@ -31,7 +32,7 @@ logger = logging.getLogger(__name__)
 # Position of each colour's samples in a 2x2 Bayer cell, per pattern: (row, column) pairs.
 _CELL_SITES = {
     pattern: {colour: [(r, c) for r in (0, 1) for c in (0, 1) if pattern[2 * r + c] == colour] for colour in "RGB"}
-    for pattern in ("RGGB", "BGGR", "GRBG", "GBRG")
+    for pattern in BAYER_PATTERNS
 }
 
 

@@ -128,13 +128,105 @@ def resampling_seconds(repeats: int = 3) -> dict:
     return best
 
 
+def _with_reference_wcs(folder: Path) -> Path:
+    """Return a folder of copies of the shared real subs whose headers hold their independent WCSs.
+
+    The second registration of the same frames: ``reference_wcs.json``'s astrometry.net solutions
+    (TAN, CD) in place of the header's WCS, or where there was none. The subs are read where they
+    lie and copied only here, outside the repository.
+    """
+    from astropy.io import fits
+
+    import realdata
+
+    out = CACHE / "real-reference-wcs"
+    out.mkdir(parents=True, exist_ok=True)
+    for name, entry in realdata.reference_frames().items():
+        target = out / name
+        if target.is_file():
+            continue
+        with fits.open(folder / name) as hdul:
+            header = hdul[0].header.copy()
+            wcs_keys = ("CD", "PC", "CRPIX", "CRVAL", "CTYPE", "CUNIT", "CDELT", "CROTA", "A_", "B_", "AP_", "BP_")
+            for key in [k for k in header if k.startswith(wcs_keys)]:
+                del header[key]
+            header.update(zfits.wcs_to_cd_header(realdata.reference_wcs(entry)))
+            fits.PrimaryHDU(hdul[0].data, header).writeto(target)
+    return out
+
+
+def _real_star_colours(out: Path, reference: tuple | None, radius: float, scale: int):
+    """Return ``(sky positions (N, 2), R/G and B/G (N, 2))`` of the bright unsaturated stars of a mosaic.
+
+    Stars are found on the mosaic of ``reference`` (its ``(mosaic, wcs)``) or, without one, on
+    this mosaic; they are measured here at the same sky positions.
+    """
+    from scipy.ndimage import gaussian_filter, maximum_filter
+
+    mosaic, wcs, _, _ = zfits.read_image_fits(out / zw.MOSAIC_NAME)
+    saturated = zfits.read_saturated_mask(out / zw.MOSAIC_NAME)
+    if reference is None:
+        g = np.nan_to_num(mosaic[..., 1])
+        excess = g - gaussian_filter(g, 6.0 * scale)
+        peaks = (excess == maximum_filter(excess, size=9 * scale)) & (excess > 300.0) \
+            & (g < 30000) & ~np.asarray(saturated if saturated is not None else np.zeros_like(g, bool))
+        ys, xs = np.nonzero(peaks)
+        sky = np.column_stack(wcs.pixel_to_world_values(xs, ys))
+    else:
+        sky = reference
+    xs, ys = wcs.world_to_pixel_values(sky[:, 0], sky[:, 1])
+    xs, ys = np.rint(xs).astype(int), np.rint(ys).astype(int)
+    room = int(3 * radius * scale) + 4
+    inside = (xs > room) & (ys > room) & (xs < mosaic.shape[1] - room) & (ys < mosaic.shape[0] - room)
+    colours = np.full((len(sky), 2), np.nan)
+    flux = pt._ring_apertures(mosaic, xs[inside], ys[inside], radius * scale)
+    colours[inside] = flux[:, [0, 2]] / flux[:, 1:2]
+    return sky, colours
+
+
+def real_registrations(radius: float = 1.5) -> list:
+    """Return, per CFA method, how much the real subs' star colours move between two registrations.
+
+    The same six shared subs mosaicked twice: WCSs as the pipeline finds them (header, solved,
+    matched), and the independent reference solutions. Per star (found on the first mosaic,
+    measured on both at the same sky position, core aperture), the robust rms of the relative
+    change of R/G and B/G: what the registration alone changes in the colours.
+    """
+    import realdata
+
+    if not realdata.NGC7023.is_dir():
+        return []
+    second = _with_reference_wcs(realdata.NGC7023)
+    rows = []
+    for label, method, scale in METHODS:
+        outs = []
+        for tag, folder in (("found", realdata.NGC7023), ("reference", second)):
+            out = CACHE / f"real-{tag}-{method}-{scale}"
+            zw.run_mosaic(config_from_dict({"input_folder": str(folder), "output_folder": str(out), "resume": "off",
+                                            "stacking_cfa_method": method, "drizzle_scale": scale}))
+            outs.append(out)
+        sky, first = _real_star_colours(outs[0], None, radius, scale)
+        _, again = _real_star_colours(outs[1], sky, radius, scale)
+        change = again / first - 1.0
+        ok = np.all(np.isfinite(change), axis=1) & np.all(first > 0, axis=1)
+        rms = [float(1.4826 * np.median(np.abs(c - np.median(c)))) for c in change[ok].T]
+        rows.append({"method": label, "stars": int(ok.sum()), "RG_rms": rms[0], "BG_rms": rms[1]})
+    return rows
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--frames", type=int, default=12)
     parser.add_argument("--fwhm", default="1.6,2.0,2.4")
     parser.add_argument("--seed", type=int, default=4)
     parser.add_argument("--json", help="also write the rows to this file")
+    parser.add_argument("--real", action="store_true", help="only the shared real subs' two registrations")
     args = parser.parse_args()
+    if args.real:
+        print(f"{'method':18} {'stars':>5} {'R/G moves':>10} {'B/G moves':>10}  (core, between two registrations)")
+        for row in real_registrations():
+            print(f"{row['method']:18} {row['stars']:5d} {100 * row['RG_rms']:9.1f}% {100 * row['BG_rms']:9.1f}%")
+        return
     rows = []
     print(f"{'fwhm':>5} {'method':18} {'stars':>5} {'core R/G':>16} {'core B/G':>16} {'wide R/G':>16} "
           f"{'wide B/G':>16} {'FWHM':>5} {'noise':>6} {'s/frame':>7}")

@@ -7,7 +7,6 @@ import signal
 import subprocess
 import sys
 import threading
-import time
 from pathlib import Path
 
 import numpy as np
@@ -130,13 +129,27 @@ def test_watch_on_the_command_line_ends_with_ctrl_c_keeping_the_last_mosaic(nigh
                                "num_processing_workers": 1}))
     proc = subprocess.Popen([sys.executable, "-m", "zemosaic_worker", str(cfg), "--watch"], cwd=ROOT,
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-    deadline = time.monotonic() + 120
-    while not (out / zw.REPORT_NAME).exists() and time.monotonic() < deadline and proc.poll() is None:
-        time.sleep(0.1)
+    # Ctrl-C once the first mosaic's summary is out (the report is written just before it).
+    errors, summary = [], threading.Event()
+
+    def read(stream, lines, mark=None):
+        for line in stream:
+            lines.append(line)
+            if mark is not None and "mosaic done" in line:
+                mark.set()
+
+    readers = [threading.Thread(target=read, args=(proc.stdout, [], summary), daemon=True),
+               threading.Thread(target=read, args=(proc.stderr, errors), daemon=True)]
+    for reader in readers:
+        reader.start()
+    summary.wait(timeout=120)
     proc.send_signal(signal.SIGINT)
-    stdout, stderr = proc.communicate(timeout=60)
+    proc.wait(timeout=60)
+    for reader in readers:
+        reader.join(timeout=10)
+    stderr = "".join(errors)
     assert proc.returncode == 130, stderr[-2000:]
-    assert "mosaic done" in stdout
+    assert summary.is_set() and (out / zw.REPORT_NAME).exists()
     assert stderr.strip().endswith("zemosaic: live mode stopped after 1 mosaic(s); the last one stays in the "
                                    "output folder")
     assert "Traceback" not in stderr and (out / zw.MOSAIC_NAME).exists()

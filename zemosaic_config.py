@@ -124,20 +124,15 @@ def _check_float(minimum: float, inclusive: bool) -> Callable[[Any], float]:
     return check
 
 
-def _check_fraction(value: Any) -> float:
-    # 0 would never leave a frame out (a switch does that), above 1 would leave out the median.
-    result = _as_float(value)
-    if not 0.0 < result <= 1.0:
-        raise _Reject()
-    return result
+def _check_fraction(zero_allowed: bool) -> Callable[[Any], float]:
+    """Return a check of a number up to 1, above 0 (or from 0 with ``zero_allowed``)."""
+    def check(value: Any) -> float:
+        result = _as_float(value)
+        if not (0.0 <= result if zero_allowed else 0.0 < result) or result > 1.0:
+            raise _Reject()
+        return result
 
-
-def _check_pixfrac(value: Any) -> float:
-    # 0 stands for the default of the scale; a drop larger than its pixel only blurs.
-    result = _as_float(value)
-    if not 0.0 <= result <= 1.0:
-        raise _Reject()
-    return result
+    return check
 
 
 def _as_int(value: Any) -> int:
@@ -338,7 +333,8 @@ class MosaicConfig:
         "times the pixels).", "1 or 2", _check_int_choice(DRIZZLE_SCALES))
     drizzle_pixfrac: float = _spec(
         0.0, "Bayer drizzle: size of each sample's drop as a fraction of its pixel (0 = 1.0 at "
-        "scale 1, 0.7 at scale 2).", "a number from 0 to 1", _check_pixfrac)
+        "scale 1, 0.7 at scale 2; a drop larger than its pixel only blurs).", "a number from 0 to 1",
+        _check_fraction(zero_allowed=True))
     drizzle_kernel: str = _choice_spec(
         "square", "Bayer drizzle: the shape of each drop.", DRIZZLE_KERNELS)
     correct_hot_pixels: bool = _bool_spec(
@@ -353,7 +349,7 @@ class MosaicConfig:
     screen_min_star_fraction: float = _spec(
         0.5, "Leave out a frame whose star count or star brightness is below this fraction of its "
         "group's median (and screen_kappa spreads below it).",
-        "a number > 0 and <= 1", _check_fraction)
+        "a number > 0 and <= 1", _check_fraction(zero_allowed=False))  # 0 would leave nothing out
     screen_max_fwhm_ratio: float = _spec(
         1.5, "Leave out a frame whose star size (FWHM) is above this many times its group's median "
         "(and screen_kappa spreads above it).", "a number >= 1", _check_float(1.0, inclusive=True))

@@ -36,6 +36,12 @@ _CELL_SITES = {
 }
 
 
+def grid_scale(config) -> int:
+    """Return how many tile pixels a frame pixel is on a side under ``config``: ``drizzle_scale``
+    with Bayer drizzle, else 1."""
+    return config.drizzle_scale if config.stacking_cfa_method == "bayer_drizzle" else 1
+
+
 def default_pixfrac(scale: int) -> float:
     """Return the drop size used when ``drizzle_pixfrac`` is 0: 1.0 at scale 1, 0.7 at scale 2.
 

@@ -218,7 +218,7 @@ def _load_and_align_group(task: TileTask, ctx, skipped: list):
     measures, loaded = {}, {}
     # Bayer drizzle: the raw mosaics, from loading to resampling; the tile grid is finer.
     mosaics = {} if config.stacking_cfa_method == "bayer_drizzle" else None
-    scale = config.drizzle_scale if mosaics is not None else 1
+    scale = zdriz.grid_scale(config)
     candidates, unloadable = _reference_candidates(records, config, ctx, skipped, measures, loaded, mosaics)
     if not candidates:
         return None, [], None, [], ""
@@ -448,15 +448,15 @@ def build_master_tile(task: TileTask, ctx) -> TileResult:
     stack, used, tile_wcs, measures, reference_reason = _load_and_align_group(task, ctx, skipped)
     if not used:
         return TileResult(None, skipped)
+    scale = zdriz.grid_scale(config)
     try:
-        scale = config.drizzle_scale if config.stacking_cfa_method == "bayer_drizzle" else 1
         image, coverage, backend, coefficients = _stack_group(stack, np.array([m.noise for m in measures]),
                                                              config, task.use_gpu, label, task.threads,
                                                              ctx.check_cancel, scale)
     finally:
         zexec.release_stack(stack)
     if config.stacking_cfa_method == "bayer_drizzle":
-        _warn_of_colour_gaps(label, image, len(used), config.drizzle_scale)
+        _warn_of_colour_gaps(label, image, len(used), scale)
     saturated = saturated_in_tile(used, measures, tile_wcs, coverage)
     zfits.write_image_fits(os.path.join(task.tiles_dir, tile_name(task.index)), image, tile_wcs,
                            coverage=coverage, saturated=saturated,

@@ -22,6 +22,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
+import zemosaic_drizzle as zdriz
 import zemosaic_executor as zexec
 import zemosaic_fits as zfits
 import zemosaic_quality as zq
@@ -113,7 +114,7 @@ def plan_run(config, costs: MachineCosts = COSTS) -> RunPlan:
     panels = zw.group_by_position(records, threshold)
     groups = [chunk for g in panels for chunk in zw.split_group(g, config.max_raw_per_master_tile)]
     # Bayer drizzle at scale 2 stacks and assembles on a grid twice as fine: four times the pixels.
-    scale = config.drizzle_scale if config.stacking_cfa_method == "bayer_drizzle" else 1
+    scale = zdriz.grid_scale(config)
     tiles = [_tile_plan([records[i] for i in g], scale) for g in groups]
     solver_runs, to_solve, solve_groups = _solver_runs(records)
     workers = 1 if len(tiles) < 2 else min(zexec.resolve_workers(config.num_processing_workers), len(tiles))

@@ -70,6 +70,8 @@ _SETTLE_WIDTH_PX = 2.0 * _MATCH_TOLERANCE_PX
 # The settling fit stops when no star moves by more than this (px), or after so many rounds.
 _SETTLE_STEP_PX = 1e-9
 _SETTLE_ROUNDS = 100
+# Bin (px) of the vote for the shift a guessed transform misses: twice the match tolerance.
+_SHIFT_BIN_PX = 2.0 * _MATCH_TOLERANCE_PX
 
 
 class SolveError(Exception):
@@ -585,17 +587,60 @@ def match_stars(frame_stars, reference_stars, guess=None, model: str = "affine")
                          f"{len(reference_stars)})")
     matrix = pairs = None
     if guess is not None:
-        try:
-            matrix, pairs = _refine_match(np.asarray(guess, dtype=np.float64), frame_stars, reference_stars,
-                                          model)
-        except MatchError as exc:
-            logger.debug("the guessed transform does not fit the stars (%s); matching triangles", exc)
+        matrix, pairs = _match_from_guess(np.asarray(guess, dtype=np.float64), frame_stars,
+                                          reference_stars, model)
     if pairs is None:
         start = _settle_match(_triangle_match(frame_stars, reference_stars), frame_stars,
                               reference_stars, model)
         matrix, pairs = _refine_match(start, frame_stars, reference_stars, model)
     residual = _apply(matrix, frame_stars[pairs[0]]) - reference_stars[pairs[1]]
     return matrix, len(pairs[0]), float(np.sqrt(np.mean(np.sum(residual**2, axis=1))))
+
+
+def _match_from_guess(guess, frame_stars, reference_stars, model: str):
+    """Return ``(matrix, pairs)`` refined from ``guess``, or ``(None, None)`` when it fits no stars.
+
+    A guess that misses by a shift alone (a dither, tracking drift: the transform of another frame
+    of the same pointing) is corrected by :func:`_shift_vote` first, which costs far less than
+    matching triangles.
+    """
+    try:
+        return _refine_match(guess, frame_stars, reference_stars, model)
+    except MatchError as exc:
+        logger.debug("the guessed transform does not fit the stars (%s)", exc)
+    shifted = _shift_vote(guess, frame_stars, reference_stars)
+    if shifted is not None:
+        try:
+            return _refine_match(_settle_match(shifted, frame_stars, reference_stars, model),
+                                 frame_stars, reference_stars, model)
+        except MatchError as exc:
+            logger.debug("nor does it shifted (%s); matching triangles", exc)
+    return None, None
+
+
+def _shift_vote(matrix, frame_stars, reference_stars) -> np.ndarray | None:
+    """Return ``matrix`` with the shift that brings most stars onto reference stars added, or None.
+
+    Every pair of a moved frame star and a reference star votes for its offset, in bins of
+    :data:`_SHIFT_BIN_PX`; pairs of the same star agree and pile up in one bin (with a few hundred
+    stars, random pairs put a fraction of a vote in each). The shift is the median offset of the
+    pairs within one bin of the fullest one, which needs :data:`_MIN_MATCHED_STARS` of them. A
+    rotation the guess misses spreads the offsets, so it finds only small ones (a fraction of a
+    degree); the refinement then fits the rest.
+    """
+    moved = _apply(matrix, frame_stars)
+    offsets = (reference_stars[None, :, :] - moved[:, None, :]).reshape(-1, 2)
+    cells = np.floor(offsets / _SHIFT_BIN_PX).astype(np.int64)
+    cells -= cells.min(axis=0)
+    keys = cells[:, 0] * (int(cells[:, 1].max()) + 1) + cells[:, 1]
+    peak = np.bincount(keys).argmax()
+    centre = offsets[keys == peak].mean(axis=0)
+    near = offsets[np.all(np.abs(offsets - centre) <= _SHIFT_BIN_PX, axis=1)]
+    if len(near) < _MIN_MATCHED_STARS:
+        return None
+    shifted = matrix.copy()
+    shifted[:2, 2] += np.median(near, axis=0)
+    return shifted
 
 
 def _triangle_match(frame_stars, reference_stars) -> np.ndarray:
@@ -684,13 +729,14 @@ def _refine_match(matrix, frame_stars, reference_stars, model: str = "affine", m
     return matrix, pairs
 
 
-def wcs_from_star_match(frame_stars, frame_shape_hw, reference_stars, reference_wcs) -> WCS:
+def wcs_from_star_match(frame_stars, frame_shape_hw, reference_stars, reference_wcs, guess=None) -> WCS:
     """Return the TAN WCS a frame gets from its star match to a solved reference frame.
 
     Star positions are full-resolution pixels of each frame. The frame's pixels are carried into
     the reference through the fitted affine transform and onto the sky through the reference WCS.
+    ``guess``: see :func:`match_stars`.
     """
-    matrix, n, rms = match_stars(frame_stars, reference_stars)
+    matrix, n, rms = match_stars(frame_stars, reference_stars, guess)
     x, y = _grid(frame_shape_hw)
     ref_xy = _apply(matrix, np.column_stack([x, y]))
     ra, dec = reference_wcs.all_pix2world(ref_xy[:, 0], ref_xy[:, 1], 0)

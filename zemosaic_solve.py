@@ -22,13 +22,15 @@ import logging
 import os
 import threading
 import time
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
 
 import numpy as np
 
 import zemosaic_astrometry as zastro
+import zemosaic_executor as zexec
 import zemosaic_fits as zfits
 from zemosaic_quality import centre_order
-from zemosaic_executor import resolve_workers
 from zemosaic_utils import map_threads
 
 logger = logging.getLogger(__name__)
@@ -38,6 +40,40 @@ NO_SOLVER = "no plate solver"
 _CHECK_TOLERANCE_PX = 1.0
 # Frames tried as a group's solved anchor before the group is given up.
 _ANCHOR_ATTEMPTS = 3
+# Frames per star-list task: enough that a task's trip to a worker costs little beside its
+# frames' loading and detection (~0.1 s each), few enough that the groups waiting for their
+# frames' stars get them soon.
+_STAR_TASK_FRAMES = 4
+
+
+def load_raw(path: str) -> np.ndarray:
+    """Return a frame's raw pixels as the solve phase uses them."""
+    # Hot pixels sit at the same place in every frame: left in, they match each other.
+    return zfits.load_frame(path, debayer=False, hot_pixels=True, require_wcs=False).data
+
+
+@dataclass
+class StarLists:
+    """The star lists of a few frames, by path, and why the others have none (unreadable file)."""
+
+    stars: dict
+    errors: dict
+
+
+def star_lists_task(paths, ctx) -> StarLists:
+    """Executor task: return the solve-phase star lists of the frames at ``paths``."""
+    found, errors = {}, {}
+    for path in paths:
+        ctx.check_cancel()
+        try:
+            found[path] = zastro.frame_stars(load_raw(path))
+        except zfits.FrameError as exc:
+            errors[path] = str(exc)
+    return StarLists(found, errors)
+
+
+class _StarsStopped(Exception):
+    """A group's star lists will not come: the star-finding tasks stopped (their error goes on)."""
 
 
 class _Solving:
@@ -47,27 +83,73 @@ class _Solving:
         self.solver, self.run, self.config = solver, run, run.config
         self.cache = zastro.WcsCache(cache_folder)
         self._stars: dict[str, np.ndarray] = {}
+        self._star_errors: dict[str, str] = {}
+        # Frames whose star lists are being found elsewhere (find_stars): set once they arrive.
+        self._coming: dict[str, threading.Event] = {}
+        self._stopped = False
         self._advanced: set[str] = set()
         self._lock = threading.Lock()  # groups are solved in threads: the counts and progress
         self._solve_tried: set[str] = set()
         self.total, self.solves = total, 0
+        # Solver runs at once: one per core (a solve-field run is a process of its own).
+        self.threads = zexec.resolve_workers(self.config.num_processing_workers)
 
     def digest(self, record) -> str:
         return record.content_digest()
 
     def _raw(self, record):
         """Return a frame's raw pixels (its star list is kept on the way)."""
-        # Hot pixels sit at the same place in every frame: left in, they match each other.
-        raw = zfits.load_frame(record.path, debayer=False, hot_pixels=True, require_wcs=False).data
+        raw = load_raw(record.path)
         if record.path not in self._stars:
             self._stars[record.path] = zastro.frame_stars(raw)
         return raw
 
     def stars(self, record) -> np.ndarray:
-        """Return a frame's star list (full-resolution pixels), detected once per run."""
+        """Return a frame's star list (full-resolution pixels), detected once per run.
+
+        A frame whose list :meth:`find_stars` is finding elsewhere waits for it; an unreadable
+        file raises :class:`zemosaic_fits.FrameError`."""
+        coming = self._coming.get(record.path)
+        if coming is not None and record.path not in self._stars:
+            coming.wait()
+            if self._stopped:  # find_stars ended early (a cancel, lost workers): so does the group
+                self.run.check_cancel()
+                raise _StarsStopped(record.path)
+        if record.path in self._star_errors:
+            raise zfits.FrameError(self._star_errors[record.path])
         if record.path not in self._stars:
             self._raw(record)
         return self._stars[record.path]
+
+    def find_stars(self, records, cancel_folder: str) -> None:
+        """Find the star lists of ``records`` on the run's executor (worker processes, or Dask),
+        a few frames per task in their order, handing each to the groups waiting for it.
+
+        Loading and detection hold the GIL, so only processes run them on every core. The
+        plate solves and the matching go on in the groups' threads meanwhile.
+        """
+        paths = [r.path for r in records if r.path not in self._stars]
+        for path in paths:
+            self._coming[path] = threading.Event()
+        tasks = [paths[i:i + _STAR_TASK_FRAMES] for i in range(0, len(paths), _STAR_TASK_FRAMES)]
+        executor = zexec.make_executor(self.config.dask_scheduler, self.config.num_processing_workers,
+                                       len(tasks))
+        flag = zexec.CancelFlag(os.path.join(cancel_folder, ".cancel-stars"))
+        try:
+            for outcome in executor.run(star_lists_task, tasks, self.run, flag):
+                found = outcome.result
+                for path, stars in found.stars.items():
+                    self._stars.setdefault(path, stars)
+                self._star_errors.update(found.errors)
+                for path in tasks[outcome.index]:
+                    self._coming[path].set()
+        except BaseException:
+            self._stopped = True
+            raise
+        finally:
+            executor.close()
+            for event in self._coming.values():  # after a cancel or an error, no group waits on
+                event.set()
 
     def solve(self, record) -> bool:
         """Plate-solve one frame, once per run; True when it got a WCS (the reason is logged
@@ -100,14 +182,16 @@ class _Solving:
         """Return True once :meth:`solve` ran for a frame."""
         return record.path in self._solve_tried
 
-    def match(self, record, anchor):
+    def match(self, record, anchor, guess=None):
         """Return the WCS of a frame's star match to a solved anchor, or None (logged at DEBUG).
 
-        The frame does not get it yet: a match is kept once its group's check passed."""
+        ``guess``: the frame -> anchor transform to try first (see
+        :func:`zemosaic_astrometry.match_stars`). The frame does not get the WCS yet: a match is
+        kept once its group's check passed."""
         self.run.check_cancel()
         try:
             return zastro.wcs_from_star_match(self.stars(record), record.info.shape_hw,
-                                              self.stars(anchor), anchor.wcs)
+                                              self.stars(anchor), anchor.wcs, guess)
         except (zastro.MatchError, zfits.FrameError) as exc:
             logger.debug("%s: %s; solving it on its own", os.path.basename(record.path), exc)
             return None
@@ -148,8 +232,7 @@ def solve_frames(run, records, cache_folder, group_by_pointing):
     # Groups share no frame, so they are solved at once, one per core (num_processing_workers):
     # a solve-field run waits in its own process while another group loads and matches frames.
     groups = _solve_groups(records, pending, group_by_pointing)
-    map_threads(lambda group: _solve_group(group, state), groups,
-                min(len(groups), resolve_workers(config.num_processing_workers)) or 1)
+    _solve_all_groups(groups, state, os.path.dirname(cache_folder))
     unsolved = [r for r in pending if r.wcs is None and r.solve_error == NO_SOLVER]
     if unsolved:
         # One WARNING for all of them: the fix is the same (install a solver), not per frame.
@@ -169,6 +252,25 @@ def solve_frames(run, records, cache_folder, group_by_pointing):
                 state.solves, sum(r.wcs_source.startswith("matched") for r in used),
                 sum(r.wcs_source == "cache" for r in used))
     return used
+
+
+def _solve_all_groups(groups, state, cancel_folder) -> None:
+    """Solve every group, their star lists found on the executor meanwhile.
+
+    Groups share no frame, so they are solved at once, one per core (``num_processing_workers``):
+    a solve-field run waits in its own process while another group matches its frames.
+    """
+    threads = min(len(groups), state.threads) or 1
+    to_detect = list({id(r): r for g in groups for r in g if r.wcs is None}.values())
+    with ThreadPoolExecutor(1, thread_name_prefix="zemosaic-solve") as side:
+        solving = side.submit(map_threads, lambda group: _solve_group(group, state), groups, threads)
+        try:
+            state.find_stars(to_detect, cancel_folder)
+        finally:
+            # Finding stars stopped (a cancel, lost workers, a bug): the groups waiting for stars
+            # end with _StarsStopped, and that error goes on once they have.
+            solving.exception()
+        solving.result()
 
 
 def _record_wcs_sources(records, report) -> list:
@@ -242,15 +344,33 @@ def _solve_group(group, state) -> None:
                 f"no frame of its group could be plate-solved ({tries} tried)"
             state.advance(r)
         return
-    matches = {id(r): wcs for r in todo if (wcs := state.match(r, anchor)) is not None}
+    matches = _match_to_anchor(todo, anchor, state)
     if matches and _check_matches(group, todo, matches, anchor, state):
         source = f"matched to {os.path.basename(anchor.path)}"
         for r in todo:
-            if id(r) in matches and r.wcs is None:  # the check frame keeps its plate solution
+            if id(r) in matches and r.wcs is None:  # the check frames keep their plate solutions
                 state.keep(r, matches[id(r)], source, None)
-    for r in todo:
-        if r.wcs is None and not state.solve(r):
-            state.advance(r)
+    # The rest are solved on their own, as many at once as the solve phase has threads: a group
+    # whose check failed is 40 solver runs, which one thread would run one after the other.
+    alone = [r for r in todo if r.wcs is None]
+    map_threads(lambda r: state.solve(r) or state.advance(r), alone, state.threads)
+
+
+def _match_to_anchor(todo, anchor, state) -> dict:
+    """Return ``{id(frame): WCS}`` of the frames whose stars match the anchor's.
+
+    In time order, each frame's match starts from the one before it: consecutive subs differ by
+    a dither or drift, which :func:`zemosaic_astrometry.match_stars` finds from that guess at a
+    small fraction of the cost of matching triangles (a frame the guess does not fit, such as the
+    first of another night, is matched by its triangles and guides the next).
+    """
+    matches, guess = {}, None
+    for r in sorted(todo, key=lambda r: (r.info.date_obs or "", r.path)):
+        wcs = state.match(r, anchor, guess)
+        if wcs is not None:
+            matches[id(r)] = wcs
+            guess = zastro.wcs_affine(wcs, r.info.shape_hw, anchor.wcs)
+    return matches
 
 
 def _check_matches(group, todo, matches, anchor, state) -> bool:
@@ -258,25 +378,52 @@ def _check_matches(group, todo, matches, anchor, state) -> bool:
 
     The matches are compared with the plate solutions the group's other frames already have
     (:func:`_solved_pairs`), else with one more solve of a matched frame not tried yet. Nothing to
-    compare with (no such frame, or its solve fails): the matches stand.
+    compare with (no such frame, or its solve fails): the matches stand. A check solve made here
+    that disagrees gets a second one: when that agrees, the first plate solution is the odd one
+    (a solver can settle on a few px off in a sparse field, as the star match of 40 frames to one
+    anchor does not): its frame takes its match and the group's matches stand.
     """
     pairs = _solved_pairs(group, anchor, state)
-    if not pairs:
-        untried = [r for r in todo if id(r) in matches and not state.solve_tried(r)]
-        if not untried:
+    fresh = not pairs
+    if fresh:
+        pair = _check_solve(todo, matches, state)
+        if pair is None:
             return True
-        check = untried[len(untried) // 2]
-        if not state.solve(check):
-            return True
-        pairs = [(check, matches[id(check)])]
-    offset = max(zastro.wcs_pixel_offset(wcs, r.wcs, r.info.shape_hw) for r, wcs in pairs)
-    logger.debug("Plate solving check on %s: matched and solved WCSs up to %.2f px apart",
-                 ", ".join(os.path.basename(r.path) for r, _ in pairs), offset)
+        pairs = [pair]
+    offset = _largest_offset(pairs)
     if offset <= _CHECK_TOLERANCE_PX:
         return True
+    if fresh:
+        second = _check_solve(todo, matches, state)
+        if second is not None and _largest_offset([second]) <= _CHECK_TOLERANCE_PX:
+            odd, match = pairs[0]
+            logger.warning("The plate solution of %s is %.1f px from its star match to %s, which a "
+                           "second check (%s) confirms: %s takes its star match", os.path.basename(odd.path),
+                           offset, os.path.basename(anchor.path), os.path.basename(second[0].path),
+                           os.path.basename(odd.path))
+            state.keep(odd, match, f"matched to {os.path.basename(anchor.path)}", None)
+            return True
     logger.warning("Star-matched WCSs of the group of %s disagree with a plate solution by %.1f px;"
                    " solving its frames one by one", os.path.basename(anchor.path), offset)
     return False
+
+
+def _check_solve(todo, matches, state):
+    """Plate-solve one matched frame not tried yet (the middle one); returns ``(frame, its match)``,
+    or None when there is none or its solve fails."""
+    untried = [r for r in todo if id(r) in matches and not state.solve_tried(r)]
+    if not untried:
+        return None
+    check = untried[len(untried) // 2]
+    return (check, matches[id(check)]) if state.solve(check) else None
+
+
+def _largest_offset(pairs) -> float:
+    """Return the largest distance (px) between the frames' WCSs and their matches, logged at DEBUG."""
+    offset = max(zastro.wcs_pixel_offset(wcs, r.wcs, r.info.shape_hw) for r, wcs in pairs)
+    logger.debug("Plate solving check on %s: matched and solved WCSs up to %.2f px apart",
+                 ", ".join(os.path.basename(r.path) for r, _ in pairs), offset)
+    return offset
 
 
 def _solved_pairs(group, anchor, state) -> list:

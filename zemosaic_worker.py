@@ -304,12 +304,23 @@ def frame_record(info: zfits.FrameInfo, force_resolve: bool) -> FrameRecord:
     return record
 
 
+def workers_lost(what: str, exc: zexec.WorkersLost) -> PipelineError:
+    """Return the error that stops a run whose ``what`` ("tile", "star detection") workers died."""
+    return PipelineError(f"the {what} worker processes stopped ({exc}): one was killed (out of memory?) "
+                         "or could not start. A script that calls run_mosaic must do it under "
+                         "'if __name__ == \"__main__\":' (worker processes import the script); "
+                         "num_processing_workers = 1 runs everything in this process")
+
+
 def solve_frames(run: Run, records: list[FrameRecord]) -> list[FrameRecord]:
     """Phase 1b: give every frame without a usable WCS one (:mod:`zemosaic_solve`); returns the
     frames that have one. Frames are grouped by pointing with the grouping rule of phase 2."""
     threshold = automatic_panel_threshold(records)
-    return zsolve.solve_frames(run, records, wcs_cache_folder(run.config),
-                               lambda placed: group_by_position(placed, threshold))
+    try:
+        return zsolve.solve_frames(run, records, wcs_cache_folder(run.config),
+                                   lambda placed: group_by_position(placed, threshold))
+    except zexec.WorkersLost as exc:
+        raise workers_lost("star detection", exc) from exc
 
 
 def wcs_cache_folder(config) -> str:
@@ -501,10 +512,7 @@ def _run_tile_tasks(run, todo, manifest, n_groups: int):
                 tiles.append(tile)
             run.advance("master_tiles", n_groups - len(todo) + k + 1, n_groups, f"{task.label} done")
     except zexec.WorkersLost as exc:
-        raise PipelineError(f"the tile worker processes stopped ({exc}): one was killed (out of memory?) "
-                            "or could not start. A script that calls run_mosaic must do it under "
-                            "'if __name__ == \"__main__\":' (worker processes import the script); "
-                            "num_processing_workers = 1 builds the tiles in this process") from exc
+        raise workers_lost("tile", exc) from exc
     finally:
         executor.close()
     return tiles

@@ -304,7 +304,8 @@ def test_same_input_gives_the_same_master_tile_bit_for_bit(tmp_path):
 
 
 def test_a_guess_from_the_wcs_gives_the_triangle_match(monkeypatch):
-    """A close guess skips the triangles and ends on the same fit; a wrong one falls back to them."""
+    """A close guess skips the triangles and ends on the same fit, and so does one off by a dither
+    (its shift found by the offsets' vote); one off by a rotation falls back to the triangles."""
     import zemosaic_astrometry as za
 
     rng = np.random.default_rng(9)
@@ -313,11 +314,14 @@ def test_a_guess_from_the_wcs_gives_the_triangle_match(monkeypatch):
     true = np.array([[np.cos(angle), -np.sin(angle), -20.0], [np.sin(angle), np.cos(angle), 9.0], [0, 0, 1]])
     frame = (ref - true[:2, 2]) @ np.linalg.inv(true[:2, :2]).T + rng.normal(0, 0.05, ref.shape)
     by_triangles = stk.find_star_transform(frame, ref)
-    close, wrong = true.copy(), true.copy()
+    close, dithered = true.copy(), true.copy()
     close[:2, 2] += 0.8
-    wrong[:2, 2] += 40.0
+    dithered[:2, 2] += [40.0, -73.0]
+    turn = np.radians(20.0)
+    wrong = np.array([[np.cos(turn), -np.sin(turn), 0], [np.sin(turn), np.cos(turn), 0], [0, 0, 1]]) @ true
     calls = []
     triangle_match = za._triangle_match
     monkeypatch.setattr(za, "_triangle_match", lambda *a: calls.append(1) or triangle_match(*a))
     assert np.array_equal(stk.find_star_transform(frame, ref, close), by_triangles) and not calls
+    assert np.array_equal(stk.find_star_transform(frame, ref, dithered), by_triangles) and not calls
     assert np.array_equal(stk.find_star_transform(frame, ref, wrong), by_triangles) and calls

@@ -284,6 +284,56 @@ def test_solve_few_match_many(unsolved_small, tmp_path, monkeypatch):
     assert {e["wcs"] for e in report2.to_dict()["frame_wcs"]} == {"cache"}
 
 
+def test_a_group_matches_triangles_once_then_follows_its_frames(unsolved_small, tmp_path, monkeypatch):
+    """Each frame's match to its anchor starts from the previous frame's: of the six matched frames
+    of two panels, only the first of each is matched by its triangles, and every match is as
+    close to the truth as before (the shared tolerance of the solve tests)."""
+    info, truths, by_content = unsolved_small
+    calls = []
+    triangle_match = za._triangle_match
+    monkeypatch.setattr(za, "_triangle_match", lambda *a: calls.append(1) or triangle_match(*a))
+    records, _report, _ = _solve_phase(info, tmp_path / "o", _TruthSolver(by_content), monkeypatch)
+    matched = [r for r in records if r.wcs_source.startswith("matched to ")]
+    assert len(matched) == 4  # of 8: two frames of each panel are solved (anchor, check)
+    assert len(calls) == 2
+    for r in records:
+        assert za.wcs_pixel_offset(r.wcs, truths[r.path], r.info.shape_hw) < 0.3, r.wcs_source
+
+
+class _OneBadSolveSolver(_TruthSolver):
+    """The truth solver, but its solve number ``bad`` (counting from 1) is 3 px off."""
+
+    def __init__(self, frames, bad):
+        super().__init__(frames)
+        self.bad, self.off_keys = bad, []
+
+    def solve(self, image2d, hints, timeout_s, workdir):
+        wcs = super().solve(image2d, hints, timeout_s, workdir)
+        if self.calls == self.bad:
+            self.off_keys.append(hashlib.sha256(np.ascontiguousarray(image2d, np.float32).tobytes()).hexdigest())
+            wcs.wcs.crpix = np.asarray(wcs.wcs.crpix) + [1.5, 0.0]  # 3 px at full resolution
+            wcs.wcs.set()
+        return wcs
+
+
+def test_a_check_solve_that_alone_disagrees_is_outvoted(unsolved_small, tmp_path, monkeypatch, caplog):
+    """A group's check solve 3 px from the star matches gets a second check; that one agrees, so
+    the matches stand and the odd frame takes its match instead of its plate solution (not the
+    40 solver runs of solving the whole group frame by frame)."""
+    info, truths, by_content = unsolved_small
+    solver = _OneBadSolveSolver(by_content, bad=2)  # the first group's check
+    monkeypatch.setattr(za, "solver_from_config", lambda config: (solver, None))
+    config = MosaicConfig(input_folder=info["frames_dir"], output_folder=str(tmp_path / "o"),
+                          num_processing_workers=1)  # the groups one after the other
+    run = zw.Run(config, zw.RunReport(config={}))
+    records = zw.solve_frames(run, zw.scan_frames(run))
+    assert solver.calls == 5 and len(records) == 8  # anchor, check, second check; anchor, check
+    for r in records:
+        assert za.wcs_pixel_offset(r.wcs, truths[r.path], r.info.shape_hw) < 0.3, r.wcs_source
+    assert [r.wcs_source for r in records].count("solved") == 4
+    assert any("takes its star match" in m for m in caplog.messages)
+
+
 class _FailingSolver(_TruthSolver):
     """A :class:`_TruthSolver` that cannot solve the frames whose content key it is given."""
 

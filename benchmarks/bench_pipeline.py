@@ -2,7 +2,10 @@
 
 Run: ``.venv/bin/python benchmarks/bench_pipeline.py [--data DIR] [--frames-per-panel N]
 [--workers N] [--no-siril]``. The dataset (full-size synthetic Seestar frames, 2x2 panels) is
-generated when DIR holds none.
+generated when DIR holds none. ``--real`` runs raw subs as the telescope writes them instead (no
+WCS, so the solve phase runs): the shared real subs (``../shared/realdata/ngc7023``, when
+present) and a look-alike of a real two-night field (:func:`look_alike`, made once under
+``--real-data``), each with the default worker count beside Siril.
 
 Rows:
 
@@ -116,11 +119,21 @@ def _siril_command_seconds(log: str) -> dict[str, float]:
     return seconds
 
 
-def run_siril(exe: str, frames_dir: str, work: str) -> dict:
-    """Convert, register and stack each panel with Siril; returns the totals over the panels."""
+def _siril_panels(frames_dir: str) -> dict[str, list[str]]:
+    """Return the frames of each panel: the synthetic datasets' ``Light_panelPP_NNN.fits`` by
+    panel, any other folder (real subs of one field) as one panel."""
     panels: dict[str, list[str]] = {}
     for path in sorted(glob.glob(os.path.join(frames_dir, "Light_panel*_*.fits"))):
         panels.setdefault(os.path.basename(path).split("_")[1], []).append(path)
+    if not panels:
+        frames = sorted(p for p in glob.glob(os.path.join(frames_dir, "*")) if p.lower().endswith((".fit", ".fits")))
+        panels = {"field": frames} if frames else {}
+    return panels
+
+
+def run_siril(exe: str, frames_dir: str, work: str) -> dict:
+    """Convert, register and stack each panel with Siril; returns the totals over the panels."""
+    panels = _siril_panels(frames_dir)
     totals = {"frames": 0, "registered": 0, "failed": 0, "wall_s": 0.0, "peak_rss_bytes": 0,
               "phases": dict.fromkeys(SIRIL_PHASES, 0.0), "errors": [], "panels": len(panels)}
     for name, paths in panels.items():
@@ -160,33 +173,40 @@ def _zemosaic_row(frames_dir: str, workers: int) -> dict:
                                                 max(run.result["peaks"].values(), default=0))}
 
 
-def main(argv=None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--data", default="demo/data", help="dataset folder (generated if empty)")
-    parser.add_argument("--frames-per-panel", type=int, default=6)
-    parser.add_argument("--size", default="full", choices=["full", "small"])
-    parser.add_argument("--workers", type=int, default=0, help="N for the parallel row (0 = cores)")
-    parser.add_argument("--no-siril", action="store_true", help="leave Siril out")
-    parser.add_argument("--worker", nargs=2, help=argparse.SUPPRESS)
-    args = parser.parse_args(argv)
-    if args.worker:
-        return zemosaic_worker(args.worker[0], int(args.worker[1]))
-    frames_dir = os.path.abspath(os.path.join(args.data, "frames"))
-    if not os.path.isdir(frames_dir):
-        print(f"generating the dataset in {args.data} ...", flush=True)
-        zemosaic_synth.generate_dataset(args.data, panels=(2, 2), frames_per_panel=args.frames_per_panel,
-                                        seed=1, size=args.size)
-    n_frames = len(glob.glob(os.path.join(frames_dir, "*.fits")))
-    n_workers = resolve_workers(args.workers)
-    print(f"Pipeline on {n_frames} frames ({args.size}) in {frames_dir}; {os.cpu_count()} cores")
-    warning = load_warning()
-    if warning:
-        print(warning)
-    siril = None if args.no_siril else shutil.which("siril-cli")
-    print(f"  Siril: {siril or 'not installed or left out (skipped)'}", flush=True)
+REAL_SUBS = os.path.join(os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))),
+                         "shared", "realdata", "ngc7023")
 
+
+def look_alike(root: str) -> str:
+    """Return the frames folder of issue 22's look-alike of a real two-night field (made once).
+
+    50 full-size raw subs without WCS of one field, the real Tycho-2 stars where they are: 25 of
+    one night, then 25 of a night whose field is turned 70 deg (an alt-az mount on another
+    night), each night drifting 1 deg. The nights share the seed (the same faint stars), so their
+    noise draws repeat: a speed benchmark's data, not a test of stacking.
+    """
+    folder = os.path.join(root, "look-alike")
+    frames = os.path.join(folder, "frames")
+    if os.path.exists(os.path.join(folder, "done")):
+        return frames
+    os.makedirs(frames, exist_ok=True)
+    for night, (turn, start) in enumerate(((0.0, "2024-07-30T22:00:00"), (70.0, "2024-07-31T22:30:00")), 1):
+        info = zemosaic_synth.generate_dataset(os.path.join(folder, f"night{night}"), panels=(1, 1),
+                                               frames_per_panel=25, seed=7, size="full", write_wcs=False,
+                                               star_catalog="tycho2", pointing_error_deg=0.05,
+                                               base_rotation_deg=turn, rotation_drift_deg=1.0, start_time=start)
+        for path in info["frame_paths"]:
+            os.symlink(path, os.path.join(frames, f"night{night}_{os.path.basename(path)}"))
+    open(os.path.join(folder, "done"), "w").close()
+    return frames
+
+
+def compare(frames_dir: str, worker_counts, siril: str | None, title: str) -> None:
+    """Run ZeMosaic (one row per worker count) and Siril on one folder of frames; print the tables."""
+    n_frames = sum(len(paths) for paths in _siril_panels(frames_dir).values())
+    print(f"{title}: {n_frames} frames in {frames_dir}", flush=True)
     rows, zm = [], {}
-    for workers in sorted({1, n_workers}):
+    for workers in worker_counts:
         zm[workers] = _zemosaic_row(frames_dir, workers)
         print(f"  ZeMosaic, {workers} worker(s): {zm[workers]['wall_s']:.2f} s", flush=True)
     sr = None
@@ -207,7 +227,7 @@ def main(argv=None) -> int:
                      f"{sr['peak_rss_bytes'] / 2**20:.0f}"])
     print()
     print_table(["method", "frames in", "stacked", "wall s", "frames/s", "vs Siril", "peak RSS MB"],
-                rows, title="End to end (frames/s = frames stacked / wall s)")
+                rows, title=f"{title}, end to end (frames/s = frames stacked / wall s)")
 
     print()
     phase_rows = []
@@ -232,6 +252,44 @@ def main(argv=None) -> int:
         print(f"- Siril registered {sr['registered']} of {sr['frames']} frames ({sr['failed']} failed)")
         for error in sr["errors"]:
             print(f"- Siril: {error}")
+    print()
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--data", default="demo/data", help="dataset folder (generated if empty)")
+    parser.add_argument("--frames-per-panel", type=int, default=6)
+    parser.add_argument("--size", default="full", choices=["full", "small"])
+    parser.add_argument("--workers", type=int, default=0, help="N for the parallel row (0 = cores)")
+    parser.add_argument("--no-siril", action="store_true", help="leave Siril out")
+    parser.add_argument("--real", action="store_true",
+                        help="raw subs without WCS instead: the shared real subs and the two-night look-alike")
+    parser.add_argument("--real-data", default="/tmp/zemosaic-bench/pipeline",
+                        help="where --real keeps its look-alike (made once)")
+    parser.add_argument("--worker", nargs=2, help=argparse.SUPPRESS)
+    args = parser.parse_args(argv)
+    if args.worker:
+        return zemosaic_worker(args.worker[0], int(args.worker[1]))
+    n_workers = resolve_workers(args.workers)
+    warning = load_warning()
+    if warning:
+        print(warning)
+    siril = None if args.no_siril else shutil.which("siril-cli")
+    print(f"{os.cpu_count()} cores; Siril: {siril or 'not installed or left out (skipped)'}", flush=True)
+    if args.real:
+        if os.path.isdir(REAL_SUBS):
+            compare(REAL_SUBS, [n_workers], siril, "Shared real subs (ngc7023, two nights, 2 without WCS)")
+        else:
+            print(f"no shared real subs at {REAL_SUBS} (skipped)")
+        compare(look_alike(args.real_data), [n_workers], siril,
+                "Look-alike: 50 raw subs without WCS, two nights, the second turned 70 deg")
+        return 0
+    frames_dir = os.path.abspath(os.path.join(args.data, "frames"))
+    if not os.path.isdir(frames_dir):
+        print(f"generating the dataset in {args.data} ...", flush=True)
+        zemosaic_synth.generate_dataset(args.data, panels=(2, 2), frames_per_panel=args.frames_per_panel,
+                                        seed=1, size=args.size)
+    compare(frames_dir, sorted({1, n_workers}), siril, f"Synthetic frames with WCS ({args.size})")
     return 0
 
 

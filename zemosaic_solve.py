@@ -225,6 +225,8 @@ def solve_frames(run, records, cache_folder, group_by_pointing):
         return records
     solver, reason = zastro.solver_from_config(config)
     state = _Solving(solver, run, len(pending), cache_folder)
+    # The cache is keyed by each file's SHA-256: hashing (and reading) releases the GIL.
+    map_threads(lambda r: r.content_digest(), pending, state.threads)
     pending = [r for r in pending if not _from_cache(r, state)]
     if pending:
         logger.info("Plate solving: %d frame(s) without WCS, %s", len(pending),

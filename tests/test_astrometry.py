@@ -334,6 +334,34 @@ def test_a_check_solve_that_alone_disagrees_is_outvoted(unsolved_small, tmp_path
     assert any("takes its star match" in m for m in caplog.messages)
 
 
+def test_a_cancel_while_star_lists_are_found_stops_the_solve_phase(unsolved_small, tmp_path, monkeypatch):
+    """Cancelled while the worker processes find star lists and the groups plate-solve: the phase
+    ends with Cancelled within seconds, no thread of it is left, and no cancel flag stays behind
+    (the next run's workers would stop at once)."""
+    info, _truths, by_content = unsolved_small
+    cancel = threading.Event()
+
+    class CancellingSolver(_SlowTruthSolver):
+        def solve(self, *args):
+            cancel.set()  # the user presses Cancel while the anchors are solved
+            return super().solve(*args)
+
+    solver = CancellingSolver(by_content)
+    monkeypatch.setattr(za, "solver_from_config", lambda config: (solver, None))
+    config = MosaicConfig(input_folder=info["frames_dir"], output_folder=str(tmp_path / "o"),
+                          num_processing_workers=2)
+    run = zw.Run(config, zw.RunReport(config={}), cancel=cancel)
+    records = zw.scan_frames(run)
+    threads_before = threading.active_count()
+    t0 = time.monotonic()
+    with pytest.raises(zw.Cancelled):
+        zw.solve_frames(run, records)
+    assert time.monotonic() - t0 < 5.0
+    assert solver.calls <= 2  # no solve started after the cancel
+    assert threading.active_count() <= threads_before
+    assert not list((tmp_path / "o").rglob(".cancel*"))
+
+
 class _FailingSolver(_TruthSolver):
     """A :class:`_TruthSolver` that cannot solve the frames whose content key it is given."""
 

@@ -9,7 +9,9 @@ their frames solved on their own; a frame whose match fails is solved on its own
 be solved is skipped with its reason. Each frame is solved and matched at most once per run. Only
 WCSs that passed their checks go to the cache (keyed by the file's content), so a rerun solves
 nothing it solved before and uses the same frames. The solvers, star lists, matching and cache are
-:mod:`zemosaic_astrometry`'s; this module decides which frame gets which.
+:mod:`zemosaic_astrometry`'s; this module decides which frame gets which, and where the work runs:
+the frames' star lists on the run's executor (worker processes or Dask: loading and detection hold
+the GIL), the groups, their solver runs and their matches in threads meanwhile.
 
 Frames are the pipeline's records (``path``, ``info``, ``ra``/``dec``, ``wcs``, ``wcs_source``,
 ``set_wcs``...); ``run`` is the run's :class:`zemosaic_worker.Run` (settings, report, progress,
@@ -41,7 +43,7 @@ _CHECK_TOLERANCE_PX = 1.0
 # Frames tried as a group's solved anchor before the group is given up.
 _ANCHOR_ATTEMPTS = 3
 # Frames per star-list task: enough that a task's trip to a worker costs little beside its
-# frames' loading and detection (~0.1 s each), few enough that the groups waiting for their
+# frames' loading and detection (~40 ms each), few enough that the groups waiting for their
 # frames' stars get them soon.
 _STAR_TASK_FRAMES = 4
 
@@ -231,8 +233,6 @@ def solve_frames(run, records, cache_folder, group_by_pointing):
     if pending:
         logger.info("Plate solving: %d frame(s) without WCS, %s", len(pending),
                     solver.name if solver else f"star matching only ({reason})")
-    # Groups share no frame, so they are solved at once, one per core (num_processing_workers):
-    # a solve-field run waits in its own process while another group loads and matches frames.
     groups = _solve_groups(records, pending, group_by_pointing)
     _solve_all_groups(groups, state, os.path.dirname(cache_folder))
     unsolved = [r for r in pending if r.wcs is None and r.solve_error == NO_SOLVER]

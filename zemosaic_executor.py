@@ -27,10 +27,12 @@ from __future__ import annotations
 
 import concurrent.futures as cf
 from concurrent.futures.process import BrokenProcessPool
+import errno
 import logging
 import multiprocessing
 import os
 import pickle
+import shutil
 import sys
 import tempfile
 import threading
@@ -64,6 +66,17 @@ class TaskError(Exception):
 
 class Cancelled(Exception):
     """The run was cancelled by the user."""
+
+
+class NoDiskSpace(Exception):
+    """A tile's disk-backed stack does not fit on its disk; ``str(e)`` says how much it needs."""
+
+
+def _no_room(cache_dir: str, nbytes: int, free: int) -> NoDiskSpace:
+    return NoDiskSpace(f"the aligned stack of a tile needs {nbytes / 2**30:.1f} GB of disk cache in "
+                       f"{cache_dir}, which has {free / 2**30:.1f} GB free: free some space, put "
+                       "output_folder on a larger disk, or cap the frames of a tile "
+                       "(max_raw_per_master_tile)")
 
 
 def resolve_workers(requested: int) -> int:
@@ -105,6 +118,11 @@ def allocate_stack(shape, cache_dir: str, ram_share: int = 1):
     if nbytes <= stack_ram_budget() // max(1, ram_share):
         return np.empty(shape, np.float32)
     os.makedirs(cache_dir, exist_ok=True)
+    # The file fills as frames are aligned: a stack that cannot fit stops the run now, not after
+    # minutes of aligning (one that fits now may still meet a disk others fill: see _StackFile).
+    free = shutil.disk_usage(cache_dir).free
+    if free < nbytes:
+        raise _no_room(cache_dir, nbytes, free)
     logger.info("Aligned stack of %.1f GB goes to a disk cache in %s", nbytes / 2**30, cache_dir)
     return DiskStack.create(cache_dir, shape)
 
@@ -129,9 +147,17 @@ class _StackFile:
         return ((frame * h + row) * w * c) * 4
 
     def write(self, offset: int, data: np.ndarray) -> None:
+        """Write ``data`` at ``offset``; a full disk raises :class:`NoDiskSpace`."""
         with self.lock:
             self.handle.seek(offset)
-            self.handle.write(memoryview(np.ascontiguousarray(data, np.float32)).cast("B"))
+            try:
+                self.handle.write(memoryview(np.ascontiguousarray(data, np.float32)).cast("B"))
+            except OSError as exc:
+                if exc.errno != errno.ENOSPC:
+                    raise
+                n, h, w, c = self.shape
+                raise _no_room(os.path.dirname(self.path), n * h * w * c * 4,
+                               shutil.disk_usage(os.path.dirname(self.path)).free) from exc
 
     def read_into(self, offset: int, out: np.ndarray) -> None:
         view = memoryview(out).cast("B")

@@ -513,6 +513,8 @@ def _run_tile_tasks(run, todo, manifest, n_groups: int):
             run.advance("master_tiles", n_groups - len(todo) + k + 1, n_groups, f"{task.label} done")
     except zexec.WorkersLost as exc:
         raise workers_lost("tile", exc) from exc
+    except zexec.NoDiskSpace as exc:
+        raise PipelineError(str(exc)) from exc
     finally:
         executor.close()
     return tiles

@@ -121,6 +121,52 @@ def test_stacks_share_the_ram_budget_between_parallel_tiles(tmp_path, monkeypatc
     assert not list(tmp_path.iterdir())
 
 
+def _disk_with_free_bytes(monkeypatch, free):
+    import collections
+    import shutil
+
+    usage = collections.namedtuple("usage", "total used free")
+    monkeypatch.setattr(shutil, "disk_usage", lambda path: usage(10 * free, 9 * free, free))
+
+
+def test_a_stack_the_disk_cannot_hold_is_refused_before_any_frame_is_aligned(tmp_path, monkeypatch):
+    monkeypatch.setattr(zexec, "stack_ram_budget", lambda: 0)
+    _disk_with_free_bytes(monkeypatch, 2**30)
+    stack = zexec.allocate_stack((10, 100, 100, 3), str(tmp_path))  # 1.2 MB: fits
+    zexec.release_stack(stack)
+    with pytest.raises(zexec.NoDiskSpace, match=r"needs 2\.2 GB of disk cache .* 1\.0 GB free"):
+        zexec.allocate_stack((50, 1960, 2000, 3), str(tmp_path))
+    assert not list(tmp_path.iterdir())  # no file made
+
+
+def test_a_disk_that_fills_while_frames_are_written_says_so(tmp_path):
+    import errno
+
+    stack = zexec.DiskStack.create(str(tmp_path), (2, 4, 5, 3))
+
+    class FullDisk:
+        def seek(self, offset):
+            pass
+
+        def write(self, data):
+            raise OSError(errno.ENOSPC, "No space left on device")
+
+    real, stack._store.handle = stack._store.handle, FullDisk()
+    with pytest.raises(zexec.NoDiskSpace, match="max_raw_per_master_tile"):
+        stack[1] = np.ones((4, 5, 3), np.float32)
+    stack._store.handle = real
+    zexec.release_stack(stack)
+    assert not list(tmp_path.iterdir())
+
+
+def test_a_run_whose_tile_cannot_fit_on_disk_stops_with_that_reason(frames, tmp_path, monkeypatch):
+    monkeypatch.setattr(zexec, "stack_ram_budget", lambda: 0)
+    _disk_with_free_bytes(monkeypatch, 1000)
+    with pytest.raises(zw.PipelineError, match="of disk cache in .*: free some space"):
+        _run(frames, tmp_path / "out", num_processing_workers=1)
+    assert not (tmp_path / "out" / zw.MOSAIC_NAME).exists()
+
+
 def test_disk_stack_reads_back_what_was_written_through_any_view(tmp_path):
     rng = np.random.default_rng(1)
     truth = rng.normal(size=(5, 7, 9, 3)).astype(np.float32)

@@ -68,6 +68,9 @@ class StackParams:
     winsor_limits: tuple[float, float] = (0.05, 0.05)
     combine: str = "mean"
     max_iterations: int = 5
+    #: The share of a pixel's local contrast its samples may spread by (:class:`NoiseFloor`);
+    #: None: :data:`SIGNAL_SPREAD`.
+    signal_spread: float | None = None
 
     def __post_init__(self):
         require_choice("rejection", self.rejection, REJECTION_ALGORITHMS)
@@ -778,24 +781,25 @@ class NoiseFloor:
 
     ``sigma`` is the noise of the sample's frame, broadcastable to the block (``(N, 1, W, C)``,
     or ``(N, n)`` for a flat selection of pixels); ``signal`` the local contrast around the pixel
-    (:func:`signal_map`; ``(h, W, C)`` or ``(n,)``), or None; ``k`` is :data:`SIGNAL_SPREAD`.
+    (:func:`signal_map`; ``(h, W, C)`` or ``(n,)``), or None; ``k`` is ``spread``.
     """
 
     sigma: object
     signal: object = None
+    spread: float = SIGNAL_SPREAD
 
     def at(self, index, shape, xp):
         """Return the floor of the samples ``index`` (a tuple of index arrays into ``shape``)."""
         sigma = xp.broadcast_to(self.sigma, shape)[index]
         if self.signal is None:
             return sigma
-        spread = SIGNAL_SPREAD * self.signal[index[1:]]
+        spread = self.spread * self.signal[index[1:]]
         return xp.sqrt(sigma * sigma + spread * spread)
 
     def columns(self, active):
         """Return the floor of the pixels ``active`` (index arrays ``(h, w, c)``), flattened."""
         signal = None if self.signal is None else self.signal[active]
-        return NoiseFloor(self.sigma[:, 0, 0, :][:, active[2]], signal)
+        return NoiseFloor(self.sigma[:, 0, 0, :][:, active[2]], signal, self.spread)
 
 
 def _window_extreme(plane, size: int, op):
@@ -853,17 +857,19 @@ def signal_map(frame, noise, radius: int = SIGNAL_RADIUS_PX, threads: int = 1) -
     return out
 
 
-def _noise_floor(noise_sigmas, shape, dtype, xp, signal=None):
+def _noise_floor(noise_sigmas, shape, dtype, xp, signal=None, spread=None):
     """Return the :class:`NoiseFloor` of a block of ``shape``, or None without ``noise_sigmas``.
 
     The noise is a full ``(N, 1, W, C)`` row per frame rather than ``(N, 1, 1, C)``: comparing a
     block with the latter makes NumPy loop over runs of C = 3 elements instead of whole rows.
-    ``signal`` is the block's rows of the :func:`signal_map` (None: no signal term).
+    ``signal`` is the block's rows of the :func:`signal_map` (None: no signal term), ``spread`` its
+    share (None: :data:`SIGNAL_SPREAD`).
     """
     if noise_sigmas is None:
         return None
     signal = None if signal is None else xp.asarray(signal, dtype=dtype)
-    return NoiseFloor(frame_rows(noise_sigmas, shape[2], dtype, xp), signal)
+    return NoiseFloor(frame_rows(noise_sigmas, shape[2], dtype, xp), signal,
+                      SIGNAL_SPREAD if spread is None else spread)
 
 
 def frame_rows(per_frame, width: int, dtype, xp):
@@ -947,10 +953,13 @@ def block_statistics(block, params: StackParams, xp=np) -> PixelStats:
                       out[3])
 
 
-def stack_block(block, weights, params: StackParams, xp=np, noise_sigmas=None, signal=None, stats=None):
+def stack_block(block, weights, params: StackParams, xp=np, noise_sigmas=None, signal=None, stats=None,
+                pixel_weights=None):
     """Reject and combine one ``(N, h, W, C)`` block; returns ``(image (h, W, C), coverage (h, W))``.
 
-    ``weights`` is ``(N, C)`` (per frame and channel) or None. ``noise_sigmas`` ``(N, C)`` is each
+    ``weights`` is ``(N, C)`` (per frame and channel) or None; ``pixel_weights``, ``(N, h, W, C)``
+    like the block or None, multiplies them sample by sample in the mean (a Bayer-drizzled frame's
+    :func:`zemosaic_drizzle.pixel_weights`; the rejection and a median ignore it). ``noise_sigmas`` ``(N, C)`` is each
     frame's noise sigma in the block's units (:func:`frame_noise_sigmas`): the least spread a sample
     is tested against, which makes rejection work with 3-10 frames; ``signal``, the block's rows of
     the :func:`consensus_signal_map`, adds the spread expected near stars (:class:`NoiseFloor`), so
@@ -963,7 +972,7 @@ def stack_block(block, weights, params: StackParams, xp=np, noise_sigmas=None, s
     valid = xp.isfinite(block)
     spans = _covered_column_spans(valid, xp) if params.rejection != "none" else None
     if spans is None:
-        return _stack_columns(block, valid, weights, params, xp, noise_sigmas, signal, stats)
+        return _stack_columns(block, valid, weights, params, xp, noise_sigmas, signal, stats, pixel_weights)
     image = xp.empty(block.shape[1:], xp.float32)
     coverage = xp.empty(block.shape[1:3], xp.float32)
     for cols in spans:
@@ -971,15 +980,18 @@ def stack_block(block, weights, params: StackParams, xp=np, noise_sigmas=None, s
             image[:, cols], coverage[:, cols] = _stack_columns(
                 block[:, :, cols], valid[:, :, cols], weights, params, xp, noise_sigmas,
                 None if signal is None else signal[:, cols],
-                None if stats is None else stats.part((slice(None), cols)))
+                None if stats is None else stats.part((slice(None), cols)),
+                None if pixel_weights is None else pixel_weights[:, :, cols])
     return image, coverage
 
 
-def _stack_columns(block, valid, weights, params, xp, noise_sigmas, signal, stats=None):
+def _stack_columns(block, valid, weights, params, xp, noise_sigmas, signal, stats=None, pixel_weights=None):
     """Return :func:`stack_block` of one block (``valid``: its finite mask), every column on the same path."""
     n = block.shape[0]
     w = frame_rows(np.ones((n, block.shape[-1])) if weights is None else weights, block.shape[2], block.dtype, xp)
-    floor = _noise_floor(noise_sigmas, block.shape, block.dtype, xp, signal)
+    if pixel_weights is not None:
+        w = w * pixel_weights
+    floor = _noise_floor(noise_sigmas, block.shape, block.dtype, xp, signal, params.signal_spread)
     coverage = xp.min(xp.sum(valid, axis=0), axis=-1)
     # The rounds only ever drop samples of pixels with three or more kept (the first round takes
     # the mask as its own: it is not needed after them).
@@ -1010,14 +1022,16 @@ CPU_BLOCK_BYTES = 32 * 2**20
 
 def stack_in_chunks(stack, gains, offsets, weights, params: StackParams, xp=np,
                     rows_per_chunk=None, budget_bytes=CPU_BLOCK_BYTES, to_device=None, to_host=None,
-                    progress=None, noise_sigmas=None, threads: int = 1, backgrounds=None):
+                    progress=None, noise_sigmas=None, threads: int = 1, backgrounds=None, pixel_weights=None):
     """Normalise, reject and combine an ``(N, H, W, C)`` stack in row chunks.
 
     ``stack`` may be a NumPy array or a disk-backed :class:`zemosaic_executor.DiskStack` (only
     the chunks being stacked are in memory). ``gains``/``offsets``/``weights`` are ``(N, C)`` or
     None; ``backgrounds`` (:class:`zemosaic_background.BackgroundModels` on the stack's canvas, or
-    None) are subtracted after them. ``noise_sigmas`` ``(N, C)`` is the noise of each normalised frame
-    (:func:`frame_noise_sigmas`); measured here when rejection needs it and it is not given.
+    None) are subtracted after them. ``pixel_weights``: a stack like ``stack`` (or None) of
+    per-sample weights for the mean (:func:`stack_block`), read a chunk at a time as it is.
+    ``noise_sigmas`` ``(N, C)`` is the noise of each normalised frame (:func:`frame_noise_sigmas`);
+    measured here when rejection needs it and it is not given.
     ``to_device``/``to_host`` move a chunk to the backend of ``xp`` and back (identity on the
     CPU). ``threads`` chunks are stacked at once on the CPU (NumPy releases the GIL; each chunk's
     rows depend on nothing else, so the result is the same for any number). ``progress(done_rows,
@@ -1064,7 +1078,9 @@ def stack_in_chunks(stack, gains, offsets, weights, params: StackParams, xp=np,
     def chunk(r0, r1):
         img, cov = stack_block(normalised(r0, r1), weights, params, xp, noise_sigmas,
                                None if signal is None else to_device(signal[r0:r1]),
-                               None if stats is None else stats.part(slice(r0, r1), to_device))
+                               None if stats is None else stats.part(slice(r0, r1), to_device),
+                               None if pixel_weights is None
+                               else to_device(np.ascontiguousarray(pixel_weights[:, r0:r1], np.float32)))
         image[r0:r1], coverage[r0:r1] = to_host(img), to_host(cov)
 
     _over_row_chunks(chunk, h, rows, xp, threads, progress)
@@ -1132,19 +1148,21 @@ def consensus_signal_map(stats: PixelStats, threads: int = 1) -> np.ndarray:
 def stack_winsorized_sigma_clip(frames, weights=None, kappa_low=3.0, kappa_high=3.0,
                                 winsor_limits=(0.05, 0.05), combine="mean", *, max_iterations=5,
                                 gains=None, offsets=None, noise_sigmas=None, threads: int = 1,
-                                backgrounds=None, progress=None):
+                                backgrounds=None, progress=None, pixel_weights=None, signal_spread=None):
     """Stack aligned frames with winsorized sigma clipping on the CPU; returns ``(image, coverage)``.
 
     The front door of the default rejection, under the name the seeds give it:
     :func:`stack_in_chunks` with ``StackParams("winsorized_sigma_clip", ...)``. ``frames`` is a
     list of ``(H, W, C)`` arrays or an ``(N, H, W, C)`` stack (a disk-backed one is read a block
     at a time), NaN outside each footprint; ``gains``, ``offsets``, ``backgrounds`` and
-    ``noise_sigmas`` are as for :func:`stack_in_chunks`, and so are ``threads`` and ``progress``.
+    ``noise_sigmas`` are as for :func:`stack_in_chunks`, and so are ``threads``, ``progress`` and
+    ``pixel_weights``; ``signal_spread`` is :class:`StackParams`'.
     A pixel without valid samples stays NaN.
     """
     if isinstance(frames, (list, tuple)):
         frames = np.stack([np.asarray(f, np.float32) for f in frames])
     params = StackParams("winsorized_sigma_clip", kappa_low, kappa_high, tuple(winsor_limits), combine,
-                         max_iterations)
+                         max_iterations, signal_spread)
     return stack_in_chunks(frames, gains, offsets, weights, params, noise_sigmas=noise_sigmas,
-                           threads=threads, backgrounds=backgrounds, progress=progress)
+                           threads=threads, backgrounds=backgrounds, progress=progress,
+                           pixel_weights=pixel_weights)

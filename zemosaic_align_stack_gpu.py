@@ -35,7 +35,7 @@ def _winsorize_chunk(data_gpu, low_high_limits):
 
 
 def stack_in_chunks_gpu(stack, gains, offsets, weights, params: StackParams, budget_bytes=None,
-                        progress=None, noise_sigmas=None, backgrounds=None):
+                        progress=None, noise_sigmas=None, backgrounds=None, pixel_weights=None):
     """Run :func:`zemosaic_align_stack.stack_in_chunks` on the GPU; same arguments and results.
 
     Raises :class:`GpuBackendError` when no GPU is usable or the device fails (out of memory
@@ -52,5 +52,6 @@ def stack_in_chunks_gpu(stack, gains, offsets, weights, params: StackParams, bud
     return zu.halving_rows_on_oom(
         lambda r: stack_in_chunks(stack, gains, offsets, weights, params, xp, rows_per_chunk=r,
                                   to_device=to_device, to_host=to_host, progress=progress,
-                                  noise_sigmas=noise_sigmas, backgrounds=backgrounds),
+                                  noise_sigmas=noise_sigmas, backgrounds=backgrounds,
+                                  pixel_weights=pixel_weights),
         rows, xp, "stacking")

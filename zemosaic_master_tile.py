@@ -150,12 +150,18 @@ def _measuring_loader(rec, config, measures: dict, key, loaded: dict, mosaics: d
     return load
 
 
-def _drizzle_resampler(config, mosaics: dict, order: list):
+def _drizzle_resampler(config, mosaics: dict, order: list, weights):
     """Return ``resample(k)`` for :func:`zemosaic_align_stack.align_images_in_group` under Bayer
-    drizzle: frame ``k`` (record ``order[k]``) drizzled from its raw mosaic, which it releases."""
+    drizzle: frame ``k`` (record ``order[k]``) drizzled from its raw mosaic, which it releases,
+    its pixel weights (:func:`zemosaic_drizzle.pixel_weights`) written into ``weights[k]``."""
     scale = config.drizzle_scale
     pixfrac = config.drizzle_pixfrac or zdriz.default_pixfrac(scale)
-    return lambda k: zdriz.bayer_resampler(*mosaics.pop(order[k]), scale, pixfrac, config.drizzle_kernel)
+
+    def resample(k):
+        def keep(found):
+            weights[k] = found
+        return zdriz.bayer_resampler(*mosaics.pop(order[k]), scale, pixfrac, config.drizzle_kernel, keep)
+    return resample
 
 
 def _reference_candidates(records, config, ctx, skipped, measures: dict, loaded: dict, mosaics=None):
@@ -195,17 +201,30 @@ def _screened_positions(group, measures: list, config) -> dict:
     return screened
 
 
-def _pack_frames(stack, keep: list) -> None:
-    """Move the frames at positions ``keep`` (ascending) to the front of ``stack``, in order."""
-    for new, old in enumerate(keep):
-        if new != old:
-            stack[new] = stack[old]
+def _pack_frames(stacks, keep: list) -> None:
+    """Move the frames at positions ``keep`` (ascending) to the front of each of ``stacks`` (None: none), in order."""
+    for stack in stacks:
+        for new, old in enumerate(keep):
+            if stack is not None and new != old:
+                stack[new] = stack[old]
+
+
+def _aligned_stacks(n: int, shape, task: TileTask, drizzled: bool):
+    """Return ``(stack, pixel weights)`` for ``n`` aligned frames of ``shape`` ``(H, W, C)``.
+
+    Under Bayer drizzle the weights (:func:`zemosaic_drizzle.pixel_weights`) are a second stack of
+    the same shape: both are halves of one allocation, in RAM or on disk together, so the RAM
+    budget counts them both and releasing the stack releases both. Without it, the weights are None.
+    """
+    both = zexec.allocate_stack((2 * n if drizzled else n,) + tuple(shape), task.cache_dir, task.ram_share)
+    return (both[:n], both[n:]) if drizzled else (both, None)
 
 
 def _load_and_align_group(task: TileTask, ctx, skipped: list):
     """Load, measure, screen and align a group's frames.
 
-    Returns ``(stack, used records, tile WCS, used FrameMeasures, reference reason)``. The
+    Returns ``(stack, pixel weights, used records, tile WCS, used FrameMeasures, reference reason)``
+    (the weights None unless Bayer-drizzled: :func:`_aligned_stacks`). The
     reference is chosen by quality among the frames nearest the group centre
     (:func:`zemosaic_quality.choose_reference`: no trail, most stars, sharpest) and sits in slot
     0; the others are loaded, measured and aligned onto its canvas by
@@ -221,7 +240,7 @@ def _load_and_align_group(task: TileTask, ctx, skipped: list):
     scale = zdriz.grid_scale(config)
     candidates, unloadable = _reference_candidates(records, config, ctx, skipped, measures, loaded, mosaics)
     if not candidates:
-        return None, [], None, [], ""
+        return None, None, [], None, [], ""
     ref_i, reason = zq.choose_reference({i: measures[i].quality for i in candidates}, candidates,
                                         names=[os.path.basename(r.path) for r in records])
     logger.debug("%s: reference %s", task.label, reason)
@@ -231,12 +250,16 @@ def _load_and_align_group(task: TileTask, ctx, skipped: list):
     shape_ref = reference.shape[:2]
     # Sized by every frame of the group: their pixels are not read yet.
     canvas = stk.group_canvas(group[0].wcs, shape_ref, [(r.wcs, r.info.shape_hw) for r in records])
-    stack = zexec.allocate_stack((len(group), scale * canvas.shape[0], scale * canvas.shape[1])
-                                 + reference.shape[2:], task.cache_dir, task.ram_share)
+    stack, weights = _aligned_stacks(len(group), (scale * canvas.shape[0], scale * canvas.shape[1])
+                                     + reference.shape[2:], task, mosaics is not None)
+    packed = [0]  # frames aligned so far: the slot of the next one in the stack
 
     def on_frame(k, ok):
         ctx.check_cancel()
         if ok:
+            if weights is not None and packed[0] != k:  # its weights follow its frame's slot
+                weights[packed[0]] = weights[k]
+            packed[0] += 1
             ctx.advance("master_tiles", len(unloadable) + k + 1, len(records),
                         f"{task.label}: aligned {os.path.basename(group[k].path)}")
 
@@ -246,7 +269,7 @@ def _load_and_align_group(task: TileTask, ctx, skipped: list):
             0, [r.wcs for r in group], config.align_method, canvas=canvas, out=stack,
             reference_stars=measures[ref_i].stars, threads=task.threads, on_frame=on_frame,
             skip=(zfits.FrameError,), stars_of=lambda k: measures[order[k]].stars,
-            resample=None if mosaics is None else _drizzle_resampler(config, mosaics, order))
+            resample=None if mosaics is None else _drizzle_resampler(config, mosaics, order, weights))
     except BaseException:  # a cancel or an error: a disk-backed stack's file goes with it
         zexec.release_stack(stack)
         raise
@@ -257,13 +280,15 @@ def _load_and_align_group(task: TileTask, ctx, skipped: list):
     if screened:
         skipped += [{"path": used[p].path, "reason": f"screened out: {why}"} for p, why in screened.items()]
         keep = [p for p in range(len(used)) if p not in screened]
-        _pack_frames(stack, keep)
+        _pack_frames((stack, weights), keep)
         used, used_measures = [used[p] for p in keep], [used_measures[p] for p in keep]
     if len(used) < len(records):
-        stack, canvas = stk.crop_canvas(stack, canvas, group[0].wcs, shape_ref,
-                                        [(r.wcs, r.info.shape_hw) for r in used], scale)
+        footprints = [(r.wcs, r.info.shape_hw) for r in used]
+        if weights is not None:
+            weights = stk.crop_canvas(weights, canvas, group[0].wcs, shape_ref, footprints, scale)[0]
+        stack, canvas = stk.crop_canvas(stack, canvas, group[0].wcs, shape_ref, footprints, scale)
     tile_wcs = canvas.wcs if mosaics is None else zdriz.output_canvas(canvas, scale).wcs
-    return stack, used, tile_wcs, used_measures, reason
+    return stack, weights, used, tile_wcs, used_measures, reason
 
 
 def _photometric_reference(gains, offsets):
@@ -297,7 +322,8 @@ def _frame_photometry(used, gains, offsets, weights, backgrounds, measures) -> l
     return rows
 
 
-def _stack_group(stack, noise, config, use_gpu, tile_label, threads=1, check_cancel=lambda: None, scale=1):
+def _stack_group(stack, noise, config, use_gpu, tile_label, threads=1, check_cancel=lambda: None, scale=1,
+                 pixel_weights=None):
     """Normalise, weight, reject and combine an aligned stack, ``threads`` frames or chunks at once.
 
     ``noise`` is the ``(n, C)`` sky noise of the stack's first n frames before resampling: it sets
@@ -310,8 +336,11 @@ def _stack_group(stack, noise, config, use_gpu, tile_label, threads=1, check_can
     stack (:class:`zemosaic_executor.CheckedStack`): a cancelled tile stops at its next frame or
     block of rows, within a second. ``scale`` > 1: a Bayer-drizzled stack on a finer grid, whose
     gains and sky models are measured on each frame's own grid (:class:`zemosaic_drizzle.MeasurementStack`).
+    ``pixel_weights``: a Bayer-drizzled stack's weights per sample (:func:`_aligned_stacks`), or None.
     """
     view = zexec.CheckedStack(stack[:len(noise)], check_cancel)
+    if pixel_weights is not None:
+        pixel_weights = zexec.CheckedStack(pixel_weights[:len(noise)], check_cancel)
     measured = view if scale == 1 else zexec.CheckedStack(zdriz.MeasurementStack(stack[:len(noise)], scale),
                                                           check_cancel)
     gains, offsets = stk.normalization_coefficients(measured, 0, config.stacking_normalize_method,
@@ -333,29 +362,32 @@ def _stack_group(stack, noise, config, use_gpu, tile_label, threads=1, check_can
     params = stk.StackParams(config.stacking_rejection_algorithm, config.stacking_kappa_low,
                              config.stacking_kappa_high, tuple(config.stacking_winsor_limits),
                              config.stacking_final_combine_method,
-                             config.stacking_kappa_max_iterations)
+                             config.stacking_kappa_max_iterations,
+                             zdriz.SIGNAL_SPREAD if config.stacking_cfa_method == "bayer_drizzle" else None)
     if use_gpu:
         from zemosaic_align_stack_gpu import stack_in_chunks_gpu
 
         try:
             image, coverage = stack_in_chunks_gpu(view, gains, offsets, weights, params, noise_sigmas=sigmas,
-                                                  backgrounds=backgrounds)
+                                                  backgrounds=backgrounds, pixel_weights=pixel_weights)
             return image, coverage, "gpu", (gains, offsets, weights, backgrounds)
         except GpuBackendError as exc:
             logger.warning("%s: GPU stacking failed (%s); stacking this tile on CPU", tile_label, exc)
-    image, coverage = _stack_on_cpu(view, gains, offsets, weights, params, sigmas, threads, backgrounds)
+    image, coverage = _stack_on_cpu(view, gains, offsets, weights, params, sigmas, threads, backgrounds,
+                                    pixel_weights)
     return image, coverage, "cpu", (gains, offsets, weights, backgrounds)
 
 
-def _stack_on_cpu(stack, gains, offsets, weights, p, sigmas, threads, backgrounds):
+def _stack_on_cpu(stack, gains, offsets, weights, p, sigmas, threads, backgrounds, pixel_weights=None):
     """Return ``(image, coverage)``; winsorized rejection, the default, goes through its front door."""
     if p.rejection != "winsorized_sigma_clip":
         return stk.stack_in_chunks(stack, gains, offsets, weights, p, noise_sigmas=sigmas, threads=threads,
-                                   backgrounds=backgrounds)
+                                   backgrounds=backgrounds, pixel_weights=pixel_weights)
     return stk.stack_winsorized_sigma_clip(stack, weights, p.kappa_low, p.kappa_high, p.winsor_limits,
                                            p.combine, max_iterations=p.max_iterations, gains=gains,
                                            offsets=offsets, noise_sigmas=sigmas, threads=threads,
-                                           backgrounds=backgrounds)
+                                           backgrounds=backgrounds, pixel_weights=pixel_weights,
+                                           signal_spread=p.signal_spread)
 
 
 #: Share of a Bayer-drizzled tile's footprint that may lack some colour before the run warns.
@@ -445,14 +477,14 @@ def build_master_tile(task: TileTask, ctx) -> TileResult:
     config, label = task.config, task.label
     skipped: list = []
     logger.debug("MT_COVERAGE: propagate_mask=True (%s, %d frames)", label, len(task.records))
-    stack, used, tile_wcs, measures, reference_reason = _load_and_align_group(task, ctx, skipped)
+    stack, pixel_weights, used, tile_wcs, measures, reference_reason = _load_and_align_group(task, ctx, skipped)
     if not used:
         return TileResult(None, skipped)
     scale = zdriz.grid_scale(config)
     try:
         image, coverage, backend, coefficients = _stack_group(stack, np.array([m.noise for m in measures]),
                                                              config, task.use_gpu, label, task.threads,
-                                                             ctx.check_cancel, scale)
+                                                             ctx.check_cancel, scale, pixel_weights)
     finally:
         zexec.release_stack(stack)
     if config.stacking_cfa_method == "bayer_drizzle":

@@ -7,9 +7,11 @@ import subprocess
 import sys
 from pathlib import Path
 
+import numpy as np
 import pytest
 
 import zemosaic_astrometry as za
+import zemosaic_executor as zexec
 import zemosaic_fits as zf
 import zemosaic_plan as zplan
 import zemosaic_synth
@@ -51,6 +53,25 @@ def test_frames_with_a_wcs_give_the_mosaic_size_and_the_disk_the_run_takes(with_
     written = sum(p.stat().st_size for p in (tmp_path / "o").rglob("*") if p.is_file())
     assert 0.7 < plan.disk_bytes / written < 1.3, (plan.disk_bytes, written)
     assert plan.seconds["solve"] == 0 and all(v >= 0 for v in plan.seconds.values())
+
+
+@pytest.mark.parametrize("scale", [1, 2])
+def test_the_plan_counts_a_bayer_drizzled_stack_s_pixel_weights(with_wcs, tmp_path, monkeypatch, scale):
+    # Under Bayer drizzle each tile's aligned stack has a second stack beside it, the pixel
+    # weights, on a grid ``scale`` times finer: the plan's stack bytes are what the run allocates
+    # (tiles one at a time, in this process, to see the allocations).
+    settings = {"stacking_cfa_method": "bayer_drizzle", "drizzle_scale": scale, "num_processing_workers": 1}
+    config = MosaicConfig(input_folder=with_wcs, output_folder=str(tmp_path / "o"), **settings)
+    debayer = zplan.plan_run(MosaicConfig(input_folder=with_wcs, output_folder=str(tmp_path / "o")))
+    plan = zplan.plan_run(config)
+    assert [t.stack_bytes for t in plan.tiles] == [2 * scale ** 2 * t.stack_bytes for t in debayer.tiles]
+    allocated, allocate = [], zexec.allocate_stack
+    monkeypatch.setattr(zexec, "allocate_stack",
+                        lambda shape, *a, **k: allocated.append(int(np.prod(shape)) * 4) or allocate(shape, *a, **k))
+    zw.run_mosaic(config)
+    assert len(allocated) == len(plan.tiles)
+    for planned, made in zip(sorted(t.stack_bytes for t in plan.tiles), sorted(allocated)):
+        assert abs(planned / made - 1) < 0.15, (planned, made)
 
 
 def test_the_plan_reads_headers_only(with_wcs, tmp_path):

@@ -56,7 +56,8 @@ def default_pixfrac(scale: int) -> float:
 
 
 def drizzle_cfa(raw: np.ndarray, pattern: str, pixmap: np.ndarray, out_shape, pixfrac: float = 1.0,
-                kernel: str = "square", weights_out: np.ndarray | None = None) -> np.ndarray:
+                kernel: str = "square", weights_out: np.ndarray | None = None, out: np.ndarray | None = None
+                ) -> np.ndarray:
     """Return a raw Bayer mosaic drizzled onto an output grid: float32 ``out_shape + (3,)`` RGB.
 
     ``raw`` is the ``(H, W)`` mosaic in ADU, NaN where a sample is not data (a hot pixel: it is
@@ -68,8 +69,12 @@ def drizzle_cfa(raw: np.ndarray, pattern: str, pixmap: np.ndarray, out_shape, pi
     (:func:`_fill_colour_holes`); where they miss many (scale 2), and outside the footprint, NaN.
     ``weights_out`` (``out_shape + (3,)`` float32), when given, receives each output pixel's
     :func:`pixel_weights`: how much of the colour's drops it holds, for the stack to weigh it by.
+    ``out``: the float32 array to write the result into (default: a new one).
 
-    Each colour site of the 2x2 cell is drizzled as a sub-image of its own (every second row and
+    The drops are dropped onto the window of the output that the frame reaches
+    (:func:`_reached_window`), not onto the whole grid: a tile's canvas holds every frame of a
+    turned group, and the steps over output pixels (holes, weights) then cost what the frame
+    covers. Each colour site of the 2x2 cell is drizzled as a sub-image of its own (every second row and
     column): the package takes a regular input grid, and a sub-image holds only samples of one
     colour, so no call spends time on the three pixels in four that carry other colours. On the
     sub-grid a pixel is two input pixels on a side, so its drop is ``pixfrac / 2`` of it.
@@ -79,25 +84,64 @@ def drizzle_cfa(raw: np.ndarray, pattern: str, pixmap: np.ndarray, out_shape, pi
     require_choice("kernel", kernel, DRIZZLE_KERNELS)
     raw = np.asarray(raw, np.float32)
     out_shape = (int(out_shape[0]), int(out_shape[1]))
-    out = np.empty(out_shape + (3,), np.float32)
-    overlap = np.empty(out_shape + (3,), np.float32) if weights_out is not None else None
+    if out is None:
+        out = np.empty(out_shape + (3,), np.float32)
+    out.fill(np.nan)
+    if weights_out is not None:
+        weights_out.fill(0.0)
+    window = _reached_window(pixmap, out_shape)
+    if window is None:
+        return out
+    rows, cols = window
+    shape = (rows.stop - rows.start, cols.stop - cols.start)
+    corner = np.array([cols.start, rows.start], np.float64)  # the window's origin, (x, y) as the pixmap
+    part = np.empty(shape + (3,), np.float32)
+    overlap = np.empty(shape + (3,), np.float32) if weights_out is not None else None
     ratio = _output_pixel_in_sub_pixels(pixmap)
     for channel, colour in enumerate("RGB"):
-        driz = Drizzle(kernel=kernel, out_shape=out_shape, disable_ctx=True)
+        driz = Drizzle(kernel=kernel, out_shape=shape, disable_ctx=True)
         for r, c in _CELL_SITES[pattern][colour]:
             sub = np.ascontiguousarray(raw[r::2, c::2])
             valid = np.isfinite(sub)
             driz.add_image(np.where(valid, sub, 0.0).astype(np.float32), exptime=1.0,
-                           pixmap=np.ascontiguousarray(pixmap[r::2, c::2], np.float64),
+                           pixmap=np.ascontiguousarray(pixmap[r::2, c::2], np.float64) - corner,
                            weight_map=valid.astype(np.float32), pixfrac=0.5 * pixfrac, in_units="cps",
                            iscale=1.0, pixel_scale_ratio=ratio)
-        out[..., channel] = np.where(driz.out_wht > 0, driz.out_img, np.float32(np.nan))
+        part[..., channel] = np.where(driz.out_wht > 0, driz.out_img, np.float32(np.nan))
         if overlap is not None:
             overlap[..., channel] = driz.out_wht
-    _fill_colour_holes(out)
+    _fill_colour_holes(part)
+    out[rows, cols] = part
     if weights_out is not None:
-        weights_out[...] = pixel_weights(overlap, np.isfinite(out))
+        weights_out[rows, cols] = pixel_weights(overlap, np.isfinite(part))
     return out
+
+
+#: Output pixels kept around what a frame's drops reach: a drop reaches half a pixel (plus its
+#: spread) past its centre, and the holes are filled from up to 3 pixels away.
+_WINDOW_MARGIN = 4
+
+
+def _reached_window(pixmap: np.ndarray, out_shape) -> tuple | None:
+    """Return ``(rows, cols)`` slices of the output that a frame's drops can reach, or None.
+
+    The bounds of the frame's pixel centres on the output grid (the pixmap's finite values
+    within it; a pixel off the grid is far off, see :func:`pixmap`), widened by
+    :data:`_WINDOW_MARGIN` and clipped to the grid.
+    """
+    h, w = out_shape
+    extent = []
+    for axis, size in ((1, h), (0, w)):
+        values = pixmap[..., axis]
+        inside = values[(values > -_WINDOW_MARGIN) & (values < size + _WINDOW_MARGIN)]
+        if not inside.size:
+            return None
+        low = max(0, int(np.floor(inside.min())) - _WINDOW_MARGIN)
+        high = min(size, int(np.ceil(inside.max())) + _WINDOW_MARGIN + 1)
+        if high <= low:
+            return None
+        extent.append(slice(low, high))
+    return tuple(extent)
 
 
 #: Weight of a pixel whose colour a frame's drops missed and :func:`_fill_colour_holes` filled:
@@ -289,13 +333,10 @@ def bayer_resampler(cfa, pattern: str | None, scale: int, pixfrac: float, kernel
             return result
         weights = None if keep_weights is None else np.empty(grid.shape + (3,), np.float32)
         result = drizzle_cfa(cfa, pattern, pixmap(mapping, cfa.shape, canvas, scale), grid.shape, pixfrac, kernel,
-                             weights)
+                             weights, out)
         if keep_weights is not None:
             keep_weights(weights)
-        if out is None:
-            return result
-        out[...] = result
-        return out
+        return result
 
     return resample
 

@@ -143,6 +143,10 @@ def _reached_window(pixmap: np.ndarray, out_shape) -> tuple | None:
     return tuple(extent)
 
 
+#: How a tile keeps its frames' pixel weights: half the bytes of float32; a weight's 0.1 % steps
+#: are far finer than anything they change in the mean.
+WEIGHT_DTYPE = np.float16
+
 #: Weight of a pixel whose colour a frame's drops missed and :func:`_fill_colour_holes` filled:
 #: it counts only where no frame has a sample of that colour.
 FILLED_WEIGHT = 1e-3
@@ -157,13 +161,15 @@ def pixel_weights(overlap: np.ndarray, finite: np.ndarray) -> np.ndarray:
     sliver counts as much, and red and blue (one site per 2x2 cell) spread wider than green (two).
     Weighted by their overlap, the frames' samples combine as one drizzle of all of them. The
     overlaps are divided by their mean over the pixels the drops reach, so that a frame's weight
-    there is about 1, as a bilinear frame's is; a filled hole weighs :data:`FILLED_WEIGHT`.
+    there is about 1, as a bilinear frame's is; a filled hole weighs :data:`FILLED_WEIGHT`, and
+    so does at least any sample (a sliver's weight would vanish in the stack's float16).
     """
     reached = overlap > 0
+    filled = np.where(finite, np.float32(FILLED_WEIGHT), np.float32(0.0))
     if not np.any(reached):
-        return np.where(finite, np.float32(FILLED_WEIGHT), np.float32(0.0))
+        return filled
     mean = np.float32(np.mean(overlap[reached]))
-    return np.where(reached, overlap / mean, np.where(finite, np.float32(FILLED_WEIGHT), np.float32(0.0)))
+    return np.where(reached, np.maximum(overlap / mean, np.float32(FILLED_WEIGHT)), filled)
 
 
 #: Share of a pixel's local contrast the samples of a Bayer-drizzled stack may spread by before

@@ -108,15 +108,26 @@ def stack_ram_budget() -> int:
     return STACK_RAM_MAX
 
 
-def allocate_stack(shape, cache_dir: str, ram_share: int = 1):
-    """Return a float32 stack of ``shape``: an array in RAM, or a :class:`DiskStack` when too large.
+def allocate_stack(shape, cache_dir: str, ram_share: int = 1, dtype=np.float32):
+    """Return a stack of ``shape`` (float32 unless ``dtype``): an array in RAM, or a :class:`DiskStack`
+    when too large.
 
     ``ram_share`` stacks may be built at once on this machine (parallel tile tasks): each gets
     that share of the RAM budget.
     """
-    nbytes = int(np.prod(shape)) * 4
+    return allocate_stacks([(shape, dtype)], cache_dir, ram_share)[0]
+
+
+def allocate_stacks(layouts, cache_dir: str, ram_share: int = 1) -> list:
+    """Return a stack per ``(shape, dtype)`` of ``layouts``, all in RAM or all on disk: one tile's share.
+
+    The stacks of one tile (its aligned frames and their pixel weights, say) are used together,
+    so their bytes together decide; on disk each has a file of its own.
+    """
+    layouts = [(tuple(int(v) for v in shape), np.dtype(dtype)) for shape, dtype in layouts]
+    nbytes = sum(int(np.prod(shape)) * dtype.itemsize for shape, dtype in layouts)
     if nbytes <= stack_ram_budget() // max(1, ram_share):
-        return np.empty(shape, np.float32)
+        return [np.empty(shape, dtype) for shape, dtype in layouts]
     os.makedirs(cache_dir, exist_ok=True)
     # The file fills as frames are aligned: a stack that cannot fit stops the run now, not after
     # minutes of aligning (one that fits now may still meet a disk others fill: see _StackFile).
@@ -124,7 +135,7 @@ def allocate_stack(shape, cache_dir: str, ram_share: int = 1):
     if free < nbytes:
         raise _no_room(cache_dir, nbytes, free)
     logger.info("Aligned stack of %.1f GB goes to a disk cache in %s", nbytes / 2**30, cache_dir)
-    return DiskStack.create(cache_dir, shape)
+    return [DiskStack.create(cache_dir, shape, dtype) for shape, dtype in layouts]
 
 
 def release_stack(stack) -> None:
@@ -137,26 +148,25 @@ class _StackFile:
     """The file of a :class:`DiskStack`: positional reads and writes under one lock (frames are
     written by several threads at once)."""
 
-    def __init__(self, path: str, shape: tuple):
-        self.path, self.shape = path, tuple(int(v) for v in shape)
+    def __init__(self, path: str, shape: tuple, dtype=np.float32):
+        self.path, self.shape, self.dtype = path, tuple(int(v) for v in shape), np.dtype(dtype)
         self.handle = open(path, "r+b", buffering=0)
         self.lock = threading.Lock()
 
     def row_offset(self, frame: int, row: int) -> int:
         _n, h, w, c = self.shape
-        return ((frame * h + row) * w * c) * 4
+        return ((frame * h + row) * w * c) * self.dtype.itemsize
 
     def write(self, offset: int, data: np.ndarray) -> None:
         """Write ``data`` at ``offset``; a full disk raises :class:`NoDiskSpace`."""
         with self.lock:
             self.handle.seek(offset)
             try:
-                self.handle.write(memoryview(np.ascontiguousarray(data, np.float32)).cast("B"))
+                self.handle.write(memoryview(np.ascontiguousarray(data, self.dtype)).cast("B"))
             except OSError as exc:
                 if exc.errno != errno.ENOSPC:
                     raise
-                n, h, w, c = self.shape
-                raise _no_room(os.path.dirname(self.path), n * h * w * c * 4,
+                raise _no_room(os.path.dirname(self.path), int(np.prod(self.shape)) * self.dtype.itemsize,
                                shutil.disk_usage(os.path.dirname(self.path)).free) from exc
 
     def read_into(self, offset: int, out: np.ndarray) -> None:
@@ -172,8 +182,9 @@ class _StackFile:
 
 
 class StackLike:
-    """What a float32 ``(N, H, W, C)`` stack that is not an array answers besides its ``shape``:
-    its dtype, its dimensions and its frame count (a disk-backed stack, a measurement view)."""
+    """What an ``(N, H, W, C)`` stack that is not an array answers besides its ``shape``: its dtype
+    (float32 unless it says otherwise), its dimensions and its frame count (a disk-backed stack, a
+    measurement view)."""
 
     @property
     def dtype(self):
@@ -188,7 +199,8 @@ class StackLike:
 
 
 class DiskStack(StackLike):
-    """An ``(N, H, W, C)`` float32 stack kept in a file and moved with explicit reads and writes.
+    """An ``(N, H, W, C)`` stack (float32 unless created otherwise) kept in a file and moved with
+    explicit reads and writes.
 
     A memory map would count every page it touches in the process's resident memory until it is
     unmapped; read and written explicitly, the stack's pages stay in the OS page cache, which the
@@ -204,18 +216,22 @@ class DiskStack(StackLike):
         self._store, self._frames, self._rows, self._cols = store, frames, rows, cols
 
     @classmethod
-    def create(cls, folder: str, shape) -> "DiskStack":
-        """Return a new stack of ``shape`` in a temporary file of ``folder``."""
+    def create(cls, folder: str, shape, dtype=np.float32) -> "DiskStack":
+        """Return a new stack of ``shape`` and ``dtype`` in a temporary file of ``folder``."""
         handle = tempfile.NamedTemporaryFile(dir=folder, prefix=".stack_", suffix=".tmp", delete=False)
         with handle:
-            handle.truncate(int(np.prod(shape)) * 4)
-        store = _StackFile(handle.name, shape)
+            handle.truncate(int(np.prod(shape)) * np.dtype(dtype).itemsize)
+        store = _StackFile(handle.name, shape, dtype)
         n, h, w, _c = store.shape
         return cls(store, range(n), range(h), range(w))
 
     @property
     def shape(self) -> tuple:
         return (len(self._frames), len(self._rows), len(self._cols), self._store.shape[3])
+
+    @property
+    def dtype(self):
+        return self._store.dtype
 
     def _window(self, key) -> "DiskStack":
         """Return the view of ``key``: a tuple of up to three unit-step slices (frames, rows, cols)."""
@@ -237,7 +253,7 @@ class DiskStack(StackLike):
     def __setitem__(self, index, frame) -> None:
         if not isinstance(index, (int, np.integer)):
             raise IndexError("a disk-backed stack is written one frame at a time")
-        frame = np.asarray(frame, np.float32)
+        frame = np.asarray(frame, self.dtype)
         if frame.shape != self.shape[1:]:
             raise ValueError(f"frame of shape {frame.shape} for a stack of {self.shape}")
         f = self._frames[index]
@@ -246,14 +262,15 @@ class DiskStack(StackLike):
             self._store.write(self._store.row_offset(f, self._rows.start), frame)
             return
         for k, row in enumerate(self._rows):
-            self._store.write(self._store.row_offset(f, row) + self._cols.start * frame.shape[2] * 4, frame[k])
+            self._store.write(self._store.row_offset(f, row) + self._cols.start * frame.shape[2] * self.dtype.itemsize,
+                              frame[k])
 
     def __array__(self, dtype=None, copy=None):
-        out = np.empty(self.shape, np.float32)
+        out = np.empty(self.shape, self.dtype)
         full_width = len(self._cols) == self._store.shape[2]
         rows = len(self._rows)
         if rows and len(self._cols):
-            buffer = None if full_width else np.empty((rows, self._store.shape[2], self.shape[3]), np.float32)
+            buffer = None if full_width else np.empty((rows, self._store.shape[2], self.shape[3]), self.dtype)
             for k, f in enumerate(self._frames):
                 offset = self._store.row_offset(f, self._rows.start)
                 if full_width:

@@ -213,11 +213,20 @@ def _aligned_stacks(n: int, shape, task: TileTask, drizzled: bool):
     """Return ``(stack, pixel weights)`` for ``n`` aligned frames of ``shape`` ``(H, W, C)``.
 
     Under Bayer drizzle the weights (:func:`zemosaic_drizzle.pixel_weights`) are a second stack of
-    the same shape: both are halves of one allocation, in RAM or on disk together, so the RAM
-    budget counts them both and releasing the stack releases both. Without it, the weights are None.
+    the same shape, in :data:`zemosaic_drizzle.WEIGHT_DTYPE`, in RAM or on disk with the frames
+    (:func:`zemosaic_executor.allocate_stacks`: the RAM budget counts both). Without it, the
+    weights are None.
     """
-    both = zexec.allocate_stack((2 * n if drizzled else n,) + tuple(shape), task.cache_dir, task.ram_share)
-    return (both[:n], both[n:]) if drizzled else (both, None)
+    layouts = [((n,) + tuple(shape), np.float32)] + ([((n,) + tuple(shape), zdriz.WEIGHT_DTYPE)] if drizzled else [])
+    stacks = zexec.allocate_stacks(layouts, task.cache_dir, task.ram_share)
+    return stacks[0], stacks[1] if drizzled else None
+
+
+def _release_stacks(*stacks) -> None:
+    """Release the files behind disk-backed stacks (None: nothing)."""
+    for stack in stacks:
+        if stack is not None:
+            zexec.release_stack(stack)
 
 
 def _load_and_align_group(task: TileTask, ctx, skipped: list):
@@ -271,7 +280,7 @@ def _load_and_align_group(task: TileTask, ctx, skipped: list):
             skip=(zfits.FrameError,), stars_of=lambda k: measures[order[k]].stars,
             resample=None if mosaics is None else _drizzle_resampler(config, mosaics, order, weights))
     except BaseException:  # a cancel or an error: a disk-backed stack's file goes with it
-        zexec.release_stack(stack)
+        _release_stacks(stack, weights)
         raise
     skipped += [{"path": group[k].path, "reason": why} for k, why in failed]
     ok = [k for k, frame in enumerate(aligned) if frame is not None]
@@ -486,7 +495,7 @@ def build_master_tile(task: TileTask, ctx) -> TileResult:
                                                              config, task.use_gpu, label, task.threads,
                                                              ctx.check_cancel, scale, pixel_weights)
     finally:
-        zexec.release_stack(stack)
+        _release_stacks(stack, pixel_weights)
     if config.stacking_cfa_method == "bayer_drizzle":
         _warn_of_colour_gaps(label, image, len(used), scale)
     saturated = saturated_in_tile(used, measures, tile_wcs, coverage)

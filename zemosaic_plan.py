@@ -57,17 +57,22 @@ _UNTURNED_SESSION_H = 0.5
 
 @dataclass
 class TilePlan:
-    """One master tile to build: its frames and the size of its aligned stack (``planes`` per
-    frame: 2 under Bayer drizzle, whose pixel weights are a second stack)."""
+    """One master tile to build: its frames and the size of its aligned stack (``sample_bytes`` per
+    sample: more than a float32's under Bayer drizzle, whose pixel weights are a second stack)."""
 
     frames: int
     canvas_hw: tuple[int, int]
     channels: int
-    planes: int = 1
+    sample_bytes: int = _BYTES
+
+    @property
+    def frame_bytes(self) -> int:
+        """Bytes of one float32 frame on the tile's canvas."""
+        return self.canvas_hw[0] * self.canvas_hw[1] * self.channels * _BYTES
 
     @property
     def stack_bytes(self) -> int:
-        return self.planes * self.frames * self.canvas_hw[0] * self.canvas_hw[1] * self.channels * _BYTES
+        return self.frames * self.canvas_hw[0] * self.canvas_hw[1] * self.channels * self.sample_bytes
 
 
 @dataclass
@@ -117,8 +122,9 @@ def plan_run(config, costs: MachineCosts = COSTS) -> RunPlan:
     groups = [chunk for g in panels for chunk in zw.split_group(g, config.max_raw_per_master_tile)]
     # Bayer drizzle at scale 2 stacks and assembles on a grid twice as fine: four times the pixels.
     scale = zdriz.grid_scale(config)
-    planes = 2 if config.stacking_cfa_method == "bayer_drizzle" else 1
-    tiles = [_tile_plan([records[i] for i in g], scale, planes) for g in groups]
+    weighted = config.stacking_cfa_method == "bayer_drizzle"  # the pixel weights beside the frames
+    sample_bytes = _BYTES + (np.dtype(zdriz.WEIGHT_DTYPE).itemsize if weighted else 0)
+    tiles = [_tile_plan([records[i] for i in g], scale, sample_bytes) for g in groups]
     solver_runs, to_solve, solve_groups = _solver_runs(records)
     workers = 1 if len(tiles) < 2 else min(zexec.resolve_workers(config.num_processing_workers), len(tiles))
     budget = zexec.stack_ram_budget()
@@ -190,15 +196,15 @@ def _turned(records) -> bool:
     return bool(hours) and max(hours) - min(hours) > _UNTURNED_SESSION_H
 
 
-def _tile_plan(records, scale: int = 1, planes: int = 1) -> TilePlan:
+def _tile_plan(records, scale: int = 1, sample_bytes: int = _BYTES) -> TilePlan:
     """Return a group's tile: its canvas holds every frame's footprint (see the module doc),
-    ``scale`` times finer under Bayer drizzle, ``planes`` stacks of it (:class:`TilePlan`)."""
+    ``scale`` times finer under Bayer drizzle, ``sample_bytes`` per sample (:class:`TilePlan`)."""
     h, w = records[0].info.shape_hw
     spread = np.ptp(_offsets_px(records, _scale_deg(records)), axis=0) if len(records) > 1 else np.zeros(2)
     if _turned(records):
         h = w = max(h, w)
     return TilePlan(len(records), (scale * (int(h + spread[1]) + 4), scale * (int(w + spread[0]) + 4)),
-                    records[0].info.n_channels, planes)
+                    records[0].info.n_channels, sample_bytes)
 
 
 def _mosaic_shape(records) -> tuple[int, int]:
@@ -252,7 +258,7 @@ def _estimate(plan: RunPlan, records, costs: MachineCosts, solve_threads: int) -
         "assembly": mosaic_mpx * costs.assembly_s_per_mpx,
     }
     share = plan.ram_budget // max(plan.workers, 1)
-    per_tile = [min(t.stack_bytes, share) + costs.tile_work_planes * t.stack_bytes // (t.frames * t.planes)
+    per_tile = [min(t.stack_bytes, share) + costs.tile_work_planes * t.frame_bytes
                 for t in plan.tiles]
     tile_phase = costs.process_bytes * (1 + (plan.workers if plan.workers > 1 else 0)) + \
         sum(sorted(per_tile)[-plan.workers:])

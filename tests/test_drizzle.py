@@ -252,6 +252,24 @@ def test_each_frame_s_pixel_weights_stay_with_it_when_a_frame_before_it_fails(un
             assert 0.9 < w[..., c][reached].mean() < 1.1
 
 
+def test_a_bayer_drizzled_tile_stacks_the_same_from_a_disk_cache_as_from_ram(undersampled, monkeypatch, caplog):
+    # The frames (float32) and their pixel weights (float16) go to disk together when they do
+    # not fit; read back a block at a time, they give the tile they give from RAM.
+    import zemosaic_executor as zexec
+
+    caplog.set_level("INFO", logger="zemosaic_executor")
+    settings = {"stacking_cfa_method": "bayer_drizzle"}
+    ram, _, out_ram = _mosaic(undersampled, "ram", **settings)
+    monkeypatch.setattr(zexec, "stack_ram_budget", lambda: 0)
+    disk, _, out_disk = _mosaic(undersampled, "disk", **settings)
+    tile_ram = zfits.read_image_fits(out_ram / "master_tiles" / "master_tile_000.fits")[0]
+    tile_disk = zfits.read_image_fits(out_disk / "master_tiles" / "master_tile_000.fits")[0]
+    np.testing.assert_array_equal(tile_disk, tile_ram)
+    np.testing.assert_array_equal(disk, ram)
+    assert any("goes to a disk cache" in r.getMessage() for r in caplog.records)
+    assert not list(out_disk.rglob(".stack_*"))  # both cache files released
+
+
 def test_a_scale_2_tile_of_few_frames_warns_of_its_colour_holes(tmp_path, caplog):
     zemosaic_synth.generate_dataset(tmp_path, panels=(1, 1), frames_per_panel=3, seed=1, size="small",
                                     satellite=False)

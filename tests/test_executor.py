@@ -189,6 +189,40 @@ def test_disk_stack_reads_back_what_was_written_through_any_view(tmp_path):
     assert not list(tmp_path.iterdir())
 
 
+def test_a_float16_disk_stack_keeps_its_own_bytes_and_reads_back_as_any_view(tmp_path):
+    rng = np.random.default_rng(2)
+    truth = rng.uniform(0, 4, (4, 6, 8, 3)).astype(np.float16)
+    truth[1, 2, 3] = np.nan
+    stack = zexec.DiskStack.create(str(tmp_path), truth.shape, np.float16)
+    for i in range(4):
+        stack[i] = truth[i].astype(np.float32)  # converted as it is written
+    assert stack.dtype == np.float16 and os.path.getsize(stack._store.path) == truth.nbytes
+    assert np.array_equal(np.asarray(stack), truth, equal_nan=True)
+    crop = stack[:, 1:5, 2:7]
+    np.testing.assert_array_equal(np.ascontiguousarray(crop[1:3][:, 1:3], np.float32),
+                                  truth[1:3, 2:4, 2:7].astype(np.float32))
+    crop[3] = np.zeros((4, 5, 3))
+    truth[3, 1:5, 2:7] = 0
+    assert np.array_equal(np.asarray(stack), truth, equal_nan=True)
+    zexec.release_stack(stack)
+    assert not list(tmp_path.iterdir())
+
+
+def test_a_tile_s_stacks_go_to_ram_or_to_disk_together(tmp_path, monkeypatch):
+    # Frames (float32) and their pixel weights (float16): 12 000 + 6 000 bytes.
+    layouts = [((10, 10, 10, 3), np.float32), ((10, 10, 10, 3), np.float16)]
+    monkeypatch.setattr(zexec, "stack_ram_budget", lambda: 18_000)
+    in_ram = zexec.allocate_stacks(layouts, str(tmp_path))
+    assert [type(s) for s in in_ram] == [np.ndarray, np.ndarray] and in_ram[1].dtype == np.float16
+    monkeypatch.setattr(zexec, "stack_ram_budget", lambda: 17_999)  # the frames alone would fit
+    on_disk = zexec.allocate_stacks(layouts, str(tmp_path))
+    assert [type(s) for s in on_disk] == [zexec.DiskStack, zexec.DiskStack]
+    assert [s.dtype for s in on_disk] == [np.float32, np.float16]
+    for stack in on_disk:
+        zexec.release_stack(stack)
+    assert not list(tmp_path.iterdir())
+
+
 # Toy tasks for the executors themselves (module level: worker processes import them by name).
 
 def square_or_fail(task, ctx):

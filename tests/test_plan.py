@@ -58,16 +58,20 @@ def test_frames_with_a_wcs_give_the_mosaic_size_and_the_disk_the_run_takes(with_
 @pytest.mark.parametrize("scale", [1, 2])
 def test_the_plan_counts_a_bayer_drizzled_stack_s_pixel_weights(with_wcs, tmp_path, monkeypatch, scale):
     # Under Bayer drizzle each tile's aligned stack has a second stack beside it, the pixel
-    # weights, on a grid ``scale`` times finer: the plan's stack bytes are what the run allocates
+    # weights (float16), on a grid ``scale`` times finer: the plan's stack bytes are what the run allocates
     # (tiles one at a time, in this process, to see the allocations).
     settings = {"stacking_cfa_method": "bayer_drizzle", "drizzle_scale": scale, "num_processing_workers": 1}
     config = MosaicConfig(input_folder=with_wcs, output_folder=str(tmp_path / "o"), **settings)
     debayer = zplan.plan_run(MosaicConfig(input_folder=with_wcs, output_folder=str(tmp_path / "o")))
     plan = zplan.plan_run(config)
-    assert [t.stack_bytes for t in plan.tiles] == [2 * scale ** 2 * t.stack_bytes for t in debayer.tiles]
-    allocated, allocate = [], zexec.allocate_stack
-    monkeypatch.setattr(zexec, "allocate_stack",
-                        lambda shape, *a, **k: allocated.append(int(np.prod(shape)) * 4) or allocate(shape, *a, **k))
+    assert [t.stack_bytes for t in plan.tiles] == [1.5 * scale ** 2 * t.stack_bytes for t in debayer.tiles]
+    allocated, allocate = [], zexec.allocate_stacks
+
+    def recorded(layouts, *args, **kwargs):
+        allocated.append(sum(int(np.prod(shape)) * np.dtype(dtype).itemsize for shape, dtype in layouts))
+        return allocate(layouts, *args, **kwargs)
+
+    monkeypatch.setattr(zexec, "allocate_stacks", recorded)
     zw.run_mosaic(config)
     assert len(allocated) == len(plan.tiles)
     for planned, made in zip(sorted(t.stack_bytes for t in plan.tiles), sorted(allocated)):

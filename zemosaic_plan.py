@@ -42,6 +42,9 @@ class MachineCosts:
     solver_run_s: float = 1.5  # load, detect stars, one solve-field run
     match_s: float = 0.05  # load, detect stars (26 + 13 ms), match to the anchor from the previous frame
     tile_s_per_mpx: float = 0.26  # load, align, normalise, reject, combine one frame
+    # Master tiles under Bayer drizzle over the debayer's: 35.8 s against 17.2 s for the 50-frame
+    # look-alike at scale 1 (benchmarks/README.md, bench_drizzle); scale 2 costs more, unmeasured.
+    drizzle_tile_factor: float = 2.1
     parallel_efficiency: float = 0.7  # speed-up per worker beyond the first (tiles, solve groups)
     assembly_s_per_mpx: float = 0.5  # grid, assembly, Two-Pass and writing, per mosaic pixel
     process_bytes: int = 300 * 2**20  # one process with NumPy, astropy, SciPy loaded
@@ -97,6 +100,7 @@ class RunPlan:
     disk_bytes: int
     disk_cache_bytes: int
     plan_s: float = 0.0
+    drizzled: bool = False  # the tiles are Bayer-drizzled (MachineCosts.drizzle_tile_factor)
 
     @property
     def total_s(self) -> float:
@@ -133,7 +137,8 @@ def plan_run(config, costs: MachineCosts = COSTS) -> RunPlan:
                    with_wcs=sum(r.wcs is not None for r in records), to_solve=to_solve + blind,
                    solver_runs=solver_runs + blind, blind=blind, cached_solutions=_cached_solutions(config),
                    panels=len(panels), tiles=tiles, mosaic_hw=mosaic_hw, workers=workers,
-                   ram_budget=budget, seconds={}, peak_bytes=0, disk_bytes=0, disk_cache_bytes=0)
+                   ram_budget=budget, seconds={}, peak_bytes=0, disk_bytes=0, disk_cache_bytes=0,
+                   drizzled=weighted)
     solve_threads = min(solve_groups, zexec.resolve_workers(config.num_processing_workers)) or 1
     _estimate(plan, records, costs, solve_threads)
     plan.plan_s = time.perf_counter() - t0
@@ -254,7 +259,8 @@ def _estimate(plan: RunPlan, records, costs: MachineCosts, solve_threads: int) -
         "scan": plan.frames * costs.scan_s,
         "solve": (plan.solver_runs * costs.solver_run_s + matched * costs.match_s)
         / _speedup(solve_threads, costs),
-        "master_tiles": sum(t.frames for t in plan.tiles) * frame_mpx * costs.tile_s_per_mpx / speedup,
+        "master_tiles": sum(t.frames for t in plan.tiles) * frame_mpx * costs.tile_s_per_mpx / speedup
+        * (costs.drizzle_tile_factor if plan.drizzled else 1.0),
         "assembly": mosaic_mpx * costs.assembly_s_per_mpx,
     }
     share = plan.ram_budget // max(plan.workers, 1)

@@ -62,9 +62,13 @@ def test_the_plan_counts_a_bayer_drizzled_stack_s_pixel_weights(with_wcs, tmp_pa
     # (tiles one at a time, in this process, to see the allocations).
     settings = {"stacking_cfa_method": "bayer_drizzle", "drizzle_scale": scale, "num_processing_workers": 1}
     config = MosaicConfig(input_folder=with_wcs, output_folder=str(tmp_path / "o"), **settings)
-    debayer = zplan.plan_run(MosaicConfig(input_folder=with_wcs, output_folder=str(tmp_path / "o")))
+    debayer = zplan.plan_run(MosaicConfig(input_folder=with_wcs, output_folder=str(tmp_path / "o"),
+                                          num_processing_workers=1))
     plan = zplan.plan_run(config)
     assert [t.stack_bytes for t in plan.tiles] == [1.5 * scale ** 2 * t.stack_bytes for t in debayer.tiles]
+    # ...and their time: the drizzle's measured factor over the debayer's.
+    assert plan.seconds["master_tiles"] == pytest.approx(
+        zplan.COSTS.drizzle_tile_factor * debayer.seconds["master_tiles"], rel=1e-9)
     allocated, allocate = [], zexec.allocate_stacks
 
     def recorded(layouts, *args, **kwargs):

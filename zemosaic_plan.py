@@ -42,9 +42,9 @@ class MachineCosts:
     solver_run_s: float = 1.5  # load, detect stars, one solve-field run
     match_s: float = 0.05  # load, detect stars (26 + 13 ms), match to the anchor from the previous frame
     tile_s_per_mpx: float = 0.26  # load, align, normalise, reject, combine one frame
-    # Master tiles under Bayer drizzle over the debayer's: 35.8 s against 17.2 s for the 50-frame
-    # look-alike at scale 1 (benchmarks/README.md, bench_drizzle); scale 2 costs more, unmeasured.
-    drizzle_tile_factor: float = 2.1
+    # Master tiles under Bayer drizzle over the debayer's at scale 1: 1.96x and 2.08x in two runs
+    # of `bench_drizzle.py --tile` (50 full-size raw subs); scale 2 costs more, unmeasured.
+    drizzle_tile_factor: float = 2.0
     parallel_efficiency: float = 0.7  # speed-up per worker beyond the first (tiles, solve groups)
     assembly_s_per_mpx: float = 0.5  # grid, assembly, Two-Pass and writing, per mosaic pixel
     process_bytes: int = 300 * 2**20  # one process with NumPy, astropy, SciPy loaded

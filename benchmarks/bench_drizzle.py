@@ -1,6 +1,7 @@
 """Star colours, sharpness, noise and speed of ``debayer`` against Bayer drizzle (issue 21).
 
-Run: ``.venv/bin/python benchmarks/bench_drizzle.py [--frames N] [--fwhm 1.6,2.0,2.4]``.
+Run: ``.venv/bin/python benchmarks/bench_drizzle.py [--frames N] [--fwhm 1.6,2.0,2.4]``;
+``--real``: the shared real subs; ``--tile``: what a master tile of 50 full-size raw subs costs.
 
 Synthetic undersampled frames with known star colours (``zemosaic_synth``: one panel of N small
 frames, dithered and turning with the field, stars of the given FWHM; made once and cached in
@@ -266,6 +267,34 @@ def real_frame_scatter(radius: float = 1.5, bright: int = 100) -> list:
     return rows
 
 
+def tile_costs(root: str = "/tmp/zemosaic-bench/pipeline") -> list:
+    """Return, per CFA method at scale 1, the master tiles' seconds and the run's peak RSS on the
+    look-alike of a real two-night field (``bench_pipeline.look_alike``: 50 full-size raw subs, the
+    second night turned 70 deg), each run in a child process of its own, one after the other."""
+    from _measure import run_python_worker
+    from bench_pipeline import look_alike
+
+    frames = look_alike(root)
+    rows = []
+    for label, method, scale in METHODS[:2]:
+        run = run_python_worker(os.path.abspath(__file__), ["--tile-worker", frames, method])
+        if not run.ok or not run.result:
+            raise SystemExit(f"{label} on the look-alike failed:\n{run.tail()}")
+        rows.append({"method": label, "master_tiles_s": run.result["master_tiles_s"],
+                     "peak_rss_mb": run.peak_rss_bytes / 2**20})
+    return rows
+
+
+def _tile_worker(frames: str, method: str) -> None:
+    """Child of :func:`tile_costs`: one run on ``frames`` with ``method``; prints its RESULT line."""
+    from _measure import report_result
+
+    out = CACHE / f"tile-{method}"
+    result = zw.run_mosaic(config_from_dict({"input_folder": frames, "output_folder": str(out), "resume": "off",
+                                             "stacking_cfa_method": method}))
+    report_result(master_tiles_s=float(result.report.timings_s["master_tiles"]))
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--frames", type=int, default=12)
@@ -274,7 +303,20 @@ def main() -> None:
     parser.add_argument("--json", help="also write the rows to this file")
     parser.add_argument("--real", action="store_true",
                         help="only the shared real subs: two registrations, and frame-to-frame scatter")
+    parser.add_argument("--tile", action="store_true",
+                        help="only the cost of a 50-frame master tile of full-size raw subs, per method")
+    parser.add_argument("--tile-worker", nargs=2, help=argparse.SUPPRESS)
     args = parser.parse_args()
+    if args.tile_worker:
+        _tile_worker(*args.tile_worker)
+        return
+    if args.tile:
+        rows = tile_costs()
+        print(f"{'method':18} {'master tiles s':>14} {'x debayer':>9} {'peak RSS MB':>11}  (50-frame look-alike)")
+        for row in rows:
+            print(f"{row['method']:18} {row['master_tiles_s']:14.1f} "
+                  f"{row['master_tiles_s'] / rows[0]['master_tiles_s']:8.2f}x {row['peak_rss_mb']:11.0f}")
+        return
     if args.real:
         print(f"{'method':18} {'stars':>5} {'R/G moves':>10} {'B/G moves':>10}  (core, between two registrations)")
         for row in real_registrations():

@@ -285,8 +285,9 @@ def _results_in_order(pool, fn, jobs, depth: int):
         yield pending.popleft().result()
 
 
-def _collect_aligned(attempt, n: int, canvas: Canvas, threads: int, out, on_frame):
-    """Run ``attempt(i, canvas)`` for frames ``0..n-1``; returns ``(aligned, failed)``.
+def _collect_aligned(attempt, n: int, canvas: Canvas, threads: int, out, on_frame, first: int = 0):
+    """Run ``attempt(i, canvas)`` for frames ``0..n-1``, frame ``first`` before all others; returns
+    ``(aligned, failed)``.
 
     ``attempt`` returns the aligned frame or the exception that makes it fail. Successes are
     packed into ``out`` in order when it is given (``aligned`` then holds their slots); an array
@@ -295,9 +296,14 @@ def _collect_aligned(attempt, n: int, canvas: Canvas, threads: int, out, on_fram
     """
     threads = max(1, threads)
     aligned, failed, n_ok = [None] * n, [], 0
+    done = {first: attempt(first, _own_canvas(canvas, threads))}  # in this thread, before the others start
+
+    def run(i, own_canvas):
+        return done.pop(i) if i in done else attempt(i, own_canvas)
+
     jobs = ((i, _own_canvas(canvas, threads)) for i in range(n))
     with ThreadPoolExecutor(threads, thread_name_prefix="align") as pool:
-        for i, result in enumerate(_results_in_order(pool, attempt, jobs, threads)):
+        for i, result in enumerate(_results_in_order(pool, run, jobs, threads)):
             if isinstance(result, Exception):
                 failed.append((i, str(result)))
             else:
@@ -317,7 +323,7 @@ def _collect_aligned(attempt, n: int, canvas: Canvas, threads: int, out, on_fram
 
 def align_images_in_group(images, reference_index, wcs_list=None, method="astroalign", *, canvas=None,
                           out=None, reference_stars=None, threads: int = 1, on_frame=None, skip=(),
-                          stars_of=None, resample=None):
+                          stars_of=None, resample=None, measure=None):
     """Align a group of ``(H, W, C)`` frames onto the frame at ``reference_index``.
 
     Parameters
@@ -343,6 +349,10 @@ def align_images_in_group(images, reference_index, wcs_list=None, method="astroa
     resample : ``resample(index)`` returns the ``resample(image, mapping, canvas, out)`` that puts
         frame ``index`` on the canvas (:func:`align_frame`), the reference's included (through
         the canvas's offset); None: bilinear, and the reference placed as it is
+    measure : ``measure(index, frame)``, called in the aligning thread with each frame as it lands
+        on the canvas (read it, do not keep it: a stack slot may be reused): what the caller
+        measures on aligned frames without reading the stack back; the reference is aligned and
+        measured before any other frame starts
 
     Returns
     -------
@@ -362,7 +372,13 @@ def align_images_in_group(images, reference_index, wcs_list=None, method="astroa
         reference_stars = alignment_stars(reference)  # once for the whole group
 
     def attempt(i, own_canvas):
-        """Return frame ``i`` on the canvas, or the exception that makes it fail."""
+        """Return frame ``i`` on the canvas (measured), or the exception that makes it fail."""
+        aligned = put_on_canvas(i, own_canvas)
+        if measure is not None and not isinstance(aligned, Exception):
+            measure(i, aligned)
+        return aligned
+
+    def put_on_canvas(i, own_canvas):
         # Straight into a stack in RAM: no frame-sized copy and no fresh frame of memory each.
         slot = out[i] if isinstance(out, np.ndarray) else None
         if i == reference_index:
@@ -382,7 +398,7 @@ def align_images_in_group(images, reference_index, wcs_list=None, method="astroa
         except (AlignmentError, *skip) as exc:
             return exc
 
-    return _collect_aligned(attempt, len(images), canvas, threads, out, on_frame)
+    return _collect_aligned(attempt, len(images), canvas, threads, out, on_frame, reference_index)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -411,19 +427,14 @@ SIGNAL_RADIUS_PX = 3
 def normalization_coefficients(stack, reference_index, method="linear_fit", xp=np, threads: int = 1):
     """Return ``(gains, offsets)``, each ``(N, C)``, normalising every frame of a stack to the reference.
 
-    ``linear_fit``: gains from the stars (:func:`zemosaic_photometry.star_normalisation`, measured
-    ``threads`` frames at once); ``sky_mean``: sky offsets only; ``none``: identity.
+    ``linear_fit``: gains from the stars; ``sky_mean``: sky offsets only; ``none``: identity
+    (:class:`zemosaic_photometry.FrameNormaliser`, ``threads`` frames measured at once).
     """
     require_choice("method", method, NORMALIZE_METHODS)
-    n, n_ch = stack.shape[0], stack.shape[-1]
-    if method == "linear_fit":
-        return zph.star_normalisation(stack, reference_index, xp, threads)
-    gains, offsets = np.ones((n, n_ch)), np.zeros((n, n_ch))
-    if method == "sky_mean":
-        for i in range(n):
-            if i != reference_index:
-                gains[i], offsets[i] = zph.sky_mean_coefficients(stack[i], stack[reference_index], xp)
-    return gains, offsets
+    normaliser = zph.FrameNormaliser(stack[reference_index], method, xp)
+    measured = map_threads(lambda i: None if i == reference_index else normaliser.measure(stack[i]),
+                           range(stack.shape[0]), threads)
+    return normaliser.coefficients(measured, reference_index)
 
 
 #: Pixel differences per frame whose spread sets its noise: 120 000 give sigma to ~0.3 %.

@@ -185,26 +185,39 @@ def block_px_for(shape_hw, target_blocks: int = _TARGET_BLOCKS) -> int:
     return int(np.clip(side, *_BLOCK_PX_LIMITS))
 
 
-def stack_block_levels(stack, gains, block_px: int, threads: int = 1) -> BlockLevels:
-    """Return the :class:`BlockLevels` of every frame of an aligned ``(N, H, W, C)`` stack times ``gains`` ``(N, C)``.
+def frame_block_levels(frame, block_px: int) -> np.ndarray:
+    """Return the ``(by, bx, C)`` means of an aligned ``(H, W, C)`` frame over its ``block_px`` blocks
+    (NaN where it does not cover the whole block), one frame's part of :class:`BlockLevels`.
 
     A block counts for a frame only where the frame covers all of it, so that two frames are
     compared on the same pixels. Block means keep a star's light whatever the seeing, so it
     cancels between frames.
     """
-    n, h, w, n_ch = stack.shape
-    gains = np.ones((n, n_ch)) if gains is None else np.asarray(gains, np.float64)
+    return block_mean(np.asarray(frame, np.float32), block_px, full_blocks_only=True)
 
-    def levels_of(i):
-        return block_mean(np.asarray(stack[i], np.float32), block_px, full_blocks_only=True)
 
-    per_frame = map_threads(levels_of, range(n), threads)
+def block_levels(per_frame, gains, block_px: int, origin=(0, 0)) -> BlockLevels:
+    """Return the :class:`BlockLevels` of frames from their :func:`frame_block_levels` times ``gains`` ``(N, C)``.
+
+    ``origin``: where the frames' pixel frame starts on the one they were measured on (a canvas
+    cut after its frames were measured), so that the block centres are in the frame the models
+    are solved for.
+    """
+    n_ch = per_frame[0].shape[-1]
+    gains = np.ones((len(per_frame), n_ch)) if gains is None else np.asarray(gains, np.float64)
     levels = np.stack([lv.reshape(-1, n_ch) for lv in per_frame], axis=1) * gains[None]
     by, bx = per_frame[0].shape[:2]
     yy, xx = np.mgrid[0:by, 0:bx]
     centre = (block_px - 1) / 2.0
-    return BlockLevels(levels, (yy * block_px + centre).ravel().astype(np.float64),
-                       (xx * block_px + centre).ravel().astype(np.float64))
+    return BlockLevels(levels, (yy * block_px + centre - origin[0]).ravel().astype(np.float64),
+                       (xx * block_px + centre - origin[1]).ravel().astype(np.float64))
+
+
+def stack_block_levels(stack, gains, block_px: int, threads: int = 1) -> BlockLevels:
+    """Return the :class:`BlockLevels` of every frame of an aligned ``(N, H, W, C)`` stack times ``gains`` ``(N, C)``
+    (:func:`frame_block_levels`, ``threads`` frames at once)."""
+    per_frame = map_threads(lambda i: frame_block_levels(stack[i], block_px), range(stack.shape[0]), threads)
+    return block_levels(per_frame, gains, block_px)
 
 
 def frame_models(stack, gains, order: int, threads: int = 1) -> BackgroundModels:

@@ -26,7 +26,6 @@ import logging
 import numpy as np
 
 from zemosaic_config import DRIZZLE_KERNELS, require_choice
-from zemosaic_executor import StackLike
 from zemosaic_fits import BAYER_PATTERNS
 
 logger = logging.getLogger(__name__)
@@ -200,7 +199,7 @@ def _fill_colour_holes(planes: list, max_share: float | None = _FEW_HOLES) -> No
     colour missing from more than ``max_share`` of the footprint (scale 2, where each frame
     fills a third of the grid in red) keeps its holes: filled, they would be the blur the finer
     grid is for (star cores lost 8 % of R and B against G again in ``bench_drizzle.py``); None
-    fills them whatever their share (:class:`MeasurementStack`).
+    fills them whatever their share (:func:`measurement_frame`).
     """
     footprint = np.isfinite(planes[0])
     for plane in planes[1:]:
@@ -346,31 +345,19 @@ def bayer_resampler(cfa, pattern: str | None, scale: int, pixfrac: float, kernel
     return resample
 
 
-class MeasurementStack(StackLike):
-    """A Bayer-drizzled stack at ``scale`` > 1 seen on the frames' own grid, for what is measured on it.
+def measurement_frame(frame, scale: int) -> np.ndarray:
+    """Return a Bayer-drizzled frame at ``scale`` > 1 seen on its own grid, for what is measured on it.
 
     At scale 2 each frame leaves about two thirds of the finer grid without red or blue: the
     normalisation's star apertures and the sky models' full blocks would find no red and blue at
     all (on the real subs: grey star gains, no red or blue sky model, the nights' colours apart).
-    Measured on each frame averaged over ``scale`` x ``scale`` pixels (NaN-aware), its few
+    Measured on the frame averaged over ``scale`` x ``scale`` pixels (NaN-aware), its few
     remaining holes filled with the colour's mean around them (:func:`_fill_colour_holes`), the
     gains and sky models are those of a frame on its own grid; the stacking still reads the
-    finer grid. Frames are read one at a time (``stack[i]``), as the measuring steps do.
+    finer grid.
     """
+    from zemosaic_utils import block_mean
 
-    def __init__(self, stack, scale: int):
-        self._stack, self._scale = stack, scale
-
-    @property
-    def shape(self) -> tuple:
-        n, h, w, c = self._stack.shape
-        return n, -(-h // self._scale), -(-w // self._scale), c
-
-    def __getitem__(self, index):
-        if not isinstance(index, (int, np.integer)):
-            raise TypeError("a measurement stack is read a frame at a time")
-        from zemosaic_utils import block_mean
-
-        frame = block_mean(np.asarray(self._stack[index], np.float32), self._scale)
-        _fill_colour_holes([frame[..., c] for c in range(frame.shape[2])], max_share=None)
-        return frame
+    measured = block_mean(np.asarray(frame, np.float32), scale)
+    _fill_colour_holes([measured[..., c] for c in range(measured.shape[2])], max_share=None)
+    return measured

@@ -1,8 +1,9 @@
 """Phase 3 for one group of frames: a master tile, as a task any executor can run.
 
 :func:`build_master_tile` loads a group's frames, measures each once (stars, quality, noise),
-chooses the reference by quality, aligns the frames onto its canvas, screens them, and
-normalises, weights, rejects and combines them (:mod:`zemosaic_align_stack`), on the CPU or the
+chooses the reference by quality, aligns the frames onto its canvas, measuring each as it
+lands there (:class:`AlignedMeasures`), screens them, and normalises, weights, rejects and
+combines them (:mod:`zemosaic_align_stack`), on the CPU or the
 GPU; it writes ``master_tiles/master_tile_NNN.fits``. The worker (:mod:`zemosaic_worker`) runs the
 tasks, keeps the manifest and reuses finished tiles.
 """
@@ -21,6 +22,7 @@ import zemosaic_background as zbg
 import zemosaic_drizzle as zdriz
 import zemosaic_executor as zexec
 import zemosaic_fits as zfits
+import zemosaic_photometry as zph
 import zemosaic_quality as zq
 from zemosaic_config import MosaicConfig, config_to_dict
 from zemosaic_utils import GpuBackendError, pixels_reached
@@ -201,6 +203,78 @@ def _screened_positions(group, measures: list, config) -> dict:
     return screened
 
 
+class AlignedMeasures:
+    """What the stacking needs of each aligned frame besides its pixels, measured as it lands on the canvas.
+
+    Called by :func:`zemosaic_align_stack.align_images_in_group` in its aligning threads
+    (``measure``), the reference first: the normalisation's measure against the reference
+    (:class:`zemosaic_photometry.FrameNormaliser`), the sky's block means
+    (:func:`zemosaic_background.frame_block_levels`) and the noise of the aligned samples
+    (:func:`zemosaic_align_stack.image_noise_sigmas`), each on a frame still in memory. So the
+    stacking reads the stack only for its own two passes: a disk-cached stack of hundreds of
+    frames, which the page cache cannot hold, was read five times. A Bayer-drizzled frame at
+    ``scale`` > 1 is normalised and its sky measured on its own grid
+    (:func:`zemosaic_drizzle.measurement_frame`); its noise is that of the finer grid's samples.
+    Measures are kept by alignment position; :meth:`normalisation`, :meth:`sky_blocks` and
+    :meth:`noise` take the positions of the frames stacked, in stack order.
+    """
+
+    def __init__(self, method: str, scale: int):
+        self.method, self.scale = method, scale
+        self.normaliser, self.block_px = None, None
+        self.found, self.blocks, self.sigmas = {}, {}, {}
+
+    def __call__(self, position: int, frame) -> None:
+        measured = np.array(frame) if self.scale == 1 else zdriz.measurement_frame(frame, self.scale)
+        if position == 0:  # the reference: its canvas is the tile's, and each frame is measured against it
+            self.block_px = zbg.block_px_for(measured.shape[:2])
+            self.normaliser = zph.FrameNormaliser(measured, self.method)
+        else:
+            self.found[position] = self.normaliser.measure(measured)
+        self.blocks[position] = zbg.frame_block_levels(measured, self.block_px)
+        self.sigmas[position] = stk.image_noise_sigmas(frame)
+
+    def normalisation(self, positions: list):
+        """Return the ``(gains, offsets)`` of the frames at ``positions`` (the reference first)."""
+        return self.normaliser.coefficients([self.found.get(p) for p in positions], 0)
+
+    def done(self) -> None:
+        """Let the reference frame go: every frame is aligned and measured."""
+        self.normaliser.release()
+
+    def sky_blocks(self, positions: list, gains, origin=(0, 0)) -> zbg.BlockLevels:
+        """Return the sky's :class:`zemosaic_background.BlockLevels` of the frames at ``positions`` times
+        ``gains``, their centres from ``origin`` (where a cut canvas starts on the measured one)."""
+        return zbg.block_levels([self.blocks[p] for p in positions], gains, self.block_px, origin)
+
+    def noise(self, positions: list, gains) -> np.ndarray:
+        """Return the ``(N, C)`` noise of the aligned frames at ``positions`` once normalised by ``gains``
+        (:func:`zemosaic_align_stack.frame_noise_sigmas` without reading the stack)."""
+        return stk.filled_noise_sigmas(np.array([self.sigmas[p] for p in positions]) * gains)
+
+
+@dataclass
+class AlignedGroup:
+    """A group's frames on the tile's canvas, from :func:`_load_and_align_group`.
+
+    ``stack`` ``(N, H, W, C)`` (in RAM or on disk) and ``pixel_weights`` (Bayer drizzle, else
+    None); ``used`` the records stacked and ``measures`` their :class:`FrameMeasures`, in stack
+    order; ``aligned`` their :class:`AlignedMeasures`, ``positions`` where each was in it, and
+    ``origin`` where the stack's canvas starts on the one they were measured on (a canvas cut
+    to the frames stacked); ``reference_reason`` why the reference was chosen.
+    """
+
+    stack: object
+    pixel_weights: object
+    used: list
+    tile_wcs: object
+    measures: list
+    reference_reason: str
+    aligned: AlignedMeasures | None = None
+    positions: list = field(default_factory=list)
+    origin: tuple = (0, 0)
+
+
 def _pack_frames(stacks, keep: list) -> None:
     """Move the frames at positions ``keep`` (ascending) to the front of each of ``stacks`` (None: none), in order."""
     for stack in stacks:
@@ -232,15 +306,15 @@ def _release_stacks(*stacks) -> None:
 def _load_and_align_group(task: TileTask, ctx, skipped: list):
     """Load, measure, screen and align a group's frames.
 
-    Returns ``(stack, pixel weights, used records, tile WCS, used FrameMeasures, reference reason)``
-    (the weights None unless Bayer-drizzled: :func:`_aligned_stacks`). The
+    Returns an :class:`AlignedGroup` (the weights None unless Bayer-drizzled: :func:`_aligned_stacks`). The
     reference is chosen by quality among the frames nearest the group centre
     (:func:`zemosaic_quality.choose_reference`: no trail, most stars, sharpest) and sits in slot
     0; the others are loaded, measured and aligned onto its canvas by
     :func:`zemosaic_align_stack.align_images_in_group`, ``task.threads`` at a time, into a
     preallocated (possibly disk-backed) stack, their stars found once for both. Frames that fail
     to load or align, or that screening leaves out (:func:`_screened_positions`), are appended to
-    ``skipped`` with their reason.
+    ``skipped`` with their reason. Each frame is measured for the stacking as it is aligned
+    (:class:`AlignedMeasures`).
     """
     records, config = task.records, task.config
     measures, loaded = {}, {}
@@ -249,7 +323,7 @@ def _load_and_align_group(task: TileTask, ctx, skipped: list):
     scale = zdriz.grid_scale(config)
     candidates, unloadable = _reference_candidates(records, config, ctx, skipped, measures, loaded, mosaics)
     if not candidates:
-        return None, None, [], None, [], ""
+        return AlignedGroup(None, None, [], None, [], "")
     ref_i, reason = zq.choose_reference({i: measures[i].quality for i in candidates}, candidates,
                                         names=[os.path.basename(r.path) for r in records])
     logger.debug("%s: reference %s", task.label, reason)
@@ -262,6 +336,7 @@ def _load_and_align_group(task: TileTask, ctx, skipped: list):
     stack, weights = _aligned_stacks(len(group), (scale * canvas.shape[0], scale * canvas.shape[1])
                                      + reference.shape[2:], task, mosaics is not None)
     packed = [0]  # frames aligned so far: the slot of the next one in the stack
+    aligned_measures = AlignedMeasures(config.stacking_normalize_method, scale)
 
     def on_frame(k, ok):
         ctx.check_cancel()
@@ -278,10 +353,12 @@ def _load_and_align_group(task: TileTask, ctx, skipped: list):
             0, [r.wcs for r in group], config.align_method, canvas=canvas, out=stack,
             reference_stars=measures[ref_i].stars, threads=task.threads, on_frame=on_frame,
             skip=(zfits.FrameError,), stars_of=lambda k: measures[order[k]].stars,
-            resample=None if mosaics is None else _drizzle_resampler(config, mosaics, order, weights))
+            resample=None if mosaics is None else _drizzle_resampler(config, mosaics, order, weights),
+            measure=aligned_measures)
     except BaseException:  # a cancel or an error: a disk-backed stack's file goes with it
         _release_stacks(stack, weights)
         raise
+    aligned_measures.done()
     skipped += [{"path": group[k].path, "reason": why} for k, why in failed]
     ok = [k for k, frame in enumerate(aligned) if frame is not None]
     used, used_measures = [group[k] for k in ok], [measures[order[k]] for k in ok]
@@ -290,14 +367,17 @@ def _load_and_align_group(task: TileTask, ctx, skipped: list):
         skipped += [{"path": used[p].path, "reason": f"screened out: {why}"} for p, why in screened.items()]
         keep = [p for p in range(len(used)) if p not in screened]
         _pack_frames((stack, weights), keep)
-        used, used_measures = [used[p] for p in keep], [used_measures[p] for p in keep]
+        used, used_measures, ok = [used[p] for p in keep], [used_measures[p] for p in keep], [ok[p] for p in keep]
+    origin = (0, 0)
     if len(used) < len(records):
         footprints = [(r.wcs, r.info.shape_hw) for r in used]
         if weights is not None:
             weights = stk.crop_canvas(weights, canvas, group[0].wcs, shape_ref, footprints, scale)[0]
+        cut_from = canvas
         stack, canvas = stk.crop_canvas(stack, canvas, group[0].wcs, shape_ref, footprints, scale)
+        origin = (cut_from.offset[0] - canvas.offset[0], cut_from.offset[1] - canvas.offset[1])
     tile_wcs = canvas.wcs if mosaics is None else zdriz.output_canvas(canvas, scale).wcs
-    return stack, weights, used, tile_wcs, used_measures, reason
+    return AlignedGroup(stack, weights, used, tile_wcs, used_measures, reason, aligned_measures, ok, origin)
 
 
 def _photometric_reference(gains, offsets):
@@ -331,40 +411,42 @@ def _frame_photometry(used, gains, offsets, weights, backgrounds, measures) -> l
     return rows
 
 
-def _stack_group(stack, noise, config, use_gpu, tile_label, threads=1, check_cancel=lambda: None, scale=1,
-                 pixel_weights=None):
-    """Normalise, weight, reject and combine an aligned stack, ``threads`` frames or chunks at once.
+def _stack_group(group: AlignedGroup, config, use_gpu, tile_label, threads=1, check_cancel=lambda: None, scale=1):
+    """Normalise, weight, reject and combine an aligned group's stack, ``threads`` chunks at once.
 
-    ``noise`` is the ``(n, C)`` sky noise of the stack's first n frames before resampling: it sets
-    the weights, so that frames of equal noise weigh the same whatever their sub-pixel shifts
-    (resampling lowers a frame's pixel noise by up to 2x, and the reference is not resampled).
-    The rejection's floor is the spread of the aligned samples, measured on the aligned frames.
-    Returns ``(image, coverage, backend, (gains, offsets, weights, backgrounds))``, the
-    coefficients per frame (``backgrounds``: :class:`zemosaic_background.BackgroundModels` on the
-    canvas, or None without normalisation). ``check_cancel()`` runs before every read of the
-    stack (:class:`zemosaic_executor.CheckedStack`): a cancelled tile stops at its next frame or
-    block of rows, within a second. ``scale`` > 1: a Bayer-drizzled stack on a finer grid, whose
-    gains and sky models are measured on each frame's own grid (:class:`zemosaic_drizzle.MeasurementStack`).
-    ``pixel_weights``: a Bayer-drizzled stack's weights per sample (:func:`_aligned_stacks`), or None.
+    The coefficients come from what was measured on each frame as it was aligned
+    (:class:`AlignedMeasures`); the stack itself is read by the rejection and the combine only.
+    The frames' noise as loaded (:class:`FrameMeasures`, before resampling) sets the weights, so
+    that frames of equal noise weigh the same whatever their sub-pixel shifts (resampling lowers a
+    frame's pixel noise by up to 2x, and the reference is not resampled). The rejection's floor is
+    the spread of the aligned samples. Returns ``(image, coverage, backend, (gains, offsets,
+    weights, backgrounds))``, the coefficients per frame (``backgrounds``:
+    :class:`zemosaic_background.BackgroundModels` on the canvas, or None without normalisation).
+    ``check_cancel()`` runs before every read of the stack (:class:`zemosaic_executor.CheckedStack`):
+    a cancelled tile stops at its next block of rows, within a second. ``scale`` > 1: a
+    Bayer-drizzled stack on a finer grid, whose gains and sky models were measured on each frame's
+    own grid.
     """
-    view = zexec.CheckedStack(stack[:len(noise)], check_cancel)
+    n, aligned, positions = len(group.used), group.aligned, group.positions
+    noise = np.array([m.noise for m in group.measures])
+    view = zexec.CheckedStack(group.stack[:n], check_cancel)
+    pixel_weights = group.pixel_weights
     if pixel_weights is not None:
-        pixel_weights = zexec.CheckedStack(pixel_weights[:len(noise)], check_cancel)
-    measured = view if scale == 1 else zexec.CheckedStack(zdriz.MeasurementStack(stack[:len(noise)], scale),
-                                                          check_cancel)
-    gains, offsets = stk.normalization_coefficients(measured, 0, config.stacking_normalize_method,
-                                                    threads=threads)
+        pixel_weights = zexec.CheckedStack(pixel_weights[:n], check_cancel)
+    gains, offsets = aligned.normalisation(positions)
     if config.stacking_normalize_method == "linear_fit":
         gains, offsets = _photometric_reference(gains, offsets)
     backgrounds = None
     if config.stacking_normalize_method != "none":
         # The sky of each frame is matched by its background model, solved from the differences
         # of all the frames (offsets to one reference frame would carry its gradient into all).
-        backgrounds = zbg.frame_models(measured, gains, config.background_model_order, threads)
+        shape = (-(-view.shape[1] // scale), -(-view.shape[2] // scale))
+        backgrounds = zbg.solve_models(aligned.sky_blocks(positions, gains, group.origin),
+                                       config.background_model_order, shape, threads)
         if scale > 1:
             backgrounds = backgrounds.on_finer_grid(scale)
         offsets = np.zeros_like(offsets)
-    sigmas = stk.frame_noise_sigmas(view, gains, threads=threads)
+    sigmas = aligned.noise(positions, gains)
     weights = None
     if config.stacking_weighting_method == "noise_variance":
         weights = stk.noise_variance_weights(view, gains, sigmas=stk.filled_noise_sigmas(noise * gains))
@@ -486,16 +568,16 @@ def build_master_tile(task: TileTask, ctx) -> TileResult:
     config, label = task.config, task.label
     skipped: list = []
     logger.debug("MT_COVERAGE: propagate_mask=True (%s, %d frames)", label, len(task.records))
-    stack, pixel_weights, used, tile_wcs, measures, reference_reason = _load_and_align_group(task, ctx, skipped)
+    group = _load_and_align_group(task, ctx, skipped)
+    used, tile_wcs, measures = group.used, group.tile_wcs, group.measures
     if not used:
         return TileResult(None, skipped)
     scale = zdriz.grid_scale(config)
     try:
-        image, coverage, backend, coefficients = _stack_group(stack, np.array([m.noise for m in measures]),
-                                                             config, task.use_gpu, label, task.threads,
-                                                             ctx.check_cancel, scale, pixel_weights)
+        image, coverage, backend, coefficients = _stack_group(group, config, task.use_gpu, label, task.threads,
+                                                             ctx.check_cancel, scale)
     finally:
-        _release_stacks(stack, pixel_weights)
+        _release_stacks(group.stack, group.pixel_weights)
     if config.stacking_cfa_method == "bayer_drizzle":
         _warn_of_colour_gaps(label, image, len(used), scale)
     saturated = saturated_in_tile(used, measures, tile_wcs, coverage)
@@ -508,4 +590,4 @@ def build_master_tile(task: TileTask, ctx) -> TileResult:
     return TileResult(MasterTile(task.index, image, coverage, zfits.wcs_to_cd_header(tile_wcs).tostring(),
                                  os.path.join(task.tiles_dir, tile_name(task.index)), [r.path for r in used],
                                  used[0].path, backend, _frame_photometry(used, *coefficients, measures),
-                                 reference_reason, saturated), skipped)
+                                 group.reference_reason, saturated), skipped)

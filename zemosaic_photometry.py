@@ -2,7 +2,7 @@
 
 Works on arrays only (no files, no phases). Tiles are matched in :mod:`zemosaic_tile_photometry`.
 
-Frames (:func:`star_normalisation`, the ``linear_fit`` normalisation of a master tile): the
+Frames (:class:`FrameNormaliser`, the normalisation of a master tile): the
 brightest usable stars of the reference frame are measured with apertures in every aligned
 frame; each frame's gain is a weighted ratio of sums of the star fluxes, one grey gain unless the
 channels differ significantly, then measured again against the average of the frames of the
@@ -20,7 +20,7 @@ from dataclasses import dataclass, replace
 
 import numpy as np
 
-from zemosaic_utils import (block_mean, mad_sigma, map_threads, median_last_axis, nonzero_indices, sigma_clipped_stats,
+from zemosaic_utils import (block_mean, mad_sigma, median_last_axis, nonzero_indices, sigma_clipped_stats,
                             sky_level, smooth_nan_planes, subsample, to_numpy)
 
 logger = logging.getLogger(__name__)
@@ -550,29 +550,63 @@ def sky_mean_coefficients(frame, reference, xp=np):
     return np.ones(n_ch), offsets
 
 
-def star_normalisation(stack, reference_index, xp=np, threads: int = 1):
-    """Return ``(gains, offsets)``, each ``(N, C)``, bringing every frame of a stack to the reference.
+class FrameNormaliser:
+    """Measures frames one at a time against one reference and turns the measures into coefficients.
 
-    Star gains against the reference's stars (found once for the group, measured in every frame,
-    ``threads`` frames at once), then measured again against the average of the frames of the
-    reference's colour balance (:func:`refine_star_gains`); a frame without a usable fit keeps
-    the identity.
+    ``method`` is the tile's normalisation (``zemosaic_config.NORMALIZE_METHODS``): ``linear_fit``
+    measures star gains against the reference's stars, found once here (:func:`photometric_gain`),
+    ``sky_mean`` sky offsets (:func:`sky_mean_coefficients`), ``none`` nothing. A frame is measured
+    by :meth:`measure` as soon as it is on the reference's canvas (the alignment's threads measure
+    each frame as it lands, so the stacking need not read the stack again);
+    :meth:`coefficients` then turns the measures of the frames kept into ``(gains, offsets)``. The
+    reference frame is held until :meth:`release`.
     """
-    n, n_ch = stack.shape[0], stack.shape[-1]
-    gains, offsets = np.ones((n, n_ch)), np.zeros((n, n_ch))
-    reference = stack[reference_index]
-    stars = find_reference_stars(reference, xp)
-    logger.debug("linear_fit: %d reference stars, FWHM %.2f px", stars.ys.size, stars.fwhm)
-    fits = {}
-    others = [i for i in range(n) if i != reference_index]
-    measured = map_threads(lambda i: photometric_gain(stack[i], reference, xp, stars), others, threads)
-    for i, (fit, found) in zip(others, measured):
-        if fit is None:
-            logger.debug("linear_fit: degenerate fit (%s); using identity", found)
-            continue
-        _log_fit("linear_fit", fit)
-        gains[i], offsets[i], fits[i] = fit.gains, found, fit
-    return refine_star_gains(gains, offsets, fits, stars, reference_index)
+
+    def __init__(self, reference, method: str = "linear_fit", xp=np):
+        self.reference, self.method, self.xp = reference, method, xp
+        self.n_channels = reference.shape[-1]
+        self.stars = None
+        if method == "linear_fit":
+            self.stars = find_reference_stars(reference, xp)
+            logger.debug("linear_fit: %d reference stars, FWHM %.2f px", self.stars.ys.size, self.stars.fwhm)
+
+    def measure(self, frame):
+        """Return what :meth:`coefficients` needs of ``frame`` (on the reference's canvas)."""
+        if self.method == "linear_fit":
+            return photometric_gain(frame, self.reference, self.xp, self.stars)
+        if self.method == "sky_mean":
+            return sky_mean_coefficients(frame, self.reference, self.xp)
+        return None
+
+    def release(self) -> None:
+        """Let the reference frame go: every frame is measured (a frame's worth of memory)."""
+        self.reference = None
+
+    def coefficients(self, measured: list, reference_index: int):
+        """Return ``(gains, offsets)``, each ``(N, C)``, from ``measured``: :meth:`measure` of every frame
+        in stack order (anything at ``reference_index``).
+
+        ``linear_fit``: star gains against the reference, then measured again against the average
+        of the frames of the reference's colour balance (:func:`refine_star_gains`); a frame
+        without a usable fit keeps the identity.
+        """
+        n, n_ch = len(measured), self.n_channels
+        gains, offsets = np.ones((n, n_ch)), np.zeros((n, n_ch))
+        others = [i for i in range(n) if i != reference_index]
+        if self.method == "sky_mean":
+            for i in others:
+                gains[i], offsets[i] = measured[i]
+        if self.method != "linear_fit":
+            return gains, offsets
+        fits = {}
+        for i in others:
+            fit, found = measured[i]
+            if fit is None:
+                logger.debug("linear_fit: degenerate fit (%s); using identity", found)
+                continue
+            _log_fit("linear_fit", fit)
+            gains[i], offsets[i], fits[i] = fit.gains, found, fit
+        return refine_star_gains(gains, offsets, fits, self.stars, reference_index)
 
 
 # --------------------------------------------------------------------------------------------------

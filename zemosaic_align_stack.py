@@ -350,7 +350,8 @@ def align_images_in_group(images, reference_index, wcs_list=None, method="astroa
         frame ``index`` on the canvas (:func:`align_frame`), the reference's included (through
         the canvas's offset); None: bilinear, and the reference placed as it is
     measure : ``measure(index, frame)``, called in the aligning thread with each frame as it lands
-        on the canvas (read it, do not keep it: a stack slot may be reused): what the caller
+        on the canvas (a frame in ``out`` may be moved to an earlier slot when one before it failed,
+        so only the frames before any failure, the reference in slot 0 say, may be kept): what the caller
         measures on aligned frames without reading the stack back; the reference is aligned and
         measured before any other frame starts
 

@@ -225,7 +225,9 @@ class AlignedMeasures:
         self.found, self.blocks, self.sigmas = {}, {}, {}
 
     def __call__(self, position: int, frame) -> None:
-        measured = np.array(frame) if self.scale == 1 else zdriz.measurement_frame(frame, self.scale)
+        # Kept for the reference only, without a copy: it is the stack's first frame, whose slot
+        # packing never reuses (a frame is moved only to a slot after the reference's).
+        measured = frame if self.scale == 1 else zdriz.measurement_frame(frame, self.scale)
         if position == 0:  # the reference: its canvas is the tile's, and each frame is measured against it
             self.block_px = zbg.block_px_for(measured.shape[:2])
             self.normaliser = zph.FrameNormaliser(measured, self.method)
